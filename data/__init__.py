@@ -1,0 +1,1 @@
+"""Dataset definitions: class names, prompt templates, splits, download and layout info."""
