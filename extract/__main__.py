@@ -1,0 +1,220 @@
+"""Command line: `python -m extract run|merge|info ...` (see `python -m extract COMMAND --help`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from extract.cache import FORMAT, CacheError, read_attrs, read_cache
+
+EXAMPLES = """examples:
+  python -m extract run --folder imgs/ --model ViT-B-32-quickgelu --pretrained ~/weights/ViT-B-32.pt --out c.h5
+  python -m extract run --split-json split_zhou_OxfordPets.json --image-root pets/images --model RN50 \\
+      --pretrained openai --aug-views 10 --out pets.h5
+  python -m extract run --dataset dtd --data-root ~/data --model ViT-B-16 --pretrained openai --out dtd.h5
+  torchrun --nproc-per-node 4 -m extract run ... --shard auto --out c.h5   # then:
+  python -m extract merge c.h5 c.shard-*-of-4.h5
+  python -m extract info c.h5"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of all three commands."""
+    parser = argparse.ArgumentParser(prog="python -m extract", epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description="Encode images and prompt texts once with a frozen open_clip model "
+                                                 "into an HDF5 feature cache (docs/CACHE_SCHEMA.md).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="extract features of a dataset into a cache",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              description="Extract L2-normalised image features of every split (plus augmented "
+                                          "views of train) and text features of every class x template. Writes "
+                                          "OUT.partial and renames it to OUT when done; rerun the same command to "
+                                          "resume an interrupted run.")
+    src = run.add_argument_group("dataset (give exactly one of --folder, --split-json, --dataset)")
+    src.add_argument("--folder", type=Path, help="image folder: one sub-folder per class, or train/ val/ test/ "
+                                                 "sub-folders of those")
+    src.add_argument("--split-json", type=Path, help="CoOp split file split_zhou_<Name>.json "
+                                                     "(train/val/test lists of [relpath, label, classname])")
+    src.add_argument("--image-root", type=Path, help="folder the --split-json image paths are relative to")
+    src.add_argument("--dataset", help="a benchmark defined in data/ (python -m data list)")
+    src.add_argument("--data-root", type=Path, help="folder holding the --dataset benchmark's files")
+    src.add_argument("--classnames", type=Path, help="--folder only: class-name list, one line per class "
+                                                     "('folder<TAB>name', 'folder name', or names in sorted folder "
+                                                     "order); labels follow the file order")
+    src.add_argument("--split-ratio", default="0.5,0.2,0.3", help="--folder without train/ val/ test/: "
+                                                                  "train,val,test fractions of each class")
+    src.add_argument("--split-seed", type=int, default=1, help="--folder without train/ val/ test/: seed of the "
+                                                               "per-class split")
+    src.add_argument("--name", help="dataset name stored in the cache (default: folder name, split-file name "
+                                    "or benchmark name)")
+    src.add_argument("--splits", help="comma-separated splits to extract (default: all the dataset has)")
+    prompts = run.add_argument_group("prompts")
+    prompts.add_argument("--template", help="the dataset's own template, stored first (default: the benchmark's, "
+                                            "else 'a photo of a {}.'); the 7-template ImageNet ensemble follows")
+    prompts.add_argument("--templates-file", type=Path, help="extra templates, one per line with '{}' for the "
+                                                             "class name, stored after the ensemble")
+    model = run.add_argument_group("model")
+    model.add_argument("--model", default="", help="open_clip model name, e.g. ViT-B-32, RN50, ViT-B-32-quickgelu "
+                                                   "(python -c 'import open_clip; print(open_clip.list_models())')")
+    model.add_argument("--pretrained", required=True,
+                       help="open_clip pretrained tag (e.g. openai, laion2b_s34b_b79k), a local weights file "
+                            "(state_dict .pt/.bin/.safetensors), or 'random' for random init (tests, demos)")
+    model.add_argument("--model-config", type=Path, help="open_clip model-config JSON of a custom architecture; "
+                                                         "its file name is the model name unless --model is given")
+    model.add_argument("--sha256", default="", help="expected sha256 of the --pretrained weights file")
+    model.add_argument("--hub-cache", help="download folder for pretrained tags (default: the Hugging Face cache)")
+    feats = run.add_argument_group("features")
+    feats.add_argument("--aug-views", type=int, default=0, help="augmented views per train image "
+                                                                "(RandomResizedCrop scale 0.5-1 + flip; Tip-Adapter "
+                                                                "uses 10)")
+    feats.add_argument("--aug-seed", type=int, default=0, help="seed of the augmented views")
+    feats.add_argument("--float16", action="store_true", help="store image features as float16 (half the size)")
+    feats.add_argument("--skip-bad", action="store_true", help="skip unreadable images and list them in the cache's "
+                                                               "/bad (default: stop at the first one)")
+    exe = run.add_argument_group("execution")
+    exe.add_argument("--out", type=Path, required=True, help="cache file to write, e.g. cache/dtd-vitb32.h5")
+    exe.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    exe.add_argument("--workers", type=int, default=min(8, _cpus()), help="DataLoader worker processes "
+                                                                          "(0 = load in the main process)")
+    exe.add_argument("--device", default="auto", help="'auto' (CUDA with fp16 autocast when present, else CPU), "
+                                                      "'cpu', 'cuda' or 'cuda:N'")
+    exe.add_argument("--shard", help="'i/N': extract only slice i of N (0-based) of every split into "
+                                     "OUT-stem.shard-i-of-N.h5, for N processes or GPUs; 'auto' reads torchrun's "
+                                     "RANK/WORLD_SIZE. Join the shards with `merge`")
+    exe.add_argument("--no-progress", action="store_true", help="no progress bar")
+    merge = commands.add_parser("merge", help="join shard caches into one cache",
+                                description="Check that the shards come from one extraction (same model and "
+                                            "settings, every row exactly once) and write them as one cache.")
+    merge.add_argument("out", type=Path, help="merged cache file to write")
+    merge.add_argument("shards", type=Path, nargs="+", help="every shard file (X.shard-i-of-N.h5) once")
+    merge.add_argument("--no-progress", action="store_true", help="no progress bar")
+    info = commands.add_parser("info", help="print a summary of a cache (or of its .partial while being written)")
+    info.add_argument("cache", type=Path, help="cache file (.h5 or .h5.partial)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 with `error: ...` on bad input, 130 when interrupted)."""
+    args = build_parser().parse_args(argv)
+    from data.errors import DataError
+    from extract.errors import ExtractError
+
+    try:
+        if args.command == "run":
+            path = _run(args)
+            print(f"wrote {path}")
+        elif args.command == "merge":
+            from extract.shards import merge_shards
+
+            print(f"wrote {merge_shards(args.out, args.shards, progress=not args.no_progress)}")
+        else:
+            print(summary(args.cache))
+    except (ExtractError, CacheError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished batches are kept in the .partial file; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def _run(args: argparse.Namespace) -> Path:
+    """The `run` command: check every input, load the model, extract."""
+    from extract import datasets
+    from extract.errors import ExtractError
+    from extract.models import default_device, load_model
+    from extract.prompts import cache_templates, check_template, read_templates_file
+    from extract.run import run_extraction
+    from extract.shards import parse_shard
+
+    given = [n for n, v in (("--folder", args.folder), ("--split-json", args.split_json),
+                            ("--dataset", args.dataset)) if v is not None]
+    if len(given) != 1:
+        raise ExtractError(f"give exactly one of --folder, --split-json, --dataset (got {', '.join(given) or 'none'})")
+    if args.classnames is not None and args.folder is None:
+        raise ExtractError("--classnames applies to --folder only (split files and benchmarks name their classes)")
+    template = check_template(args.template, "--template") if args.template else None
+    if args.folder is not None:
+        ratio = _ratio(args.split_ratio)
+        spec = datasets.from_folder(args.folder, split_ratio=ratio, seed=args.split_seed,
+                                    classnames_file=args.classnames, name=args.name,
+                                    template=template or datasets.DEFAULT_TEMPLATE)
+    elif args.split_json is not None:
+        if args.image_root is None:
+            raise ExtractError("--split-json needs --image-root, the folder its image paths are relative to")
+        spec = datasets.from_split_json(args.split_json, args.image_root, name=args.name,
+                                        template=template or datasets.DEFAULT_TEMPLATE)
+    else:
+        if args.data_root is None:
+            raise ExtractError("--dataset needs --data-root, the folder holding the benchmark's files")
+        spec = datasets.from_registry(args.dataset, args.data_root)
+        if template or args.name:
+            spec = datasets.DatasetSpec(args.name or spec.name, spec.image_root, spec.classnames,
+                                        (template,) if template else spec.templates, spec.splits)
+    user = read_templates_file(args.templates_file) if args.templates_file else []
+    templates = cache_templates(spec.templates, user)
+    shard = parse_shard(args.shard) if args.shard else None
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
+    device = default_device() if args.device == "auto" else args.device
+    if not args.model and args.model_config is None:
+        raise ExtractError("--model is required (or --model-config FILE.json for a custom architecture)")
+    loaded = load_model(args.model, args.pretrained, model_config=args.model_config, device=device,
+                        sha256=args.sha256, cache_dir=args.hub_cache)
+    return run_extraction(spec, loaded, args.out, templates=templates, splits=splits, aug_views=args.aug_views,
+                          aug_seed=args.aug_seed, batch_size=args.batch_size, workers=args.workers,
+                          feature_dtype="float16" if args.float16 else "float32", skip_bad=args.skip_bad,
+                          shard=shard, device=device, progress=not args.no_progress)
+
+
+def _ratio(text: str) -> tuple[float, float, float]:
+    from extract.errors import ExtractError
+
+    try:
+        train, val, test = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ExtractError(f"--split-ratio {text!r}: expected three fractions train,val,test, e.g. 0.5,0.2,0.3") \
+            from None
+    return train, val, test
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def summary(path: Path) -> str:
+    """Human-readable summary of a cache or a .partial file: attributes, classes, templates, rows per split."""
+    attrs = read_attrs(path)
+    if attrs.get("format") != FORMAT:
+        raise CacheError(f"{path}: not a {FORMAT} file (format={attrs.get('format')!r}); make it with `python -m extract`")
+    lines = [f"{path}: {'complete' if attrs.get('complete') else 'INCOMPLETE (resume by rerunning the extraction)'}"]
+    for key in ("dataset", "model", "pretrained", "weights_sha256", "embed_dim", "feature_dtype", "aug_views",
+                "aug_seed", "shard", "created"):
+        lines.append(f"  {key}: {attrs.get(key)!r}")
+    lines.append(f"  preprocess: {attrs.get('preprocess')}")
+    lines.append(f"  versions: {attrs.get('versions')}")
+    with h5py.File(path, "r") as f:
+        classnames = list(f["classnames"].asstr()[()])
+        templates = list(f["templates"].asstr()[()])
+        lines.append(f"  classes: {len(classnames)} ({', '.join(classnames[:5])}{', ...' if len(classnames) > 5 else ''})")
+        lines.append(f"  templates: {len(templates)} (first: {templates[0]!r})" if templates else "  templates: 0")
+        for name, g in f["splits"].items():
+            status = g["status"][()]
+            aug = f", aug_features {g['aug_features'].shape}" if "aug_features" in g else ""
+            lines.append(f"  {name}: {len(status)} of {g.attrs['total_rows']} rows, {int(np.sum(status == 1))} "
+                         f"done, {int(np.sum(status == 2))} skipped, {int(np.sum(status == 0))} pending; "
+                         f"features {g['features'].shape} {g['features'].dtype}{aug}")
+        lines.append(f"  bad images: {f['bad/paths'].shape[0]}")
+    if attrs.get("complete"):
+        read_cache(path, with_aug=False)  # raises CacheError if the file does not validate
+        lines.append("  valid: yes")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Run a frozen open_clip model: L2-normalised image features of batches and text features of prompts.
+
+On CUDA the forward passes run under fp16 autocast; features always come back as float32 numpy arrays.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from extract.images import ImageRows
+
+
+def autocast(device: torch.device) -> ContextManager:
+    """fp16 autocast on CUDA, nothing elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def make_loader(rows: ImageRows, batch_size: int, workers: int, device: torch.device) -> torch.utils.data.DataLoader:
+    """In-order batches of `rows` loaded by `workers` processes (0 = in this process)."""
+    return torch.utils.data.DataLoader(rows, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                       pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+@torch.inference_mode()
+def encode_images(model: torch.nn.Module, images: torch.Tensor, aug: torch.Tensor,
+                  device: torch.device) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images [B, 3, H, W] and views [B, A, 3, H, W] -> features [B, D] and [B, A, D] (None if A == 0)."""
+    b, a = aug.shape[:2]
+    x = torch.cat([images, aug.flatten(0, 1)]) if a else images
+    with autocast(device):
+        z = model.encode_image(x.to(device, non_blocking=True))
+    z = F.normalize(z.float(), dim=-1).cpu().numpy()
+    return z[:b], (z[b:].reshape(b, a, -1) if a else None)
+
+
+@torch.inference_mode()
+def encode_texts(model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Tensor], classnames: list[str],
+                 templates: list[str], device: torch.device, batch_size: int = 256) -> np.ndarray:
+    """Text features [C, P, D] of `template.format(classname)` for every class and template, L2-normalised."""
+    prompts = [t.format(c) for c in classnames for t in templates]
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        tokens = tokenizer(prompts[start:start + batch_size]).to(device)
+        with autocast(device):
+            z = model.encode_text(tokens)
+        out.append(F.normalize(z.float(), dim=-1).cpu().numpy())
+    return np.concatenate(out).reshape(len(classnames), len(templates), -1)

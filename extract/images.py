@@ -1,0 +1,45 @@
+"""Image rows for the DataLoader: read an image, preprocess it, make its augmented views; report unreadable ones."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from extract.augment import AugmentedViews
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode an image fully (so truncated files fail here) as RGB."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+class ImageRows(torch.utils.data.Dataset):
+    """Rows `rows` (local ids) of a split whose images are `image_root / paths[row]`.
+
+    Item: dict(row=local id, image=[3, H, W], aug=[A, 3, H, W], error=""), or zero tensors and the error message
+    when the image cannot be read (the caller decides to fail or to skip it).
+    """
+
+    def __init__(self, image_root: Path, paths: list[str], rows: list[int], global_index: list[int],
+                 preprocess: Callable, augment: AugmentedViews | None, image_size: tuple[int, int]):
+        self.image_root, self.paths, self.rows, self.global_index = image_root, paths, rows, global_index
+        self.preprocess, self.augment, self.image_size = preprocess, augment, image_size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        views = self.augment.views if self.augment else 0
+        try:
+            image = load_rgb(self.image_root / self.paths[row])
+            x = self.preprocess(image)
+            aug = self.augment(image, self.global_index[row]) if self.augment else torch.zeros(0, 3, *self.image_size)
+            error = ""
+        except Exception as e:  # any decoder failure is a bad image: reported by path, never a crash in a worker
+            x, aug = torch.zeros(3, *self.image_size), torch.zeros(views, 3, *self.image_size)
+            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'unreadable'}"
+        return {"row": row, "image": x, "aug": aug, "error": error}

@@ -1,0 +1,163 @@
+"""Split an extraction over N processes (`--shard i/N`, contiguous row slices) and merge the shard caches.
+
+A shard cache holds, for every split, the rows [n*i//N, n*(i+1)//N) of the full split with their full-split row
+ids in `/splits/<split>/index`. `merge_shards` checks that the shards were made the same way and cover every row
+exactly once, then writes one cache equal to an unsharded extraction.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from extract.cache import BAD, DEFAULT_ATTRS, IDENTITY_ATTRS, OK, CacheWriter, read_cache
+from extract.errors import ExtractError
+
+MERGE_CHUNK = 8192  # rows copied at a time
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count` (0 <= index < count)."""
+
+    index: int
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def parse_shard(text: str) -> Shard:
+    """'i/N' (0-based i), or 'auto' for torchrun's RANK/WORLD_SIZE environment variables."""
+    if text == "auto":
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise ExtractError("--shard auto needs RANK and WORLD_SIZE in the environment (as torchrun sets them); "
+                               "pass --shard i/N instead")
+        text = f"{os.environ['RANK']}/{os.environ['WORLD_SIZE']}"
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not int(match[1]) < int(match[2]):
+        raise ExtractError(f"--shard {text!r}: expected i/N with 0 <= i < N, e.g. 0/4, or 'auto'")
+    return Shard(int(match[1]), int(match[2]))
+
+
+def shard_rows(n: int, shard: Shard | None) -> np.ndarray:
+    """Full-split row ids [M] of a shard: the contiguous slice [n*i//N, n*(i+1)//N)."""
+    if shard is None:
+        return np.arange(n)
+    return np.arange(n * shard.index // shard.count, n * (shard.index + 1) // shard.count)
+
+
+def shard_path(out: str | Path, shard: Shard | None) -> Path:
+    """Where a shard's cache goes: `x.h5` -> `x.shard-i-of-N.h5` (`out` itself when not sharded)."""
+    out = Path(out)
+    return out if shard is None else out.with_name(f"{out.stem}.shard-{shard.index}-of-{shard.count}{out.suffix}")
+
+
+def merge_shards(out: str | Path, shard_paths: list[str | Path], *, progress: bool = True) -> Path:
+    """Check that shard caches fit together and write them as one cache at `out`; returns `out`."""
+    out, paths = Path(out), [Path(p) for p in shard_paths]
+    if not paths:
+        raise ExtractError("merge needs the shard files: python -m extract merge OUT SHARD...")
+    if out.resolve() in {p.resolve() for p in paths}:
+        raise ExtractError(f"{out}: the merged file cannot be one of the shards; choose another output path")
+    heads = [_shard_head(p) for p in paths]
+    first = heads[0]
+    _check_same(heads)
+    rows = _full_rows(heads)
+    attrs = {k: first["attrs"][k] for k in DEFAULT_ATTRS if k not in ("shard", "created") and k in first["attrs"]}
+    writer = CacheWriter.open(out, attrs={**attrs, "shard": ""}, classnames=first["classnames"],
+                              templates=first["templates"], splits=rows, embed_dim=int(attrs["embed_dim"]),
+                              aug_views=int(attrs["aug_views"]), feature_dtype=str(attrs["feature_dtype"]),
+                              fresh=True)
+    try:
+        writer.write_text(first["text"])
+        with tqdm(total=sum(len(r["labels"]) for r in rows.values()), unit="row", desc=f"merge {out.name}",
+                  disable=not progress) as bar:
+            for path in paths:
+                _copy_rows(path, writer, bar)
+        return writer.finalize()
+    except BaseException:
+        writer.discard()
+        raise
+
+
+def _shard_head(path: Path) -> dict[str, Any]:
+    """Validated attrs, names, text features and per-split row metadata of one shard file."""
+    cache = read_cache(path, with_aug=False)  # checks format, version, completeness, shapes
+    shard = str(cache.attrs.get("shard", ""))
+    if not re.fullmatch(r"\d+/\d+", shard):
+        raise ExtractError(f"{path}: not a shard (shard={shard!r}); merge only files made with --shard i/N")
+    with h5py.File(path, "r") as f:
+        splits = {name: {"index": g["index"][()], "total_rows": int(g.attrs["total_rows"]),
+                         "labels": g["labels"][()], "paths": g["paths"].asstr()[()]}
+                  for name, g in f["splits"].items()}
+    return {"path": path, "attrs": cache.attrs, "shard": parse_shard(shard), "classnames": cache.classnames,
+            "templates": cache.templates, "text": cache.text_features, "splits": splits}
+
+
+def _check_same(heads: list[dict[str, Any]]) -> None:
+    """Same identity (but the shard), names and text features; shards 0..N-1 each exactly once."""
+    first = heads[0]
+    for head in heads[1:]:
+        for key in IDENTITY_ATTRS:
+            if key != "shard" and str(head["attrs"].get(key)) != str(first["attrs"].get(key)):
+                raise ExtractError(f"{head['path']}: {key}={head['attrs'].get(key)!r} differs from "
+                                   f"{first['path']} ({first['attrs'].get(key)!r}); merge shards of one extraction only")
+        for key in ("classnames", "templates"):
+            if head[key] != first[key]:
+                raise ExtractError(f"{head['path']}: its {key} differ from {first['path']}'s; "
+                                   "merge shards of one extraction only")
+        if set(head["splits"]) != set(first["splits"]):
+            raise ExtractError(f"{head['path']}: splits {sorted(head['splits'])} differ from {first['path']}'s "
+                               f"{sorted(first['splits'])}; merge shards of one extraction only")
+        if not np.allclose(head["text"], first["text"], atol=1e-3):
+            raise ExtractError(f"{head['path']}: its text features differ from {first['path']}'s; "
+                               "merge shards of one extraction only")
+    count = first["shard"].count
+    seen = sorted(h["shard"].index for h in heads)
+    if any(h["shard"].count != count for h in heads) or seen != list(range(count)):
+        have = ", ".join(str(h["shard"]) for h in heads)
+        raise ExtractError(f"shards {have} are not each of 0/{count} .. {count - 1}/{count} exactly once; "
+                           "pass every shard file once")
+
+
+def _full_rows(heads: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per split, the full row list (paths, labels in full-split order); every row must come from one shard."""
+    rows = {}
+    for name in heads[0]["splits"]:
+        parts = [h["splits"][name] for h in heads]
+        total = parts[0]["total_rows"]
+        index = np.concatenate([p["index"] for p in parts])
+        counts = np.bincount(index, minlength=total) if len(index) else np.zeros(total, dtype=np.int64)
+        if any(p["total_rows"] != total for p in parts) or len(counts) != total or not np.all(counts == 1):
+            missing = np.flatnonzero(counts[:total] == 0)
+            what = f"row {missing[0]} is missing" if len(missing) else "some rows occur twice or out of range"
+            raise ExtractError(f"split {name!r}: the shards do not cover its {total} rows exactly once ({what}); "
+                               "pass every shard of one extraction once")
+        order = np.argsort(index)
+        rows[name] = {"paths": list(np.concatenate([p["paths"] for p in parts])[order]),
+                      "labels": np.concatenate([p["labels"] for p in parts])[order],
+                      "index": np.arange(total), "total_rows": total}
+    return rows
+
+
+def _copy_rows(path: Path, writer: CacheWriter, bar: tqdm) -> None:
+    """Copy one shard's features (ok rows) and skipped rows (with their errors) into the merged cache."""
+    with h5py.File(path, "r") as f:
+        errors = dict(zip(f["bad/paths"].asstr()[()], f["bad/errors"].asstr()[()]))
+        for name, g in f["splits"].items():
+            index, status, paths = g["index"][()], g["status"][()], g["paths"].asstr()[()]
+            for start in range(0, len(index), MERGE_CHUNK):
+                sl = slice(start, start + MERGE_CHUNK)
+                ok, bad = status[sl] == OK, status[sl] == BAD
+                aug = g["aug_features"][sl][ok] if "aug_features" in g else None
+                writer.write_rows(name, index[sl][ok], g["features"][sl][ok], aug)
+                if bad.any():
+                    writer.mark_bad(name, index[sl][bad], [errors.get(p, "") for p in paths[sl][bad]])
+                bar.update(len(index[sl]))
