@@ -106,7 +106,8 @@ def pick_per_class(labels: np.ndarray, counts: list[int], num_classes: int, seed
     for label in range(num_classes):
         idx = np.flatnonzero(labels == label)
         if len(idx) < sum(counts):
-            raise DataError(f"class {label} has {len(idx)} images, fewer than the {sum(counts)} asked; lower the counts")
+            raise DataError(f"class {label} has {len(idx)} images, fewer than the {sum(counts)} asked; "
+                            "lower the per-class counts")
         idx = idx[rng.permutation(len(idx))]
         start = 0
         for piece, count in zip(picks, counts):

@@ -81,7 +81,8 @@ def _build(entry: dict, entries: dict[str, dict], ensemble: tuple[str, ...]) -> 
     """One DatasetInfo from its JSON entry (shift sets take names from their parent)."""
     name, layout, group = entry["name"], entry["layout"], entry["group"]
     if layout not in LAYOUTS or group not in GROUPS:
-        raise DataError(f"{DEFINITIONS}: {name} has layout {layout!r} / group {group!r}; use one of {LAYOUTS} / {GROUPS}")
+        raise DataError(f"{DEFINITIONS}: {name} has layout {layout!r} / group {group!r}; "
+                        f"use one of {LAYOUTS} / {GROUPS}")
     folders_spec = entry.get("class_folders")
     class_folders = tuple(read_lines(CLASSNAMES_DIR / folders_spec)) if folders_spec not in (None, "index") else ()
     parent = entry.get("parent")
