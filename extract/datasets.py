@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from data.errors import DataError
+from data.registry import prompt_classname
 from data.splits import SPLIT_NAMES, read_split_json, scan_class_folders
 from extract.errors import ExtractError
 
@@ -39,7 +40,7 @@ def from_folder(root: str | Path, *, split_ratio: tuple[float, float, float] = (
 
     Either `root/{train,val,test}/<class>/...` (the splits as given) or `root/<class>/...` split per class by
     `split_ratio` (train, val, test fractions) with a permutation seeded by `seed`. Class names are the folder names
-    with `_` as spaces unless `classnames_file` gives them (see `read_classnames`).
+    with `_` as spaces unless `classnames_file` gives them (see `read_classnames`). Default template: `template`.
     """
     root = Path(root)
     if not root.is_dir():
@@ -67,7 +68,10 @@ def from_folder(root: str | Path, *, split_ratio: tuple[float, float, float] = (
 
 def from_split_json(json_path: str | Path, image_root: str | Path, *, template: str = DEFAULT_TEMPLATE,
                     name: str | None = None) -> DatasetSpec:
-    """A CoOp split file (`split_zhou_<Name>.json`: train/val/test lists of [relpath, label, classname])."""
+    """A CoOp split file (`split_zhou_<Name>.json`: train/val/test lists of [relpath, label, classname]).
+
+    Class names get CoOp's `_` -> space, as the benchmarks of `data/` do.
+    """
     image_root = Path(image_root)
     if not image_root.is_dir():
         raise ExtractError(f"{image_root}: image root not found; pass the folder the split file's paths start from")
@@ -76,7 +80,8 @@ def from_split_json(json_path: str | Path, image_root: str | Path, *, template: 
     except DataError as e:
         raise ExtractError(str(e)) from None
     default_name = Path(json_path).stem.removeprefix("split_zhou_")
-    return DatasetSpec(name or default_name, image_root, tuple(classnames), (template,), splits)
+    return DatasetSpec(name or default_name, image_root, tuple(prompt_classname(c) for c in classnames), (template,),
+                       splits)
 
 
 def from_registry(name: str, data_root: str | Path) -> DatasetSpec:
@@ -146,7 +151,7 @@ def _class_labels(folders: list[str], classnames_file: str | Path | None) -> tup
     """Folder -> label and class names by label, from the folders or a class-name file."""
     if classnames_file is not None:
         return read_classnames(classnames_file, folders)
-    return {f: i for i, f in enumerate(folders)}, [f.replace("_", " ") for f in folders]
+    return {f: i for i, f in enumerate(folders)}, [prompt_classname(f) for f in folders]
 
 
 def _scan(folder: Path, root: Path, folder_to_label: dict[str, int]) -> Rows:

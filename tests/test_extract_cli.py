@@ -1,0 +1,103 @@
+"""`python -m extract`: end to end in a subprocess, and each bad input's one-line error leaving the cache untouched."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from extract.__main__ import build_parser, main
+from extract.cache import partial_path, read_cache
+from helpers_extract import TINY, digest, make_class_folder
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_ARGS = ["--model", TINY, "--pretrained", "random", "--workers", "0", "--batch-size", "4", "--no-progress"]
+
+
+def test_cli_end_to_end_in_a_subprocess(tmp_path: Path) -> None:
+    root = make_class_folder(tmp_path / "imgs", per_class=4)
+    extra = tmp_path / "mine.txt"
+    extra.write_text("a drawing of a {}.\n")
+    out = tmp_path / "c.h5"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-m", "extract", "run", "--folder", str(root), "--out", str(out),
+                          "--model", TINY, "--pretrained", "random", "--workers", "1", "--aug-views", "2",
+                          "--templates-file", str(extra), "--template", "a blurry photo of a {}."],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert f"wrote {out}" in run.stdout and "img/s" in run.stderr
+    cache = read_cache(out)
+    assert cache.templates[0] == "a blurry photo of a {}." and cache.templates[-1] == "a drawing of a {}."
+    assert len(cache.templates) == 9 and cache.splits["train"].aug_features.shape[1] == 2
+    info = subprocess.run([sys.executable, "-m", "extract", "info", str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0 and "complete" in info.stdout and "valid: yes" in info.stdout
+    assert "train: 6 of 6 rows, 6 done" in info.stdout
+
+
+def test_help_explains_every_option() -> None:
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+
+
+def test_sharded_cli_then_merge_then_info(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = make_class_folder(tmp_path / "imgs", per_class=4)
+    out = tmp_path / "c.h5"
+    for i in range(2):
+        assert main(["run", "--folder", str(root), "--out", str(out), "--shard", f"{i}/2", *TINY_ARGS]) == 0
+    shards = [str(tmp_path / f"c.shard-{i}-of-2.h5") for i in range(2)]
+    assert main(["merge", str(out), *shards, "--no-progress"]) == 0
+    assert main(["run", "--folder", str(root), "--out", str(tmp_path / "full.h5"), *TINY_ARGS]) == 0
+    merged, full = read_cache(out), read_cache(tmp_path / "full.h5")
+    for name, split in full.splits.items():
+        np.testing.assert_allclose(merged.splits[name].features, split.features, atol=1e-6)
+    capsys.readouterr()
+    assert main(["info", str(partial_path(out)) + "x"]) == 2
+    assert "no such cache file" in capsys.readouterr().err
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_bad_inputs_give_one_line_errors_and_leave_the_cache_untouched(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    root = make_class_folder(tmp_path / "imgs", per_class=4)
+    out = tmp_path / "c.h5"
+    assert main(["run", "--folder", str(root), "--out", str(out), *TINY_ARGS]) == 0
+    before = digest(out)
+    empty = make_class_folder(tmp_path / "with_empty", per_class=2)
+    (empty / "zebra").mkdir()
+    corrupt = make_class_folder(tmp_path / "corrupt", per_class=5)
+    (corrupt / "dog" / "img01.png").write_bytes(b"garbage")
+    config = json.loads((REPO / "extract/model_configs/cmm-tiny-vit.json").read_text())
+    config["vision_cfg"]["layers"] = 2
+    (tmp_path / "deeper.json").write_text(json.dumps(config))
+    cases = {
+        "missing folder": (["--folder", str(tmp_path / "nope")], "image folder not found"),
+        "empty class": (["--folder", str(empty)], "zebra: class folder holds no image"),
+        "unknown model": (["--folder", str(root), "--model", "ViT-Q-99"], "unknown model 'ViT-Q-99'"),
+        "template without {}": (["--folder", str(root), "--template", "a photo"], "placeholder '{}'"),
+        "corrupt image": (["--folder", str(corrupt), "--name", "imgs"], "img01.png: cannot read image"),
+        "different model": (["--folder", str(root), "--model-config", str(tmp_path / "deeper.json"),
+                             "--model", ""], "refusing to mix"),
+        "no dataset": ([], "give exactly one of --folder"),
+    }
+    for what, (args, message) in cases.items():
+        capsys.readouterr()
+        code = main(["run", "--out", str(out), *TINY_ARGS, *args])
+        line = one_error_line(capsys.readouterr().err)
+        assert code == 2 and message in line, (what, line)
+        assert digest(out) == before, what
+    assert main(["run", "--out", str(out), "--folder", str(corrupt), "--name", "imgs", "--skip-bad",
+                 *TINY_ARGS]) == 0
+    assert read_cache(out).bad_paths == ["dog/img01.png"]
