@@ -1,0 +1,135 @@
+"""CLI: ``python -m train_jax --cache X.h5 --out DIR [...]`` (see ``--help``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from extract.cache import CacheError
+from train_jax.config import DEFAULT_GRID, expand_grid, grid_to_json, parse_grid
+from train_jax.errors import TrainError
+from train_jax.methods import DEFAULT_METHODS, METHODS
+
+EPILOG = f"""
+Default grid (searched per seed on the validation split; the paper publishes no settings):
+  {' '.join(f"{k}={','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items())}
+  Other fields keep the defaults of train_jax.config.Settings. Grid keys: lr, weight_decay (wd), alpha,
+  lambda (triplet weight), margin, epochs, warmup (fraction of steps), batch_size (bs), learn_text (0/1),
+  use_aug (0/1), logit_scale (s), beta (Tip-Adapter-F).
+Methods: {'; '.join(f'{m.name}: {m.description}' for m in METHODS.values())}.
+Outputs in --out: results.json, results.csv, results.md, accuracy_vs_shots.png, params/<K>shot.npz
+(train_jax.report.load_params), shots/<K>shot.json (finished shots, skipped when rerun).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train_jax",
+        description="Few-shot CMM training on a feature cache: all seeds x settings vmapped in one JAX program.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--cache", required=True, help="feature cache (.h5) with train, test (and val) splits")
+    p.add_argument("--eval-cache", nargs="+", default=[], metavar="H5",
+                   help="shift caches (test split) whose classes are a subset of the training classes, e.g. "
+                        "ImageNet-V2/-Sketch/-A/-R for an ImageNet cache")
+    p.add_argument("--out", required=True, help="output folder (created; rerunning resumes finished shots)")
+    p.add_argument("--shots", nargs="+", type=int, default=[1, 2, 4, 8, 16], help="shots per class (default: %(default)s)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="sampling seeds (default: %(default)s)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(DEFAULT_METHODS),
+                   help="methods to train (default: %(default)s)")
+    p.add_argument("--grid", nargs="+", default=None, metavar="KEY=V1,V2",
+                   help="settings grid, e.g. lr=1e-3,1e-4 alpha=1,2 (default: see below)")
+    p.add_argument("--prompt", choices=["single", "ensemble"], default=None,
+                   help="class prototypes: the dataset's own template (single) or the normalised mean over all "
+                        "cached templates (ensemble); default: ensemble for the ImageNet family, else single")
+    p.add_argument("--memory-gb", type=float, default=None,
+                   help="memory for the run axis; more runs are cut into chunks (default: half the free memory)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="use the first N JAX devices to shard the run axis (default: all)")
+    return p
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _check_config(out: Path, config: dict[str, Any]) -> None:
+    """Record the run configuration, or check that a resumed folder was made with the same one."""
+    path = out / "run_config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != config:
+            diff = next(k for k in config if old.get(k) != config[k])
+            raise TrainError(f"{path}: this folder holds results with a different {diff} ({old.get(diff)!r}); "
+                             "use another --out")
+    else:
+        _write_json(path, config)
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Train and evaluate every requested shots value not yet in ``args.out``; write the results files."""
+    import jax
+
+    from train_jax import experiment, report
+
+    grid = parse_grid(args.grid) if args.grid else dict(DEFAULT_GRID)
+    settings = expand_grid(grid)
+    shots = sorted(set(args.shots))
+    if min(shots) < 1 or not args.seeds:
+        raise TrainError(f"--shots must be >= 1 (got {args.shots}) and --seeds non-empty")
+    devices = jax.devices()[: args.devices] if args.devices else None
+    budget = int(args.memory_gb * 2**30) if args.memory_gb else None
+    task = experiment.load_task(args.cache, args.eval_cache, args.prompt)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "shots").mkdir(exist_ok=True)
+    (out / "params").mkdir(exist_ok=True)
+    config = {
+        "cache": str(Path(args.cache).resolve()), "dataset": task.dataset,
+        "eval_caches": [str(Path(p).resolve()) for p in args.eval_cache], "seeds": list(args.seeds),
+        "methods": list(args.methods), "grid": json.loads(grid_to_json(grid)), "prompt": task.prompt,
+    }
+    _check_config(out, config)
+    label_keys = [k for k, vs in grid.items() if len(vs) > 1]
+    for k in shots:
+        done = out / "shots" / f"{k}shot.json"
+        if done.exists():
+            print(f"{task.dataset} {k}-shot: already in {done}, skipped")
+            continue
+        result = experiment.run_shots(task, k, args.seeds, args.methods, settings, label_keys, budget=budget,
+                                      devices=devices)
+        report.save_params(out / "params" / f"{k}shot.npz", result.learned)
+        _write_json(done, result.records)
+        for r in result.records:
+            if r["failed"]:
+                print(f"warning: {r['method']} seed {r['seed']} ({r['setting']}) stopped at step {r['fail_step']} "
+                      "by a non-finite loss or update; excluded from selection", file=sys.stderr)
+        for row in report.summarize(result.records):
+            acc = f"{row['test_mean']:.2f} ± {row['test_std']:.2f}" if "test_mean" in row else "all runs failed"
+            print(f"{task.dataset} {k}-shot {row['method']}: {acc}")
+    records = [r for f in sorted((out / "shots").glob("*shot.json")) for r in json.loads(f.read_text())]
+    report.write_run_dir(out, task.dataset, config, records)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 with a one-line ``error: ...`` on bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        out = run(args)
+    except (TrainError, CacheError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""One few-shot experiment: sample the shots of every seed, train every method's runs in vmapped groups, score
+them on validation and test, select per seed on validation, and evaluate the selected models on shift sets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from extract.cache import FeatureCache, read_cache
+from train_jax import evaluate, sampling
+from train_jax.config import Settings
+from train_jax.errors import TrainError
+from train_jax.methods import METHODS
+from train_jax.runner import Pool, Trained, hparam_arrays, predict_runs, train_runs
+
+# Attributes that must agree between the training cache and a shift cache (same encoder, same feature space).
+MODEL_ATTRS = ("model", "pretrained", "weights_sha256", "model_config", "embed_dim")
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    """Rows of x [..., D] to unit norm in float32 (features may have been stored as float16)."""
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """A shift test set: features [N,D], labels [N] (its own class ids), classes [Ce] (their training ids)."""
+
+    name: str
+    features: np.ndarray
+    labels: np.ndarray
+    classes: np.ndarray
+
+
+@dataclass(frozen=True)
+class Task:
+    """What every shots value of one experiment shares: the training cache, its prototypes [C,D], shift sets."""
+
+    dataset: str
+    cache: FeatureCache
+    text: np.ndarray
+    prompt: str
+    shift: tuple[EvalSet, ...] = ()
+
+
+@dataclass
+class ShotResult:
+    """records: one dict per run (see ``_record``); learned: "method/seed<k>" -> settings, params, consts of the
+    run selected for that method and seed."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    learned: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def default_prompt(dataset: str) -> str:
+    """``ensemble`` for the ImageNet family (as Tip-Adapter/CoOp), ``single`` (the dataset's template) otherwise."""
+    return "ensemble" if dataset.lower().startswith("imagenet") else "single"
+
+
+def _dataset_name(cache: FeatureCache) -> str:
+    return str(cache.attrs.get("dataset") or Path(cache.path).stem)
+
+
+def load_task(cache_path: str | Path, eval_paths: Sequence[str | Path] = (), prompt: str | None = None) -> Task:
+    """Read the training cache (needs train and test splits) and the shift caches (their test split)."""
+    cache = read_cache(cache_path)
+    for split in ("train", "test"):
+        if split not in cache.splits or len(cache.splits[split].labels) == 0:
+            raise TrainError(f"{cache.path}: the cache has no {split!r} rows; extract its {split} split")
+    dataset = _dataset_name(cache)
+    prompt = prompt or default_prompt(dataset)
+    text = _normalize(cache.prototypes("ensemble" if prompt == "ensemble" else 0))
+    shift = []
+    for path in eval_paths:
+        other = read_cache(path, splits=["test"], with_aug=False)
+        for key in MODEL_ATTRS:
+            if other.attrs.get(key) != cache.attrs.get(key):
+                raise TrainError(
+                    f"{other.path}: {key}={other.attrs.get(key)!r} differs from the training cache's "
+                    f"{cache.attrs.get(key)!r}; extract both with the same model"
+                )
+        name = _dataset_name(other)
+        test = other.splits["test"]
+        classes = evaluate.class_map(cache.classnames, other.classnames, str(other.path))
+        shift.append(EvalSet(name, _normalize(test.features), test.labels, classes))
+    return Task(dataset, cache, text, prompt, tuple(shift))
+
+
+@dataclass(frozen=True)
+class _Run:
+    method: str
+    seed: int
+    settings: Settings
+
+
+def _sample(task: Task, shots: int, seeds: Sequence[int]) -> tuple[dict[int, np.ndarray], Any, dict[int, np.ndarray]]:
+    """Train rows and validation rows of every seed; the validation split (the train split if there is none)."""
+    cache = task.cache
+    train = cache.splits["train"]
+    picks = {s: sampling.sample_shots(train.labels, train.paths, cache.classnames, shots, s) for s in seeds}
+    val = cache.splits.get("val")
+    if val is not None and len(val.labels):
+        return picks, val, {s: sampling.sample_val(val.labels, val.paths, len(cache.classnames), shots, s) for s in seeds}
+    val_rows = {
+        s: sampling.sample_val_from_train(train.labels, train.paths, cache.classnames, shots, s, picks[s]) for s in seeds
+    }
+    return picks, train, val_rows
+
+
+def _pool(task: Task, rows: np.ndarray, use_aug: bool) -> Pool:
+    """Features [M,V,D] of the given train rows: the plain view, then the cached augmented views if needed."""
+    train = task.cache.splits["train"]
+    feats = train.features[rows][:, None]
+    if use_aug:
+        if train.aug_features is None:
+            raise TrainError(
+                f"{task.cache.path}: use_aug=1 needs augmented views in the cache; extract it with augmented views "
+                "or drop use_aug from --grid"
+            )
+        feats = np.concatenate([feats, train.aug_features[rows]], axis=1)
+    return Pool(_normalize(feats), train.labels[rows].astype(np.int32))
+
+
+def _take(trained: Trained, idx: np.ndarray) -> Trained:
+    pick = lambda tree: jax.tree.map(lambda x: np.asarray(x)[idx], tree)  # noqa: E731
+    return Trained(pick(trained.params), pick(trained.consts), trained.failed[idx], trained.fail_step[idx],
+                   trained.final_loss[idx])
+
+
+def run_shots(
+    task: Task,
+    shots: int,
+    seeds: Sequence[int],
+    methods: Sequence[str],
+    grid: Sequence[Settings],
+    label_keys: Sequence[str],
+    *,
+    budget: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> ShotResult:
+    """Train and evaluate every (method, seed, setting) run for K = ``shots``; ``grid`` is the user's settings
+    list (each method restricts it, see ``Method.settings``); ``label_keys`` name the fields shown as ``setting``."""
+    runs = [_Run(m, s, st) for m in methods for s in seeds for st in METHODS[m].settings(list(grid))]
+    picks, val_split, val_rows = _sample(task, shots, seeds)
+    pool_rows = np.unique(np.concatenate(list(picks.values())))
+    pool = _pool(task, pool_rows, any(r.settings.use_aug for r in runs))
+    val_union = np.unique(np.concatenate(list(val_rows.values())))
+    val_feats, val_labels = _normalize(val_split.features[val_union]), val_split.labels[val_union]
+    members = {s: np.isin(val_union, val_rows[s]) for s in seeds}
+    test = task.cache.splits["test"]
+    test_feats = _normalize(test.features)
+
+    groups: dict[tuple, list[int]] = {}
+    for i, run in enumerate(runs):
+        st = run.settings
+        groups.setdefault((METHODS[run.method].head(st), st.batch_size, st.use_aug, st.epochs == 0), []).append(i)
+
+    val_acc, test_acc = np.zeros(len(runs)), np.zeros(len(runs))
+    failed, fail_step, loss = np.zeros(len(runs), bool), np.zeros(len(runs), int), np.zeros(len(runs))
+    trained_of: dict[int, tuple[tuple, Trained, int]] = {}
+    for key, idx in groups.items():
+        head, batch_size, use_aug, _ = key
+        group = [runs[i] for i in idx]
+        hp = hparam_arrays([r.settings for r in group])
+        rows = np.stack([np.searchsorted(pool_rows, picks[r.seed]) for r in group])
+        seeds_arr = np.array([r.seed for r in group])
+        desc = f"{task.dataset} {shots}-shot {type(head).__name__}"
+        trained = train_runs(head, hp, rows, seeds_arr, pool, task.text, batch_size=batch_size, use_aug=use_aug,
+                             budget=budget, devices=devices, desc=desc)
+        val_pred = predict_runs(head, trained, hp, val_feats, task.text, budget=budget, devices=devices, desc="val")
+        val_acc[idx] = evaluate.subset_accuracy(val_pred, val_labels, np.stack([members[r.seed] for r in group]))
+        test_pred = predict_runs(head, trained, hp, test_feats, task.text, budget=budget, devices=devices, desc="test")
+        test_acc[idx] = evaluate.accuracy(test_pred, test.labels)
+        failed[idx], fail_step[idx], loss[idx] = trained.failed, trained.fail_step, trained.final_loss
+        for j, i in enumerate(idx):
+            trained_of[i] = (key, trained, j)
+
+    result = ShotResult()
+    selected: dict[int, dict[str, float]] = {}
+    for m in methods:
+        for s in seeds:
+            cand = np.array([i for i, r in enumerate(runs) if r.method == m and r.seed == s])
+            best = evaluate.select_best(val_acc[cand], failed[cand])
+            if best is not None:
+                selected[int(cand[best])] = {}
+    _evaluate_shift(task, runs, selected, trained_of, budget, devices)
+    for i, run in enumerate(runs):
+        result.records.append({
+            "dataset": task.dataset, "shots": shots, "method": run.method, "seed": run.seed,
+            "setting": run.settings.label([k for k in label_keys if k in METHODS[run.method].used]) or "-",
+            "settings": run.settings.to_dict(), "val_acc": float(val_acc[i]), "test_acc": float(test_acc[i]),
+            "failed": bool(failed[i]), "fail_step": int(fail_step[i]) if failed[i] else None,
+            "final_loss": float(loss[i]) if math.isfinite(loss[i]) else None,
+            "selected": i in selected, "shift": selected.get(i, {}),
+        })
+        if i in selected:
+            _, trained, j = trained_of[i]
+            one = _take(trained, np.array([j]))
+            result.learned[f"{run.method}/seed{run.seed}"] = {
+                "settings": run.settings, "params": jax.tree.map(lambda x: x[0], one.params),
+                "consts": jax.tree.map(lambda x: x[0], one.consts),
+            }
+    return result
+
+
+def _evaluate_shift(task: Task, runs: list[_Run], selected: dict[int, dict[str, float]],
+                    trained_of: dict[int, tuple], budget: int | None, devices) -> None:
+    """Fill ``selected[run] = {shift set name: accuracy}`` for every selected run, one predict call per group."""
+    if not task.shift:
+        return
+    by_group: dict[tuple, list[int]] = {}
+    for i in selected:
+        by_group.setdefault(trained_of[i][0], []).append(i)
+    for key, idx in by_group.items():
+        trained = _take(trained_of[idx[0]][1], np.array([trained_of[i][2] for i in idx]))
+        hp = hparam_arrays([runs[i].settings for i in idx])
+        for ev in task.shift:
+            preds = predict_runs(key[0], trained, hp, ev.features, task.text, ev.classes, budget=budget,
+                                 devices=devices, desc=ev.name)
+            for i, acc in zip(idx, evaluate.accuracy(preds, ev.labels)):
+                selected[i][ev.name] = float(acc)

@@ -1,0 +1,122 @@
+"""Methods trained by the shared vmapped runner: the CMM head and the registry of all methods.
+
+A *head* says how one kind of model is initialised, scored and trained for a single run (the runner vmaps it):
+
+- ``init(feats [N,D], labels [N], text [C,D]) -> (params, consts)``: trainable params and per-run constants;
+- ``logits(params, consts, feats [B,D], zs_cos [B,C], text [C,D], hp) -> [B,C]``;
+- ``loss(params, consts, feats [B,D], zs_cos [B,C], labels [B], weights [B], text [C,D], hp) -> scalar``.
+
+``zs_cos = v T^T`` is the zero-shot cosine, computed by the runner once (not per step); ``hp`` maps each of
+``config.DYNAMIC_FIELDS`` to a scalar. Heads are frozen dataclasses: hashable, so they are static under jit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from train_jax import baselines
+from train_jax.config import DYNAMIC_FIELDS, Settings
+from train_jax.losses import cmm_logits, cmm_loss
+from train_jax.model import CrossModalMapper
+
+Params = Any
+
+
+class Head(Protocol):
+    def init(self, feats: jax.Array, labels: jax.Array, text: jax.Array) -> tuple[Params, Params]: ...
+
+    def logits(
+        self, params: Params, consts: Params, feats: jax.Array, zs_cos: jax.Array, text: jax.Array, hp: Mapping
+    ) -> jax.Array: ...
+
+    def loss(
+        self,
+        params: Params,
+        consts: Params,
+        feats: jax.Array,
+        zs_cos: jax.Array,
+        labels: jax.Array,
+        weights: jax.Array,
+        text: jax.Array,
+        hp: Mapping,
+    ) -> jax.Array: ...
+
+
+@dataclass(frozen=True)
+class CMMHead:
+    """Cross-Modal Mapping: logits ``s * (alpha * v' T'^T + v T^T)``, loss CE + lam * hardest-negative triplet."""
+
+    learn_text: bool = False
+
+    def _sims(self, params: Params, feats: jax.Array, text: jax.Array) -> jax.Array:
+        mapped, protos = CrossModalMapper(self.learn_text).apply({"params": params}, feats, text)
+        return mapped @ protos.T
+
+    def init(self, feats: jax.Array, labels: jax.Array, text: jax.Array) -> tuple[Params, Params]:
+        params = CrossModalMapper(self.learn_text).init(jax.random.PRNGKey(0), feats[:1], text)["params"]
+        return params, {}
+
+    def logits(self, params, consts, feats, zs_cos, text, hp):
+        return cmm_logits(self._sims(params, feats, text), zs_cos, hp["alpha"], hp["logit_scale"])
+
+    def loss(self, params, consts, feats, zs_cos, labels, weights, text, hp):
+        sims = self._sims(params, feats, text)
+        return cmm_loss(
+            sims, zs_cos, labels, weights,
+            alpha=hp["alpha"], scale=hp["logit_scale"], lam=hp["lam"], margin=hp["margin"],
+        )
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named method: its head for given settings, the fields it uses and how it turns the grid into runs."""
+
+    name: str
+    head: Callable[[Settings], Head]
+    used: tuple[str, ...]
+    forced: Mapping[str, Any]
+    description: str
+
+    def settings(self, grid: list[Settings]) -> list[Settings]:
+        """This method's runs for the user's grid: unused fields reset to defaults, forced ones set, duplicates
+        dropped (order kept)."""
+        return baselines.restrict(grid, self.used, self.forced)
+
+
+_TRAINED = ("lr", "weight_decay", "epochs", "warmup", "batch_size", "use_aug", "logit_scale")
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("zeroshot", lambda s: CMMHead(), (), {"epochs": 0}, "zero-shot CLIP (the untrained mapper)"),
+        Method(
+            "linear_probe", lambda s: baselines.LinearProbeHead(), _TRAINED, {},
+            "linear classifier on the image features, zero-initialised, CE loss",
+        ),
+        Method(
+            "cmm_ce", lambda s: CMMHead(s.learn_text), _TRAINED + ("alpha", "learn_text"), {"lam": 0.0},
+            "CMM without the triplet loss (ablation)",
+        ),
+        Method(
+            "cmm", lambda s: CMMHead(s.learn_text), _TRAINED + ("alpha", "lam", "margin", "learn_text"), {},
+            "Cross-Modal Mapping: CE + lambda * hardest-negative triplet",
+        ),
+        Method(
+            "tip_adapter_f", lambda s: baselines.TipAdapterHead(), _TRAINED + ("alpha", "beta"), {},
+            "Tip-Adapter-F: zero-shot + alpha * fine-tuned cache logits",
+        ),
+    )
+}
+DEFAULT_METHODS = ("zeroshot", "linear_probe", "cmm_ce", "cmm")
+
+
+def predict(method: str, settings: Settings, params: Params, consts: Params, feats, text) -> jax.Array:
+    """Class predictions of one learned model. feats [N,D] L2-normalised, text [C,D] prototypes -> [N] int."""
+    hp = {k: jnp.asarray(getattr(settings, k), jnp.float32) for k in DYNAMIC_FIELDS}
+    feats, text = jnp.asarray(feats, jnp.float32), jnp.asarray(text, jnp.float32)
+    head = METHODS[method].head(settings)
+    return jnp.argmax(head.logits(params, consts, feats, feats @ text.T, text, hp), axis=-1)

@@ -1,0 +1,277 @@
+"""Results files: JSON, CSV, Markdown tables, learned parameters (.npz, see ``load_params``) and accuracy-vs-shots
+plots; plus a combine mode over run directories:
+
+    python -m train_jax.report RUN_DIR [RUN_DIR ...] --out DIR
+
+writes DIR/summary.md (rows = datasets, columns = method x shots, an average row over the benchmark datasets
+present, a distribution-shift table), DIR/summary.json and DIR/accuracy_vs_shots.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from train_jax.config import Settings
+from train_jax.errors import TrainError
+from train_jax.evaluate import mean_std
+
+BENCHMARK = ("ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "Flowers102", "Food101", "FGVCAircraft",
+             "SUN397", "DTD", "EuroSAT", "UCF101")
+_ALIASES = {"oxfordflowers": "flowers102", "describabletextures": "dtd"}
+CSV_FIELDS = ("dataset", "shots", "method", "seed", "setting", "val_acc", "test_acc", "selected", "failed")
+METHOD_ORDER = ("zeroshot", "linear_probe", "tip_adapter_f", "cmm_ce", "cmm")
+
+
+def _key(name: str) -> str:
+    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    return _ALIASES.get(key, key)
+
+
+def _method_sort(methods: Iterable[str]) -> list[str]:
+    return sorted(set(methods), key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else 99, m))
+
+
+def summarize(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per (dataset, method, shots): test accuracy of the validation-selected setting, mean +- std over seeds,
+    and the same for every shift set. Seeds whose runs all failed count in ``failed_seeds``."""
+    out = []
+    rank = {m: i for i, m in enumerate(_method_sort(r["method"] for r in records))}
+    keys = sorted({(r["dataset"], r["method"], r["shots"]) for r in records}, key=lambda k: (k[0], k[2], rank[k[1]]))
+    for dataset, method, shots in keys:
+        runs = [r for r in records if (r["dataset"], r["method"], r["shots"]) == (dataset, method, shots)]
+        chosen = sorted((r for r in runs if r["selected"]), key=lambda r: r["seed"])
+        seeds = sorted({r["seed"] for r in runs})
+        row: dict[str, Any] = {
+            "dataset": dataset, "method": method, "shots": shots, "seeds": [r["seed"] for r in chosen],
+            "failed_seeds": [s for s in seeds if s not in {r["seed"] for r in chosen}],
+            "failed_runs": sum(r["failed"] for r in runs), "settings": [r["setting"] for r in chosen],
+            "shift": {},
+        }
+        if chosen:
+            row["test_mean"], row["test_std"] = mean_std([r["test_acc"] for r in chosen])
+            row["val_mean"], _ = mean_std([r["val_acc"] for r in chosen])
+            for target in chosen[0]["shift"]:
+                mean, std = mean_std([r["shift"][target] for r in chosen])
+                row["shift"][target] = {"mean": mean, "std": std}
+        out.append(row)
+    return out
+
+
+def write_csv(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+    """One row per run: ``CSV_FIELDS``."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for r in records:
+            writer.writerow({**r, "val_acc": f"{r['val_acc']:.2f}", "test_acc": f"{r['test_acc']:.2f}"})
+
+
+def _cell(row: Mapping[str, Any] | None) -> str:
+    if row is None or "test_mean" not in row:
+        return "—"
+    return f"{row['test_mean']:.2f} ± {row['test_std']:.2f}"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def shift_table(summary: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: rows = (source dataset, method, shots), columns = source test + every shift set."""
+    rows = [r for r in summary if r["shift"]]
+    if not rows:
+        return ""
+    targets = list(dict.fromkeys(t for r in rows for t in r["shift"]))
+    body = []
+    for r in rows:
+        cells = [f"{r['shift'][t]['mean']:.2f} ± {r['shift'][t]['std']:.2f}" if t in r["shift"] else "—"
+                 for t in targets]
+        body.append([r["dataset"], r["method"], str(r["shots"]), _cell(r), *cells])
+    return _table(["Source", "Method", "Shots", "Source test", *targets], body)
+
+
+def run_markdown(dataset: str, summary: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown for one run directory: rows = methods, columns = shots (test accuracy, mean ± std over seeds)."""
+    shots = sorted({r["shots"] for r in summary})
+    methods = _method_sort(r["method"] for r in summary)
+    cell = {(r["method"], r["shots"]): r for r in summary}
+    table = _table(["Method", *[f"{k}-shot" for k in shots]],
+                   ([m, *[_cell(cell.get((m, k))) for k in shots]] for m in methods))
+    text = f"# {dataset}: test accuracy (%), setting selected per seed on validation\n\n{table}\n"
+    failed = [r for r in summary if r["failed_runs"]]
+    if failed:
+        text += "\nRuns stopped by a non-finite loss: " + ", ".join(
+            f"{r['method']} {r['shots']}-shot: {r['failed_runs']}" for r in failed) + "\n"
+    shift = shift_table(summary)
+    return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "")
+
+
+def plot(path: Path, summary: Sequence[Mapping[str, Any]], title: str = "") -> None:
+    """PNG of test accuracy vs shots, one line per method, one panel per dataset (plus the benchmark average
+    when there are several datasets)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = {d: [r for r in summary if r["dataset"] == d] for d in dict.fromkeys(r["dataset"] for r in summary)}
+    if len(panels) > 1:
+        average = _average_rows(summary)
+        if average:
+            panels["Average"] = average
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, (name, rs) in zip(axes.flat, panels.items()):
+        for method in _method_sort(r["method"] for r in rs):
+            pts = sorted((r["shots"], r["test_mean"], r.get("test_std", 0.0)) for r in rs
+                         if r["method"] == method and "test_mean" in r)
+            if pts:
+                x, y, e = zip(*pts)
+                ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=method)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({r["shots"] for r in rs})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_title(name)
+        ax.set_xlabel("shots per class")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if title and len(panels) > 1:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str) -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}/{k}"))
+        else:
+            out[f"{prefix}/{k}"] = np.asarray(v)
+    return out
+
+
+def save_params(path: Path, learned: Mapping[str, Mapping[str, Any]]) -> None:
+    """Write ``{"method/seedK": {"settings", "params", "consts"}}`` to an .npz (keys ``method/seedK/params/...``,
+    ``.../consts/...`` and ``.../settings`` as JSON text); read it back with ``load_params``."""
+    arrays: dict[str, np.ndarray] = {}
+    for run, item in learned.items():
+        arrays[f"{run}/settings"] = np.array(json.dumps(item["settings"].to_dict()))
+        arrays.update(_flatten(item["params"], f"{run}/params"))
+        arrays.update(_flatten(item["consts"], f"{run}/consts"))
+    np.savez(path, **arrays)
+
+
+def load_params(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Inverse of ``save_params``: ``{"method/seedK": {"settings": Settings, "params": {...}, "consts": {...}}}``;
+    use with ``train_jax.methods.predict``."""
+    out: dict[str, dict[str, Any]] = {}
+    with np.load(path, allow_pickle=False) as data:
+        for key in data.files:
+            method, seed, kind, *rest = key.split("/")
+            item = out.setdefault(f"{method}/{seed}", {"params": {}, "consts": {}})
+            if kind == "settings":
+                item["settings"] = Settings.from_dict(json.loads(str(data[key])))
+                continue
+            node = item[kind]
+            for part in rest[:-1]:
+                node = node.setdefault(part, {})
+            node[rest[-1]] = data[key]
+    return out
+
+
+def write_run_dir(out: Path, dataset: str, config: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> None:
+    """results.json, results.csv, results.md and accuracy_vs_shots.png of one run directory."""
+    summary = summarize(records)
+    payload = {"dataset": dataset, "config": dict(config), "summary": summary, "runs": list(records)}
+    (out / "results.json").write_text(json.dumps(payload, indent=1))
+    write_csv(out / "results.csv", records)
+    (out / "results.md").write_text(run_markdown(dataset, summary))
+    plot(out / "accuracy_vs_shots.png", summary, dataset)
+
+
+def _average_rows(summary: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Mean over the benchmark datasets present, per (method, shots) present for all of them."""
+    present = {_key(b) for b in BENCHMARK} & {_key(r["dataset"]) for r in summary}
+    rows = []
+    for method, shots in sorted({(r["method"], r["shots"]) for r in summary}):
+        vals = [r["test_mean"] for r in summary if r["method"] == method and r["shots"] == shots
+                and _key(r["dataset"]) in present and "test_mean" in r]
+        if present and len(vals) == len(present):
+            rows.append({"dataset": "Average", "method": method, "shots": shots, "test_mean": float(np.mean(vals)),
+                         "test_std": 0.0})
+    return rows
+
+
+def average_label(summary: Sequence[Mapping[str, Any]]) -> str:
+    """``Average (11 datasets)`` when all benchmark datasets are present, else ``Average (k of 11 datasets)``."""
+    k = len({_key(b) for b in BENCHMARK} & {_key(r["dataset"]) for r in summary})
+    return f"Average ({k} datasets)" if k == len(BENCHMARK) else f"Average ({k} of {len(BENCHMARK)} datasets)"
+
+
+def combined_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
+    """Rows = datasets (benchmark order first), columns = method x shots, then the average row and shift table."""
+    order = {_key(b): i for i, b in enumerate(BENCHMARK)}
+    datasets = sorted({r["dataset"] for r in summary}, key=lambda d: (order.get(_key(d), len(order)), d))
+    columns = [(m, k) for m in _method_sort(r["method"] for r in summary)
+               for k in sorted({r["shots"] for r in summary if r["method"] == m})]
+    cell = {(r["dataset"], r["method"], r["shots"]): r for r in summary}
+    body = [[d, *[_cell(cell.get((d, m, k))) for m, k in columns]] for d in datasets]
+    average = {(r["method"], r["shots"]): r["test_mean"] for r in _average_rows(summary)}
+    if any(_key(d) in order for d in datasets):
+        body.append([average_label(summary), *[f"{average[c]:.2f}" if c in average else "—" for c in columns]])
+    header = ["Dataset", *[f"{m} {k}-shot" for m, k in columns]]
+    text = "# Test accuracy (%), mean ± std over seeds; settings selected per seed on validation\n\n"
+    text += _table(header, body) + "\n"
+    shift = shift_table(summary)
+    return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "")
+
+
+def combine(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
+    """Merge the results.json of several run directories into ``out`` (summary.md/.json, accuracy_vs_shots.png)."""
+    summary: list[dict[str, Any]] = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "results.json"
+        try:
+            summary.extend(json.loads(path.read_text())["summary"])
+        except (OSError, ValueError, KeyError) as e:
+            raise TrainError(f"{path}: cannot read results ({e}); run `python -m train_jax ... --out {run_dir}` first")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(combined_markdown(summary))
+    (out / "summary.json").write_text(json.dumps({"summary": summary, "average": _average_rows(summary)}, indent=1))
+    plot(out / "accuracy_vs_shots.png", summary)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train_jax.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output folders of `python -m train_jax`")
+    parser.add_argument("--out", required=True, help="folder for summary.md, summary.json, accuracy_vs_shots.png")
+    args = parser.parse_args(argv)
+    try:
+        out = combine(args.run_dirs, args.out)
+    except TrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out / 'summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""The vmapped, jitted training and prediction programs over a run axis S (seeds x settings).
+
+One program trains S runs of one head at once: params and optimiser states are stacked over S, each run has its
+own hyperparameters (arrays [S]), its own training rows (indices into a shared feature pool) and its own seed
+(batch order, augmented-view draws). Inside jit, ``lax.scan`` runs over epochs and steps; a run whose epochs are
+over, or whose loss/params became non-finite, keeps its params (the latter is reported as failed). The run axis
+is cut into equal chunks when the estimated memory is too large (the last chunk is padded, so each chunk reuses
+one compiled program) and sharded over all given JAX devices with ``jax.sharding``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from train_jax.config import DYNAMIC_FIELDS, Settings
+from train_jax.methods import Head
+
+Tree = Any
+EVAL_BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Training features shared by all runs: features [M,V,D] float32 (view 0 = the plain image, views 1.. =
+    cached augmentations), labels [M] int32."""
+
+    features: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class Trained:
+    """Outputs of ``train_runs``; every leaf is a numpy array with leading axis S.
+
+    failed [S] bool: a non-finite loss or update stopped the run (params are those before that step);
+    fail_step [S] int32: the step at which it stopped (-1 if it did not); final_loss [S]: last finite loss.
+    """
+
+    params: Tree
+    consts: Tree
+    failed: np.ndarray
+    fail_step: np.ndarray
+    final_loss: np.ndarray
+
+
+def hparam_arrays(settings: Sequence[Settings]) -> dict[str, np.ndarray]:
+    """Per-run hyperparameters: each of ``DYNAMIC_FIELDS`` -> [S] (epochs int32, the rest float32)."""
+    return {
+        k: np.array([getattr(s, k) for s in settings], np.int32 if k == "epochs" else np.float32)
+        for k in DYNAMIC_FIELDS
+    }
+
+
+def lr_multiplier(count: jax.Array, total_steps: jax.Array, warmup: jax.Array) -> jax.Array:
+    """Linear warm-up over ``floor(warmup * total_steps)`` steps, then optax's cosine decay to 0 at the end."""
+    count = count.astype(jnp.float32)
+    warm = jnp.floor(warmup * total_steps)
+    ramp = (count + 1.0) / jnp.maximum(warm, 1.0)
+    decay = optax.cosine_decay_schedule(1.0, 1)((count - warm) / jnp.maximum(total_steps - warm, 1.0))
+    return jnp.where(count < warm, ramp, decay)
+
+
+def make_optimizer(hp: Mapping[str, jax.Array], total_steps: jax.Array) -> optax.GradientTransformation:
+    """AdamW with this run's peak lr, weight decay and warm-up + cosine schedule (the state layout does not
+    depend on the values, so one ``init`` serves all runs)."""
+    schedule = lambda count: hp["lr"] * lr_multiplier(count, total_steps, hp["warmup"])  # noqa: E731
+    return optax.adamw(schedule, weight_decay=hp["weight_decay"])
+
+
+def _all_finite(tree: Tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _select(flag: jax.Array, new: Tree, old: Tree) -> Tree:
+    return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
+
+
+def _init_one(rows, hp, pool_x, pool_y, text, *, head: Head):
+    """rows [N] -> (params, consts, opt_state) of one run; the init features are the mean over the pool's views."""
+    feats = jnp.mean(pool_x[rows], axis=1)
+    params, consts = head.init(feats, pool_y[rows], text)
+    return params, consts, make_optimizer(hp, jnp.float32(1)).init(params)
+
+
+def _train_one(params, opt_state, consts, rows, seed, hp, pool_x, pool_y, zs_pool, text, *, head: Head,
+               batch: int, steps_per_epoch: int, max_epochs: int):
+    """Train one run. rows [N] into the pool; pool_x [M,V,D]; zs_pool [M,C] (= pool_x[:,0] T^T) or None when
+    V > 1 (then the zero-shot cosine of the drawn view is computed per step)."""
+    n, views = rows.shape[0], pool_x.shape[1]
+    padded = steps_per_epoch * batch
+    weights = (jnp.arange(padded) < n).astype(jnp.float32).reshape(steps_per_epoch, batch)
+    total_steps = (hp["epochs"] * steps_per_epoch).astype(jnp.float32)
+    opt = make_optimizer(hp, total_steps)
+    key = jax.random.PRNGKey(seed)
+    loss_fn = lambda p, x, zs, y, w: head.loss(p, consts, x, zs, y, w, text, hp)  # noqa: E731
+
+    def epoch(carry, e):
+        k_perm, k_view = jax.random.split(jax.random.fold_in(key, e))
+        order = jax.random.permutation(k_perm, n) if steps_per_epoch > 1 else jnp.arange(n)
+        order = jnp.concatenate([order, order[: padded - n]]).reshape(steps_per_epoch, batch)
+        view = jax.random.randint(k_view, (n,), 0, views) if views > 1 else jnp.zeros(n, jnp.int32)
+        active = e < hp["epochs"]
+
+        def step(carry, b):
+            params, opt_state, failed, fail_step, last_loss = carry
+            idx = order[b]
+            r = rows[idx]
+            x = pool_x[r, view[idx]]
+            zs = zs_pool[r] if zs_pool is not None else x @ text.T
+            loss, grads = jax.value_and_grad(loss_fn)(params, x, zs, pool_y[r], weights[b])
+            updates, new_opt = opt.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            ok = jnp.isfinite(loss) & _all_finite(new_params)
+            live = active & ~failed
+            take = live & ok
+            newly_failed = live & ~ok
+            carry = (
+                _select(take, new_params, params),
+                _select(take, new_opt, opt_state),
+                failed | newly_failed,
+                jnp.where(newly_failed, e * steps_per_epoch + b, fail_step),
+                jnp.where(take, loss, last_loss),
+            )
+            return carry, None
+
+        carry, _ = jax.lax.scan(step, carry, jnp.arange(steps_per_epoch))
+        return carry, None
+
+    init = (params, opt_state, jnp.bool_(False), jnp.int32(-1), jnp.float32(jnp.nan))
+    (params, opt_state, failed, fail_step, last_loss), _ = jax.lax.scan(epoch, init, jnp.arange(max_epochs))
+    return params, opt_state, failed, fail_step, last_loss
+
+
+def _predict_one(params, consts, hp, blocks, classes, text, *, head: Head):
+    """blocks [nb, EVAL_BLOCK, D] -> predictions [nb*EVAL_BLOCK] int32 over the class subset ``classes``."""
+
+    def block(_, x):
+        logits = head.logits(params, consts, x, x @ text.T, text, hp)
+        return None, jnp.argmax(logits[:, classes], axis=-1).astype(jnp.int32)
+
+    return jax.lax.scan(block, None, blocks)[1].reshape(-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _train_programs(head: Head, batch: int, steps_per_epoch: int, max_epochs: int) -> tuple[Callable, Callable]:
+    """Jitted, vmapped (init, train) for one head and static shape settings; jax caches their compilations."""
+    init = jax.jit(jax.vmap(functools.partial(_init_one, head=head), in_axes=(0, 0, None, None, None)))
+    one = functools.partial(_train_one, head=head, batch=batch, steps_per_epoch=steps_per_epoch, max_epochs=max_epochs)
+    train = jax.jit(jax.vmap(one, in_axes=(0,) * 6 + (None,) * 4), donate_argnums=(0, 1))
+    return init, train
+
+
+@functools.lru_cache(maxsize=None)
+def _predict_program(head: Head) -> Callable:
+    """Jitted, vmapped predictions of one head."""
+    return jax.jit(jax.vmap(functools.partial(_predict_one, head=head), in_axes=(0, 0, 0, None, None, None)))
+
+
+def memory_budget(devices: Sequence[jax.Device]) -> int:
+    """Bytes the run axis may use: half of the accelerators' memory, or half of the free host memory on CPU."""
+    if devices[0].platform != "cpu":
+        stats = [d.memory_stats() or {} for d in devices]
+        if all("bytes_limit" in s for s in stats):
+            return sum(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats) // 2
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError):
+        return 4 << 30
+
+
+def estimate_run_bytes(n_params: int, n_consts: int, batch: int, dim: int, classes: int, n_train: int) -> int:
+    """Rough peak bytes of one run: params, Adam moments, gradients and selected copies (x8), constants,
+    per-step activations and the epoch's index arrays."""
+    return 4 * (8 * n_params + n_consts + batch * (6 * dim + 8 * classes) + 4 * n_train)
+
+
+def chunk_size(runs: int, per_run: int, budget: int, n_devices: int) -> int:
+    """Runs per chunk: as many as the budget allows, a multiple of the device count, no more than needed."""
+    fit = max(1, budget // max(per_run, 1)) // n_devices * n_devices
+    return min(max(fit, n_devices), math.ceil(runs / n_devices) * n_devices)
+
+
+class _Placement:
+    """A 1-D mesh over the devices: per-run arrays split along the run axis, shared arrays replicated."""
+
+    def __init__(self, devices: Sequence[jax.Device]):
+        mesh = Mesh(np.array(devices), ("runs",))
+        self.runs = NamedSharding(mesh, PartitionSpec("runs"))
+        self.shared = NamedSharding(mesh, PartitionSpec())
+
+    def per_run(self, tree: Tree, start: int, size: int) -> Tree:
+        """Rows [start, start+size) of every leaf, padded by repeating row ``start``, placed along the run axis."""
+
+        def take(x):
+            idx = np.arange(start, start + size)
+            return jax.device_put(np.asarray(x)[np.where(idx < len(x), idx, start)], self.runs)
+
+        return jax.tree.map(take, tree)
+
+    def replicate(self, tree: Tree) -> Tree:
+        return jax.tree.map(lambda x: None if x is None else jax.device_put(x, self.shared), tree)
+
+
+def _gather(chunks: list[Tree], runs: int) -> Tree:
+    return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs])[:runs], *chunks)
+
+
+def _plan(devices, runs: int, per_run: int, budget: int | None) -> tuple[_Placement, int]:
+    devices = list(devices or jax.devices())
+    chunk = chunk_size(runs, per_run, memory_budget(devices) if budget is None else budget, len(devices))
+    return _Placement(devices), chunk
+
+
+def train_runs(
+    head: Head,
+    hp: Mapping[str, np.ndarray],
+    rows: np.ndarray,
+    seeds: np.ndarray,
+    pool: Pool,
+    text: np.ndarray,
+    *,
+    batch_size: int,
+    use_aug: bool,
+    budget: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    desc: str = "train",
+) -> Trained:
+    """Train S runs of ``head``. hp: field -> [S] (see ``hparam_arrays``); rows [S,N] int indices into the pool
+    (N equal for all runs); seeds [S] int (batch order, view draws); text [C,D] prototypes. Without ``use_aug``
+    only view 0 of the pool is used and the zero-shot cosines are precomputed once for the whole pool.
+    ``budget``: bytes for the run axis (default ``memory_budget``); ``devices``: default all JAX devices.
+    """
+    runs, n = rows.shape
+    batch = min(batch_size, n)
+    steps_per_epoch = math.ceil(n / batch)
+    max_epochs = int(np.max(hp["epochs"]))
+    init, train = _train_programs(head, batch, steps_per_epoch, max_epochs)
+
+    pool_x = pool.features if use_aug else pool.features[:, :1]
+    shapes = jax.eval_shape(lambda: head.init(pool_x[: n, 0], pool.labels[:n], text))
+    n_params, n_consts = (sum(x.size for x in jax.tree.leaves(t)) for t in shapes)
+    per_run = estimate_run_bytes(n_params, n_consts, batch, text.shape[1], text.shape[0], n)
+    placement, chunk = _plan(devices, runs, per_run, budget)
+
+    pool_x, pool_y, text_d = placement.replicate((pool_x, pool.labels.astype(np.int32), text))
+    zs_pool = None if use_aug else jax.jit(lambda x, t: x[:, 0] @ t.T)(pool_x, text_d)
+    per_run_args = (rows.astype(np.int32), seeds.astype(np.int32), dict(hp))
+    outputs = []
+    for start in tqdm(range(0, runs, chunk), desc=desc, unit="chunk", leave=False):
+        rows_c, seeds_c, hp_c = placement.per_run(per_run_args, start, chunk)
+        params, consts, opt_state = init(rows_c, hp_c, pool_x, pool_y, text_d)
+        params, _, failed, fail_step, loss = train(
+            params, opt_state, consts, rows_c, seeds_c, hp_c, pool_x, pool_y, zs_pool, text_d
+        )
+        outputs.append(jax.device_get((params, consts, failed, fail_step, loss)))
+    params, consts, failed, fail_step, loss = _gather(outputs, runs)
+    return Trained(params, consts, failed, fail_step, loss)
+
+
+def predict_runs(
+    head: Head,
+    trained: Trained,
+    hp: Mapping[str, np.ndarray],
+    feats: np.ndarray,
+    text: np.ndarray,
+    classes: np.ndarray | None = None,
+    *,
+    budget: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    desc: str = "predict",
+) -> np.ndarray:
+    """Predictions of every trained run on shared features [Ne,D] -> [S,Ne] int32, as indices into ``classes``
+    ([Cs] class ids of ``text``; default all classes)."""
+    runs = len(trained.failed)
+    classes = np.arange(text.shape[0]) if classes is None else np.asarray(classes)
+    predict = _predict_program(head)
+    n_params = sum(np.asarray(x)[0].size for x in jax.tree.leaves((trained.params, trained.consts)))
+    per_run = 4 * (n_params + EVAL_BLOCK * (2 * text.shape[0] + text.shape[1]))
+    placement, chunk = _plan(devices, runs, per_run, budget)
+
+    n = len(feats)
+    blocks = np.zeros((math.ceil(max(n, 1) / EVAL_BLOCK) * EVAL_BLOCK, feats.shape[1]), np.float32)
+    blocks[:n] = feats
+    shared = placement.replicate((blocks.reshape(-1, EVAL_BLOCK, feats.shape[1]), classes.astype(np.int32), text))
+    outputs = []
+    for start in tqdm(range(0, runs, chunk), desc=desc, unit="chunk", leave=False):
+        params, consts, hp_c = placement.per_run((trained.params, trained.consts, dict(hp)), start, chunk)
+        outputs.append(np.asarray(predict(params, consts, hp_c, *shared)))
+    return _gather(outputs, runs)[:, :n]
