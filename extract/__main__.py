@@ -126,7 +126,7 @@ def _run(args: argparse.Namespace) -> Path:
     """The `run` command: check every input, load the model, extract."""
     from extract import datasets
     from extract.errors import ExtractError
-    from extract.models import default_device, load_model
+    from extract.models import load_model, resolve_device
     from extract.prompts import cache_templates, check_template, read_templates_file
     from extract.run import run_extraction
     from extract.shards import parse_shard
@@ -159,7 +159,7 @@ def _run(args: argparse.Namespace) -> Path:
     templates = cache_templates(spec.templates, user)
     shard = parse_shard(args.shard) if args.shard else None
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
-    device = default_device() if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     if not args.model and args.model_config is None:
         raise ExtractError("--model is required (or --model-config FILE.json for a custom architecture)")
     loaded = load_model(args.model, args.pretrained, model_config=args.model_config, device=device,
@@ -191,7 +191,8 @@ def summary(path: Path) -> str:
     """Human-readable summary of a cache or a .partial file: attributes, classes, templates, rows per split."""
     attrs = read_attrs(path)
     if attrs.get("format") != FORMAT:
-        raise CacheError(f"{path}: not a {FORMAT} file (format={attrs.get('format')!r}); make it with `python -m extract`")
+        raise CacheError(f"{path}: not a {FORMAT} file (format={attrs.get('format')!r}); "
+                         "make it with `python -m extract`")
     lines = [f"{path}: {'complete' if attrs.get('complete') else 'INCOMPLETE (resume by rerunning the extraction)'}"]
     for key in ("dataset", "model", "pretrained", "weights_sha256", "embed_dim", "feature_dtype", "aug_views",
                 "aug_seed", "shard", "created"):
@@ -201,7 +202,8 @@ def summary(path: Path) -> str:
     with h5py.File(path, "r") as f:
         classnames = list(f["classnames"].asstr()[()])
         templates = list(f["templates"].asstr()[()])
-        lines.append(f"  classes: {len(classnames)} ({', '.join(classnames[:5])}{', ...' if len(classnames) > 5 else ''})")
+        more = ", ..." if len(classnames) > 5 else ""
+        lines.append(f"  classes: {len(classnames)} ({', '.join(classnames[:5])}{more})")
         lines.append(f"  templates: {len(templates)} (first: {templates[0]!r})" if templates else "  templates: 0")
         for name, g in f["splits"].items():
             status = g["status"][()]

@@ -5,7 +5,8 @@ On CUDA the forward passes run under fp16 autocast; features always come back as
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from extract.images import ImageRows
 
 
-def autocast(device: torch.device) -> ContextManager:
+def autocast(device: torch.device) -> AbstractContextManager:
     """fp16 autocast on CUDA, nothing elsewhere."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)

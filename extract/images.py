@@ -1,8 +1,8 @@
 """Image rows for the DataLoader: read an image, preprocess it, make its augmented views; report unreadable ones."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image

@@ -12,10 +12,11 @@ import os
 import pickle
 import threading
 import urllib.parse
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import open_clip
 import torch
@@ -85,8 +86,8 @@ def load_model(name: str, pretrained: str, *, model_config: str | Path | None = 
         stem = register_config(model_config)
         name = name or stem
     if name not in open_clip.list_models():
-        raise ExtractError(f"unknown model {name!r}; list the names with "
-                           "`python -c 'import open_clip; print(open_clip.list_models())'`, or pass --model-config FILE.json")
+        raise ExtractError(f"unknown model {name!r}; list the names with `python -c 'import open_clip; "
+                           "print(open_clip.list_models())'`, or pass --model-config FILE.json")
     weights, tag = _resolve_weights(name, pretrained, sha256, cache_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
@@ -95,6 +96,8 @@ def load_model(name: str, pretrained: str, *, model_config: str | Path | None = 
                 model = open_clip.create_model(name, pretrained=tag or (str(weights) if weights else None),
                                                device=device, cache_dir=cache_dir)
         except (RuntimeError, OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
+            if weights is None:
+                raise
             raise ExtractError(f"{pretrained}: cannot load these weights into {name} ({_first_line(e)}); "
                                "check that the file is a state_dict saved from this architecture") from None
     model.eval().requires_grad_(False)
@@ -159,7 +162,7 @@ def _hub_unreachable() -> str:
         return "HF_HUB_OFFLINE is set"
     parts = urllib.parse.urlsplit(constants.ENDPOINT)
     host, port = parts.hostname or "", parts.port or (80 if parts.scheme == "http" else 443)
-    result: list[str] = ["no answer within %.0f s" % HUB_TIMEOUT_S]
+    result: list[str] = [f"no answer within {HUB_TIMEOUT_S:.0f} s"]
 
     def probe() -> None:
         import socket
@@ -189,8 +192,16 @@ def _hub_offline() -> Iterator[None]:
         constants.HF_HUB_OFFLINE = old
 
 
-def default_device() -> str:
-    """'cuda' (this process's LOCAL_RANK GPU under torchrun) when available, else 'cpu'."""
-    if not torch.cuda.is_available():
-        return "cpu"
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+def resolve_device(text: str) -> str:
+    """'auto' -> CUDA (this process's LOCAL_RANK GPU under torchrun) when available, else 'cpu'; checks the rest."""
+    if text == "auto":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ExtractError(f"--device {text!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ExtractError(f"--device {text}: no CUDA GPU is available here; use --device cpu (or auto)")
+    if device.type not in ("cpu", "cuda"):
+        raise ExtractError(f"--device {text!r}: only cpu and cuda are supported")
+    return text

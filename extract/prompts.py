@@ -1,8 +1,8 @@
 """Prompt templates stored in a cache: the dataset's own first, then the ImageNet ensemble, then the user's."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from extract.errors import ExtractError
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
-from typing import Callable
 
 import h5py
 import numpy as np
@@ -94,7 +94,8 @@ def _split_names(spec: DatasetSpec, splits: list[str] | None) -> list[str]:
                            f"{', '.join(spec.splits) or 'none'}); fix --splits")
     names = [n for n in names if spec.splits[n]]
     if not names:
-        raise ExtractError(f"dataset {spec.name!r} has no image in the requested splits; check the folder or split file")
+        raise ExtractError(f"dataset {spec.name!r} has no image in the requested splits; "
+                           "check the folder or split file")
     return names
 
 

@@ -107,8 +107,8 @@ def _check_same(heads: list[dict[str, Any]]) -> None:
     for head in heads[1:]:
         for key in IDENTITY_ATTRS:
             if key != "shard" and str(head["attrs"].get(key)) != str(first["attrs"].get(key)):
-                raise ExtractError(f"{head['path']}: {key}={head['attrs'].get(key)!r} differs from "
-                                   f"{first['path']} ({first['attrs'].get(key)!r}); merge shards of one extraction only")
+                raise ExtractError(f"{head['path']}: {key}={head['attrs'].get(key)!r} differs from {first['path']} "
+                                   f"({first['attrs'].get(key)!r}); merge shards of one extraction only")
         for key in ("classnames", "templates"):
             if head[key] != first[key]:
                 raise ExtractError(f"{head['path']}: its {key} differ from {first['path']}'s; "

@@ -33,7 +33,7 @@ def make_class_folder(root: Path, per_class: int = 5, classes: tuple[str, ...] =
     return root
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_model() -> LoadedModel:
     """The tiny open_clip model with its (seeded) random init, loaded once per test session."""
     return load_model(TINY, "random")

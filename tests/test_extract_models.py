@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from extract.errors import ExtractError
-from extract.models import BUNDLED_CONFIGS, load_model, register_config, sha256_file
+from extract.models import BUNDLED_CONFIGS, load_model, register_config, resolve_device, sha256_file
 from helpers_extract import TINY, make_images, plain_image_features, tiny_model
 
 
@@ -51,7 +51,8 @@ def test_random_init_is_seeded() -> None:
     a, b = load_model(TINY, "random"), load_model(TINY, "random")
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
     assert a.attrs["pretrained"] == "" and a.attrs["weights_sha256"] == "" and a.attrs["embed_dim"] == 32
-    assert json.loads(a.attrs["model_config"])["embed_dim"] == 32 and json.loads(a.attrs["preprocess"])["size"] == [32, 32]
+    assert json.loads(a.attrs["model_config"])["embed_dim"] == 32
+    assert json.loads(a.attrs["preprocess"])["size"] == [32, 32]
 
 
 def test_unknown_model_name_is_one_line() -> None:
@@ -82,3 +83,13 @@ def test_model_config_file_registers_a_custom_architecture(tmp_path: Path) -> No
     bad.write_text('{"embed_dim": 4}')
     with pytest.raises(ExtractError, match="needs 'embed_dim', 'vision_cfg' and 'text_cfg'"):
         load_model("", "random", model_config=bad)
+
+
+def test_device_choice() -> None:
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ExtractError, match="expected auto, cpu, cuda"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ExtractError, match="no CUDA GPU"):
+            resolve_device("cuda")

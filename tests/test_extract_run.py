@@ -11,8 +11,7 @@ from extract.cache import CacheError, partial_path, read_attrs, read_cache
 from extract.errors import ExtractError
 from extract.run import run_extraction
 from extract.shards import Shard, merge_shards, parse_shard, shard_path, shard_rows
-from helpers_extract import (digest, make_class_folder, plain_image_features, plain_text_features, templates,
-                             tiny_model)
+from helpers_extract import digest, make_class_folder, plain_image_features, plain_text_features, templates, tiny_model
 
 
 @pytest.fixture()
