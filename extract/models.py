@@ -78,7 +78,8 @@ def load_model(name: str, pretrained: str, *, model_config: str | Path | None = 
     """Build `name` with weights from `pretrained`: an open_clip tag, a local weights file, or "random".
 
     model_config: a model-config JSON to register first (its stem is the model name if `name` is empty).
-    sha256: if given, the local weights file must have this hash. cache_dir: where tag weights are cached.
+    sha256: if given, the weights file (local or a tag's download) must have this hash. cache_dir: where tag
+    weights are cached (default: the Hugging Face cache).
     """
     for path in sorted(BUNDLED_CONFIGS.glob("*.json")):
         register_config(path)
@@ -118,16 +119,15 @@ def _resolve_weights(name: str, pretrained: str, sha256: str, cache_dir: str | N
     """(local weights file or None, open_clip tag or ""): check a file, or make sure a tag's weights are cached."""
     if pretrained == RANDOM:
         return None, ""
-    if get_pretrained_cfg(name, pretrained):
-        return _cached_tag_weights(name, pretrained, cache_dir), pretrained
-    path = Path(pretrained).expanduser()
+    tag = pretrained if get_pretrained_cfg(name, pretrained) else ""
+    path = _cached_tag_weights(name, tag, cache_dir) if tag else Path(pretrained).expanduser()
     if not path.is_file():
         tags = list_pretrained_tags_by_model(name)
         raise ExtractError(f"{pretrained}: neither a weights file nor a pretrained tag of {name} "
                            f"(tags: {', '.join(tags) or 'none'}); pass a tag, a file path, or 'random'")
     if sha256 and (actual := sha256_file(path)) != sha256.lower():
         raise ExtractError(f"{path}: sha256 is {actual}, not the expected {sha256}; download the weights again")
-    return path, ""
+    return path, tag
 
 
 def _cached_tag_weights(name: str, tag: str, cache_dir: str | None) -> Path:
