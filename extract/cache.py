@@ -327,20 +327,17 @@ class CacheWriter:
             if "aug_features" not in g:
                 raise CacheError(f"{self.path}: split {split!r} has no aug_features dataset")
             g["aug_features"][rows] = np.asarray(aug_features)[order].astype(g["aug_features"].dtype)
-        status = g["status"][()]
-        status[rows] = OK
-        g["status"][...] = status
+        g["status"][rows] = np.full(len(rows), OK, dtype=np.int8)
         self._f.flush()
 
     def mark_bad(self, split: str, rows: np.ndarray, errors: list[str]) -> None:
         """Mark local rows of unreadable images as skipped and record their paths and errors in /bad."""
         g = self._f[f"splits/{split}"]
         rows = np.asarray(rows, dtype=np.int64)
-        paths = _decode(g["paths"][()][rows])
-        self.record_bad(paths, errors)
-        status = g["status"][()]
-        status[rows] = BAD
-        g["status"][...] = status
+        order = np.argsort(rows)  # h5py fancy indexing needs increasing indices
+        rows, errors = rows[order], [errors[i] for i in order]
+        self.record_bad(_decode(g["paths"][rows]), errors)
+        g["status"][rows] = np.full(len(rows), BAD, dtype=np.int8)
         self._f.flush()
 
     def record_bad(self, paths: list[str], errors: list[str]) -> None:
