@@ -70,3 +70,25 @@ def write_gap_cache(path: Path, world: GapWorld, *, train: int = 8, val: int | N
         text_features=text,
         splits=splits,
     )
+
+
+
+def write_shift_cache(path: Path, world: GapWorld, classes: list[int], *, test: int = 10,
+                      dataset: str = "SynthShift") -> Path:
+    """A test-only cache of a subset of ``world``'s classes (in the given order, so its label i is the
+    training class classes[i]), like ImageNet-A/-R."""
+    feats, labels = world.images(test)
+    keep = np.isin(labels, classes)
+    relabel = {c: i for i, c in enumerate(classes)}
+    local = np.array([relabel[c] for c in labels[keep]], dtype=np.int64)
+    split = {"features": feats[keep], "labels": local,
+             "paths": np.array([f"shift/img{i:04d}.png" for i in range(len(local))])}
+    text = world.text[classes][:, None, :]
+    return write_cache(
+        path,
+        attrs={"dataset": dataset, "model": "synthetic", "embed_dim": world.dim},
+        classnames=[f"class {c}" for c in classes],
+        templates=["a photo of a {}."],
+        text_features=text,
+        splits={"test": split},
+    )

@@ -86,6 +86,12 @@ def _select(flag: jax.Array, new: Tree, old: Tree) -> Tree:
     return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
 
 
+@jax.jit
+def _zero_shot_cos(pool_x: jax.Array, text: jax.Array) -> jax.Array:
+    """Zero-shot cosines of the pool's plain view: pool_x [M,V,D], text [C,D] -> [M,C]."""
+    return pool_x[:, 0] @ text.T
+
+
 def _init_one(rows, hp, pool_x, pool_y, text, *, head: Head):
     """rows [N] -> (params, consts, opt_state) of one run; the init features are the mean over the pool's views."""
     feats = jnp.mean(pool_x[rows], axis=1)
@@ -254,7 +260,7 @@ def train_runs(
     placement, chunk = _plan(devices, runs, per_run, budget)
 
     pool_x, pool_y, text_d = placement.replicate((pool_x, pool.labels.astype(np.int32), text))
-    zs_pool = None if use_aug else jax.jit(lambda x, t: x[:, 0] @ t.T)(pool_x, text_d)
+    zs_pool = None if use_aug else _zero_shot_cos(pool_x, text_d)
     per_run_args = (rows.astype(np.int32), seeds.astype(np.int32), dict(hp))
     outputs = []
     for start in tqdm(range(0, runs, chunk), desc=desc, unit="chunk", leave=False):

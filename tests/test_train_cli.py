@@ -1,0 +1,162 @@
+"""`python -m train_jax` end to end on tiny synthetic caches: outputs, reloadable params, shift evaluation,
+resuming, clear errors; and the report's combine mode."""
+
+import csv
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.helpers_train import GapWorld, write_gap_cache, write_shift_cache
+from train_jax import report
+from train_jax.__main__ import main
+from train_jax.methods import predict
+
+SHIFT_CLASSES = [4, 0, 2]
+ARGS = ["--shots", "1", "2", "--seeds", "1", "2", "--methods", "zeroshot", "linear_probe", "cmm_ce", "cmm",
+        "--grid", "lr=1e-2", "alpha=1,2", "epochs=5", "--prompt", "single"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    world = GapWorld(1, classes=6, dim=16)
+    cache = write_gap_cache(tmp / "synth.h5", world, train=4, val=3, test=10)
+    shift = write_shift_cache(tmp / "shift.h5", world, SHIFT_CLASSES, test=8)
+    out = tmp / "out"
+    argv = ["--cache", str(cache), "--eval-cache", str(shift), "--out", str(out), *ARGS]
+    assert main(argv) == 0
+    return world, cache, shift, out, argv
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def test_outputs_written(run):
+    _, _, _, out, _ = run
+    for name in ("results.json", "results.csv", "results.md", "accuracy_vs_shots.png", "params/1shot.npz",
+                 "params/2shot.npz", "run_config.json"):
+        assert (out / name).is_file(), name
+    assert (out / "accuracy_vs_shots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = _results(out)
+    runs = results["runs"]
+    # zeroshot 1 setting, linear probe 1 (alpha unused), cmm_ce 2, cmm 2 -> 6 per seed and shots
+    assert len(runs) == 6 * 2 * 2
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(runs) and list(rows[0]) == list(report.CSV_FIELDS)
+    for key in {(r["method"], r["shots"], r["seed"]) for r in runs}:
+        chosen = [r for r in runs if (r["method"], r["shots"], r["seed"]) == key and r["selected"]]
+        assert len(chosen) == 1
+        best = max(r["val_acc"] for r in runs if (r["method"], r["shots"], r["seed"]) == key)
+        assert chosen[0]["val_acc"] == best  # selected on validation
+    summary = {(s["method"], s["shots"]): s for s in results["summary"]}
+    assert set(summary) == {(m, k) for m in ("zeroshot", "linear_probe", "cmm_ce", "cmm") for k in (1, 2)}
+    cmm = [r["test_acc"] for r in runs if r["method"] == "cmm" and r["shots"] == 2 and r["selected"]]
+    assert summary["cmm", 2]["test_mean"] == pytest.approx(np.mean(cmm))
+    assert summary["cmm", 2]["test_std"] == pytest.approx(np.std(cmm))
+    md = (out / "results.md").read_text()
+    assert "| cmm |" in md and "2-shot" in md and "Distribution shift" in md
+
+
+def test_params_reload_and_reproduce_accuracy(run):
+    world, cache, _, out, _ = run
+    from extract.cache import read_cache
+
+    learned = report.load_params(out / "params" / "2shot.npz")
+    assert set(learned) == {f"{m}/seed{s}" for m in ("zeroshot", "linear_probe", "cmm_ce", "cmm") for s in (1, 2)}
+    data = read_cache(cache)
+    test, text = data.splits["test"], data.prototypes(0)
+    for name in ("cmm/seed2", "linear_probe/seed1"):
+        item = learned[name]
+        method, seed = name.split("/seed")
+        preds = np.asarray(predict(method, item["settings"], item["params"], item["consts"], test.features, text))
+        record = next(r for r in _results(out)["runs"] if r["method"] == method and r["seed"] == int(seed)
+                      and r["shots"] == 2 and r["selected"])
+        assert record["settings"] == item["settings"].to_dict()
+        assert 100.0 * np.mean(preds == test.labels) == pytest.approx(record["test_acc"], abs=1e-9)
+    assert not np.all(learned["cmm/seed1"]["params"]["dW"] == 0)
+
+
+def test_shift_evaluated_on_mapped_class_subset(run):
+    world, _, shift, out, _ = run
+    from extract.cache import read_cache
+
+    test = read_cache(shift).splits["test"]
+    zero_shot = np.argmax(test.features @ world.text[SHIFT_CLASSES].T, axis=1)
+    expected = 100.0 * np.mean(zero_shot == test.labels)
+    for r in _results(out)["runs"]:
+        assert bool(r["shift"]) == r["selected"]
+        if r["method"] == "zeroshot":
+            assert r["shift"]["SynthShift"] == pytest.approx(expected)
+
+
+def test_rerun_resumes_and_config_change_is_refused(run, capsys):
+    _, _, _, out, argv = run
+    before = (out / "shots" / "2shot.json").read_bytes()
+    assert main(argv) == 0
+    assert "already in" in capsys.readouterr().out
+    assert (out / "shots" / "2shot.json").read_bytes() == before
+    changed = [a if a != "alpha=1,2" else "alpha=3" for a in argv]
+    assert main(changed) == 2
+    assert "different grid" in capsys.readouterr().err
+
+
+def test_bad_inputs_are_one_line_errors(run, tmp_path, capsys):
+    _, cache, _, _, _ = run
+    assert main(["--cache", str(cache), "--out", str(tmp_path / "a"), "--shots", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 5 shots requested but class") and "has only 4 train images" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+    old = tmp_path / "old.h5"
+    old.write_bytes(Path(cache).read_bytes())
+    with h5py.File(old, "r+") as f:
+        f.attrs["schema_version"] = 99
+    assert main(["--cache", str(old), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "schema version 99" in err and err.count("\n") == 1
+
+    assert main(["--cache", str(cache), "--out", str(tmp_path / "c"), "--grid", "lr=fast"]) == 2
+    assert "lr='fast'" in capsys.readouterr().err
+
+
+def test_help_lists_options_and_default_grid(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--cache", "--eval-cache", "--shots", "--seeds", "--methods", "--grid", "--prompt", "--out",
+                   "--memory-gb", "--devices", "Default grid"):
+        assert option in text
+
+
+def _fake_run_dir(path: Path, dataset: str, acc: dict) -> Path:
+    path.mkdir()
+    summary = [{"dataset": dataset, "method": m, "shots": k, "test_mean": v, "test_std": 0.5, "seeds": [1],
+                "failed_seeds": [], "failed_runs": 0, "settings": ["-"], "shift": {}} for (m, k), v in acc.items()]
+    (path / "results.json").write_text(json.dumps({"summary": summary}))
+    return path
+
+
+def test_report_combines_run_dirs(run, tmp_path):
+    _, _, _, out, _ = run
+    dtd = _fake_run_dir(tmp_path / "dtd", "DTD", {("zeroshot", 1): 40.0, ("cmm", 1): 50.0, ("cmm", 2): 55.0})
+    euro = _fake_run_dir(tmp_path / "euro", "EuroSAT", {("zeroshot", 1): 30.0, ("cmm", 1): 70.0})
+    assert report.main([str(dtd), str(euro), str(out), "--out", str(tmp_path / "all")]) == 0
+    md = (tmp_path / "all" / "summary.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| Dataset"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns[:3] == ["Dataset", "zeroshot 1-shot", "zeroshot 2-shot"] and columns[-1] == "cmm 2-shot"
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")]
+            for line in md.splitlines() if line.startswith("| ") and not line.startswith("| Dataset")}
+    assert list(rows)[:2] == ["DTD", "EuroSAT"]  # benchmark order first
+    average = dict(zip(columns, rows["Average (2 of 11 datasets)"]))
+    assert average["zeroshot 1-shot"] == "35.00" and average["cmm 1-shot"] == "60.00"
+    assert average["cmm 2-shot"] == "—"  # EuroSAT has no 2-shot result
+    assert "| Synth |" in md and "SynthShift" in md  # the CLI run's dataset and its shift table
+    assert (tmp_path / "all" / "accuracy_vs_shots.png").is_file()
+    assert report.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2

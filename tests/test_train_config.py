@@ -1,0 +1,40 @@
+"""Settings, grids parsed from CLI strings, JSON round trips."""
+
+import pytest
+
+from train_jax.config import DEFAULT_GRID, Settings, expand_grid, grid_from_json, grid_to_json, parse_grid
+from train_jax.errors import TrainError
+
+
+def test_parse_grid_and_expand():
+    grid = parse_grid(["lr=1e-3,1e-4", "lambda=0,1", "learn_text=0,1", "epochs=5"])
+    assert grid == {"lr": (1e-3, 1e-4), "lam": (0.0, 1.0), "learn_text": (False, True), "epochs": (5,)}
+    settings = expand_grid(grid)
+    assert len(settings) == 8
+    assert settings[0] == Settings(lr=1e-3, lam=0.0, learn_text=False, epochs=5)
+    assert settings[-1] == Settings(lr=1e-4, lam=1.0, learn_text=True, epochs=5)
+    assert [s.lr for s in settings[:4]] == [1e-3] * 4  # first key varies slowest
+    assert settings[1].label(["lr", "lam"]) == "lr=0.001 lambda=0"
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    (["foo=1"], "unknown setting 'foo'"),
+    (["lr"], "KEY=V1,V2"),
+    (["lr=abc"], "lr='abc'"),
+    (["epochs=1.5"], "epochs='1.5'"),
+    (["lr=1", "lr=2"], "given twice"),
+    (["lr=-1"], "lr=-1.0 is out of range"),
+    (["use_aug=maybe"], "use_aug"),
+])
+def test_bad_grid_is_a_clear_error(spec, fragment):
+    with pytest.raises(TrainError, match=None) as err:
+        expand_grid(parse_grid(spec))
+    assert fragment in str(err.value)
+
+
+def test_json_round_trips():
+    s = Settings(lr=0.01, alpha=2.0, learn_text=True, epochs=7)
+    assert Settings.from_dict(s.to_dict()) == s
+    assert grid_from_json(grid_to_json(DEFAULT_GRID)) == DEFAULT_GRID
+    with pytest.raises(TrainError, match="unknown setting"):
+        Settings.from_dict({"nope": 1})
