@@ -124,6 +124,47 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path, capsys):
     assert "lr='fast'" in capsys.readouterr().err
 
 
+def test_diverging_runs_are_reported_and_excluded(run, tmp_path, capsys):
+    _, cache, _, _, _ = run
+    out = tmp_path / "nan"
+    argv = ["--cache", str(cache), "--out", str(out), "--shots", "1", "--seeds", "1", "--methods", "cmm",
+            "--grid", "lr=1e-2,1e38", "epochs=3"]
+    assert main(argv) == 0
+    assert "warning: cmm seed 1 (lr=1e+38) stopped at step" in capsys.readouterr().err
+    runs = _results(out)["runs"]
+    assert [(r["setting"], r["failed"], r["selected"]) for r in runs] == [("lr=0.01", False, True),
+                                                                         ("lr=1e+38", True, False)]
+    assert "Runs stopped by a non-finite loss: cmm 1-shot: 1" in (out / "results.md").read_text()
+
+
+def test_results_do_not_depend_on_the_cache_row_order(run, tmp_path):
+    from extract.cache import read_cache, write_cache
+    from train_jax.config import Settings
+    from train_jax.experiment import load_task, run_shots
+
+    _, cache, _, _, _ = run
+    data = read_cache(cache)
+    rng = np.random.default_rng(0)
+    splits = {}
+    for name, split in data.splits.items():
+        order = rng.permutation(len(split.labels))
+        splits[name] = {"features": split.features[order], "labels": split.labels[order], "paths": split.paths[order]}
+    shuffled = write_cache(tmp_path / "shuffled.h5", attrs=data.attrs, classnames=data.classnames,
+                           templates=data.templates, text_features=data.text_features, splits=splits)
+    grid = [Settings(epochs=3, lr=1e-2, batch_size=4)]
+    a, b = (run_shots(load_task(path, prompt="single"), 2, [1, 2], ["cmm"], grid, []) for path in (cache, shuffled))
+    assert [(r["val_acc"], r["test_acc"]) for r in a.records] == [(r["val_acc"], r["test_acc"]) for r in b.records]
+    for key in a.learned:
+        np.testing.assert_allclose(a.learned[key]["params"]["dW"], b.learned[key]["params"]["dW"], rtol=1e-5, atol=1e-6)
+
+
+def test_default_prompt_is_ensemble_for_the_imagenet_family():
+    from train_jax.experiment import default_prompt
+
+    assert [default_prompt(d) for d in ("ImageNet", "ImageNetA", "imagenet-sketch", "DTD", "Food101")] == [
+        "ensemble", "ensemble", "ensemble", "single", "single"]
+
+
 def test_help_lists_options_and_default_grid(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])

@@ -81,9 +81,11 @@ def run(args: argparse.Namespace) -> Path:
 
     grid = parse_grid(args.grid) if args.grid else dict(DEFAULT_GRID)
     settings = expand_grid(grid)
-    shots = sorted(set(args.shots))
-    if min(shots) < 1 or not args.seeds:
-        raise TrainError(f"--shots must be >= 1 (got {args.shots}) and --seeds non-empty")
+    shots, seeds, methods = sorted(set(args.shots)), list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.methods))
+    if min(shots) < 1:
+        raise TrainError(f"--shots must be >= 1, got {args.shots}")
+    if args.devices is not None and not 1 <= args.devices <= len(jax.devices()):
+        raise TrainError(f"--devices {args.devices}: this machine has {len(jax.devices())} JAX devices")
     devices = jax.devices()[: args.devices] if args.devices else None
     budget = int(args.memory_gb * 2**30) if args.memory_gb else None
     task = experiment.load_task(args.cache, args.eval_cache, args.prompt)
@@ -93,8 +95,8 @@ def run(args: argparse.Namespace) -> Path:
     (out / "params").mkdir(exist_ok=True)
     config = {
         "cache": str(Path(args.cache).resolve()), "dataset": task.dataset,
-        "eval_caches": [str(Path(p).resolve()) for p in args.eval_cache], "seeds": list(args.seeds),
-        "methods": list(args.methods), "grid": json.loads(grid_to_json(grid)), "prompt": task.prompt,
+        "eval_caches": [str(Path(p).resolve()) for p in args.eval_cache], "seeds": seeds, "methods": methods,
+        "grid": json.loads(grid_to_json(grid)), "prompt": task.prompt,
     }
     _check_config(out, config)
     label_keys = [k for k, vs in grid.items() if len(vs) > 1]
@@ -103,8 +105,7 @@ def run(args: argparse.Namespace) -> Path:
         if done.exists():
             print(f"{task.dataset} {k}-shot: already in {done}, skipped")
             continue
-        result = experiment.run_shots(task, k, args.seeds, args.methods, settings, label_keys, budget=budget,
-                                      devices=devices)
+        result = experiment.run_shots(task, k, seeds, methods, settings, label_keys, budget=budget, devices=devices)
         report.save_params(out / "params" / f"{k}shot.npz", result.learned)
         _write_json(done, result.records)
         for r in result.records:
