@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shift caches (test split) whose classes are a subset of the training classes, e.g. "
                         "ImageNet-V2/-Sketch/-A/-R for an ImageNet cache")
     p.add_argument("--out", required=True, help="output folder (created; rerunning resumes finished shots)")
-    p.add_argument("--shots", nargs="+", type=int, default=[1, 2, 4, 8, 16], help="shots per class (default: %(default)s)")
+    p.add_argument("--shots", nargs="+", type=int, default=[1, 2, 4, 8, 16],
+                   help="shots per class (default: %(default)s)")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="sampling seeds (default: %(default)s)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(DEFAULT_METHODS),
                    help="methods to train (default: %(default)s)")

@@ -102,15 +102,14 @@ class _Run:
 def _sample(task: Task, shots: int, seeds: Sequence[int]) -> tuple[dict[int, np.ndarray], Any, dict[int, np.ndarray]]:
     """Train rows and validation rows of every seed; the validation split (the train split if there is none)."""
     cache = task.cache
-    train = cache.splits["train"]
-    picks = {s: sampling.sample_shots(train.labels, train.paths, cache.classnames, shots, s) for s in seeds}
+    train, names = cache.splits["train"], cache.classnames
+    picks = {s: sampling.sample_shots(train.labels, train.paths, names, shots, s) for s in seeds}
     val = cache.splits.get("val")
     if val is not None and len(val.labels):
-        return picks, val, {s: sampling.sample_val(val.labels, val.paths, len(cache.classnames), shots, s) for s in seeds}
-    val_rows = {
-        s: sampling.sample_val_from_train(train.labels, train.paths, cache.classnames, shots, s, picks[s]) for s in seeds
+        return picks, val, {s: sampling.sample_val(val.labels, val.paths, len(names), shots, s) for s in seeds}
+    return picks, train, {
+        s: sampling.sample_val_from_train(train.labels, train.paths, names, shots, s, picks[s]) for s in seeds
     }
-    return picks, train, val_rows
 
 
 def _pool(task: Task, rows: np.ndarray, use_aug: bool) -> Pool:

@@ -159,18 +159,22 @@ def _predict_one(params, consts, hp, blocks, classes, text, *, head: Head):
 
 
 @functools.lru_cache(maxsize=None)
-def _train_programs(head: Head, batch: int, steps_per_epoch: int, max_epochs: int) -> tuple[Callable, Callable]:
-    """Jitted, vmapped (init, train) for one head and static shape settings; jax caches their compilations."""
-    init = jax.jit(jax.vmap(functools.partial(_init_one, head=head), in_axes=(0, 0, None, None, None)))
+def _train_programs(head: Head, batch: int, steps_per_epoch: int, max_epochs: int,
+                    runs: NamedSharding) -> tuple[Callable, Callable]:
+    """Jitted, vmapped (init, train) for one head and static shape settings, outputs split along the run axis
+    (``runs``); jax caches their compilations."""
+    init = jax.jit(jax.vmap(functools.partial(_init_one, head=head), in_axes=(0, 0, None, None, None)),
+                   out_shardings=runs)
     one = functools.partial(_train_one, head=head, batch=batch, steps_per_epoch=steps_per_epoch, max_epochs=max_epochs)
-    train = jax.jit(jax.vmap(one, in_axes=(0,) * 6 + (None,) * 4), donate_argnums=(0, 1))
+    train = jax.jit(jax.vmap(one, in_axes=(0,) * 6 + (None,) * 4), donate_argnums=(0, 1), out_shardings=runs)
     return init, train
 
 
 @functools.lru_cache(maxsize=None)
-def _predict_program(head: Head) -> Callable:
-    """Jitted, vmapped predictions of one head."""
-    return jax.jit(jax.vmap(functools.partial(_predict_one, head=head), in_axes=(0, 0, 0, None, None, None)))
+def _predict_program(head: Head, runs: NamedSharding) -> Callable:
+    """Jitted, vmapped predictions of one head, split along the run axis."""
+    return jax.jit(jax.vmap(functools.partial(_predict_one, head=head), in_axes=(0, 0, 0, None, None, None)),
+                   out_shardings=runs)
 
 
 def memory_budget(devices: Sequence[jax.Device]) -> int:
@@ -251,13 +255,12 @@ def train_runs(
     batch = min(batch_size, n)
     steps_per_epoch = math.ceil(n / batch)
     max_epochs = int(np.max(hp["epochs"]))
-    init, train = _train_programs(head, batch, steps_per_epoch, max_epochs)
-
     pool_x = pool.features if use_aug else pool.features[:, :1]
     shapes = jax.eval_shape(lambda: head.init(pool_x[: n, 0], pool.labels[:n], text))
     n_params, n_consts = (sum(x.size for x in jax.tree.leaves(t)) for t in shapes)
     per_run = estimate_run_bytes(n_params, n_consts, batch, text.shape[1], text.shape[0], n)
     placement, chunk = _plan(devices, runs, per_run, budget)
+    init, train = _train_programs(head, batch, steps_per_epoch, max_epochs, placement.runs)
 
     pool_x, pool_y, text_d = placement.replicate((pool_x, pool.labels.astype(np.int32), text))
     zs_pool = None if use_aug else _zero_shot_cos(pool_x, text_d)
@@ -290,10 +293,10 @@ def predict_runs(
     ([Cs] class ids of ``text``; default all classes)."""
     runs = len(trained.failed)
     classes = np.arange(text.shape[0]) if classes is None else np.asarray(classes)
-    predict = _predict_program(head)
     n_params = sum(np.asarray(x)[0].size for x in jax.tree.leaves((trained.params, trained.consts)))
     per_run = 4 * (n_params + EVAL_BLOCK * (2 * text.shape[0] + text.shape[1]))
     placement, chunk = _plan(devices, runs, per_run, budget)
+    predict = _predict_program(head, placement.runs)
 
     n = len(feats)
     blocks = np.zeros((math.ceil(max(n, 1) / EVAL_BLOCK) * EVAL_BLOCK, feats.shape[1]), np.float32)
