@@ -1,4 +1,4 @@
-"""Extract a dataset's image and text features into a cache, resumably (see docs/CACHE_SCHEMA.md).
+"""Extract a dataset's image and text features into a cache, resumably (see README.md, "Cache schema").
 
 Rows are written batch by batch into `X.h5.partial`; an interrupted run resumes from the rows still pending, and
 only a finished cache is renamed to `X.h5`. Nothing is written before every input has been checked.

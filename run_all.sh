@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# The whole pipeline: extract CLIP features once (HDF5 caches, reused when present) -> train and evaluate CMM and
+# the baselines for every dataset x shots x seeds (vmapped JAX) -> one results table (Markdown + CSV) and a plot.
+# With no arguments: an offline pipeline check on Fashion-MNIST with a tiny random-weight CLIP (a few minutes).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+usage() {
+  cat <<'EOF'
+usage: ./run_all.sh [options]
+
+With no options, runs an offline pipeline check: Fashion-MNIST (Debian package, fetched at run time) with a
+tiny random-weight CLIP. Its numbers check the pipeline; they are not CLIP accuracy.
+
+  --datasets "A B ..."   benchmarks from data/ (python -m data list), or "all" (the 11 benchmarks + the 4
+                         ImageNet shift sets) or "benchmarks" (the 11); shift sets are evaluated with ImageNet
+  --data-root DIR        folder holding the datasets (python -m data info NAME shows the layout)
+  --folder DIR           instead of --datasets: your own image folder (one sub-folder per class, optionally
+                         under train/ val/ test/); --name names it
+  --name NAME            dataset name for --folder (default: the folder's name)
+  --model NAME           open_clip model name (default RN50; the demo uses cmm-tiny-vit)
+  --pretrained TAG|FILE  open_clip pretrained tag (e.g. openai) or a local weights file (.pt/.safetensors)
+  --model-config FILE    open_clip model-config JSON of a custom architecture
+  --shots "K ..."        shots per class (default "1 2 4 8 16")
+  --seeds "S ..."        few-shot seeds (default "1 2 3")
+  --aug-views N          augmented views of each train image to extract (default 0)
+  --out DIR              output folder (default outputs/): cache/, runs/, results/
+  --device D             auto | cpu | cuda (default auto): extraction device and JAX platform
+  --train-args "..."     extra arguments for python -m train_jax (e.g. "--grid lr=1e-3,1e-4")
+  -h, --help             this help
+EOF
+}
+
+BENCHMARKS="ImageNet Caltech101 OxfordPets StanfordCars Flowers102 Food101 FGVCAircraft SUN397 DTD EuroSAT UCF101"
+SHIFTS="ImageNetV2 ImageNetSketch ImageNetA ImageNetR"
+DATASETS="" DATA_ROOT="" FOLDER="" NAME="" MODEL="" PRETRAINED="" MODEL_CONFIG=""
+SHOTS="1 2 4 8 16" SEEDS="1 2 3" AUG_VIEWS=0 OUT="outputs" DEVICE="auto" TRAIN_ARGS=""
+PY="${PYTHON:-python}"
+
+die() { echo "run_all.sh: error: $*" >&2; exit 2; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --datasets|--data-root|--folder|--name|--model|--pretrained|--model-config|--shots|--seeds|--aug-views|\
+    --out|--device|--train-args)
+      [ $# -ge 2 ] || die "$1 needs a value (see --help)"
+      case "$1" in
+        --datasets) DATASETS="$2" ;; --data-root) DATA_ROOT="$2" ;; --folder) FOLDER="$2" ;; --name) NAME="$2" ;;
+        --model) MODEL="$2" ;; --pretrained) PRETRAINED="$2" ;; --model-config) MODEL_CONFIG="$2" ;;
+        --shots) SHOTS="$2" ;; --seeds) SEEDS="$2" ;; --aug-views) AUG_VIEWS="$2" ;; --out) OUT="$2" ;;
+        --device) DEVICE="$2" ;; --train-args) TRAIN_ARGS="$2" ;;
+      esac
+      shift 2 ;;
+    *) die "unknown option '$1' (see --help)" ;;
+  esac
+done
+case "$DEVICE" in auto|cpu|cuda) ;; *) die "--device must be auto, cpu or cuda, not '$DEVICE'" ;; esac
+[ -z "$DATASETS" ] || [ -z "$FOLDER" ] || die "give --datasets or --folder, not both"
+
+DEMO=0
+if [ -z "$DATASETS" ] && [ -z "$FOLDER" ]; then
+  DEMO=1
+  DATASETS="FashionMNIST"
+  DATA_ROOT="$OUT/data"
+  MODEL="${MODEL:-cmm-tiny-vit}"
+  PRETRAINED="${PRETRAINED:-random}"
+fi
+MODEL="${MODEL:-RN50}"
+[ -n "$PRETRAINED" ] || die "--pretrained is required with real data: an open_clip tag (needs the internet) or a local weights file, e.g. --pretrained ~/weights/RN50.pt"
+case "$DATASETS" in
+  all) DATASETS="$BENCHMARKS $SHIFTS" ;;
+  benchmarks) DATASETS="$BENCHMARKS" ;;
+esac
+if [ -n "$DATASETS" ] && [ "$DEMO" = 0 ]; then
+  [ -n "$DATA_ROOT" ] || die "--datasets needs --data-root DIR (python -m data info NAME shows the layout)"
+  [ -d "$DATA_ROOT" ] || die "--data-root $DATA_ROOT is not a folder"
+fi
+if [ "$DEVICE" = cpu ]; then export JAX_PLATFORMS=cpu; fi
+
+banner() {
+  cat <<'EOF'
+======================================================================================================
+PIPELINE CHECK: tiny random-weight CLIP on Fashion-MNIST. These numbers test that the pipeline runs end
+to end; they are NOT CLIP accuracy. For real results give real weights and data, e.g.
+  ./run_all.sh --datasets benchmarks --data-root ~/data --model RN50 --pretrained ~/weights/RN50.pt
+======================================================================================================
+EOF
+}
+
+if [ "$DEMO" = 1 ]; then
+  banner
+  "$PY" -m data fashion-mnist --out "$DATA_ROOT/fashion-mnist" --train-per-class 32 --val-per-class 8 \
+    --test-per-class 50
+fi
+
+# A cache folder per (model, weights): a cache never mixes features of two models.
+WEIGHTS_TAG="$(basename "$PRETRAINED")"
+CACHE_DIR="$OUT/cache/${MODEL//\//_}-${WEIGHTS_TAG%.*}"
+mkdir -p "$CACHE_DIR" "$OUT/runs" "$OUT/results"
+MODEL_ARGS=(--model "$MODEL" --pretrained "$PRETRAINED" --device "$DEVICE" --aug-views "$AUG_VIEWS")
+[ -z "$MODEL_CONFIG" ] || MODEL_ARGS+=(--model-config "$MODEL_CONFIG")
+
+extract() {  # extract NAME SOURCE_ARGS...: skip a cache that is already complete
+  local name="$1"; shift
+  local cache="$CACHE_DIR/$name.h5"
+  if [ -f "$cache" ]; then
+    echo "== $name: features cached in $cache"
+  else
+    echo "== $name: extracting features -> $cache"
+    "$PY" -m extract run "$@" "${MODEL_ARGS[@]}" --out "$cache"
+  fi
+}
+
+TRAIN_SETS=()
+if [ -n "$FOLDER" ]; then
+  NAME="${NAME:-$(basename "$FOLDER")}"
+  extract "$NAME" --folder "$FOLDER" --name "$NAME"
+  TRAIN_SETS+=("$NAME")
+else
+  for ds in $DATASETS; do
+    extract "$ds" --dataset "$ds" --data-root "$DATA_ROOT"
+    case " $SHIFTS " in *" $ds "*) ;; *) TRAIN_SETS+=("$ds") ;; esac
+  done
+fi
+
+RUN_DIRS=()
+for ds in "${TRAIN_SETS[@]}"; do
+  EVAL_ARGS=()
+  if [ "$ds" = ImageNet ]; then
+    for s in $SHIFTS; do [ ! -f "$CACHE_DIR/$s.h5" ] || EVAL_ARGS+=(--eval-cache "$CACHE_DIR/$s.h5"); done
+  fi
+  echo "== $ds: training and evaluating (shots: $SHOTS; seeds: $SEEDS)"
+  # shellcheck disable=SC2086  # TRAIN_ARGS, SHOTS and SEEDS are word lists on purpose
+  "$PY" -m train_jax --cache "$CACHE_DIR/$ds.h5" "${EVAL_ARGS[@]}" --shots $SHOTS --seeds $SEEDS \
+    --out "$OUT/runs/$ds" $TRAIN_ARGS
+  RUN_DIRS+=("$OUT/runs/$ds")
+done
+
+"$PY" -m train_jax.report "${RUN_DIRS[@]}" --out "$OUT/results"
+echo
+cat "$OUT/results/summary.md"
+echo
+echo "Results: $OUT/results/ (summary.md, summary.json, accuracy_vs_shots.png); per-dataset runs: $OUT/runs/"
+if [ "$DEMO" = 1 ]; then banner; fi
