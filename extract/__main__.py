@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m extract", epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description="Encode images and prompt texts once with a frozen open_clip model "
-                                                 "into an HDF5 feature cache (schema: README.md, "Cache schema").")
+                                                 "into an HDF5 feature cache (schema: README.md, 'Cache schema').")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="extract features of a dataset into a cache",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter,

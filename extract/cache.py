@@ -1,4 +1,4 @@
-"""The HDF5 feature cache: the contract between `extract` and `train_jax` (schema: README.md, "Cache schema").
+"""The HDF5 feature cache: the contract between `extract` and `train_jax` (schema: README, "Cache schema").
 
 Needs only h5py + numpy, so `train_jax` can import it without torch.
 """
