@@ -1,0 +1,78 @@
+"""The user-facing pipeline: run_all.sh end to end on tiny generated data, and the torch/jax separation."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _make_folder(root: Path, classes=("red", "green", "blue"), per_split=None) -> Path:
+    per_split = per_split or {"train": 4, "val": 2, "test": 3}
+    rng = np.random.default_rng(0)
+    for split, n in per_split.items():
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 80, size=(40, 40, 3), dtype=np.uint8)
+                pixels[..., c] += 150  # a colour per class
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def _run_all(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(["bash", str(ROOT / "run_all.sh"), *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_run_all_end_to_end_then_reuses_cache(tmp_path: Path) -> None:
+    folder = _make_folder(tmp_path / "colours")
+    out = tmp_path / "out"
+    args = ["--folder", str(folder), "--model", "cmm-tiny-vit", "--pretrained", "random", "--shots", "1 2",
+            "--seeds", "1 2", "--out", str(out), "--train-args", "--grid lr=1e-2 alpha=1 lambda=0,1"]
+    first = _run_all(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    cache = out / "cache" / "cmm-tiny-vit-random" / "colours.h5"
+    assert cache.is_file() and "extracting features" in first.stdout
+    summary = (out / "results" / "summary.md").read_text()
+    assert "colours" in summary and "cmm" in summary
+    assert (out / "results" / "accuracy_vs_shots.png").stat().st_size > 1000
+    rows = json.loads((out / "results" / "summary.json").read_text())
+    assert rows  # the combined results hold entries
+    before = cache.stat().st_mtime_ns
+
+    second = _run_all(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "features cached" in second.stdout and cache.stat().st_mtime_ns == before
+
+
+def test_run_all_rejects_bad_options(tmp_path: Path) -> None:
+    bad = _run_all("--bogus")
+    assert bad.returncode == 2 and "unknown option '--bogus'" in bad.stderr
+    no_root = _run_all("--datasets", "DTD", "--pretrained", "x.pt")
+    assert no_root.returncode == 2 and "--data-root" in no_root.stderr
+    both = _run_all("--datasets", "DTD", "--folder", str(tmp_path))
+    assert both.returncode == 2 and "not both" in both.stderr
+
+
+def _imported(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", f"{code}\nimport sys; print(' '.join(sys.modules))"],
+                         capture_output=True, text=True, cwd=ROOT, check=True)
+    return set(out.stdout.split())
+
+
+def test_train_jax_never_imports_torch() -> None:
+    modules = _imported("import train_jax.__main__, train_jax.report, train_jax.runner")
+    assert "jax" in modules and "torch" not in modules
+
+
+def test_extract_never_imports_jax() -> None:
+    modules = _imported("import extract.__main__, extract.run, extract.encode")
+    assert "torch" in modules and "jax" not in modules
