@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.helpers_train import GapWorld, write_gap_cache, write_shift_cache
+from helpers_train import GapWorld, write_gap_cache, write_shift_cache
 from train_jax import report
 from train_jax.__main__ import main
 from train_jax.methods import predict

@@ -40,7 +40,8 @@ def test_triplet_matches_loop():
         weights = (rng.random(16) > 0.25).astype(np.float32)
         sims = jnp.asarray(mapped @ text.T, jnp.float32)
         got = hardest_negative_triplet(sims, jnp.asarray(labels), margin, jnp.asarray(weights))
-        np.testing.assert_allclose(float(got), _triplet_loop(mapped, text, labels, margin, weights), rtol=1e-5, atol=1e-6)
+        expected = _triplet_loop(mapped, text, labels, margin, weights)
+        np.testing.assert_allclose(float(got), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_triplet_zero_when_margin_met():

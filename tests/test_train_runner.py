@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers_train import GapWorld
+from helpers_train import GapWorld
 from train_jax.baselines import TipAdapterHead
 from train_jax.config import Settings
 from train_jax.evaluate import accuracy
@@ -152,7 +152,7 @@ def test_cmm_beats_zero_shot_and_triplet_helps():
 
 SHARDING_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
-    from tests.test_train_runner import _problem, _train, SEEDS
+    from test_train_runner import _problem, _train, SEEDS
     from train_jax.config import Settings
     from train_jax.methods import CMMHead
     from train_jax.runner import predict_runs
@@ -173,7 +173,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
 
 def test_sharding_over_two_cpu_devices_equals_one():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     proc = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "SHARDED-OK" in proc.stdout, proc.stderr[-3000:]

@@ -55,5 +55,6 @@ def test_val_from_train_avoids_the_shots():
 
 def test_too_many_shots_names_the_class():
     labels, paths = _split()
-    with pytest.raises(TrainError, match=r"8 shots requested but class 'dog' has only 7 train images; use --shots <= 7"):
+    message = r"8 shots requested but class 'dog' has only 7 train images; use --shots <= 7"
+    with pytest.raises(TrainError, match=message):
         sample_shots(labels, paths, CLASSES, 8, seed=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -10,17 +11,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from extract.cache import CacheError
-from train_jax.config import DEFAULT_GRID, expand_grid, grid_to_json, parse_grid
+from train_jax.config import ALIASES_OUT, DEFAULT_GRID, Settings, expand_grid, grid_to_json, parse_grid
 from train_jax.errors import TrainError
 from train_jax.methods import DEFAULT_METHODS, METHODS
 
+_METHODS_HELP = "\n".join(f"  {m.name}: {m.description}" for m in METHODS.values())
 EPILOG = f"""
-Default grid (searched per seed on the validation split; the paper publishes no settings):
-  {' '.join(f"{k}={','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items())}
-  Other fields keep the defaults of train_jax.config.Settings. Grid keys: lr, weight_decay (wd), alpha,
-  lambda (triplet weight), margin, epochs, warmup (fraction of steps), batch_size (bs), learn_text (0/1),
-  use_aug (0/1), logit_scale (s), beta (Tip-Adapter-F).
-Methods: {'; '.join(f'{m.name}: {m.description}' for m in METHODS.values())}.
+Default grid, searched per seed on the validation split (the paper publishes no settings):
+  {' '.join(f"{ALIASES_OUT.get(k, k)}={','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items())}
+Fields outside the grid keep their defaults:
+  {Settings().label([f.name for f in dataclasses.fields(Settings)])}
+Grid keys: lr, weight_decay (wd), alpha, lambda (triplet weight), margin (cosine distance), epochs,
+  warmup (fraction of the steps), batch_size (bs), learn_text (0/1), use_aug (0/1), logit_scale (s),
+  beta (Tip-Adapter-F).
+Methods:
+{_METHODS_HELP}
 Outputs in --out: results.json, results.csv, results.md, accuracy_vs_shots.png, params/<K>shot.npz
 (train_jax.report.load_params), shots/<K>shot.json (finished shots, skipped when rerun).
 """
