@@ -39,17 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--cache", required=True, help="feature cache (.h5) with train, test (and val) splits")
-    p.add_argument("--eval-cache", nargs="+", default=[], metavar="H5",
+    p.add_argument("--eval-cache", nargs="+", action="extend", default=[], metavar="H5",
                    help="shift caches (test split) whose classes are a subset of the training classes, e.g. "
-                        "ImageNet-V2/-Sketch/-A/-R for an ImageNet cache")
+                        "ImageNet-V2/-Sketch/-A/-R for an ImageNet cache (the option may be repeated)")
     p.add_argument("--out", required=True, help="output folder (created; rerunning resumes finished shots)")
     p.add_argument("--shots", nargs="+", type=int, default=[1, 2, 4, 8, 16],
                    help="shots per class (default: %(default)s)")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="sampling seeds (default: %(default)s)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(DEFAULT_METHODS),
                    help="methods to train (default: %(default)s)")
-    p.add_argument("--grid", nargs="+", default=None, metavar="KEY=V1,V2",
-                   help="settings grid, e.g. lr=1e-3,1e-4 alpha=1,2 (default: see below)")
+    p.add_argument("--grid", nargs="+", action="extend", default=None, metavar="KEY=V1,V2",
+                   help="settings grid, e.g. lr=1e-3,1e-4 alpha=1,2 (default: see below; may be repeated)")
     p.add_argument("--prompt", choices=["single", "ensemble"], default=None,
                    help="class prototypes: the dataset's own template (single) or the normalised mean over all "
                         "cached templates (ensemble); default: ensemble for the ImageNet family, else single")
