@@ -1,0 +1,95 @@
+"""Shared pieces of the bench scripts: what machine a figure came from, and plain-text tables.
+
+Imports neither torch nor jax, so every bench script can use it.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import shutil
+import subprocess
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def ram_gib() -> float:
+    """Physical memory in GiB (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return 0.0
+
+
+def gpus() -> list[str]:
+    """'name, memory' of each NVIDIA GPU that nvidia-smi lists; [] without one."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def package_versions(names: list[str]) -> dict[str, str]:
+    """Installed version of each package ('-' if absent), plus python's."""
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "-"
+    return out
+
+
+def machine_lines(packages: list[str]) -> list[str]:
+    """Date, OS, CPU, cores, RAM, GPUs and package versions, one `key: value` per line."""
+    return [f"date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+            f"os: {platform.platform()}",
+            f"cpu: {cpu_model()}, {usable_cores()} usable cores",
+            f"ram: {ram_gib():.0f} GiB",
+            f"gpu: {'; '.join(gpus()) or 'none'}",
+            "versions: " + ", ".join(f"{k} {v}" for k, v in package_versions(packages).items())]
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if platform.system() == "Darwin" else peak / 2**10
+
+
+def format_table(headers: list[str], rows: list[list[object]]) -> str:
+    """A Markdown table (pastes into RESULTS.md); floats get 3 significant digits unless already strings."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    text = [all(isinstance(row[i], str) for row in rows) for i in range(len(headers))]  # left-aligned columns
+
+    def line(values: list[str]) -> str:
+        return "| " + " | ".join(v.ljust(w) if t else v.rjust(w) for v, w, t in zip(values, widths, text)) + " |"
+
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
