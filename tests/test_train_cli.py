@@ -185,21 +185,37 @@ def _fake_run_dir(path: Path, dataset: str, acc: dict) -> Path:
     return path
 
 
+def _tables(md: str) -> dict[str, dict[str, dict[str, str]]]:
+    """Markdown -> {section heading: {first cell: {column: cell}}}."""
+    tables: dict[str, dict[str, dict[str, str]]] = {}
+    heading, header = "", []
+    for line in md.splitlines():
+        if line.startswith("#"):
+            heading, header = line.lstrip("# ").strip(), []
+        elif line.startswith("|") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not header:
+                header = cells
+            else:
+                tables.setdefault(heading, {})[cells[0]] = dict(zip(header, cells))
+    return tables
+
+
 def test_report_combines_run_dirs(run, tmp_path):
     _, _, _, out, _ = run
     dtd = _fake_run_dir(tmp_path / "dtd", "DTD", {("zeroshot", 1): 40.0, ("cmm", 1): 50.0, ("cmm", 2): 55.0})
     euro = _fake_run_dir(tmp_path / "euro", "EuroSAT", {("zeroshot", 1): 30.0, ("cmm", 1): 70.0})
     assert report.main([str(dtd), str(euro), str(out), "--out", str(tmp_path / "all")]) == 0
     md = (tmp_path / "all" / "summary.md").read_text()
-    header = next(line for line in md.splitlines() if line.startswith("| Dataset"))
-    columns = [c.strip() for c in header.strip("|").split("|")]
-    assert columns[:3] == ["Dataset", "zeroshot 1-shot", "zeroshot 2-shot"] and columns[-1] == "cmm 2-shot"
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")]
-            for line in md.splitlines() if line.startswith("| ") and not line.startswith("| Dataset")}
-    assert list(rows)[:2] == ["DTD", "EuroSAT"]  # benchmark order first
-    average = dict(zip(columns, rows["Average (2 of 11 datasets)"]))
-    assert average["zeroshot 1-shot"] == "35.00" and average["cmm 1-shot"] == "60.00"
-    assert average["cmm 2-shot"] == "—"  # EuroSAT has no 2-shot result
-    assert "| Synth |" in md and "SynthShift" in md  # the CLI run's dataset and its shift table
+    tables = _tables(md)
+    average = tables["Average (2 of 11 datasets)"]
+    assert average["zeroshot"] == {"Method": "zeroshot", "1-shot": "35.00", "2-shot": "—"}
+    assert average["cmm"] == {"Method": "cmm", "1-shot": "60.00", "2-shot": "—"}  # EuroSAT has no 2-shot result
+    one_shot = tables["1-shot"]
+    assert list(one_shot["cmm"])[:3] == ["Method", "DTD", "EuroSAT"]  # benchmark order first
+    assert one_shot["cmm"]["DTD"] == "50.00 ± 0.50" and one_shot["cmm"]["Average (2 of 11 datasets)"] == "60.00"
+    assert tables["2-shot"]["cmm"]["EuroSAT"] == "—" and tables["2-shot"]["cmm"]["DTD"] == "55.00 ± 0.50"
+    assert "Synth" in one_shot["cmm"]  # the CLI run's dataset
+    assert "SynthShift" in tables["Distribution shift"]["Synth"]  # the CLI run's shift table
     assert (tmp_path / "all" / "accuracy_vs_shots.png").is_file()
     assert report.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2

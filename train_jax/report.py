@@ -3,8 +3,8 @@ plots; plus a combine mode over run directories:
 
     python -m train_jax.report RUN_DIR [RUN_DIR ...] --out DIR
 
-writes DIR/summary.md (rows = datasets, columns = method x shots, an average row over the benchmark datasets
-present, a distribution-shift table), DIR/summary.json and DIR/accuracy_vs_shots.png.
+writes DIR/summary.md (the average over the benchmark datasets present, one table per shot count with rows =
+methods and columns = datasets, a distribution-shift table), DIR/summary.json and DIR/accuracy_vs_shots.png.
 """
 
 from __future__ import annotations
@@ -225,19 +225,28 @@ def average_label(summary: Sequence[Mapping[str, Any]]) -> str:
 
 
 def combined_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
-    """Rows = datasets (benchmark order first), columns = method x shots, then the average row and shift table."""
+    """The benchmark average (rows = methods, columns = shots), then one table per shot count (rows = methods,
+    columns = datasets in benchmark order, then the average), then the distribution-shift table; a single
+    dataset gets its run table (rows = methods, columns = shots)."""
     order = {_key(b): i for i, b in enumerate(BENCHMARK)}
     datasets = sorted({r["dataset"] for r in summary}, key=lambda d: (order.get(_key(d), len(order)), d))
-    columns = [(m, k) for m in _method_sort(r["method"] for r in summary)
-               for k in sorted({r["shots"] for r in summary if r["method"] == m})]
+    if len(datasets) == 1:
+        return run_markdown(datasets[0], summary)
+    methods = _method_sort(r["method"] for r in summary)
+    shots = sorted({r["shots"] for r in summary})
     cell = {(r["dataset"], r["method"], r["shots"]): r for r in summary}
-    body = [[d, *[_cell(cell.get((d, m, k))) for m, k in columns]] for d in datasets]
-    average = {(r["method"], r["shots"]): r["test_mean"] for r in _average_rows(summary)}
-    if any(_key(d) in order for d in datasets):
-        body.append([average_label(summary), *[f"{average[c]:.2f}" if c in average else "—" for c in columns]])
-    header = ["Dataset", *[f"{m} {k}-shot" for m, k in columns]]
-    text = "# Test accuracy (%), mean ± std over seeds; settings selected per seed on validation\n\n"
-    text += _table(header, body) + "\n"
+    has_average = any(_key(d) in order for d in datasets)
+    average = {(r["method"], r["shots"]): f"{r['test_mean']:.2f}" for r in _average_rows(summary)}
+    label = average_label(summary)
+    text = "# Test accuracy (%), mean ± std over seeds; settings selected per seed on validation\n"
+    if has_average:
+        rows = ([m, *[average.get((m, k), "—") for k in shots]] for m in methods)
+        text += f"\n## {label}\n\n" + _table(["Method", *[f"{k}-shot" for k in shots]], rows) + "\n"
+    for k in shots:
+        header = ["Method", *datasets, *([label] if has_average else [])]
+        rows = ([m, *[_cell(cell.get((d, m, k))) for d in datasets], *([average.get((m, k), "—")] if has_average
+                                                                        else [])] for m in methods)
+        text += f"\n## {k}-shot\n\n" + _table(header, rows) + "\n"
     shift = shift_table(summary)
     return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "")
 
