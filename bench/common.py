@@ -71,6 +71,11 @@ def machine_lines(packages: list[str]) -> list[str]:
             "versions: " + ", ".join(f"{k} {v}" for k, v in package_versions(packages).items())]
 
 
+def load_average() -> float:
+    """The 1-minute load average (runnable processes; above the core count, other work competes), -1 if unknown."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else -1.0
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far, in MiB (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

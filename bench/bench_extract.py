@@ -1,0 +1,204 @@
+"""Extraction throughput: the full `extract` pipeline against a bare `model.encode_image` loop (issue 5).
+
+Writes a folder of generated JPEGs, loads one model (default ViT-B-32 with random weights), then alternates rounds
+of, in this one process with the same torch threads, device and precision:
+  bare      the model forwards alone, under inference_mode (fp16 autocast on CUDA): `model.encode_image` on a
+            pre-made [B, 3, H, W] tensor, and `model.encode_text` on the pre-tokenized prompts of the cache's text
+            features (classes x 8 templates; a few percent of the work with the default 2 classes);
+  pipeline  `extract.run.run_extraction` on the folder, as `python -m extract run --folder` calls it: DataLoader
+            workers decode and preprocess the JPEGs, the same forwards, L2-normalisation, HDF5 writes.
+Both see the same image count and batch size, so extract/bare = bare seconds / pipeline seconds is the share of
+the pipeline's time spent in the model (1 = no overhead). Prints a table and `extract/bare = R (target >= 0.8)`,
+R the median over the rounds.
+
+    python -m bench.bench_extract                      # ~2 min on 2 CPU cores
+    python -m bench.bench_extract --device cuda --images 8192 --batch-size 256 --workers 8
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.common import format_table, load_average, machine_lines, usable_cores
+from extract.datasets import from_folder
+from extract.encode import autocast
+from extract.errors import ExtractError
+from extract.images import load_rgb
+from extract.models import LoadedModel, load_model, resolve_device
+from extract.prompts import cache_templates
+from extract.run import run_extraction
+
+TEXT_BATCH = 256  # prompts per encode_text call, as extract.encode.encode_texts
+PACKAGES = ["torch", "torchvision", "open_clip_torch", "numpy", "pillow", "h5py"]
+
+
+def natural_image(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A photo-like [height, width, 3] uint8 image: smooth colour blobs plus mild grain (compresses like a photo)."""
+    coarse = Image.fromarray(rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+    grain = rng.normal(0.0, 6.0, size=smooth.shape)
+    return np.clip(smooth + grain, 0, 255).astype(np.uint8)
+
+
+def make_jpegs(root: Path, n: int, size: tuple[int, int], classes: int, seed: int = 0) -> Path:
+    """`n` JPEGs of `size` (width, height) as root/train/class_k/img_i.jpg, round-robin over classes; returns root."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        folder = root / "train" / f"class_{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(natural_image(rng, *size)).save(folder / f"img_{i:05d}.jpg", quality=90)
+    return root
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that timings include it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def time_images(loaded: LoadedModel, images: int, batch_size: int, device: torch.device) -> float:
+    """Seconds of `encode_image` alone on a pre-made [B, 3, H, W] tensor, for `images` images in batches of B."""
+    x = torch.randn(batch_size, 3, *loaded.image_size, generator=torch.Generator().manual_seed(0)).to(device)
+    sync(device)
+    start = time.perf_counter()
+    for begin in range(0, images, batch_size):
+        with autocast(device):
+            loaded.model.encode_image(x[:min(batch_size, images - begin)])
+    sync(device)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def time_texts(loaded: LoadedModel, prompts: list[str], device: torch.device) -> float:
+    """Seconds of `encode_text` alone on the pre-tokenized `prompts`, batched as extraction batches them."""
+    tokens = loaded.tokenizer(prompts).to(device)
+    sync(device)
+    start = time.perf_counter()
+    for begin in range(0, len(prompts), TEXT_BATCH):
+        with autocast(device):
+            loaded.model.encode_text(tokens[begin:begin + TEXT_BATCH])
+    sync(device)
+    return time.perf_counter() - start
+
+
+def time_pipeline(root: Path, loaded: LoadedModel, out: Path, batch_size: int, workers: int,
+                  device: torch.device) -> float:
+    """Seconds for the whole `run_extraction` of the folder at `root` into `out` (replaced)."""
+    out.unlink(missing_ok=True)  # an existing complete cache would be skipped, not extracted
+    start = time.perf_counter()
+    spec = from_folder(root)  # part of the pipeline: the folder scan
+    run_extraction(spec, loaded, out, templates=cache_templates(spec.templates), batch_size=batch_size,
+                   workers=workers, device=str(device), progress=False)
+    return time.perf_counter() - start
+
+
+def decode_ms(loaded: LoadedModel, paths: list[Path]) -> float:
+    """Milliseconds per image to decode and preprocess `paths[1:]` one by one in this process (`paths[0]` warms up)."""
+    loaded.preprocess(load_rgb(paths[0]))
+    start = time.perf_counter()
+    for path in paths[1:]:
+        loaded.preprocess(load_rgb(path))
+    return 1000 * (time.perf_counter() - start) / max(len(paths) - 1, 1)
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """'WxH' -> (W, H)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 500x375") from None
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be >= 1")
+    return width, height
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_extract", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, help="images per round (default: 256 on CPU, 8192 on CUDA)")
+    parser.add_argument("--size", type=image_size, default=(500, 375), help="JPEG size WIDTHxHEIGHT "
+                                                                          "(default 500x375, a typical photo)")
+    parser.add_argument("--classes", type=int, default=2, help="class folders (default 2; the cache's text "
+                                                               "features are classes x 8 prompts)")
+    parser.add_argument("--model", default="ViT-B-32", help="open_clip model name (default ViT-B-32)")
+    parser.add_argument("--model-config", type=Path, help="model-config JSON of a custom architecture (e.g. "
+                                                          "extract/model_configs/cmm-tiny-vit.json for a smoke run)")
+    parser.add_argument("--pretrained", default="random", help="weights: 'random' (default; speed does not "
+                                                               "depend on them), a tag or a file")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass, both sides "
+                                                                   "(default 64, as `extract run`)")
+    parser.add_argument("--workers", type=int, default=min(8, usable_cores()),
+                        help="pipeline DataLoader workers (default min(8, cores), as `extract run`)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help=f"torch threads, both sides (default {torch.get_num_threads()})")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating bare/pipeline rounds; the summary is "
+                                                              "the median ratio (default 3)")
+    parser.add_argument("--dir", type=Path, help="folder for the JPEGs and caches (default: a temporary folder, "
+                                                 "deleted at the end)")
+    return parser
+
+
+def run(args: argparse.Namespace, workdir: Path) -> None:
+    """Generate the images, time the rounds, print the table and the summary line."""
+    device = torch.device(resolve_device(args.device))
+    images = args.images if args.images is not None else 8192 if device.type == "cuda" else 256
+    small = [f"--{k.replace('_', '-')} {v}" for k, v in (("images", images), ("classes", args.classes),
+             ("batch_size", args.batch_size), ("threads", args.threads), ("rounds", args.rounds)) if v < 1]
+    if small or args.workers < 0:
+        raise ExtractError(f"{', '.join(small) or f'--workers {args.workers}'}: counts must be >= 1 (workers >= 0)")
+    torch.set_num_threads(args.threads)
+    print("\n".join(machine_lines(PACKAGES)))
+    print(f"settings: {args.model} ({args.pretrained}), {images} JPEGs of {args.size[0]}x{args.size[1]} in "
+          f"{args.classes} classes, batch {args.batch_size}, {args.workers} workers, {args.threads} torch threads, "
+          f"device {device}{' (fp16 autocast)' if device.type == 'cuda' else ' (float32)'}")
+    shutil.rmtree(workdir / "jpegs", ignore_errors=True)  # a reused --dir must not keep other images
+    root = make_jpegs(workdir / "jpegs", images, args.size, args.classes)
+    loaded = load_model(args.model, args.pretrained, model_config=args.model_config, device=str(device))
+    spec = from_folder(root)
+    prompts = [t.format(c) for c in spec.classnames for t in cache_templates(spec.templates)]
+    time_images(loaded, args.batch_size, args.batch_size, device)  # warm-up: first-call allocations, kernels
+    time_texts(loaded, prompts[:1], device)
+    rows, ratios = [], []
+    for r in range(args.rounds):
+        text = time_texts(loaded, prompts, device)
+        bare = time_images(loaded, images, args.batch_size, device) + text
+        pipe = time_pipeline(root, loaded, workdir / "cache.h5", args.batch_size, args.workers, device)
+        ratios.append(bare / pipe)
+        rows.append([r + 1, images, bare, text, pipe, images / bare, images / pipe, bare / pipe, load_average()])
+    paths = sorted((root / "train").rglob("*.jpg"))[:33]
+    print(format_table(["round", "images", "bare s", "of which text s", "extract s", "bare img/s", "extract img/s",
+                        "extract/bare", "load"], rows))
+    forward = sum(row[2] - row[3] for row in rows) / (args.rounds * images)
+    print(f"per image: forward {1000 * forward:.1f} ms (bare), decode + preprocess {decode_ms(loaded, paths):.1f} ms "
+          f"(in this process); text: {len(prompts)} prompts; load: 1-min load average after the round "
+          f"(other processes make the rounds noisy); ratio: median over rounds")
+    print(f"extract/bare = {float(np.median(ratios)):.2f} (target >= 0.8)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.dir is not None:
+            args.dir.mkdir(parents=True, exist_ok=True)
+            run(args, args.dir)
+        else:
+            with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
+                run(args, Path(tmp))
+    except ExtractError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
