@@ -116,8 +116,9 @@ def _extract_split(spec: DatasetSpec, loaded: LoadedModel, writer: CacheWriter, 
             raise ExtractError(f"{spec.image_root / rows['paths'][local[i]]}: cannot read image "
                                f"({batch['error'][i]}); fix or remove it, or pass --skip-bad to skip and record it")
         ok = ~bad
-        if ok.any():
-            features, aug = encode_images(loaded.model, batch["image"][ok], batch["aug"][ok], device)
+        if ok.any():  # mask only when needed: a masked copy costs a batch-sized memcpy and loses the pinned memory
+            images, views = (batch["image"], batch["aug"]) if ok.all() else (batch["image"][ok], batch["aug"][ok])
+            features, aug = encode_images(loaded.model, images, views, device)
             writer.write_rows(name, local[ok], features, aug)
         if bad.any():
             writer.mark_bad(name, local[bad], [e for e in batch["error"] if e])
