@@ -9,6 +9,9 @@ import platform
 import resource
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 
@@ -72,8 +75,43 @@ def machine_lines(packages: list[str]) -> list[str]:
 
 
 def load_average() -> float:
-    """The 1-minute load average (runnable processes; above the core count, other work competes), -1 if unknown."""
+    """The 1-minute load average (runnable threads, this process's included), -1 if unknown."""
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else -1.0
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One call: wall seconds, CPU seconds of this process plus its children that ended, and the share of the
+    machine's CPU time that other processes (and the hypervisor, as steal time) took meanwhile (NaN if unknown)."""
+
+    wall: float
+    cpu: float
+    others: float
+
+
+def cpu_seconds() -> float:
+    """User + system seconds of this process and of its finished (waited-for) children so far."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every process on the machine has used since boot, steal time included (Linux); NaN elsewhere."""
+    try:
+        with open("/proc/stat", encoding="utf-8") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return float("nan")
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(fn: Callable[[], object]) -> Timing:
+    """Time `fn()`. `others` > 0 says that other processes competed for the CPU, so the wall time is noisy."""
+    busy, cpu, start = machine_busy_seconds(), cpu_seconds(), time.perf_counter()
+    fn()
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    others = (machine_busy_seconds() - busy - cpu) / (wall * (os.cpu_count() or 1))
+    return Timing(wall, cpu, min(max(others, 0.0), 1.0))
 
 
 def peak_rss_mib() -> float:
