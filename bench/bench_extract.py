@@ -35,6 +35,7 @@ from extract.models import LoadedModel, load_model, resolve_device
 from extract.prompts import cache_templates
 from extract.run import run_extraction
 
+NOISY_PERCENT = 10  # other processes' CPU share above which the wall-clock ratio is flagged as noisy
 TEXT_BATCH = 256  # prompts per encode_text call, as extract.encode.encode_texts
 PACKAGES = ["torch", "torchvision", "open_clip_torch", "numpy", "pillow", "h5py"]
 
@@ -81,12 +82,12 @@ def encode_text_loop(loaded: LoadedModel, tokens: torch.Tensor, device: torch.de
     sync(device)
 
 
-def extract_folder(root: Path, loaded: LoadedModel, out: Path, batch_size: int, workers: int,
+def extract_folder(root: Path, loaded: LoadedModel, out: Path, batch_size: int, workers: int, aug_views: int,
                    device: torch.device) -> None:
     """The whole pipeline as `python -m extract run --folder root` runs it: scan, `run_extraction` into `out`."""
     spec = from_folder(root)
-    run_extraction(spec, loaded, out, templates=cache_templates(spec.templates), batch_size=batch_size,
-                   workers=workers, device=str(device), progress=False)
+    run_extraction(spec, loaded, out, templates=cache_templates(spec.templates), aug_views=aug_views,
+                   batch_size=batch_size, workers=workers, device=str(device), progress=False)
 
 
 def decode_ms(loaded: LoadedModel, paths: list[Path]) -> float:
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "depend on them), a tag or a file")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass, both sides "
                                                                    "(default 64, as `extract run`)")
+    parser.add_argument("--aug-views", type=int, default=0,
+                        help="augmented views per image, as `extract run --aug-views` (default 0); the bare side "
+                             "then encodes 1 + A times the images, in batches of B x (1 + A) as extraction does")
     parser.add_argument("--workers", type=int, default=min(8, usable_cores()),
                         help="pipeline DataLoader workers (default min(8, cores), as `extract run`)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
@@ -145,43 +149,53 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     images = args.images if args.images is not None else 8192 if device.type == "cuda" else 256
     small = [f"--{k.replace('_', '-')} {v}" for k, v in (("images", images), ("classes", args.classes),
              ("batch_size", args.batch_size), ("threads", args.threads), ("rounds", args.rounds)) if v < 1]
-    if small or args.workers < 0:
-        raise ExtractError(f"{', '.join(small) or f'--workers {args.workers}'}: counts must be >= 1 (workers >= 0)")
+    negative = [f"--{k.replace('_', '-')} {v}" for k, v in (("workers", args.workers),
+                                                              ("aug_views", args.aug_views)) if v < 0]
+    if small or negative:
+        raise ExtractError(f"{', '.join(small + negative)}: use images, classes, batch size, threads and rounds "
+                           ">= 1, workers and aug views >= 0")
     torch.set_num_threads(args.threads)
     print("\n".join(machine_lines(PACKAGES)))
     print(f"settings: {args.model} ({args.pretrained}), {images} JPEGs of {args.size[0]}x{args.size[1]} in "
-          f"{args.classes} classes, batch {args.batch_size}, {args.workers} workers, {args.threads} torch threads, "
-          f"device {device}{' (fp16 autocast)' if device.type == 'cuda' else ' (float32)'}")
+          f"{args.classes} classes, {args.aug_views} augmented views, batch {args.batch_size}, {args.workers} workers, "
+          f"{args.threads} torch threads, device {device} ({'fp16 autocast' if device.type == 'cuda' else 'float32'})")
     shutil.rmtree(workdir / "jpegs", ignore_errors=True)  # a reused --dir must not keep other images
     root = make_jpegs(workdir / "jpegs", images, args.size, args.classes)
     loaded = load_model(args.model, args.pretrained, model_config=args.model_config, device=str(device))
     spec = from_folder(root)
     tokens = loaded.tokenizer([t.format(c) for c in spec.classnames for t in cache_templates(spec.templates)])
     tokens = tokens.to(device)
-    x = torch.randn(args.batch_size, 3, *loaded.image_size, generator=torch.Generator().manual_seed(0)).to(device)
+    views = 1 + args.aug_views  # extraction encodes each batch's images and their views in one forward
+    x = torch.randn(args.batch_size * views, 3, *loaded.image_size, generator=torch.Generator().manual_seed(0))
+    x = x.to(device)
     encode_image_loop(loaded, x, len(x), device)  # warm-up: first-call allocations, kernel choices
     encode_text_loop(loaded, tokens[:1], device)
     out = workdir / "cache.h5"
     rows, ratios = [], []
     for r in range(args.rounds):
         text = timed(lambda: encode_text_loop(loaded, tokens, device))
-        image = timed(lambda: encode_image_loop(loaded, x, images, device))
+        image = timed(lambda: encode_image_loop(loaded, x, images * views, device))
         out.unlink(missing_ok=True)  # a complete cache of the same run would be skipped, not extracted
-        pipe = timed(lambda: extract_folder(root, loaded, out, args.batch_size, args.workers, device))
+        pipe = timed(lambda: extract_folder(root, loaded, out, args.batch_size, args.workers, args.aug_views,
+                                            device))
         bare, bare_cpu = image.wall + text.wall, image.cpu + text.cpu
         ratios.append(bare / pipe.wall)
-        others = sum(t.others * t.wall for t in (text, image, pipe)) / (bare + pipe.wall)
+        others = max(t.others for t in (text, image, pipe))
         rows.append([r + 1, images, bare, text.wall, pipe.wall, images / bare, images / pipe.wall, bare / pipe.wall,
                      bare_cpu / pipe.cpu, round(100 * others, 1)])
     paths = sorted((root / "train").rglob("*.jpg"))[:33]
     print(format_table(["round", "images", "bare s", "of which text s", "extract s", "bare img/s", "extract img/s",
                         "extract/bare", "CPU-time ratio", "others' CPU %"], rows))
     forward = sum(row[2] - row[3] for row in rows) / (args.rounds * images)
-    print(f"per image: forward {1000 * forward:.1f} ms (bare), decode + preprocess {decode_ms(loaded, paths):.1f} ms "
+    print(f"per image: forward {1000 * forward:.1f} ms (bare{', with its views' if args.aug_views else ''}), decode + preprocess {decode_ms(loaded, paths):.1f} ms "
           f"(one by one on 1 thread, as in a DataLoader worker); text: {len(tokens)} prompts")
     print("extract/bare: bare / extract wall seconds; the summary is its median over the rounds. CPU-time ratio: the "
-          "same with CPU seconds (this process + its workers). others' CPU: share of the machine's CPU time that "
-          "other processes took during the round; above a few %, they competed and the wall times are noisy")
+          "same with CPU seconds (this process + its workers). others' CPU: the largest share of the machine's CPU "
+          "time that other processes took during one of the round's timings")
+    busiest = max(row[-1] for row in rows)
+    if busiest > NOISY_PERCENT:
+        print(f"warning: other processes took up to {busiest:.0f}% of the CPU during the timings, so the wall times "
+              "are noisy: rerun on an idle machine, or with more --rounds")
     print(f"extract/bare = {float(np.median(ratios)):.2f} (target >= 0.8)")
 
 
