@@ -187,8 +187,9 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     print(format_table(["round", "images", "bare s", "of which text s", "extract s", "bare img/s", "extract img/s",
                         "extract/bare", "CPU-time ratio", "others' CPU %"], rows))
     forward = sum(row[2] - row[3] for row in rows) / (args.rounds * images)
-    print(f"per image: forward {1000 * forward:.1f} ms (bare{', with its views' if args.aug_views else ''}), decode + preprocess {decode_ms(loaded, paths):.1f} ms "
-          f"(one by one on 1 thread, as in a DataLoader worker); text: {len(tokens)} prompts")
+    print(f"per image: forward {1000 * forward:.1f} ms (bare{', with its views' if args.aug_views else ''}), decode + "
+          f"preprocess {decode_ms(loaded, paths):.1f} ms (one by one on 1 thread, as in a DataLoader worker); "
+          f"text: {len(tokens)} prompts")
     print("extract/bare: bare / extract wall seconds; the summary is its median over the rounds. CPU-time ratio: the "
           "same with CPU seconds (this process + its workers). others' CPU: the largest share of the machine's CPU "
           "time that other processes took during one of the round's timings")
