@@ -14,12 +14,13 @@ from extract.models import BUNDLED_CONFIGS
 def test_bench_extract_runs_and_extracts_every_image(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     argv = ["--model", "cmm-tiny-vit", "--model-config", str(BUNDLED_CONFIGS / "cmm-tiny-vit.json"),
             "--images", "6", "--size", "40x30", "--classes", "2", "--batch-size", "4", "--workers", "0",
-            "--rounds", "1", "--device", "cpu", "--dir", str(tmp_path)]
+            "--aug-views", "1", "--rounds", "1", "--device", "cpu", "--dir", str(tmp_path)]
     assert bench_extract.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("extract/bare = ") and lines[-1].endswith("(target >= 0.8)")
     cache = read_cache(tmp_path / "cache.h5")
     assert len(cache.splits["train"].labels) == 6 and cache.classnames == ["class 0", "class 1"]
+    assert cache.splits["train"].aug_features.shape == (6, 1, cache.text_features.shape[-1])
     assert len(list((tmp_path / "jpegs" / "train").rglob("*.jpg"))) == 6
 
 
