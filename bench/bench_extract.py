@@ -11,7 +11,7 @@ Both see the same image count and batch size, so extract/bare = bare seconds / p
 the pipeline's time spent in the model (1 = no overhead). Prints a table and `extract/bare = R (target >= 0.8)`,
 R the median over the rounds.
 
-    python -m bench.bench_extract                      # ~2 min on 2 CPU cores
+    python -m bench.bench_extract                      # ~2.5 min on 2 idle CPU cores
     python -m bench.bench_extract --device cuda --images 8192 --batch-size 256 --workers 8
 """
 from __future__ import annotations
