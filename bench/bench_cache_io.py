@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import format_table, machine_lines, timed
+from bench.common import format_table, machine_lines, run_in_folder, timed
 from extract.cache import CacheError, CacheWriter, l2_normalize, read_cache, write_cache
 
 PACKAGES = ["h5py", "numpy"]
@@ -150,18 +149,7 @@ def run(args: argparse.Namespace, folder: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.dir is not None:
-            args.dir.mkdir(parents=True, exist_ok=True)
-            run(args, args.dir)
-        else:
-            with tempfile.TemporaryDirectory(prefix="bench_cache_io_") as tmp:
-                run(args, Path(tmp))
-    except CacheError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+    return run_in_folder(lambda folder: run(args, folder), args.dir, "bench_cache_io_", (CacheError,))
 
 if __name__ == "__main__":
     sys.exit(main())

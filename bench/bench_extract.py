@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import format_table, machine_lines, timed, usable_cores
+from bench.common import format_table, machine_lines, run_in_folder, timed, usable_cores
 from extract.datasets import from_folder
 from extract.encode import autocast
 from extract.errors import ExtractError
@@ -204,18 +203,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.dir is not None:
-            args.dir.mkdir(parents=True, exist_ok=True)
-            run(args, args.dir)
-        else:
-            with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
-                run(args, Path(tmp))
-    except ExtractError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+    return run_in_folder(lambda folder: run(args, folder), args.dir, "bench_extract_", (ExtractError,))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,11 +9,14 @@ import platform
 import resource
 import shutil
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 
 def cpu_model() -> str:
@@ -136,3 +139,19 @@ def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)
+
+
+def run_in_folder(run: Callable[[Path], None], folder: Path | None, prefix: str,
+                  errors: tuple[type[Exception], ...]) -> int:
+    """Call run(folder) in `folder` (created) or a temporary folder; project errors print `error: ...` and give 2."""
+    try:
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            run(folder)
+        else:
+            with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+                run(Path(tmp))
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
