@@ -5,7 +5,13 @@ own hyperparameters (arrays [S]), its own training rows (indices into a shared f
 (batch order, augmented-view draws). Inside jit, ``lax.scan`` runs over epochs and steps; a run whose epochs are
 over, or whose loss/params became non-finite, keeps its params (the latter is reported as failed). The run axis
 is cut into equal chunks when the estimated memory is too large (the last chunk is padded, so each chunk reuses
-one compiled program) and sharded over all given JAX devices with ``jax.sharding``.
+one compiled program) and sharded over all given JAX devices (``jax.shard_map``: each device trains its share).
+
+On an accelerator a device trains all its runs in one vmapped step. On a CPU, runs share nothing but the data, so
+batching them buys no arithmetic efficiency, while their stacked parameters and Adam moments outgrow the caches and
+every elementwise pass (AdamW, finiteness checks) then streams from memory: there a device trains its runs in
+groups whose state fits in ``CPU_GROUP_BYTES``, one group after another inside the same program (a group of one is
+the plain, unbatched step).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from train_jax.methods import Head
 
 Tree = Any
 EVAL_BLOCK = 1024
+CPU_GROUP_BYTES = 4 << 20  # estimate_run_bytes of the runs a CPU trains together: about a share of its caches
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,9 @@ def make_optimizer(hp: Mapping[str, jax.Array], total_steps: jax.Array) -> optax
 
 
 def _all_finite(tree: Tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+    """Whether every entry of every leaf is finite, as one fused reduction per leaf: sum(x * 0) is 0 if all x are
+    finite and NaN otherwise (inf * 0 = NaN)."""
+    return jnp.isfinite(sum(jnp.sum(x * 0.0) for x in jax.tree.leaves(tree)))
 
 
 def _select(flag: jax.Array, new: Tree, old: Tree) -> Tree:
@@ -131,9 +140,9 @@ def _train_one(params, opt_state, consts, rows, seed, hp, pool_x, pool_y, zs_poo
             live = active & ~failed
             take = live & ok
             newly_failed = live & ~ok
-            carry = (
+            carry = (  # a run that skips a step never takes another, so its optimiser state no longer matters
                 _select(take, new_params, params),
-                _select(take, new_opt, opt_state),
+                new_opt,
                 failed | newly_failed,
                 jnp.where(newly_failed, e * steps_per_epoch + b, fail_step),
                 jnp.where(take, loss, last_loss),
@@ -158,15 +167,30 @@ def _predict_one(params, consts, hp, blocks, classes, text, *, head: Head):
     return jax.lax.scan(block, None, blocks)[1].reshape(-1)
 
 
+def _train_local(params, opt_state, consts, rows, seeds, hp, pool_x, pool_y, zs_pool, text, *, one: Callable,
+                 group: int):
+    """Train one device's runs (leading axis R of the first six arguments), ``group`` at a time: all at once
+    (vmap), one by one (a scan over the unbatched step), or in vmapped groups of ``group`` (R a multiple of it)."""
+    train = lambda a: one(*a, pool_x, pool_y, zs_pool, text)  # noqa: E731
+    per_run = (params, opt_state, consts, rows, seeds, hp)
+    if group >= len(seeds):
+        return jax.vmap(train)(per_run)
+    return jax.lax.map(train, per_run, batch_size=group if group > 1 else None)
+
+
 @functools.lru_cache(maxsize=None)
-def _train_programs(head: Head, batch: int, steps_per_epoch: int, max_epochs: int,
-                    runs: NamedSharding) -> tuple[Callable, Callable]:
-    """Jitted, vmapped (init, train) for one head and static shape settings, outputs split along the run axis
-    (``runs``); jax caches their compilations."""
+def _train_programs(head: Head, batch: int, steps_per_epoch: int, max_epochs: int, runs: NamedSharding,
+                    group: int) -> tuple[Callable, Callable]:
+    """Jitted (init, train) for one head and static shape settings, outputs split along the run axis (``runs``);
+    train runs each device's share in groups of ``group`` runs; jax caches their compilations."""
     init = jax.jit(jax.vmap(functools.partial(_init_one, head=head), in_axes=(0, 0, None, None, None)),
                    out_shardings=runs)
     one = functools.partial(_train_one, head=head, batch=batch, steps_per_epoch=steps_per_epoch, max_epochs=max_epochs)
-    train = jax.jit(jax.vmap(one, in_axes=(0,) * 6 + (None,) * 4), donate_argnums=(0, 1), out_shardings=runs)
+    local = functools.partial(_train_local, one=one, group=group)
+    split, shared = runs.spec, PartitionSpec()
+    per_device = jax.shard_map(local, mesh=runs.mesh, in_specs=(split,) * 6 + (shared,) * 4, out_specs=split,
+                               check_vma=False)  # no collectives: the devices' runs are independent
+    train = jax.jit(per_device, donate_argnums=(0, 1), out_shardings=runs)
     return init, train
 
 
@@ -199,6 +223,15 @@ def chunk_size(runs: int, per_run: int, budget: int, n_devices: int) -> int:
     """Runs per chunk: as many as the budget allows, a multiple of the device count, no more than needed."""
     fit = max(1, budget // max(per_run, 1)) // n_devices * n_devices
     return min(max(fit, n_devices), math.ceil(runs / n_devices) * n_devices)
+
+
+def group_size(local_runs: int, per_run: int, platform: str) -> int:
+    """Runs a device trains together: all ``local_runs`` on an accelerator; on a CPU as many as fit in
+    ``CPU_GROUP_BYTES`` (at least 1), evened out so that equal groups cover the runs with the least padding."""
+    if platform != "cpu":
+        return local_runs
+    fit = min(local_runs, max(1, CPU_GROUP_BYTES // max(per_run, 1)))
+    return math.ceil(local_runs / math.ceil(local_runs / fit))
 
 
 class _Placement:
@@ -260,7 +293,10 @@ def train_runs(
     n_params, n_consts = (sum(x.size for x in jax.tree.leaves(t)) for t in shapes)
     per_run = estimate_run_bytes(n_params, n_consts, batch, text.shape[1], text.shape[0], n)
     placement, chunk = _plan(devices, runs, per_run, budget)
-    init, train = _train_programs(head, batch, steps_per_epoch, max_epochs, placement.runs)
+    n_devices = placement.runs.mesh.size
+    group = group_size(chunk // n_devices, per_run, placement.runs.mesh.devices.flat[0].platform)
+    chunk = math.ceil(chunk // n_devices / group) * group * n_devices  # equal groups (padded like the last chunk)
+    init, train = _train_programs(head, batch, steps_per_epoch, max_epochs, placement.runs, group)
 
     pool_x, pool_y, text_d = placement.replicate((pool_x, pool.labels.astype(np.int32), text))
     zs_pool = None if use_aug else _zero_shot_cos(pool_x, text_d)
