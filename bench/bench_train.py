@@ -3,14 +3,17 @@
 For each case (synthetic unit features, frozen text prototypes, CMM with batch 256, AdamW, warm-up + cosine) and
 each S (runs = seeds x settings of a 12-setting lr x alpha x lambda grid), in separate processes (so that each
 measurement's peak RSS, ru_maxrss, is its own):
-  vmapped      `train_jax.runner.train_runs` on all S runs at once (one jitted, vmapped program);
+  vmapped      `train_jax.runner.train_runs` on all S runs at once: one jitted program over the run axis
+               (vmapped; on a CPU it trains the runs in cache-sized groups, see train_jax/runner.py);
   JAX loop     `train_runs` on one run at a time, S calls (one jitted single-run program, reused);
   PyTorch loop `bench/train_torch.py`: the same model, loss, AdamW and schedule, one run after another, as
                straightforward eager PyTorch, with the same thread count.
 The loops run max(S) runs once; the time of a loop over S runs is its time after run S. JAX's trace + compile
 time (reported by jax.monitoring) is subtracted and shown apart; PyTorch gets one untimed warm-up step.
 GFLOP/s = useful matmul FLOPs (see `bench.train_problems.useful_flops`) / seconds, against the machine's peak: a
-4096 x 4096 float32 matmul in JAX, best of 3. Prints one table per case and a summary line with the targets.
+4096 x 4096 float32 matmul in JAX, best of 3. "others' CPU %" is the share of the machine's CPU that other
+processes took during a measurement (above ~10% its time is noisy). Prints one table per case and a summary line
+with the targets.
 
     python -m bench.bench_train                     # all cases, ~8 min on 2 CPU cores
     python -m bench.bench_train --case small --runs 1,3,10,30 --epochs 20
@@ -30,7 +33,7 @@ if __package__ in (None, ""):  # `python bench/bench_train.py`
 
 from tqdm import tqdm  # noqa: E402
 
-from bench.common import format_table, load_average, machine_lines, usable_cores  # noqa: E402
+from bench.common import format_table, load_average, machine_lines, timed, usable_cores  # noqa: E402
 from bench.train_problems import CASES, Case, state_bytes, useful_flops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,15 +48,18 @@ class BenchError(Exception):
 
 
 def worker(module: str, *args: object) -> dict:
-    """Run ``python -m bench.<module> args...`` from the repository root; its last stdout line, as JSON."""
+    """Run ``python -m bench.<module> args...`` from the repository root; its last stdout line, as JSON, plus
+    ``others``: the share of the machine's CPU that other processes took meanwhile (`bench.common.timed`)."""
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                                                        os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", f"bench.{module}", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+    done: list[subprocess.CompletedProcess] = []
+    timing = timed(lambda: done.append(subprocess.run([sys.executable, "-m", f"bench.{module}", *map(str, args)],
+                                                      cwd=ROOT, env=env, capture_output=True, text=True)))
+    proc = done[0]
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise BenchError(f"bench.{module} {args[0]} failed (exit {proc.returncode}): {last}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "others": timing.others}
 
 
 def measure_case(case: Case, repeats: int, threads: int, torch_loop: bool) -> dict:
@@ -72,7 +78,6 @@ def measure_case(case: Case, repeats: int, threads: int, torch_loop: bool) -> di
                 out["vmapped"][s] = result
             else:
                 out[name] = result
-    out["load"] = load_average()
     return out
 
 
@@ -90,12 +95,12 @@ def case_table(case: Case, res: dict, peak: float) -> str:
                      *(s / sec[k] for k in sec), *(sec[k] / sec["vmapped"] for k in loops),
                      *(s * flops / sec[k] / 1e9 for k in sec), 100 * s * flops / sec["vmapped"] / 1e9 / peak,
                      *(f"{m['peak_rss_mib']:.0f} (+{m['peak_rss_mib'] - m['start_rss_mib']:.0f})"
-                       for m in mem.values()), vm["compile_s"]])
+                       for m in mem.values()), vm["compile_s"], 100 * vm["others"]])
     names = {"vmapped": "vmapped", "jax_loop": "JAX loop", "torch_loop": "PyTorch"}
     impls = ["vmapped", *loops]
     headers = ["S", "vmapped s", f"s / s(S={case.runs[0]})", *(f"{names[k]} runs/s" for k in impls),
                *(f"vmapped / {names[k]}" for k in loops), *(f"{names[k]} GFLOP/s" for k in impls),
-               "vmapped % of peak", *(f"{names[k]} MiB" for k in impls), "compile s"]
+               "vmapped % of peak", *(f"{names[k]} MiB" for k in impls), "compile s", "others' CPU %"]
     return format_table(headers, rows)
 
 
@@ -180,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             floor = top * case.steps * state_bytes(case) / bandwidth / 1e9
             print(f"\n{case.name}: {case.describe()}; useful {useful_flops(case) / 1e9:.3g} GFLOP per run; best of "
                   f"{repeats}; the step's matmuls alone: {p['step_gflops']:.0f} GFLOP/s; AdamW state from memory "
-                  f"at S={top}: >= {floor:.3g} s; load after {res['load']:.2f}")
+                  f"at S={top}: >= {floor:.3g} s; others' CPU % during the loops: "
+                  + ", ".join(f"{k} {100 * res[k]['others']:.0f}" for k in ("jax_loop", "torch_loop") if k in res))
             print(case_table(case, res, peak))
         print()
         print(summary(cases, results, peak))

@@ -101,22 +101,23 @@ def _zero_shot_cos(pool_x: jax.Array, text: jax.Array) -> jax.Array:
     return pool_x[:, 0] @ text.T
 
 
-def _init_one(rows, hp, pool_x, pool_y, text, *, head: Head):
-    """rows [N] -> (params, consts, opt_state) of one run; the init features are the mean over the pool's views."""
+def _init_one(rows, pool_x, pool_y, text, *, head: Head):
+    """rows [N] -> (params, consts) of one run; the init features are the mean over the pool's views."""
     feats = jnp.mean(pool_x[rows], axis=1)
-    params, consts = head.init(feats, pool_y[rows], text)
-    return params, consts, make_optimizer(hp, jnp.float32(1)).init(params)
+    return head.init(feats, pool_y[rows], text)
 
 
-def _train_one(params, opt_state, consts, rows, seed, hp, pool_x, pool_y, zs_pool, text, *, head: Head,
+def _train_one(params, consts, rows, seed, hp, pool_x, pool_y, zs_pool, text, *, head: Head,
                batch: int, steps_per_epoch: int, max_epochs: int):
-    """Train one run. rows [N] into the pool; pool_x [M,V,D]; zs_pool [M,C] (= pool_x[:,0] T^T) or None when
-    V > 1 (then the zero-shot cosine of the drawn view is computed per step)."""
+    """Train one run -> (params, failed, fail_step, last loss). rows [N] into the pool; pool_x [M,V,D]; zs_pool
+    [M,C] (= pool_x[:,0] T^T) or None when V > 1 (then the zero-shot cosine of the drawn view is computed per
+    step). The AdamW state starts (zeros) and ends here: nothing outside needs it."""
     n, views = rows.shape[0], pool_x.shape[1]
     padded = steps_per_epoch * batch
     weights = (jnp.arange(padded) < n).astype(jnp.float32).reshape(steps_per_epoch, batch)
     total_steps = (hp["epochs"] * steps_per_epoch).astype(jnp.float32)
     opt = make_optimizer(hp, total_steps)
+    opt_state = opt.init(params)
     key = jax.random.PRNGKey(seed)
     loss_fn = lambda p, x, zs, y, w: head.loss(p, consts, x, zs, y, w, text, hp)  # noqa: E731
 
@@ -153,8 +154,8 @@ def _train_one(params, opt_state, consts, rows, seed, hp, pool_x, pool_y, zs_poo
         return carry, None
 
     init = (params, opt_state, jnp.bool_(False), jnp.int32(-1), jnp.float32(jnp.nan))
-    (params, opt_state, failed, fail_step, last_loss), _ = jax.lax.scan(epoch, init, jnp.arange(max_epochs))
-    return params, opt_state, failed, fail_step, last_loss
+    (params, _, failed, fail_step, last_loss), _ = jax.lax.scan(epoch, init, jnp.arange(max_epochs))
+    return params, failed, fail_step, last_loss
 
 
 def _predict_one(params, consts, hp, blocks, classes, text, *, head: Head):
@@ -167,13 +168,12 @@ def _predict_one(params, consts, hp, blocks, classes, text, *, head: Head):
     return jax.lax.scan(block, None, blocks)[1].reshape(-1)
 
 
-def _train_local(params, opt_state, consts, rows, seeds, hp, pool_x, pool_y, zs_pool, text, *, one: Callable,
-                 group: int):
-    """Train one device's runs (leading axis R of the first six arguments), ``group`` at a time: all at once
-    (vmap), one by one (a scan over the unbatched step), or in vmapped groups of ``group`` (R a multiple of it)."""
+def _train_local(params, consts, rows, seeds, hp, pool_x, pool_y, zs_pool, text, *, one: Callable, group: int):
+    """Train one device's runs (leading axis R of the first five arguments), ``group`` at a time: one by one (a
+    scan over the unbatched step), all at once (vmap), or in vmapped groups of ``group`` (R a multiple of it)."""
     train = lambda a: one(*a, pool_x, pool_y, zs_pool, text)  # noqa: E731
-    per_run = (params, opt_state, consts, rows, seeds, hp)
-    if group >= len(seeds):
+    per_run = (params, consts, rows, seeds, hp)
+    if group > 1 and group >= len(seeds):
         return jax.vmap(train)(per_run)
     return jax.lax.map(train, per_run, batch_size=group if group > 1 else None)
 
@@ -183,14 +183,14 @@ def _train_programs(head: Head, batch: int, steps_per_epoch: int, max_epochs: in
                     group: int) -> tuple[Callable, Callable]:
     """Jitted (init, train) for one head and static shape settings, outputs split along the run axis (``runs``);
     train runs each device's share in groups of ``group`` runs; jax caches their compilations."""
-    init = jax.jit(jax.vmap(functools.partial(_init_one, head=head), in_axes=(0, 0, None, None, None)),
+    init = jax.jit(jax.vmap(functools.partial(_init_one, head=head), in_axes=(0, None, None, None)),
                    out_shardings=runs)
     one = functools.partial(_train_one, head=head, batch=batch, steps_per_epoch=steps_per_epoch, max_epochs=max_epochs)
     local = functools.partial(_train_local, one=one, group=group)
     split, shared = runs.spec, PartitionSpec()
-    per_device = jax.shard_map(local, mesh=runs.mesh, in_specs=(split,) * 6 + (shared,) * 4, out_specs=split,
+    per_device = jax.shard_map(local, mesh=runs.mesh, in_specs=(split,) * 5 + (shared,) * 4, out_specs=split,
                                check_vma=False)  # no collectives: the devices' runs are independent
-    train = jax.jit(per_device, donate_argnums=(0, 1), out_shardings=runs)
+    train = jax.jit(per_device, donate_argnums=0, out_shardings=runs)
     return init, train
 
 
@@ -304,10 +304,8 @@ def train_runs(
     outputs = []
     for start in tqdm(range(0, runs, chunk), desc=desc, unit="chunk", leave=False):
         rows_c, seeds_c, hp_c = placement.per_run(per_run_args, start, chunk)
-        params, consts, opt_state = init(rows_c, hp_c, pool_x, pool_y, text_d)
-        params, _, failed, fail_step, loss = train(
-            params, opt_state, consts, rows_c, seeds_c, hp_c, pool_x, pool_y, zs_pool, text_d
-        )
+        params, consts = init(rows_c, pool_x, pool_y, text_d)
+        params, failed, fail_step, loss = train(params, consts, rows_c, seeds_c, hp_c, pool_x, pool_y, zs_pool, text_d)
         outputs.append(jax.device_get((params, consts, failed, fail_step, loss)))
     params, consts, failed, fail_step, loss = _gather(outputs, runs)
     return Trained(params, consts, failed, fail_step, loss)
