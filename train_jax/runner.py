@@ -1,17 +1,20 @@
 """The vmapped, jitted training and prediction programs over a run axis S (seeds x settings).
 
-One program trains S runs of one head at once: params and optimiser states are stacked over S, each run has its
-own hyperparameters (arrays [S]), its own training rows (indices into a shared feature pool) and its own seed
-(batch order, augmented-view draws). Inside jit, ``lax.scan`` runs over epochs and steps; a run whose epochs are
-over, or whose loss/params became non-finite, keeps its params (the latter is reported as failed). The run axis
-is cut into equal chunks when the estimated memory is too large (the last chunk is padded, so each chunk reuses
-one compiled program) and sharded over all given JAX devices (``jax.shard_map``: each device trains its share).
+One program trains S runs of one head at once. Each run has its own hyperparameters (arrays [S]), its own
+training rows (indices into a shared feature pool) and its own seed (batch order, augmented-view draws). Runs
+with the same seed and rows draw the same batches, so the runner lays the runs out as *streams*: G streams of k
+runs that share a seed and rows (a seed's grid of settings). A stream draws one batch per step for its k runs,
+whose parameters are stacked, so their matmuls become single products k times wider (``[B,D] x [D,k*D]`` for
+the mapping, ``[k*B,D] x [D,C]`` for the logits) instead of k small ones. Inside jit, ``lax.scan`` runs over
+epochs and steps; a run whose epochs are over, or whose loss/params became non-finite, keeps its params (the
+latter is reported as failed). The stream axis is cut into equal chunks when the estimated memory is too large
+(the last chunk is padded, so each chunk reuses one compiled program) and sharded over all given JAX devices
+(``jax.shard_map``: each device trains its share).
 
-On an accelerator a device trains all its runs in one vmapped step. On a CPU, runs share nothing but the data, so
-batching them buys no arithmetic efficiency, while their stacked parameters and Adam moments outgrow the caches and
-every elementwise pass (AdamW, finiteness checks) then streams from memory: there a device trains its runs in
-groups whose state fits in ``CPU_GROUP_BYTES``, one group after another inside the same program (a group of one is
-the plain, unbatched step).
+On an accelerator a device trains all its streams in one vmapped step. On a CPU, streams share nothing but the
+pool, so batching them buys no arithmetic efficiency, while their stacked parameters and Adam moments outgrow the
+caches: there a device trains its streams in groups whose state fits in ``CPU_GROUP_BYTES``, one group after
+another inside the same program.
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ from train_jax.methods import Head
 
 Tree = Any
 EVAL_BLOCK = 1024
-CPU_GROUP_BYTES = 4 << 20  # estimate_run_bytes of the runs a CPU trains together: about a share of its caches
+CPU_GROUP_BYTES = 4 << 20  # estimate_run_bytes of the streams a CPU trains together: about a share of its caches
+CPU_STREAM_BYTES = 32 << 20  # a stream's params, Adam moments and gradients on a CPU: about its last-level cache
+CPU_STREAM_MIN_BATCH = 64  # smaller CPU steps are bound by elementwise work, which folding runs does not shrink
+STREAM_PADDING = 0.125  # plan_streams: at most this share of repeated runs to make the streams equal
 
 
 @dataclass(frozen=True)
@@ -101,61 +107,73 @@ def _zero_shot_cos(pool_x: jax.Array, text: jax.Array) -> jax.Array:
     return pool_x[:, 0] @ text.T
 
 
-def _init_one(rows, pool_x, pool_y, text, *, head: Head):
-    """rows [N] -> (params, consts) of one run; the init features are the mean over the pool's views."""
-    feats = jnp.mean(pool_x[rows], axis=1)
-    return head.init(feats, pool_y[rows], text)
+def _over_runs(k: int, fn: Callable, in_axes: tuple) -> Callable:
+    """``fn`` of one run applied to a stream's k runs: vmapped (``in_axes``: 0 per run, None shared) for k > 1;
+    for k = 1 the plain call on the squeezed run (a size-1 vmap axis costs XLA copies and slower kernels)."""
+    return jax.vmap(fn, in_axes=in_axes) if k > 1 else fn
 
 
-def _train_one(params, consts, rows, seed, hp, pool_x, pool_y, zs_pool, text, *, head: Head,
-               batch: int, steps_per_epoch: int, max_epochs: int):
-    """Train one run -> (params, failed, fail_step, last loss). rows [N] into the pool; pool_x [M,V,D]; zs_pool
-    [M,C] (= pool_x[:,0] T^T) or None when V > 1 (then the zero-shot cosine of the drawn view is computed per
-    step). The AdamW state starts (zeros) and ends here: nothing outside needs it."""
+def _train_stream(rows, seed, hp, pool_x, pool_y, zs_pool, text, *, head: Head, batch: int, steps_per_epoch: int,
+                  max_epochs: int):
+    """Initialise and train the k runs of one stream -> (params, consts, failed, fail_step, last loss), leading
+    axis k. rows [N] into the pool and seed (batch order, view draws) are the stream's, hp: field -> [k]. Every
+    step draws one batch for all k runs. pool_x [M,V,D]; zs_pool [M,C] (= pool_x[:,0] T^T) or None when V > 1
+    (then the zero-shot cosine of the drawn view is computed per step). Each run's AdamW state starts (zeros) and
+    ends here: nothing outside needs it."""
+    k = hp["lr"].shape[0]
+    hp = hp if k > 1 else jax.tree.map(lambda x: x[0], hp)
     n, views = rows.shape[0], pool_x.shape[1]
     padded = steps_per_epoch * batch
     weights = (jnp.arange(padded) < n).astype(jnp.float32).reshape(steps_per_epoch, batch)
-    total_steps = (hp["epochs"] * steps_per_epoch).astype(jnp.float32)
-    opt = make_optimizer(hp, total_steps)
-    opt_state = opt.init(params)
-    key = jax.random.PRNGKey(seed)
-    loss_fn = lambda p, x, zs, y, w: head.loss(p, consts, x, zs, y, w, text, hp)  # noqa: E731
+    params0, consts = head.init(jnp.mean(pool_x[rows], axis=1), pool_y[rows], text)  # the same for all k runs
+    optimizer = lambda h: make_optimizer(h, (h["epochs"] * steps_per_epoch).astype(jnp.float32))  # noqa: E731
 
-    def epoch(carry, e):
+    def run_init(h):
+        return params0, optimizer(h).init(params0), jnp.bool_(False), jnp.int32(-1), jnp.float32(jnp.nan)
+
+    def run_step(state, h, x, zs, y, w, e, b):
+        """One optimiser step of one run on the stream's batch x [B,D], zs [B,C], y [B], w [B]."""
+        params, opt_state, failed, fail_step, last_loss = state
+        opt = optimizer(h)
+        loss, grads = jax.value_and_grad(head.loss)(params, consts, x, zs, y, w, text, h)
+        updates, new_opt = opt.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        ok = jnp.isfinite(loss) & _all_finite(new_params)
+        live = (e < h["epochs"]) & ~failed
+        take = live & ok
+        newly_failed = live & ~ok
+        return (  # a run that skips a step never takes another, so its optimiser state no longer matters
+            _select(take, new_params, params),
+            new_opt,
+            failed | newly_failed,
+            jnp.where(newly_failed, e * steps_per_epoch + b, fail_step),
+            jnp.where(take, loss, last_loss),
+        )
+
+    step_runs = _over_runs(k, run_step, (0, 0) + (None,) * 6)
+    key = jax.random.PRNGKey(seed)
+
+    def epoch(state, e):
         k_perm, k_view = jax.random.split(jax.random.fold_in(key, e))
         order = jax.random.permutation(k_perm, n) if steps_per_epoch > 1 else jnp.arange(n)
         order = jnp.concatenate([order, order[: padded - n]]).reshape(steps_per_epoch, batch)
         view = jax.random.randint(k_view, (n,), 0, views) if views > 1 else jnp.zeros(n, jnp.int32)
-        active = e < hp["epochs"]
 
-        def step(carry, b):
-            params, opt_state, failed, fail_step, last_loss = carry
+        def step(state, b):
             idx = order[b]
             r = rows[idx]
             x = pool_x[r, view[idx]]
             zs = zs_pool[r] if zs_pool is not None else x @ text.T
-            loss, grads = jax.value_and_grad(loss_fn)(params, x, zs, pool_y[r], weights[b])
-            updates, new_opt = opt.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-            ok = jnp.isfinite(loss) & _all_finite(new_params)
-            live = active & ~failed
-            take = live & ok
-            newly_failed = live & ~ok
-            carry = (  # a run that skips a step never takes another, so its optimiser state no longer matters
-                _select(take, new_params, params),
-                new_opt,
-                failed | newly_failed,
-                jnp.where(newly_failed, e * steps_per_epoch + b, fail_step),
-                jnp.where(take, loss, last_loss),
-            )
-            return carry, None
+            return step_runs(state, hp, x, zs, pool_y[r], weights[b], e, b), None
 
-        carry, _ = jax.lax.scan(step, carry, jnp.arange(steps_per_epoch))
-        return carry, None
+        return jax.lax.scan(step, state, jnp.arange(steps_per_epoch))[0], None
 
-    init = (params, opt_state, jnp.bool_(False), jnp.int32(-1), jnp.float32(jnp.nan))
-    (params, _, failed, fail_step, last_loss), _ = jax.lax.scan(epoch, init, jnp.arange(max_epochs))
-    return params, failed, fail_step, last_loss
+    state, _ = jax.lax.scan(epoch, _over_runs(k, run_init, (0,))(hp), jnp.arange(max_epochs))
+    params, _, failed, fail_step, last_loss = state
+    if k == 1:
+        params, failed, fail_step, last_loss = jax.tree.map(lambda x: x[None], (params, failed, fail_step, last_loss))
+    consts = jax.tree.map(lambda x: jnp.broadcast_to(x, (k,) + x.shape), consts)
+    return params, consts, failed, fail_step, last_loss
 
 
 def _predict_one(params, consts, hp, blocks, classes, text, *, head: Head):
@@ -168,30 +186,28 @@ def _predict_one(params, consts, hp, blocks, classes, text, *, head: Head):
     return jax.lax.scan(block, None, blocks)[1].reshape(-1)
 
 
-def _train_local(params, consts, rows, seeds, hp, pool_x, pool_y, zs_pool, text, *, one: Callable, group: int):
-    """Train one device's runs (leading axis R of the first five arguments), ``group`` at a time: one by one (a
-    scan over the unbatched step), all at once (vmap), or in vmapped groups of ``group`` (R a multiple of it)."""
+def _train_local(rows, seeds, hp, pool_x, pool_y, zs_pool, text, *, one: Callable, group: int):
+    """Train one device's streams (leading axis R of the first three arguments), ``group`` at a time: one by one
+    (a scan), all at once (vmap), or in vmapped groups of ``group`` (R a multiple of it)."""
     train = lambda a: one(*a, pool_x, pool_y, zs_pool, text)  # noqa: E731
-    per_run = (params, consts, rows, seeds, hp)
+    per_stream = (rows, seeds, hp)
     if group > 1 and group >= len(seeds):
-        return jax.vmap(train)(per_run)
-    return jax.lax.map(train, per_run, batch_size=group if group > 1 else None)
+        return jax.vmap(train)(per_stream)
+    return jax.lax.map(train, per_stream, batch_size=group if group > 1 else None)
 
 
 @functools.lru_cache(maxsize=None)
-def _train_programs(head: Head, batch: int, steps_per_epoch: int, max_epochs: int, runs: NamedSharding,
-                    group: int) -> tuple[Callable, Callable]:
-    """Jitted (init, train) for one head and static shape settings, outputs split along the run axis (``runs``);
-    train runs each device's share in groups of ``group`` runs; jax caches their compilations."""
-    init = jax.jit(jax.vmap(functools.partial(_init_one, head=head), in_axes=(0, None, None, None)),
-                   out_shardings=runs)
-    one = functools.partial(_train_one, head=head, batch=batch, steps_per_epoch=steps_per_epoch, max_epochs=max_epochs)
+def _train_program(head: Head, batch: int, steps_per_epoch: int, max_epochs: int, streams: NamedSharding,
+                   group: int) -> Callable:
+    """The jitted training program for one head and static shape settings, outputs split along the stream axis
+    (``streams``); each device trains its share in groups of ``group`` streams; jax caches its compilations."""
+    one = functools.partial(_train_stream, head=head, batch=batch, steps_per_epoch=steps_per_epoch,
+                            max_epochs=max_epochs)
     local = functools.partial(_train_local, one=one, group=group)
-    split, shared = runs.spec, PartitionSpec()
-    per_device = jax.shard_map(local, mesh=runs.mesh, in_specs=(split,) * 5 + (shared,) * 4, out_specs=split,
-                               check_vma=False)  # no collectives: the devices' runs are independent
-    train = jax.jit(per_device, donate_argnums=0, out_shardings=runs)
-    return init, train
+    split, shared = streams.spec, PartitionSpec()
+    per_device = jax.shard_map(local, mesh=streams.mesh, in_specs=(split,) * 3 + (shared,) * 4, out_specs=split,
+                               check_vma=False)  # no collectives: the devices' streams are independent
+    return jax.jit(per_device, out_shardings=streams)
 
 
 @functools.lru_cache(maxsize=None)
@@ -234,6 +250,48 @@ def group_size(local_runs: int, per_run: int, platform: str) -> int:
     return math.ceil(local_runs / math.ceil(local_runs / fit))
 
 
+def stream_limit(n_params: int, batch: int, platform: str) -> int | None:
+    """Most runs per stream: no limit (None) on an accelerator. On a CPU, folding runs into wider matmuls pays
+    only while the stream's state (params, two Adam moments, gradients: 16 bytes per parameter and run) stays in
+    the last-level cache (``CPU_STREAM_BYTES``), and only for batches of ``CPU_STREAM_MIN_BATCH`` rows or more."""
+    if platform != "cpu":
+        return None
+    return max(1, CPU_STREAM_BYTES // (16 * n_params)) if batch >= CPU_STREAM_MIN_BATCH else 1
+
+
+@dataclass(frozen=True)
+class Streams:
+    """The runs laid out as G streams of k runs sharing a seed and training rows: index [G,k] run ids (a short
+    stream is padded by repeating one of its runs), rows [G,N], seeds [G], and slot [S]: each run's position in
+    ``index.reshape(-1)``."""
+
+    index: np.ndarray
+    rows: np.ndarray
+    seeds: np.ndarray
+    slot: np.ndarray
+
+
+def plan_streams(rows: np.ndarray, seeds: np.ndarray, max_size: int | None = None) -> Streams:
+    """Group runs (rows [S,N], seeds [S]) by (seed, rows), in order of first appearance, into streams of k runs:
+    the largest k (up to ``max_size``, default no limit) whose padding adds at most ``STREAM_PADDING`` of the
+    runs; a longer group is cut into several streams."""
+    groups: dict[tuple[int, bytes], list[int]] = {}
+    for i, (seed, r) in enumerate(zip(seeds.tolist(), rows)):
+        groups.setdefault((seed, np.ascontiguousarray(r).tobytes()), []).append(i)
+    sizes = [len(g) for g in groups.values()]
+    limit = len(seeds) * (1 + STREAM_PADDING)
+    k = max(k for k in range(1, min(max_size or max(sizes), max(sizes)) + 1)
+            if sum(math.ceil(s / k) * k for s in sizes) <= limit)
+    index, slot = [], np.empty(len(seeds), np.int64)
+    for members in groups.values():
+        for start in range(0, len(members), k):
+            part = members[start:start + k]
+            slot[part] = len(index) * k + np.arange(len(part))
+            index.append(part + [part[0]] * (k - len(part)))
+    index = np.array(index, np.int64).reshape(-1, k)
+    return Streams(index, rows[index[:, 0]], seeds[index[:, 0]], slot)
+
+
 class _Placement:
     """A 1-D mesh over the devices: per-run arrays split along the run axis, shared arrays replicated."""
 
@@ -242,8 +300,8 @@ class _Placement:
         self.runs = NamedSharding(mesh, PartitionSpec("runs"))
         self.shared = NamedSharding(mesh, PartitionSpec())
 
-    def per_run(self, tree: Tree, start: int, size: int) -> Tree:
-        """Rows [start, start+size) of every leaf, padded by repeating row ``start``, placed along the run axis."""
+    def split(self, tree: Tree, start: int, size: int) -> Tree:
+        """Rows [start, start+size) of every leaf, padded by repeating row ``start``, placed along the run (or stream) axis."""
 
         def take(x):
             idx = np.arange(start, start + size)
@@ -277,12 +335,14 @@ def train_runs(
     use_aug: bool,
     budget: int | None = None,
     devices: Sequence[jax.Device] | None = None,
+    max_stream: int | None = None,
     desc: str = "train",
 ) -> Trained:
     """Train S runs of ``head``. hp: field -> [S] (see ``hparam_arrays``); rows [S,N] int indices into the pool
     (N equal for all runs); seeds [S] int (batch order, view draws); text [C,D] prototypes. Without ``use_aug``
     only view 0 of the pool is used and the zero-shot cosines are precomputed once for the whole pool.
-    ``budget``: bytes for the run axis (default ``memory_budget``); ``devices``: default all JAX devices.
+    ``budget``: bytes for the run axis (default ``memory_budget``); ``devices``: default all JAX devices;
+    ``max_stream``: most runs per stream (default ``stream_limit``).
     """
     runs, n = rows.shape
     batch = min(batch_size, n)
@@ -291,23 +351,27 @@ def train_runs(
     pool_x = pool.features if use_aug else pool.features[:, :1]
     shapes = jax.eval_shape(lambda: head.init(pool_x[: n, 0], pool.labels[:n], text))
     n_params, n_consts = (sum(x.size for x in jax.tree.leaves(t)) for t in shapes)
-    per_run = estimate_run_bytes(n_params, n_consts, batch, text.shape[1], text.shape[0], n)
-    placement, chunk = _plan(devices, runs, per_run, budget)
+    devices = list(devices or jax.devices())
+    platform = devices[0].platform
+    limit = stream_limit(n_params, batch, platform) if max_stream is None else max_stream
+    streams = plan_streams(np.asarray(rows, np.int32), np.asarray(seeds, np.int32), limit)
+    n_streams, k = streams.index.shape
+    per_stream = k * estimate_run_bytes(n_params, n_consts, batch, text.shape[1], text.shape[0], n)
+    placement, chunk = _plan(devices, n_streams, per_stream, budget)
     n_devices = placement.runs.mesh.size
-    group = group_size(chunk // n_devices, per_run, placement.runs.mesh.devices.flat[0].platform)
+    group = group_size(chunk // n_devices, per_stream, platform)
     chunk = math.ceil(chunk // n_devices / group) * group * n_devices  # equal groups (padded like the last chunk)
-    init, train = _train_programs(head, batch, steps_per_epoch, max_epochs, placement.runs, group)
+    train = _train_program(head, batch, steps_per_epoch, max_epochs, placement.runs, group)
 
     pool_x, pool_y, text_d = placement.replicate((pool_x, pool.labels.astype(np.int32), text))
     zs_pool = None if use_aug else _zero_shot_cos(pool_x, text_d)
-    per_run_args = (rows.astype(np.int32), seeds.astype(np.int32), dict(hp))
+    stream_args = (streams.rows, streams.seeds, {f: np.asarray(v)[streams.index] for f, v in hp.items()})
     outputs = []
-    for start in tqdm(range(0, runs, chunk), desc=desc, unit="chunk", leave=False):
-        rows_c, seeds_c, hp_c = placement.per_run(per_run_args, start, chunk)
-        params, consts = init(rows_c, pool_x, pool_y, text_d)
-        params, failed, fail_step, loss = train(params, consts, rows_c, seeds_c, hp_c, pool_x, pool_y, zs_pool, text_d)
-        outputs.append(jax.device_get((params, consts, failed, fail_step, loss)))
-    params, consts, failed, fail_step, loss = _gather(outputs, runs)
+    for start in tqdm(range(0, n_streams, chunk), desc=desc, unit="chunk", leave=False):
+        rows_c, seeds_c, hp_c = placement.split(stream_args, start, chunk)
+        outputs.append(jax.device_get(train(rows_c, seeds_c, hp_c, pool_x, pool_y, zs_pool, text_d)))
+    per_run = jax.tree.map(lambda x: x.reshape(n_streams * k, *x.shape[2:])[streams.slot], _gather(outputs, n_streams))
+    params, consts, failed, fail_step, loss = per_run
     return Trained(params, consts, failed, fail_step, loss)
 
 
@@ -338,6 +402,6 @@ def predict_runs(
     shared = placement.replicate((blocks.reshape(-1, EVAL_BLOCK, feats.shape[1]), classes.astype(np.int32), text))
     outputs = []
     for start in tqdm(range(0, runs, chunk), desc=desc, unit="chunk", leave=False):
-        params, consts, hp_c = placement.per_run((trained.params, trained.consts, dict(hp)), start, chunk)
+        params, consts, hp_c = placement.split((trained.params, trained.consts, dict(hp)), start, chunk)
         outputs.append(np.asarray(predict(params, consts, hp_c, *shared)))
     return _gather(outputs, runs)[:, :n]
