@@ -53,7 +53,7 @@ class Settings:
     def __post_init__(self) -> None:
         checks = {
             "lr": self.lr > 0 and self.lr < float("inf"),
-            "weight_decay": self.weight_decay >= 0,
+            "weight_decay": 0 <= self.weight_decay < float("inf"),
             "alpha": self.alpha >= 0,
             "lam": self.lam >= 0,
             "margin": self.margin >= 0,

@@ -6,7 +6,7 @@ with the same seed and rows draw the same batches, so the runner lays the runs o
 runs that share a seed and rows (a seed's grid of settings). A stream draws one batch per step for its k runs,
 whose parameters are stacked, so their matmuls become single products k times wider (``[B,D] x [D,k*D]`` for
 the mapping, ``[k*B,D] x [D,C]`` for the logits) instead of k small ones. Inside jit, ``lax.scan`` runs over
-epochs and steps; a run whose epochs are over, or whose loss/params became non-finite, keeps its params (the
+epochs and steps; a run whose epochs are over, or whose loss/gradients became non-finite, keeps its params (the
 latter is reported as failed). The stream axis is cut into equal chunks when the estimated memory is too large
 (the last chunk is padded, so each chunk reuses one compiled program) and sharded over all given JAX devices
 (``jax.shard_map``: each device trains its share).
@@ -56,7 +56,7 @@ class Pool:
 class Trained:
     """Outputs of ``train_runs``; every leaf is a numpy array with leading axis S.
 
-    failed [S] bool: a non-finite loss or update stopped the run (params are those before that step);
+    failed [S] bool: a non-finite loss or gradient stopped the run (params are those before that step);
     fail_step [S] int32: the step at which it stopped (-1 if it did not); final_loss [S]: last finite loss.
     """
 
@@ -97,10 +97,6 @@ def _all_finite(tree: Tree) -> jax.Array:
     return jnp.isfinite(sum(jnp.sum(x * 0.0) for x in jax.tree.leaves(tree)))
 
 
-def _select(flag: jax.Array, new: Tree, old: Tree) -> Tree:
-    return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
-
-
 @jax.jit
 def _zero_shot_cos(pool_x: jax.Array, text: jax.Array) -> jax.Array:
     """Zero-shot cosines of the pool's plain view: pool_x [M,V,D], text [C,D] -> [M,C]."""
@@ -123,8 +119,7 @@ def _train_stream(rows, seed, hp, pool_x, pool_y, zs_pool, text, *, head: Head, 
     k = hp["lr"].shape[0]
     hp = hp if k > 1 else jax.tree.map(lambda x: x[0], hp)
     n, views = rows.shape[0], pool_x.shape[1]
-    padded = steps_per_epoch * batch
-    weights = (jnp.arange(padded) < n).astype(jnp.float32).reshape(steps_per_epoch, batch)
+    full, rest = divmod(n, batch)  # full batches per epoch, and the size of a smaller last one (0: none)
     params0, consts = head.init(jnp.mean(pool_x[rows], axis=1), pool_y[rows], text)  # the same for all k runs
     optimizer = lambda h: make_optimizer(h, (h["epochs"] * steps_per_epoch).astype(jnp.float32))  # noqa: E731
 
@@ -137,13 +132,14 @@ def _train_stream(rows, seed, hp, pool_x, pool_y, zs_pool, text, *, head: Head, 
         opt = optimizer(h)
         loss, grads = jax.value_and_grad(head.loss)(params, consts, x, zs, y, w, text, h)
         updates, new_opt = opt.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        ok = jnp.isfinite(loss) & _all_finite(new_params)
+        # finite params, grads, lr and weight decay give finite AdamW updates: checking them before the update
+        # lets the update and the keep-or-skip choice be one pass over the params
+        ok = jnp.isfinite(loss) & _all_finite((grads, h["lr"], h["weight_decay"]))
         live = (e < h["epochs"]) & ~failed
         take = live & ok
         newly_failed = live & ~ok
         return (  # a run that skips a step never takes another, so its optimiser state no longer matters
-            _select(take, new_params, params),
+            jax.tree.map(lambda p, u: jnp.where(take, p + u, p), params, updates),
             new_opt,
             failed | newly_failed,
             jnp.where(newly_failed, e * steps_per_epoch + b, fail_step),
@@ -156,17 +152,19 @@ def _train_stream(rows, seed, hp, pool_x, pool_y, zs_pool, text, *, head: Head, 
     def epoch(state, e):
         k_perm, k_view = jax.random.split(jax.random.fold_in(key, e))
         order = jax.random.permutation(k_perm, n) if steps_per_epoch > 1 else jnp.arange(n)
-        order = jnp.concatenate([order, order[: padded - n]]).reshape(steps_per_epoch, batch)
         view = jax.random.randint(k_view, (n,), 0, views) if views > 1 else jnp.zeros(n, jnp.int32)
 
-        def step(state, b):
-            idx = order[b]
+        def step(state, b, idx):
             r = rows[idx]
             x = pool_x[r, view[idx]]
             zs = zs_pool[r] if zs_pool is not None else x @ text.T
-            return step_runs(state, hp, x, zs, pool_y[r], weights[b], e, b), None
+            return step_runs(state, hp, x, zs, pool_y[r], jnp.ones(idx.shape, jnp.float32), e, b)
 
-        return jax.lax.scan(step, state, jnp.arange(steps_per_epoch))[0], None
+        batches = (jnp.arange(full), order[: full * batch].reshape(full, batch))
+        state = jax.lax.scan(lambda s, a: (step(s, *a), None), state, batches)[0]
+        if rest:  # the last batch of the epoch is smaller: a step of its own shape, no padding rows to compute
+            state = step(state, full, order[full * batch:])
+        return state, None
 
     state, _ = jax.lax.scan(epoch, _over_runs(k, run_init, (0,))(hp), jnp.arange(max_epochs))
     params, _, failed, fail_step, last_loss = state
