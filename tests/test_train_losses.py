@@ -13,23 +13,23 @@ def _unit(rng, *shape):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def _triplet_loop(mapped, text, labels, margin, weights):
+def _triplet_loop(mapped, text, labels, margin):
     """Per sample: anchor v', positive T_y, negative = closest wrong-class prototype, cosine distance."""
     total = 0.0
-    for v, y, w in zip(mapped, labels, weights):
+    for v, y in zip(mapped, labels):
         d_pos = 1.0 - float(v @ text[y])
         d_neg = min(1.0 - float(v @ text[c]) for c in range(len(text)) if c != y)
-        total += w * max(0.0, d_pos - d_neg + margin)
-    return total / max(sum(weights), 1.0)
+        total += max(0.0, d_pos - d_neg + margin)
+    return total / len(labels)
 
 
-def _ce_loop(logits, labels, weights):
+def _ce_loop(logits, labels):
     total = 0.0
-    for row, y, w in zip(logits, labels, weights):
+    for row, y in zip(logits, labels):
         top = max(row)
         log_z = top + math.log(sum(math.exp(v - top) for v in row))
-        total += w * (log_z - row[y])
-    return total / max(sum(weights), 1.0)
+        total += log_z - row[y]
+    return total / len(labels)
 
 
 def test_triplet_matches_loop():
@@ -37,35 +37,31 @@ def test_triplet_matches_loop():
     for margin in (0.0, 0.2, 1.5):
         mapped, text = _unit(rng, 16, 8), _unit(rng, 5, 8)
         labels = rng.integers(0, 5, size=16)
-        weights = (rng.random(16) > 0.25).astype(np.float32)
         sims = jnp.asarray(mapped @ text.T, jnp.float32)
-        got = hardest_negative_triplet(sims, jnp.asarray(labels), margin, jnp.asarray(weights))
-        expected = _triplet_loop(mapped, text, labels, margin, weights)
+        got = hardest_negative_triplet(sims, jnp.asarray(labels), margin)
+        expected = _triplet_loop(mapped, text, labels, margin)
         np.testing.assert_allclose(float(got), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_triplet_zero_when_margin_met():
     text = np.eye(3, dtype=np.float32)
     sims = jnp.asarray(text @ text.T)  # each anchor on its own prototype: cos_pos 1, cos_neg 0
-    assert float(hardest_negative_triplet(sims, jnp.arange(3), 0.5, jnp.ones(3))) == 0.0
-    assert math.isclose(float(hardest_negative_triplet(sims, jnp.arange(3), 1.5, jnp.ones(3))), 0.5, rel_tol=1e-6)
+    assert float(hardest_negative_triplet(sims, jnp.arange(3), 0.5)) == 0.0
+    assert math.isclose(float(hardest_negative_triplet(sims, jnp.arange(3), 1.5)), 0.5, rel_tol=1e-6)
 
 
 def test_cross_entropy_and_total_match_loop():
     rng = np.random.default_rng(1)
     mapped, feats, text = _unit(rng, 12, 6), _unit(rng, 12, 6), _unit(rng, 4, 6)
     labels = rng.integers(0, 4, size=12)
-    weights = np.ones(12, np.float32)
-    weights[-3:] = 0.0
     sims, zs = mapped @ text.T, feats @ text.T
     logits = 100.0 * (2.0 * sims + zs)
     np.testing.assert_allclose(cmm_logits(jnp.asarray(sims), jnp.asarray(zs), 2.0, 100.0), logits, rtol=1e-5)
-    ce = _ce_loop(logits, labels, weights)
-    np.testing.assert_allclose(float(cross_entropy(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(weights))),
-                               ce, rtol=1e-4)
+    ce = _ce_loop(logits, labels)
+    np.testing.assert_allclose(float(cross_entropy(jnp.asarray(logits), jnp.asarray(labels))), ce, rtol=1e-4)
     total = cmm_loss(jnp.asarray(sims, jnp.float32), jnp.asarray(zs, jnp.float32), jnp.asarray(labels),
-                     jnp.asarray(weights), alpha=2.0, scale=100.0, lam=3.0, margin=0.3)
-    np.testing.assert_allclose(float(total), ce + 3.0 * _triplet_loop(mapped, text, labels, 0.3, weights), rtol=1e-4)
+                     alpha=2.0, scale=100.0, lam=3.0, margin=0.3)
+    np.testing.assert_allclose(float(total), ce + 3.0 * _triplet_loop(mapped, text, labels, 0.3), rtol=1e-4)
 
 
 def test_l2_normalize():

@@ -48,8 +48,8 @@ class LinearProbeHead:
     def logits(self, params, consts, feats, zs_cos, text, hp):
         return LinearProbe(text.shape[0]).apply({"params": params}, feats, hp["logit_scale"])
 
-    def loss(self, params, consts, feats, zs_cos, labels, weights, text, hp):
-        return cross_entropy(self.logits(params, consts, feats, zs_cos, text, hp), labels, weights)
+    def loss(self, params, consts, feats, zs_cos, labels, text, hp):
+        return cross_entropy(self.logits(params, consts, feats, zs_cos, text, hp), labels)
 
 
 @dataclass(frozen=True)
@@ -68,5 +68,5 @@ class TipAdapterHead:
         cache = jnp.exp(-hp["beta"] * (1.0 - affinity)) @ consts["values"]
         return hp["logit_scale"] * zs_cos + hp["alpha"] * cache
 
-    def loss(self, params, consts, feats, zs_cos, labels, weights, text, hp):
-        return cross_entropy(self.logits(params, consts, feats, zs_cos, text, hp), labels, weights)
+    def loss(self, params, consts, feats, zs_cos, labels, text, hp):
+        return cross_entropy(self.logits(params, consts, feats, zs_cos, text, hp), labels)

@@ -20,40 +20,34 @@ def cmm_logits(sims: jax.Array, zs_cos: jax.Array, alpha: jax.Array, scale: jax.
     return scale * (alpha * sims + zs_cos)
 
 
-def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
-    """sum(w * x) / sum(w) over [B] (weights 0 mark padding), 0 when all weights are 0."""
-    return jnp.sum(weights * values) / jnp.maximum(jnp.sum(weights), 1.0)
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy. logits [B,C], labels [B] int -> scalar."""
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy. logits [B,C], labels [B] int, weights [B] -> scalar."""
-    return weighted_mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), weights)
-
-
-def hardest_negative_triplet(sims: jax.Array, labels: jax.Array, margin: jax.Array, weights: jax.Array) -> jax.Array:
+def hardest_negative_triplet(sims: jax.Array, labels: jax.Array, margin: jax.Array) -> jax.Array:
     """Triplet loss on cosine distance d = 1 - cos, vectorised over the batch.
 
     Anchor v', positive its class prototype, negative the closest (highest-cosine) wrong-class prototype:
     ``max(0, d(v', T_y) - d(v', T_neg) + margin) = max(0, cos_neg - cos_pos + margin)``.
-    sims = v' T^T [B,C], labels [B], weights [B] -> scalar mean.
+    sims = v' T^T [B,C], labels [B] -> scalar mean.
     """
     is_pos = jax.nn.one_hot(labels, sims.shape[-1], dtype=bool)
     pos = jnp.sum(jnp.where(is_pos, sims, 0.0), axis=-1)
     neg = jnp.max(jnp.where(is_pos, -jnp.inf, sims), axis=-1)
-    return weighted_mean(jax.nn.relu(neg - pos + margin), weights)
+    return jnp.mean(jax.nn.relu(neg - pos + margin))
 
 
 def cmm_loss(
     sims: jax.Array,
     zs_cos: jax.Array,
     labels: jax.Array,
-    weights: jax.Array,
     *,
     alpha: jax.Array,
     scale: jax.Array,
     lam: jax.Array,
     margin: jax.Array,
 ) -> jax.Array:
-    """CE on the CMM logits + lam * hardest-negative triplet. sims, zs_cos [B,C], labels, weights [B] -> scalar."""
-    ce = cross_entropy(cmm_logits(sims, zs_cos, alpha, scale), labels, weights)
-    return ce + lam * hardest_negative_triplet(sims, labels, margin, weights)
+    """CE on the CMM logits + lam * hardest-negative triplet. sims, zs_cos [B,C], labels [B] -> scalar."""
+    ce = cross_entropy(cmm_logits(sims, zs_cos, alpha, scale), labels)
+    return ce + lam * hardest_negative_triplet(sims, labels, margin)

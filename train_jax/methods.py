@@ -4,7 +4,7 @@ A *head* says how one kind of model is initialised, scored and trained for a sin
 
 - ``init(feats [N,D], labels [N], text [C,D]) -> (params, consts)``: trainable params and per-run constants;
 - ``logits(params, consts, feats [B,D], zs_cos [B,C], text [C,D], hp) -> [B,C]``;
-- ``loss(params, consts, feats [B,D], zs_cos [B,C], labels [B], weights [B], text [C,D], hp) -> scalar``.
+- ``loss(params, consts, feats [B,D], zs_cos [B,C], labels [B], text [C,D], hp) -> scalar`` (mean over B).
 
 ``zs_cos = v T^T`` is the zero-shot cosine, computed by the runner once (not per step); ``hp`` maps each of
 ``config.DYNAMIC_FIELDS`` to a scalar. Heads are frozen dataclasses: hashable, so they are static under jit.
@@ -40,7 +40,6 @@ class Head(Protocol):
         feats: jax.Array,
         zs_cos: jax.Array,
         labels: jax.Array,
-        weights: jax.Array,
         text: jax.Array,
         hp: Mapping,
     ) -> jax.Array: ...
@@ -63,10 +62,10 @@ class CMMHead:
     def logits(self, params, consts, feats, zs_cos, text, hp):
         return cmm_logits(self._sims(params, feats, text), zs_cos, hp["alpha"], hp["logit_scale"])
 
-    def loss(self, params, consts, feats, zs_cos, labels, weights, text, hp):
+    def loss(self, params, consts, feats, zs_cos, labels, text, hp):
         sims = self._sims(params, feats, text)
         return cmm_loss(
-            sims, zs_cos, labels, weights,
+            sims, zs_cos, labels,
             alpha=hp["alpha"], scale=hp["logit_scale"], lam=hp["lam"], margin=hp["margin"],
         )
 

@@ -126,11 +126,11 @@ def _train_stream(rows, seed, hp, pool_x, pool_y, zs_pool, text, *, head: Head, 
     def run_init(h):
         return params0, optimizer(h).init(params0), jnp.bool_(False), jnp.int32(-1), jnp.float32(jnp.nan)
 
-    def run_step(state, h, x, zs, y, w, e, b):
-        """One optimiser step of one run on the stream's batch x [B,D], zs [B,C], y [B], w [B]."""
+    def run_step(state, h, x, zs, y, e, b):
+        """One optimiser step of one run on the stream's batch x [B,D], zs [B,C], y [B]."""
         params, opt_state, failed, fail_step, last_loss = state
         opt = optimizer(h)
-        loss, grads = jax.value_and_grad(head.loss)(params, consts, x, zs, y, w, text, h)
+        loss, grads = jax.value_and_grad(head.loss)(params, consts, x, zs, y, text, h)
         updates, new_opt = opt.update(grads, opt_state, params)
         # finite params, grads, lr and weight decay give finite AdamW updates: checking them before the update
         # lets the update and the keep-or-skip choice be one pass over the params
@@ -146,7 +146,7 @@ def _train_stream(rows, seed, hp, pool_x, pool_y, zs_pool, text, *, head: Head, 
             jnp.where(take, loss, last_loss),
         )
 
-    step_runs = _over_runs(k, run_step, (0, 0) + (None,) * 6)
+    step_runs = _over_runs(k, run_step, (0, 0) + (None,) * 5)
     key = jax.random.PRNGKey(seed)
 
     def epoch(state, e):
@@ -158,7 +158,7 @@ def _train_stream(rows, seed, hp, pool_x, pool_y, zs_pool, text, *, head: Head, 
             r = rows[idx]
             x = pool_x[r, view[idx]]
             zs = zs_pool[r] if zs_pool is not None else x @ text.T
-            return step_runs(state, hp, x, zs, pool_y[r], jnp.ones(idx.shape, jnp.float32), e, b)
+            return step_runs(state, hp, x, zs, pool_y[r], e, b)
 
         batches = (jnp.arange(full), order[: full * batch].reshape(full, batch))
         state = jax.lax.scan(lambda s, a: (step(s, *a), None), state, batches)[0]
@@ -299,7 +299,7 @@ class _Placement:
         self.shared = NamedSharding(mesh, PartitionSpec())
 
     def split(self, tree: Tree, start: int, size: int) -> Tree:
-        """Rows [start, start+size) of every leaf, padded by repeating row ``start``, placed along the run (or stream) axis."""
+        """Rows [start, start+size) of every leaf, padded by repeating row ``start``, placed along the first axis."""
 
         def take(x):
             idx = np.arange(start, start + size)
