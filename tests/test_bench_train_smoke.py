@@ -29,15 +29,15 @@ def test_torch_baseline_trains_the_same_model_as_the_runner() -> None:
 
 
 def test_bench_train_runs(capsys: pytest.CaptureFixture) -> None:
-    argv = ["--case", "tiny", "--runs", "1,2", "--epochs", "2", "--dim", "8", "--repeats", "1", "--peak-size", "64",
-            "--no-torch"]
+    argv = ["--case", "tiny", "--runs", "1,2", "--epochs", "2", "--dim", "8", "--repeats", "1", "--rounds", "2",
+            "--peak-size", "64", "--no-torch"]
     assert bench_train.main(argv) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("train throughput (peak ") and "tiny S=2 takes" in out[-1]
     assert sum(line.startswith("| ") for line in out) == 3  # header and S = 1, 2
 
 
-@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--dim", "0"]])
+@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--dim", "0"], ["--rounds", "0"]])
 def test_bad_options_exit_2(argv: list[str], capsys: pytest.CaptureFixture) -> None:
     assert bench_train.main(argv) == 2
     assert capsys.readouterr().err.startswith("error: ")
