@@ -20,6 +20,14 @@ EXAMPLES = """examples:
   python -m extract info c.h5"""
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help, except where there is no default or the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if action.default is None or "default" in text else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of all three commands."""
     parser = argparse.ArgumentParser(prog="python -m extract", epilog=EXAMPLES,
@@ -28,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "into an HDF5 feature cache (schema: README.md, 'Cache schema').")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="extract features of a dataset into a cache",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              formatter_class=_HelpWithDefaults,
                               description="Extract L2-normalised image features of every split (plus augmented "
                                           "views of train) and text features of every class x template. Writes "
                                           "OUT.partial and renames it to OUT when done; rerun the same command to "

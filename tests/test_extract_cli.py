@@ -45,6 +45,9 @@ def test_help_explains_every_option() -> None:
     for name, sub in subparsers.items():
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+    run_help = " ".join(subparsers["run"].format_help().split())
+    assert "(default: 64)" in run_help and "(default: None)" not in run_help
+    assert "(default: all the dataset has)" in run_help and "has) (default" not in run_help
 
 
 def test_sharded_cli_then_merge_then_info(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
