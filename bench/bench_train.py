@@ -11,9 +11,9 @@ measurement's peak RSS, ru_maxrss, is its own):
 The loops run max(S) runs once; the time of a loop over S runs is its time after run S. JAX's trace + compile
 time (reported by jax.monitoring) is subtracted and shown apart; PyTorch gets one untimed warm-up step.
 GFLOP/s = useful matmul FLOPs (see `bench.train_problems.useful_flops`) / seconds, against the machine's peak: a
-4096 x 4096 float32 matmul in JAX, best of 3. "others' CPU %" is the share of the machine's CPU that other
-processes took during a measurement (above ~10% its time is noisy). Prints one table per case and a summary line
-with the targets.
+4096 x 4096 float32 matmul in JAX, measured in every round of every case, the best kept. "others' CPU %" is the
+share of the machine's CPU that other processes took during a measurement (above ~10% its time is noisy). Prints
+one table per case and a summary line with the targets.
 
     python -m bench.bench_train                     # all cases, ~8 min on 2 CPU cores
     python -m bench.bench_train --case small --runs 1,3,10,30 --epochs 20
@@ -62,21 +62,25 @@ def worker(module: str, *args: object) -> dict:
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "others": timing.others}
 
 
-def measure_case(case: Case, repeats: int, threads: int, torch_loop: bool, rounds: int) -> dict:
-    """Every measurement of one case: vmapped per S, the JAX loop and the PyTorch loop over max(S) runs; all of
-    them ``rounds`` times in turn, keeping each one's fastest round (so that a slow phase of a shared machine
-    hits every implementation alike)."""
+def measure_case(case: Case, repeats: int, threads: int, torch_loop: bool, rounds: int, peak_size: int) -> dict:
+    """Every measurement of one case: the ceilings (``peak``: matmul peak, the step's matmuls, memory bandwidth),
+    vmapped per S, the JAX loop and the PyTorch loop over max(S) runs; all of them ``rounds`` times in turn,
+    keeping each one's best round (the fastest time, the highest ceilings), so that a slow phase of a shared
+    machine hits every implementation and the peak alike."""
     spec, top = case.to_json(), max(case.runs)
-    jobs = [("vmapped", s, "train_worker_jax", ("vmapped", spec, s, repeats)) for s in case.runs]
+    jobs = [("peak", 0, "train_worker_jax", ("peak", spec, peak_size))]
+    jobs += [("vmapped", s, "train_worker_jax", ("vmapped", spec, s, repeats)) for s in case.runs]
     jobs.append(("jax_loop", top, "train_worker_jax", ("loop", spec, top, repeats)))
     if torch_loop:
         jobs.append(("torch_loop", top, "train_worker_torch", ("loop", spec, top, repeats, threads)))
     best: dict = {}
     with tqdm(jobs * rounds, desc=case.name, unit="measurement", leave=False) as bar:
         for name, s, module, args in bar:
-            bar.set_postfix_str(f"{name} S={s}")
+            bar.set_postfix_str(f"{name} S={s}" if s else name)
             result, old = worker(module, *args), best.get((name, s))
-            if old is None or result["seconds"][str(s)] < old["seconds"][str(s)]:
+            if name == "peak":
+                best[name, s] = {k: max(v, old[k]) if old else v for k, v in result.items()}
+            elif old is None or result["seconds"][str(s)] < old["seconds"][str(s)]:
                 best[name, s] = result
     return {"vmapped": {s: r for (name, s), r in best.items() if name == "vmapped"},
             **{name: r for (name, _), r in best.items() if name != "vmapped"}}
@@ -174,24 +178,26 @@ def main(argv: list[str] | None = None) -> int:
                  for name in ORDER if args.case in (name, "all")]
         print("\n".join(machine_lines(PACKAGES)))
         print(f"load average at start: {load_average():.2f}; PyTorch threads {args.threads}")
-        peaks = [worker("train_worker_jax", "peak", c.to_json(), args.peak_size) for c in cases]
-        peak = max(p["matmul_gflops"] for p in peaks)
-        bandwidth = max(p["memory_gbps"] for p in peaks)
-        line = (f"JAX matmul peak ({args.peak_size}^2 float32, best of 3): {peak:.0f} GFLOP/s; memory "
-                f"{bandwidth:.1f} GB/s")
         if not args.no_torch:
             torch_peak = worker("train_worker_torch", "peak", args.peak_size, args.threads)["matmul_gflops"]
-            line += f"; PyTorch, same matmul: {torch_peak:.0f} GFLOP/s"
-        print(line)
+            print(f"PyTorch matmul ({args.peak_size}^2 float32, best of 3): {torch_peak:.0f} GFLOP/s")
         results = {}
-        for case, p in zip(cases, peaks):
+        for case in cases:
             repeats = args.repeats or REPEATS[case.name]
-            results[case.name] = res = measure_case(case, repeats, args.threads, not args.no_torch, args.rounds)
-            top = max(case.runs)
+            results[case.name] = measure_case(case, repeats, args.threads, not args.no_torch, args.rounds,
+                                              args.peak_size)
+        peak = max(r["peak"]["matmul_gflops"] for r in results.values())
+        bandwidth = max(r["peak"]["memory_gbps"] for r in results.values())
+        print(f"JAX matmul peak ({args.peak_size}^2 float32, best of 3 per round, best over all rounds and cases): "
+              f"{peak:.0f} GFLOP/s; memory {bandwidth:.1f} GB/s")
+        for case in cases:
+            res, top = results[case.name], max(case.runs)
+            repeats = args.repeats or REPEATS[case.name]
             floor = top * case.steps * state_bytes(case) / bandwidth / 1e9
             print(f"\n{case.name}: {case.describe()}; useful {useful_flops(case) / 1e9:.3g} GFLOP per run; best of "
-                  f"{repeats} calls x {args.rounds} rounds; the step's matmuls alone: {p['step_gflops']:.0f} GFLOP/s; "
-                  f"AdamW state from memory at S={top}: >= {floor:.3g} s; others' CPU % during the loops: "
+                  f"{repeats} calls x {args.rounds} rounds; the step's matmuls alone: "
+                  f"{res['peak']['step_gflops']:.0f} GFLOP/s; AdamW state from memory at S={top}: >= {floor:.3g} s; "
+                  "others' CPU % during the loops: "
                   + ", ".join(f"{k} {100 * res[k]['others']:.0f}" for k in ("jax_loop", "torch_loop") if k in res))
             print(case_table(case, res, peak))
         print()
