@@ -38,7 +38,7 @@ from train_jax.methods import Head
 Tree = Any
 EVAL_BLOCK = 1024
 CPU_GROUP_BYTES = 4 << 20  # estimate_run_bytes of the streams a CPU trains together: about a share of its caches
-CPU_STREAM_BYTES = 32 << 20  # a stream's params, Adam moments and gradients on a CPU: about its last-level cache
+CPU_STREAM_BYTES = 16 << 20  # a stream's params, Adam moments and grads on a CPU: half a last-level cache
 CPU_STREAM_MIN_BATCH = 64  # smaller CPU steps are bound by elementwise work, which folding runs does not shrink
 STREAM_PADDING = 0.125  # plan_streams: at most this share of repeated runs to make the streams equal
 
@@ -251,7 +251,8 @@ def group_size(local_runs: int, per_run: int, platform: str) -> int:
 def stream_limit(n_params: int, batch: int, platform: str) -> int | None:
     """Most runs per stream: no limit (None) on an accelerator. On a CPU, folding runs into wider matmuls pays
     only while the stream's state (params, two Adam moments, gradients: 16 bytes per parameter and run) stays in
-    the last-level cache (``CPU_STREAM_BYTES``), and only for batches of ``CPU_STREAM_MIN_BATCH`` rows or more."""
+    the last-level cache next to the matmuls' operands (``CPU_STREAM_BYTES``), and only for batches of
+    ``CPU_STREAM_MIN_BATCH`` rows or more (smaller steps are bound by elementwise work)."""
     if platform != "cpu":
         return None
     return max(1, CPU_STREAM_BYTES // (16 * n_params)) if batch >= CPU_STREAM_MIN_BATCH else 1
