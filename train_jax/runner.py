@@ -228,24 +228,25 @@ def memory_budget(devices: Sequence[jax.Device]) -> int:
 
 
 def estimate_run_bytes(n_params: int, n_consts: int, batch: int, dim: int, classes: int, n_train: int) -> int:
-    """Rough peak bytes of one run: params, Adam moments, gradients and selected copies (x8), constants,
+    """Rough peak bytes of one run: params, Adam moments, gradients and updated copies (x8), constants,
     per-step activations and the epoch's index arrays."""
     return 4 * (8 * n_params + n_consts + batch * (6 * dim + 8 * classes) + 4 * n_train)
 
 
-def chunk_size(runs: int, per_run: int, budget: int, n_devices: int) -> int:
-    """Runs per chunk: as many as the budget allows, a multiple of the device count, no more than needed."""
-    fit = max(1, budget // max(per_run, 1)) // n_devices * n_devices
-    return min(max(fit, n_devices), math.ceil(runs / n_devices) * n_devices)
+def chunk_size(units: int, per_unit: int, budget: int, n_devices: int) -> int:
+    """Units (streams to train, runs to predict) per chunk: as many as the budget allows, a multiple of the device
+    count, no more than needed."""
+    fit = max(1, budget // max(per_unit, 1)) // n_devices * n_devices
+    return min(max(fit, n_devices), math.ceil(units / n_devices) * n_devices)
 
 
-def group_size(local_runs: int, per_run: int, platform: str) -> int:
-    """Runs a device trains together: all ``local_runs`` on an accelerator; on a CPU as many as fit in
-    ``CPU_GROUP_BYTES`` (at least 1), evened out so that equal groups cover the runs with the least padding."""
+def group_size(local: int, per_stream: int, platform: str) -> int:
+    """Streams a device trains together, of its ``local`` ones: all on an accelerator; on a CPU as many as fit in
+    ``CPU_GROUP_BYTES`` (at least 1), evened out so that equal groups cover them with the least padding."""
     if platform != "cpu":
-        return local_runs
-    fit = min(local_runs, max(1, CPU_GROUP_BYTES // max(per_run, 1)))
-    return math.ceil(local_runs / math.ceil(local_runs / fit))
+        return local
+    fit = min(local, max(1, CPU_GROUP_BYTES // max(per_stream, 1)))
+    return math.ceil(local / math.ceil(local / fit))
 
 
 def stream_limit(n_params: int, batch: int, platform: str) -> int | None:
@@ -316,9 +317,9 @@ def _gather(chunks: list[Tree], runs: int) -> Tree:
     return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs])[:runs], *chunks)
 
 
-def _plan(devices, runs: int, per_run: int, budget: int | None) -> tuple[_Placement, int]:
+def _plan(devices, units: int, per_unit: int, budget: int | None) -> tuple[_Placement, int]:
     devices = list(devices or jax.devices())
-    chunk = chunk_size(runs, per_run, memory_budget(devices) if budget is None else budget, len(devices))
+    chunk = chunk_size(units, per_unit, memory_budget(devices) if budget is None else budget, len(devices))
     return _Placement(devices), chunk
 
 
