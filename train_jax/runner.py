@@ -105,12 +105,12 @@ def _zero_shot_cos(pool_x: jax.Array, text: jax.Array) -> jax.Array:
 
 def _over_runs(k: int, fn: Callable, in_axes: tuple) -> Callable:
     """``fn`` of one run applied to a stream's k runs: vmapped (``in_axes``: 0 per run, None shared) for k > 1;
-    for k = 1 the plain call on the squeezed run (a size-1 vmap axis costs XLA copies and slower kernels)."""
+    for k = 1 ``fn`` itself, which the caller gives the run's arrays without their size-1 axis (a size-1 vmap axis
+    costs XLA copies and slower kernels)."""
     return jax.vmap(fn, in_axes=in_axes) if k > 1 else fn
 
 
-def _train_stream(rows, seed, hp, pool_x, pool_y, zs_pool, text, *, head: Head, batch: int, steps_per_epoch: int,
-                  max_epochs: int):
+def _train_stream(rows, seed, hp, pool_x, pool_y, zs_pool, text, *, head: Head, batch: int, max_epochs: int):
     """Initialise and train the k runs of one stream -> (params, consts, failed, fail_step, last loss), leading
     axis k. rows [N] into the pool and seed (batch order, view draws) are the stream's, hp: field -> [k]. Every
     step draws one batch for all k runs. pool_x [M,V,D]; zs_pool [M,C] (= pool_x[:,0] T^T) or None when V > 1
@@ -120,6 +120,7 @@ def _train_stream(rows, seed, hp, pool_x, pool_y, zs_pool, text, *, head: Head, 
     hp = hp if k > 1 else jax.tree.map(lambda x: x[0], hp)
     n, views = rows.shape[0], pool_x.shape[1]
     full, rest = divmod(n, batch)  # full batches per epoch, and the size of a smaller last one (0: none)
+    steps_per_epoch = full + (rest > 0)
     params0, consts = head.init(jnp.mean(pool_x[rows], axis=1), pool_y[rows], text)  # the same for all k runs
     optimizer = lambda h: make_optimizer(h, (h["epochs"] * steps_per_epoch).astype(jnp.float32))  # noqa: E731
 
@@ -195,12 +196,10 @@ def _train_local(rows, seeds, hp, pool_x, pool_y, zs_pool, text, *, one: Callabl
 
 
 @functools.lru_cache(maxsize=None)
-def _train_program(head: Head, batch: int, steps_per_epoch: int, max_epochs: int, streams: NamedSharding,
-                   group: int) -> Callable:
+def _train_program(head: Head, batch: int, max_epochs: int, streams: NamedSharding, group: int) -> Callable:
     """The jitted training program for one head and static shape settings, outputs split along the stream axis
     (``streams``); each device trains its share in groups of ``group`` streams; jax caches its compilations."""
-    one = functools.partial(_train_stream, head=head, batch=batch, steps_per_epoch=steps_per_epoch,
-                            max_epochs=max_epochs)
+    one = functools.partial(_train_stream, head=head, batch=batch, max_epochs=max_epochs)
     local = functools.partial(_train_local, one=one, group=group)
     split, shared = streams.spec, PartitionSpec()
     per_device = jax.shard_map(local, mesh=streams.mesh, in_specs=(split,) * 3 + (shared,) * 4, out_specs=split,
@@ -346,7 +345,6 @@ def train_runs(
     """
     runs, n = rows.shape
     batch = min(batch_size, n)
-    steps_per_epoch = math.ceil(n / batch)
     max_epochs = int(np.max(hp["epochs"]))
     pool_x = pool.features if use_aug else pool.features[:, :1]
     shapes = jax.eval_shape(lambda: head.init(pool_x[: n, 0], pool.labels[:n], text))
@@ -361,7 +359,7 @@ def train_runs(
     n_devices = placement.runs.mesh.size
     group = group_size(chunk // n_devices, per_stream, platform)
     chunk = math.ceil(chunk // n_devices / group) * group * n_devices  # equal groups (padded like the last chunk)
-    train = _train_program(head, batch, steps_per_epoch, max_epochs, placement.runs, group)
+    train = _train_program(head, batch, max_epochs, placement.runs, group)
 
     pool_x, pool_y, text_d = placement.replicate((pool_x, pool.labels.astype(np.int32), text))
     zs_pool = None if use_aug else _zero_shot_cos(pool_x, text_d)
