@@ -2,9 +2,9 @@
 
 A synthetic cache as RN50 16-shot ImageNet gives it: 16,000 train and 50,000 test features of dim 1024, 1000
 classes x 8 templates of text features; once per storage dtype (float32, float16). Timed per dtype:
-  write        `extract.cache.write_cache`, the whole cache in one call (tests, synthetic benches, merge);
+  write        `data.cache.write_cache`, the whole cache in one call (tests, synthetic benches, merge);
   incremental  `CacheWriter`: open, text, rows in batches of 256, finalize (what extraction does);
-  read         `extract.cache.read_cache`, with validation, from the page cache (just written);
+  read         `data.cache.read_cache`, with validation, from the page cache (just written);
   read, cold   the same after asking the OS to drop the file from its page cache (posix_fadvise; best effort).
 Each is timed --repeats times and the best is kept (the machines are noisy). MB/s = file size / seconds
 (MB = 10^6 bytes). Writes are timed up to the file's close, without fsync.
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import format_table, machine_lines, run_in_folder, timed
-from extract.cache import CacheError, CacheWriter, l2_normalize, read_cache, write_cache
+from data.cache import CacheError, CacheWriter, l2_normalize, read_cache, write_cache
 
 PACKAGES = ["h5py", "numpy"]
 DTYPES = ("float32", "float16")

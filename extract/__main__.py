@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from extract.cache import FORMAT, CacheError, read_attrs, read_cache
+from data.cache import FORMAT, CacheError, read_attrs, read_cache
 
 EXAMPLES = """examples:
   python -m extract run --folder imgs/ --model ViT-B-32-quickgelu --pretrained ~/weights/ViT-B-32.pt --out c.h5

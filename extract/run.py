@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from extract.augment import AugmentedViews
-from extract.cache import DEFAULT_ATTRS, IDENTITY_ATTRS, CacheWriter, read_attrs
+from data.cache import DEFAULT_ATTRS, IDENTITY_ATTRS, CacheWriter, read_attrs
 from extract.datasets import DatasetSpec
 from extract.encode import encode_images, encode_texts, make_loader
 from extract.errors import ExtractError

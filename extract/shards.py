@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from extract.cache import BAD, DEFAULT_ATTRS, IDENTITY_ATTRS, OK, CacheWriter, read_cache
+from data.cache import BAD, DEFAULT_ATTRS, IDENTITY_ATTRS, OK, CacheWriter, read_cache
 from extract.errors import ExtractError
 
 MERGE_CHUNK = 8192  # rows copied at a time

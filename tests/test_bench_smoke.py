@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bench import bench_cache_io, bench_extract
-from extract.cache import read_cache
+from data.cache import read_cache
 from extract.models import BUNDLED_CONFIGS
 
 

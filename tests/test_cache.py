@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from extract.cache import (CacheError, CacheWriter, l2_normalize, partial_path, read_attrs, read_cache,
+from data.cache import (CacheError, CacheWriter, l2_normalize, partial_path, read_attrs, read_cache,
                            write_cache)
 
 CLASSES = ["cat", "dog", "newt"]

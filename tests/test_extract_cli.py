@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from extract.__main__ import build_parser, main
-from extract.cache import partial_path, read_cache
+from data.cache import partial_path, read_cache
 from helpers_extract import TINY, digest, make_class_folder
 
 REPO = Path(__file__).resolve().parents[1]

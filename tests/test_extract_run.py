@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from extract import datasets
-from extract.cache import CacheError, partial_path, read_attrs, read_cache
+from data.cache import CacheError, partial_path, read_attrs, read_cache
 from extract.errors import ExtractError
 from extract.run import run_extraction
 from extract.shards import Shard, merge_shards, parse_shard, shard_path, shard_rows

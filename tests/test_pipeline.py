@@ -76,3 +76,11 @@ def test_train_jax_never_imports_torch() -> None:
 def test_extract_never_imports_jax() -> None:
     modules = _imported("import extract.__main__, extract.run, extract.encode")
     assert "torch" in modules and "jax" not in modules
+
+
+def test_stages_import_only_data_not_each_other() -> None:
+    """train_jax and extract stand on data/ (the cache contract and the few-shot draw), never on each other."""
+    trained = _imported("import train_jax.__main__, train_jax.report, train_jax.runner, train_jax.experiment")
+    assert "data.cache" in trained and not any(m == "extract" or m.startswith("extract.") for m in trained)
+    extracted = _imported("import extract.__main__, extract.run, extract.shards")
+    assert "data.cache" in extracted and not any(m == "train_jax" or m.startswith("train_jax.") for m in extracted)

@@ -66,7 +66,7 @@ def test_outputs_written(run):
 
 def test_params_reload_and_reproduce_accuracy(run):
     world, cache, _, out, _ = run
-    from extract.cache import read_cache
+    from data.cache import read_cache
 
     learned = report.load_params(out / "params" / "2shot.npz")
     assert set(learned) == {f"{m}/seed{s}" for m in ("zeroshot", "linear_probe", "cmm_ce", "cmm") for s in (1, 2)}
@@ -85,7 +85,7 @@ def test_params_reload_and_reproduce_accuracy(run):
 
 def test_shift_evaluated_on_mapped_class_subset(run):
     world, _, shift, out, _ = run
-    from extract.cache import read_cache
+    from data.cache import read_cache
 
     test = read_cache(shift).splits["test"]
     zero_shot = np.argmax(test.features @ world.text[SHIFT_CLASSES].T, axis=1)
@@ -140,7 +140,7 @@ def test_diverging_runs_are_reported_and_excluded(run, tmp_path, capsys):
 
 
 def test_results_do_not_depend_on_the_cache_row_order(run, tmp_path):
-    from extract.cache import read_cache, write_cache
+    from data.cache import read_cache, write_cache
     from train_jax.config import Settings
     from train_jax.experiment import load_task, run_shots
 

@@ -100,5 +100,7 @@ def test_folded_stream_equals_each_setting_alone(head, use_aug):
         alone = train({f: v[i:i + 1] for f, v in hp.items()}, rows[:1], 1)
         for a, b in zip(jax.tree.leaves((folded.params, folded.consts)), jax.tree.leaves((alone.params, alone.consts))):
             np.testing.assert_allclose(a[i], b[0], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(folded.final_loss[i], alone.final_loss[0], rtol=1e-5)
+        # the loss of a near-perfect fit is ~1e-3: its float32 rounding is absolute (~1 ulp of the logits'
+        # log-sum-exp), so it gets the params' absolute tolerance too
+        np.testing.assert_allclose(folded.final_loss[i], alone.final_loss[0], rtol=1e-5, atol=1e-6)
     assert not np.allclose(jax.tree.leaves(folded.params)[0][0], jax.tree.leaves(folded.params)[0][1])

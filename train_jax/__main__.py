@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from extract.cache import CacheError
+from data.cache import CacheError
+from data.errors import DataError
 from train_jax.config import ALIASES_OUT, DEFAULT_GRID, Settings, expand_grid, grid_to_json, parse_grid
 from train_jax.errors import TrainError
 from train_jax.methods import DEFAULT_METHODS, METHODS
@@ -131,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         out = run(args)
-    except (TrainError, CacheError) as e:
+    except (TrainError, CacheError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"results in {out}")

@@ -11,8 +11,9 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from extract.cache import FeatureCache, read_cache
-from train_jax import evaluate, sampling
+from data.cache import FeatureCache, read_cache
+from data import fewshot
+from train_jax import evaluate
 from train_jax.config import Settings
 from train_jax.errors import TrainError
 from train_jax.methods import METHODS
@@ -103,12 +104,12 @@ def _sample(task: Task, shots: int, seeds: Sequence[int]) -> tuple[dict[int, np.
     """Train rows and validation rows of every seed; the validation split (the train split if there is none)."""
     cache = task.cache
     train, names = cache.splits["train"], cache.classnames
-    picks = {s: sampling.sample_shots(train.labels, train.paths, names, shots, s) for s in seeds}
+    picks = {s: fewshot.sample_shots(train.labels, train.paths, names, shots, s) for s in seeds}
     val = cache.splits.get("val")
     if val is not None and len(val.labels):
-        return picks, val, {s: sampling.sample_val(val.labels, val.paths, len(names), shots, s) for s in seeds}
+        return picks, val, {s: fewshot.sample_val(val.labels, val.paths, len(names), shots, s) for s in seeds}
     return picks, train, {
-        s: sampling.sample_val_from_train(train.labels, train.paths, names, shots, s, picks[s]) for s in seeds
+        s: fewshot.sample_val_from_train(train.labels, train.paths, names, shots, s, picks[s]) for s in seeds
     }
 
 

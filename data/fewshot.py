@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from train_jax.errors import TrainError
+from data.errors import DataError
 
 VAL_SHOTS_MAX = 4
 
@@ -36,12 +36,12 @@ def sample_shots(
 ) -> np.ndarray:
     """K rows per class of one split. labels [N], paths [N] -> row ids [C*K], class-major.
 
-    Raises TrainError naming the first class with fewer than K images.
+    Raises DataError naming the first class with fewer than K images.
     """
     per_class = _class_rows(labels, paths, len(classnames))
     for c, rows in enumerate(per_class):
         if len(rows) < shots:
-            raise TrainError(
+            raise DataError(
                 f"{shots} shots requested but class {classnames[c]!r} has only {len(rows)} {split} images; "
                 f"use --shots <= {min(len(r) for r in per_class)}"
             )
@@ -72,7 +72,7 @@ def sample_val_from_train(
     for c, rows in enumerate(per_class):
         rows = rows[unused[rows]]
         if len(rows) < k:
-            raise TrainError(
+            raise DataError(
                 f"class {classnames[c]!r} has {len(rows)} train images left after {shots} shots, fewer than the "
                 f"{k} validation images needed (the cache has no val split); use fewer --shots"
             )

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from train_jax.errors import TrainError
-from train_jax.sampling import sample_shots, sample_val, sample_val_from_train
+from data.errors import DataError
+from data.fewshot import sample_shots, sample_val, sample_val_from_train
 
 CLASSES = ["cat", "dog", "newt"]
 
@@ -49,12 +49,12 @@ def test_val_from_train_avoids_the_shots():
     val = sample_val_from_train(labels, paths, CLASSES, 3, 2, shots)
     assert np.bincount(labels[val]).tolist() == [3, 3, 3]
     assert not set(val.tolist()) & set(shots.tolist())
-    with pytest.raises(TrainError, match="class 'cat' has 2 train images left after 7 shots"):
+    with pytest.raises(DataError, match="class 'cat' has 2 train images left after 7 shots"):
         sample_val_from_train(labels, paths, CLASSES, 7, 2, sample_shots(labels, paths, CLASSES, 7, seed=2))
 
 
 def test_too_many_shots_names_the_class():
     labels, paths = _split()
     message = r"8 shots requested but class 'dog' has only 7 train images; use --shots <= 7"
-    with pytest.raises(TrainError, match=message):
+    with pytest.raises(DataError, match=message):
         sample_shots(labels, paths, CLASSES, 8, seed=1)

@@ -1,6 +1,6 @@
 """The HDF5 feature cache: the contract between `extract` and `train_jax` (schema: README, "Cache schema").
 
-Needs only h5py + numpy, so `train_jax` can import it without torch.
+Needs only h5py + numpy: both stages read and write caches through this module, neither through the other.
 """
 from __future__ import annotations
 
