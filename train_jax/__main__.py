@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from data.cache import CacheError
 from data.errors import DataError
+from train_jax import compile_cache
 from train_jax.config import ALIASES_OUT, DEFAULT_GRID, Settings, expand_grid, grid_to_json, parse_grid
 from train_jax.errors import TrainError
 from train_jax.methods import DEFAULT_METHODS, METHODS
@@ -28,7 +29,8 @@ Grid keys: lr, weight_decay (wd), alpha, lambda (triplet weight), margin (cosine
 Methods:
 {_METHODS_HELP}
 Outputs in --out: results.json, results.csv, results.md, accuracy_vs_shots.png, params/<K>shot.npz
-(train_jax.report.load_params), shots/<K>shot.json (finished shots, skipped when rerun).
+(train_jax.report.load_params), shots/<K>shot.json (finished shots, skipped when rerun), compile.json (programs
+compiled by the last invocation and seconds spent compiling).
 """
 
 
@@ -58,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory for the run axis; more runs are cut into chunks (default: half the free memory)")
     p.add_argument("--devices", type=int, default=None,
                    help="use the first N JAX devices to shard the run axis (default: all)")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help=f"JAX's persistent compilation cache (default: ${compile_cache.ENV}, else "
+                        "$XDG_CACHE_HOME/cmm/jax or ~/.cache/cmm/jax): a rerun compiles nothing")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help=f"compile without the persistent cache (as {compile_cache.ENV}=off)")
     return p
 
 
@@ -86,6 +93,8 @@ def run(args: argparse.Namespace) -> Path:
 
     from train_jax import experiment, report
 
+    compile_cache.enable(compile_cache.cache_dir(args.compile_cache, args.no_compile_cache))
+    compiled_before = compile_cache.stats()
     grid = parse_grid(args.grid) if args.grid else dict(DEFAULT_GRID)
     settings = expand_grid(grid)
     shots, seeds, methods = sorted(set(args.shots)), list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.methods))
@@ -112,7 +121,8 @@ def run(args: argparse.Namespace) -> Path:
         if done.exists():
             print(f"{task.dataset} {k}-shot: already in {done}, skipped")
             continue
-        result = experiment.run_shots(task, k, seeds, methods, settings, label_keys, budget=budget, devices=devices)
+        result = experiment.run_shots(task, k, seeds, methods, settings, label_keys, budget=budget, devices=devices,
+                                      max_shots=max(shots))
         report.save_params(out / "params" / f"{k}shot.npz", result.learned)
         _write_json(done, result.records)
         for r in result.records:
@@ -124,6 +134,9 @@ def run(args: argparse.Namespace) -> Path:
             print(f"{task.dataset} {k}-shot {row['method']}: {acc}")
     records = [r for f in sorted((out / "shots").glob("*shot.json")) for r in json.loads(f.read_text())]
     report.write_run_dir(out, task.dataset, config, records)
+    compiled = compile_cache.stats() - compiled_before
+    _write_json(out / "compile.json", compiled.to_dict())
+    print(f"{task.dataset}: {compiled.line()}")
     return out
 
 

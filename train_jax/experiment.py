@@ -17,7 +17,7 @@ from train_jax import evaluate
 from train_jax.config import Settings
 from train_jax.errors import TrainError
 from train_jax.methods import METHODS
-from train_jax.runner import Pool, Trained, hparam_arrays, predict_runs, train_runs
+from train_jax.runner import Pool, Trained, hparam_arrays, predict_runs, shot_buckets, train_runs
 
 # Attributes that must agree between the training cache and a shift cache (same encoder, same feature space).
 MODEL_ATTRS = ("model", "pretrained", "weights_sha256", "model_config", "embed_dim")
@@ -143,9 +143,12 @@ def run_shots(
     *,
     budget: int | None = None,
     devices: Sequence[jax.Device] | None = None,
+    max_shots: int | None = None,
 ) -> ShotResult:
     """Train and evaluate every (method, seed, setting) run for K = ``shots``; ``grid`` is the user's settings
-    list (each method restricts it, see ``Method.settings``); ``label_keys`` name the fields shown as ``setting``."""
+    list (each method restricts it, see ``Method.settings``); ``label_keys`` name the fields shown as ``setting``;
+    ``max_shots`` (default ``shots``): the largest K of the sweep, whose shapes the programs are compiled for, so
+    that every K up to it reuses them."""
     runs = [_Run(m, s, st) for m in methods for s in seeds for st in METHODS[m].settings(list(grid))]
     picks, val_split, val_rows = _sample(task, shots, seeds)
     pool_rows = np.unique(np.concatenate(list(picks.values())))
@@ -155,6 +158,8 @@ def run_shots(
     members = {s: np.isin(val_union, val_rows[s]) for s in seeds}
     test = task.cache.splits["test"]
     test_feats = _normalize(test.features)
+    buckets = shot_buckets(max(shots, max_shots or shots), len(task.text), len(seeds),
+                           len(task.cache.splits["train"].labels))
 
     groups: dict[tuple, list[int]] = {}
     for i, run in enumerate(runs):
@@ -172,7 +177,7 @@ def run_shots(
         seeds_arr = np.array([r.seed for r in group])
         desc = f"{task.dataset} {shots}-shot {type(head).__name__}"
         trained = train_runs(head, hp, rows, seeds_arr, pool, task.text, batch_size=batch_size, use_aug=use_aug,
-                             budget=budget, devices=devices, desc=desc)
+                             buckets=buckets, budget=budget, devices=devices, desc=desc)
         val_pred = predict_runs(head, trained, hp, val_feats, task.text, budget=budget, devices=devices, desc="val")
         val_acc[idx] = evaluate.subset_accuracy(val_pred, val_labels, np.stack([members[r.seed] for r in group]))
         test_pred = predict_runs(head, trained, hp, test_feats, task.text, budget=budget, devices=devices, desc="test")

@@ -110,28 +110,58 @@ def _over_runs(k: int, fn: Callable, in_axes: tuple) -> Callable:
     return jax.vmap(fn, in_axes=in_axes) if k > 1 else fn
 
 
-def _train_stream(rows, seed, hp, pool_x, pool_y, zs_pool, text, *, head: Head, batch: int, max_epochs: int):
+def shuffle_rounds(n: int | np.ndarray) -> int | np.ndarray:
+    """Sorting rounds of ``jax.random.permutation`` for n elements (jax's static rule, here as numpy)."""
+    return np.ceil(3 * np.log(np.maximum(1, n)) / np.log(np.iinfo(np.uint32).max)).astype(int)
+
+
+def permutation_prefix(key: jax.Array, n: jax.Array, size: int) -> jax.Array:
+    """``jax.random.permutation(key, n)`` for a traced n <= size, padded to [size] (positions n.. hold n..size-1):
+    jax's own draws (rounds of stable sorts by random 32-bit keys, as many rounds as jax takes for n), with the
+    keys of padded positions set to the largest value so that they sort last and leave the first n as they were."""
+    rounds = shuffle_rounds(np.arange(size + 1))
+    x = pos = jnp.arange(size)
+    for r in range(int(rounds[-1])):
+        key, sub = jax.random.split(key)
+        keys = jnp.where(pos < n, jax.random.bits(sub, (size,), jnp.uint32), jnp.uint32(0xFFFFFFFF))
+        x = jnp.where(n >= int(np.argmax(rounds > r)), jax.lax.sort_key_val(keys, x)[1], x)
+    return x
+
+
+def _masked_loss(head: Head, params, consts, x, zs, y, valid, text, hp) -> jax.Array:
+    """``head.loss`` over the valid rows of a padded batch x [B,D], zs [B,C], y [B], valid [B] bool: a head's loss
+    is a mean over rows, so this is the mean of its one-row losses where valid; padded rows get no gradient."""
+    one = lambda xi, zi, yi: head.loss(params, consts, xi[None], zi[None], yi[None], text, hp)  # noqa: E731
+    per_row = jax.vmap(one)(x, zs, y)
+    return jnp.sum(jnp.where(valid, per_row, 0.0)) / jnp.sum(valid)
+
+
+def _train_stream(rows, seed, hp, n, pool_x, pool_y, zs_pool, text, *, head: Head, batch: int, max_epochs: int):
     """Initialise and train the k runs of one stream -> (params, consts, failed, fail_step, last loss), leading
-    axis k. rows [N] into the pool and seed (batch order, view draws) are the stream's, hp: field -> [k]. Every
-    step draws one batch for all k runs. pool_x [M,V,D]; zs_pool [M,C] (= pool_x[:,0] T^T) or None when V > 1
-    (then the zero-shot cosine of the drawn view is computed per step). Each run's AdamW state starts (zeros) and
-    ends here: nothing outside needs it."""
+    axis k. rows [N] into the pool and seed (batch order, view draws) are the stream's, hp: field -> [k]; only the
+    first n (a traced scalar, shared by all streams) of the N rows are the run's, the rest pad it to the program's
+    shape: they draw in no batch order, and rows of a batch past n are masked out of the loss. Every step draws one
+    batch for all k runs; an epoch has ceil(n / batch) steps, the last one possibly of fewer valid rows; steps of
+    the N rows' epoch beyond that are skipped. pool_x [M,V,D]; zs_pool [M,C] (= pool_x[:,0] T^T) or None when
+    V > 1 (then the zero-shot cosine of the drawn view is computed per step). Each run's AdamW state starts (zeros)
+    and ends here: nothing outside needs it."""
     k = hp["lr"].shape[0]
     hp = hp if k > 1 else jax.tree.map(lambda x: x[0], hp)
-    n, views = rows.shape[0], pool_x.shape[1]
-    full, rest = divmod(n, batch)  # full batches per epoch, and the size of a smaller last one (0: none)
-    steps_per_epoch = full + (rest > 0)
+    size, views = rows.shape[0], pool_x.shape[1]
+    max_steps = math.ceil(size / batch)
+    steps_per_epoch = (n + batch - 1) // batch
     params0, consts = head.init(jnp.mean(pool_x[rows], axis=1), pool_y[rows], text)  # the same for all k runs
     optimizer = lambda h: make_optimizer(h, (h["epochs"] * steps_per_epoch).astype(jnp.float32))  # noqa: E731
 
     def run_init(h):
         return params0, optimizer(h).init(params0), jnp.bool_(False), jnp.int32(-1), jnp.float32(jnp.nan)
 
-    def run_step(state, h, x, zs, y, e, b):
-        """One optimiser step of one run on the stream's batch x [B,D], zs [B,C], y [B]."""
+    def run_step(state, h, x, zs, y, valid, e, b):
+        """One optimiser step of one run on the stream's batch x [B,D], zs [B,C], y [B] (valid [B]: real rows)."""
         params, opt_state, failed, fail_step, last_loss = state
         opt = optimizer(h)
-        loss, grads = jax.value_and_grad(head.loss)(params, consts, x, zs, y, text, h)
+        loss, grads = jax.value_and_grad(functools.partial(_masked_loss, head))(params, consts, x, zs, y, valid,
+                                                                                 text, h)
         updates, new_opt = opt.update(grads, opt_state, params)
         # finite params, grads, lr and weight decay give finite AdamW updates: checking them before the update
         # lets the update and the keep-or-skip choice be one pass over the params
@@ -147,25 +177,27 @@ def _train_stream(rows, seed, hp, pool_x, pool_y, zs_pool, text, *, head: Head, 
             jnp.where(take, loss, last_loss),
         )
 
-    step_runs = _over_runs(k, run_step, (0, 0) + (None,) * 5)
+    step_runs = _over_runs(k, run_step, (0, 0) + (None,) * 6)
     key = jax.random.PRNGKey(seed)
 
     def epoch(state, e):
         k_perm, k_view = jax.random.split(jax.random.fold_in(key, e))
-        order = jax.random.permutation(k_perm, n) if steps_per_epoch > 1 else jnp.arange(n)
-        view = jax.random.randint(k_view, (n,), 0, views) if views > 1 else jnp.zeros(n, jnp.int32)
+        order = jnp.where(steps_per_epoch > 1, permutation_prefix(k_perm, n, size), jnp.arange(size))
+        view = jax.random.randint(k_view, (size,), 0, views) if views > 1 else jnp.zeros(size, jnp.int32)
+        order = jnp.pad(order, (0, max_steps * batch - size))  # equal batches; the padding is masked out
 
         def step(state, b, idx):
             r = rows[idx]
             x = pool_x[r, view[idx]]
             zs = zs_pool[r] if zs_pool is not None else x @ text.T
-            return step_runs(state, hp, x, zs, pool_y[r], e, b)
+            valid = b * batch + jnp.arange(batch) < n
+            return step_runs(state, hp, x, zs, pool_y[r], valid, e, b)
 
-        batches = (jnp.arange(full), order[: full * batch].reshape(full, batch))
-        state = jax.lax.scan(lambda s, a: (step(s, *a), None), state, batches)[0]
-        if rest:  # the last batch of the epoch is smaller: a step of its own shape, no padding rows to compute
-            state = step(state, full, order[full * batch:])
-        return state, None
+        def maybe_step(state, a):  # n is shared by all streams and runs: a real branch, not a select
+            return jax.lax.cond(a[0] < steps_per_epoch, lambda s: step(s, *a), lambda s: s, state), None
+
+        batches = (jnp.arange(max_steps), order.reshape(max_steps, batch))
+        return jax.lax.scan(maybe_step, state, batches)[0], None
 
     state, _ = jax.lax.scan(epoch, _over_runs(k, run_init, (0,))(hp), jnp.arange(max_epochs))
     params, _, failed, fail_step, last_loss = state
@@ -185,10 +217,10 @@ def _predict_one(params, consts, hp, blocks, classes, text, *, head: Head):
     return jax.lax.scan(block, None, blocks)[1].reshape(-1)
 
 
-def _train_local(rows, seeds, hp, pool_x, pool_y, zs_pool, text, *, one: Callable, group: int):
+def _train_local(rows, seeds, hp, n, pool_x, pool_y, zs_pool, text, *, one: Callable, group: int):
     """Train one device's streams (leading axis R of the first three arguments), ``group`` at a time: one by one
     (a scan), all at once (vmap), or in vmapped groups of ``group`` (R a multiple of it)."""
-    train = lambda a: one(*a, pool_x, pool_y, zs_pool, text)  # noqa: E731
+    train = lambda a: one(*a, n, pool_x, pool_y, zs_pool, text)  # noqa: E731
     per_stream = (rows, seeds, hp)
     if group > 1 and group >= len(seeds):
         return jax.vmap(train)(per_stream)
@@ -202,7 +234,7 @@ def _train_program(head: Head, batch: int, max_epochs: int, streams: NamedShardi
     one = functools.partial(_train_stream, head=head, batch=batch, max_epochs=max_epochs)
     local = functools.partial(_train_local, one=one, group=group)
     split, shared = streams.spec, PartitionSpec()
-    per_device = jax.shard_map(local, mesh=streams.mesh, in_specs=(split,) * 3 + (shared,) * 4, out_specs=split,
+    per_device = jax.shard_map(local, mesh=streams.mesh, in_specs=(split,) * 3 + (shared,) * 5, out_specs=split,
                                check_vma=False)  # no collectives: the devices' streams are independent
     return jax.jit(per_device, out_shardings=streams)
 
@@ -322,6 +354,31 @@ def _plan(devices, units: int, per_unit: int, budget: int | None) -> tuple[_Plac
     return _Placement(devices), chunk
 
 
+@dataclass(frozen=True)
+class Buckets:
+    """Sizes a training program is compiled for, so that one program serves every shot count: rows per run
+    (padded rows are masked out; heads whose parameters' shapes depend on the rows, Tip-Adapter's keys, keep
+    their own) and pool rows (padded with zero rows no run indexes). Sizes below the actual ones are ignored."""
+
+    rows: int = 0
+    pool: int = 0
+
+
+def shot_buckets(max_shots: int, classes: int, seeds: int, train_rows: int) -> Buckets:
+    """Buckets serving every shot count up to ``max_shots``: rows per run max_shots * classes; pool rows: the
+    most the seeds' draws can cover, min(train_rows, seeds * max_shots * classes)."""
+    return Buckets(max_shots * classes, min(train_rows, seeds * max_shots * classes))
+
+
+def _rows_shape_free(head: Head, n: int, dim: int, text: np.ndarray) -> bool:
+    """Whether ``head.init``'s outputs have the same shapes for n and n + 1 training rows."""
+    def shapes(m):
+        feats, labels = jax.ShapeDtypeStruct((m, dim), jnp.float32), jax.ShapeDtypeStruct((m,), jnp.int32)
+        return jax.tree.map(lambda x: x.shape, jax.eval_shape(head.init, feats, labels, text))
+
+    return shapes(n) == shapes(n + 1)
+
+
 def train_runs(
     head: Head,
     hp: Mapping[str, np.ndarray],
@@ -332,6 +389,7 @@ def train_runs(
     *,
     batch_size: int,
     use_aug: bool,
+    buckets: Buckets = Buckets(),
     budget: int | None = None,
     devices: Sequence[jax.Device] | None = None,
     max_stream: int | None = None,
@@ -340,34 +398,43 @@ def train_runs(
     """Train S runs of ``head``. hp: field -> [S] (see ``hparam_arrays``); rows [S,N] int indices into the pool
     (N equal for all runs); seeds [S] int (batch order, view draws); text [C,D] prototypes. Without ``use_aug``
     only view 0 of the pool is used and the zero-shot cosines are precomputed once for the whole pool.
+    ``buckets``: padded sizes to compile for (default: the actual ones; the runs' results do not depend on them);
     ``budget``: bytes for the run axis (default ``memory_budget``); ``devices``: default all JAX devices;
     ``max_stream``: most runs per stream (default ``stream_limit``).
     """
     runs, n = rows.shape
-    batch = min(batch_size, n)
+    dim = pool.features.shape[2]
+    size = max(n, buckets.rows) if _rows_shape_free(head, n, dim, text) else n
+    batch = min(batch_size, size)
     max_epochs = int(np.max(hp["epochs"]))
-    pool_x = pool.features if use_aug else pool.features[:, :1]
-    shapes = jax.eval_shape(lambda: head.init(pool_x[: n, 0], pool.labels[:n], text))
+    shapes = jax.eval_shape(head.init, jax.ShapeDtypeStruct((size, dim), jnp.float32),
+                            jax.ShapeDtypeStruct((size,), jnp.int32), text)
     n_params, n_consts = (sum(x.size for x in jax.tree.leaves(t)) for t in shapes)
     devices = list(devices or jax.devices())
     platform = devices[0].platform
     limit = stream_limit(n_params, batch, platform) if max_stream is None else max_stream
-    streams = plan_streams(np.asarray(rows, np.int32), np.asarray(seeds, np.int32), limit)
+    rows = np.asarray(rows, np.int32)
+    rows = np.concatenate([rows, np.repeat(rows[:, :1], size - n, axis=1)], axis=1)  # pads repeat a run's row
+    streams = plan_streams(rows, np.asarray(seeds, np.int32), limit)
     n_streams, k = streams.index.shape
-    per_stream = k * estimate_run_bytes(n_params, n_consts, batch, text.shape[1], text.shape[0], n)
+    per_stream = k * estimate_run_bytes(n_params, n_consts, batch, dim, text.shape[0], size)
     placement, chunk = _plan(devices, n_streams, per_stream, budget)
     n_devices = placement.runs.mesh.size
     group = group_size(chunk // n_devices, per_stream, platform)
     chunk = math.ceil(chunk // n_devices / group) * group * n_devices  # equal groups (padded like the last chunk)
     train = _train_program(head, batch, max_epochs, placement.runs, group)
 
-    pool_x, pool_y, text_d = placement.replicate((pool_x, pool.labels.astype(np.int32), text))
+    pad = max(0, buckets.pool - len(pool.labels))
+    pool_x = pool.features if use_aug else pool.features[:, :1]
+    pool_x = np.concatenate([pool_x, np.zeros((pad,) + pool_x.shape[1:], np.float32)])
+    pool_y = np.concatenate([pool.labels, np.zeros(pad, pool.labels.dtype)]).astype(np.int32)
+    n_d, pool_x, pool_y, text_d = placement.replicate((np.int32(n), pool_x, pool_y, text))
     zs_pool = None if use_aug else _zero_shot_cos(pool_x, text_d)
     stream_args = (streams.rows, streams.seeds, {f: np.asarray(v)[streams.index] for f, v in hp.items()})
     outputs = []
     for start in tqdm(range(0, n_streams, chunk), desc=desc, unit="chunk", leave=False):
         rows_c, seeds_c, hp_c = placement.split(stream_args, start, chunk)
-        outputs.append(jax.device_get(train(rows_c, seeds_c, hp_c, pool_x, pool_y, zs_pool, text_d)))
+        outputs.append(jax.device_get(train(rows_c, seeds_c, hp_c, n_d, pool_x, pool_y, zs_pool, text_d)))
     per_run = jax.tree.map(lambda x: x.reshape(n_streams * k, *x.shape[2:])[streams.slot], _gather(outputs, n_streams))
     params, consts, failed, fail_step, loss = per_run
     return Trained(params, consts, failed, fail_step, loss)
@@ -386,7 +453,8 @@ def predict_runs(
     desc: str = "predict",
 ) -> np.ndarray:
     """Predictions of every trained run on shared features [Ne,D] -> [S,Ne] int32, as indices into ``classes``
-    ([Cs] class ids of ``text``; default all classes)."""
+    ([Cs] class ids of ``text``; default all classes). One program call per ``EVAL_BLOCK`` rows, so that sets of
+    any size share one compiled program."""
     runs = len(trained.failed)
     classes = np.arange(text.shape[0]) if classes is None else np.asarray(classes)
     n_params = sum(np.asarray(x)[0].size for x in jax.tree.leaves((trained.params, trained.consts)))
@@ -397,9 +465,11 @@ def predict_runs(
     n = len(feats)
     blocks = np.zeros((math.ceil(max(n, 1) / EVAL_BLOCK) * EVAL_BLOCK, feats.shape[1]), np.float32)
     blocks[:n] = feats
-    shared = placement.replicate((blocks.reshape(-1, EVAL_BLOCK, feats.shape[1]), classes.astype(np.int32), text))
+    blocks = [placement.replicate(b) for b in blocks.reshape(-1, 1, EVAL_BLOCK, feats.shape[1])]
+    shared = placement.replicate((classes.astype(np.int32), text))
     outputs = []
     for start in tqdm(range(0, runs, chunk), desc=desc, unit="chunk", leave=False):
         params, consts, hp_c = placement.split((trained.params, trained.consts, dict(hp)), start, chunk)
-        outputs.append(np.asarray(predict(params, consts, hp_c, *shared)))
+        preds = [predict(params, consts, hp_c, b, *shared) for b in blocks]  # dispatched before the first wait
+        outputs.append(np.concatenate([np.asarray(p) for p in preds], axis=1))
     return _gather(outputs, runs)[:, :n]
