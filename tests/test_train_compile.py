@@ -16,7 +16,7 @@ from train_jax import compile_cache
 from train_jax.baselines import LinearProbeHead, TipAdapterHead
 from train_jax.config import Settings
 from train_jax.methods import CMMHead
-from train_jax.runner import Buckets, Pool, hparam_arrays, predict_runs, train_runs
+from train_jax.runner import Buckets, Pool, hparam_arrays, permutation_prefix, predict_runs, train_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES, SEEDS = 4, (1, 2)
@@ -123,3 +123,14 @@ def test_rerun_compiles_nothing_with_the_persistent_cache(tmp_path):
     assert warm["compiled"] == 0 and warm["cache_hits"] == warm["programs"]
     assert off["compiled"] == off["programs"] and off["cache_hits"] == 0
     assert any((tmp_path / "jax_cache").iterdir())
+
+
+@pytest.mark.parametrize("n, size", [(1, 4), (2, 2), (10, 160), (1625, 1700), (1626, 1700), (3000, 3000)])
+def test_permutation_prefix_is_jax_permutation(n, size):
+    """Padded to any size, the first n entries are jax.random.permutation(key, n) (1 sort round up to 1,625
+    elements, 2 from 1,626), the rest stay in place."""
+    key = jax.random.PRNGKey(n)
+    got = np.asarray(jax.jit(permutation_prefix, static_argnums=2)(key, np.int32(n), size))
+    expected = np.asarray(jax.random.permutation(key, n)) if n > 1 else np.arange(1)
+    np.testing.assert_array_equal(got[:n], expected)
+    np.testing.assert_array_equal(got[n:], np.arange(n, size))

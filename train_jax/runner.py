@@ -15,6 +15,12 @@ On an accelerator a device trains all its streams in one vmapped step. On a CPU,
 pool, so batching them buys no arithmetic efficiency, while their stacked parameters and Adam moments outgrow the
 caches: there a device trains its streams in groups whose state fits in ``CPU_GROUP_BYTES``, one group after
 another inside the same program.
+
+A program's shapes do not depend on the shot count: ``train_runs`` pads rows per run and the pool to ``Buckets``
+(e.g. those of a sweep's largest shot count, ``shot_buckets``); the real row count n is an argument of the program,
+which draws jax's permutation of the first n rows, runs ceil(n / batch) steps an epoch and masks padded rows out of
+the loss. Predictions take one ``EVAL_BLOCK`` of rows per call. So one compiled program serves every shot count of
+a method, and every dataset of the same class count and dim.
 """
 
 from __future__ import annotations
@@ -110,7 +116,7 @@ def _over_runs(k: int, fn: Callable, in_axes: tuple) -> Callable:
     return jax.vmap(fn, in_axes=in_axes) if k > 1 else fn
 
 
-def shuffle_rounds(n: int | np.ndarray) -> int | np.ndarray:
+def _shuffle_rounds(n: int | np.ndarray) -> int | np.ndarray:
     """Sorting rounds of ``jax.random.permutation`` for n elements (jax's static rule, here as numpy)."""
     return np.ceil(3 * np.log(np.maximum(1, n)) / np.log(np.iinfo(np.uint32).max)).astype(int)
 
@@ -119,7 +125,7 @@ def permutation_prefix(key: jax.Array, n: jax.Array, size: int) -> jax.Array:
     """``jax.random.permutation(key, n)`` for a traced n <= size, padded to [size] (positions n.. hold n..size-1):
     jax's own draws (rounds of stable sorts by random 32-bit keys, as many rounds as jax takes for n), with the
     keys of padded positions set to the largest value so that they sort last and leave the first n as they were."""
-    rounds = shuffle_rounds(np.arange(size + 1))
+    rounds = _shuffle_rounds(np.arange(size + 1))
     x = pos = jnp.arange(size)
     for r in range(int(rounds[-1])):
         key, sub = jax.random.split(key)
