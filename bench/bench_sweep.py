@@ -68,12 +68,13 @@ def write_synthetic(path: Path, name: str, classes: int, dim: int, per_split: di
 
 
 def run_sweep(tree: Path, caches: list[Path], out: Path, env: dict[str, str], extra: list[str]) -> dict:
-    """One ``python -m train_jax`` per cache, in ``tree`` -> wall seconds, programs, cache hits, compile seconds."""
+    """One ``python -m train_jax`` per cache, in ``tree`` (the caches' one template: ``--prompt single``) -> wall
+    seconds, programs, cache hits, training programs, compile seconds."""
     total = {"wall_s": 0.0, "programs": 0, "cache_hits": 0, "compile_s": 0.0, "train_programs": 0}
     for cache in caches:
         stats = out / f"{cache.stem}.compile.json"
         argv = ["--cache", str(cache), "--out", str(out / cache.stem), "--shots", *SHOTS.split(),
-                "--seeds", *SEEDS.split(), "--methods", *METHODS.split(), *extra]
+                "--seeds", *SEEDS.split(), "--methods", *METHODS.split(), "--prompt", "single", *extra]
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", WRAPPER, str(stats), *argv], cwd=tree, capture_output=True,
                               text=True, env={**env, "PYTHONPATH": str(tree)})

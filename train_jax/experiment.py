@@ -164,13 +164,14 @@ def run_shots(
     groups: dict[tuple, list[int]] = {}
     for i, run in enumerate(runs):
         st = run.settings
-        groups.setdefault((METHODS[run.method].head(st), st.batch_size, st.use_aug, st.epochs == 0), []).append(i)
+        # zero-shot runs (0 epochs) ride along with the trained runs of their head: no program of their own
+        groups.setdefault((METHODS[run.method].head(st), st.batch_size, st.use_aug), []).append(i)
 
     val_acc, test_acc = np.zeros(len(runs)), np.zeros(len(runs))
     failed, fail_step, loss = np.zeros(len(runs), bool), np.zeros(len(runs), int), np.zeros(len(runs))
     trained_of: dict[int, tuple[tuple, Trained, int]] = {}
     for key, idx in groups.items():
-        head, batch_size, use_aug, _ = key
+        head, batch_size, use_aug = key
         group = [runs[i] for i in idx]
         hp = hparam_arrays([r.settings for r in group])
         rows = np.stack([np.searchsorted(pool_rows, picks[r.seed]) for r in group])

@@ -103,12 +103,6 @@ def _all_finite(tree: Tree) -> jax.Array:
     return jnp.isfinite(sum(jnp.sum(x * 0.0) for x in jax.tree.leaves(tree)))
 
 
-@jax.jit
-def _zero_shot_cos(pool_x: jax.Array, text: jax.Array) -> jax.Array:
-    """Zero-shot cosines of the pool's plain view: pool_x [M,V,D], text [C,D] -> [M,C]."""
-    return pool_x[:, 0] @ text.T
-
-
 def _over_runs(k: int, fn: Callable, in_axes: tuple) -> Callable:
     """``fn`` of one run applied to a stream's k runs: vmapped (``in_axes``: 0 per run, None shared) for k > 1;
     for k = 1 ``fn`` itself, which the caller gives the run's arrays without their size-1 axis (a size-1 vmap axis
@@ -223,9 +217,11 @@ def _predict_one(params, consts, hp, blocks, classes, text, *, head: Head):
     return jax.lax.scan(block, None, blocks)[1].reshape(-1)
 
 
-def _train_local(rows, seeds, hp, n, pool_x, pool_y, zs_pool, text, *, one: Callable, group: int):
+def _train_local(rows, seeds, hp, n, pool_x, pool_y, text, *, one: Callable, group: int):
     """Train one device's streams (leading axis R of the first three arguments), ``group`` at a time: one by one
-    (a scan), all at once (vmap), or in vmapped groups of ``group`` (R a multiple of it)."""
+    (a scan), all at once (vmap), or in vmapped groups of ``group`` (R a multiple of it). A pool of one view
+    [M,1,D] gets its zero-shot cosines [M,C] computed once here, not per step."""
+    zs_pool = pool_x[:, 0] @ text.T if pool_x.shape[1] == 1 else None
     train = lambda a: one(*a, n, pool_x, pool_y, zs_pool, text)  # noqa: E731
     per_stream = (rows, seeds, hp)
     if group > 1 and group >= len(seeds):
@@ -240,7 +236,7 @@ def _train_program(head: Head, batch: int, max_epochs: int, streams: NamedShardi
     one = functools.partial(_train_stream, head=head, batch=batch, max_epochs=max_epochs)
     local = functools.partial(_train_local, one=one, group=group)
     split, shared = streams.spec, PartitionSpec()
-    per_device = jax.shard_map(local, mesh=streams.mesh, in_specs=(split,) * 3 + (shared,) * 5, out_specs=split,
+    per_device = jax.shard_map(local, mesh=streams.mesh, in_specs=(split,) * 3 + (shared,) * 4, out_specs=split,
                                check_vma=False)  # no collectives: the devices' streams are independent
     return jax.jit(per_device, out_shardings=streams)
 
@@ -403,7 +399,7 @@ def train_runs(
 ) -> Trained:
     """Train S runs of ``head``. hp: field -> [S] (see ``hparam_arrays``); rows [S,N] int indices into the pool
     (N equal for all runs); seeds [S] int (batch order, view draws); text [C,D] prototypes. Without ``use_aug``
-    only view 0 of the pool is used and the zero-shot cosines are precomputed once for the whole pool.
+    only view 0 of the pool is used and the zero-shot cosines are computed once for the whole pool.
     ``buckets``: padded sizes to compile for (default: the actual ones; the runs' results do not depend on them);
     ``budget``: bytes for the run axis (default ``memory_budget``); ``devices``: default all JAX devices;
     ``max_stream``: most runs per stream (default ``stream_limit``).
@@ -435,12 +431,11 @@ def train_runs(
     pool_x = np.concatenate([pool_x, np.zeros((pad,) + pool_x.shape[1:], np.float32)])
     pool_y = np.concatenate([pool.labels, np.zeros(pad, pool.labels.dtype)]).astype(np.int32)
     n_d, pool_x, pool_y, text_d = placement.replicate((np.int32(n), pool_x, pool_y, text))
-    zs_pool = None if use_aug else _zero_shot_cos(pool_x, text_d)
     stream_args = (streams.rows, streams.seeds, {f: np.asarray(v)[streams.index] for f, v in hp.items()})
     outputs = []
     for start in tqdm(range(0, n_streams, chunk), desc=desc, unit="chunk", leave=False):
         rows_c, seeds_c, hp_c = placement.split(stream_args, start, chunk)
-        outputs.append(jax.device_get(train(rows_c, seeds_c, hp_c, n_d, pool_x, pool_y, zs_pool, text_d)))
+        outputs.append(jax.device_get(train(rows_c, seeds_c, hp_c, n_d, pool_x, pool_y, text_d)))
     per_run = jax.tree.map(lambda x: x.reshape(n_streams * k, *x.shape[2:])[streams.slot], _gather(outputs, n_streams))
     params, consts, failed, fail_step, loss = per_run
     return Trained(params, consts, failed, fail_step, loss)
