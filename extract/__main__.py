@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from data.cache import FORMAT, CacheError, read_attrs, read_cache
+from data.cache import FORMAT, CacheError, read_attrs, read_cache, verify
 
 EXAMPLES = """examples:
   python -m extract run --folder imgs/ --model ViT-B-32-quickgelu --pretrained ~/weights/ViT-B-32.pt --out c.h5
@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "/bad (default: stop at the first one)")
     exe = run.add_argument_group("execution")
     exe.add_argument("--out", type=Path, required=True, help="cache file to write, e.g. cache/dtd-vitb32.h5")
+    exe.add_argument("--overwrite", action="store_true", help="replace an existing --out cache made with another "
+                                                              "model, setting or image listing (default: refuse)")
     exe.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     exe.add_argument("--workers", type=int, default=min(8, _cpus()), help="DataLoader worker processes "
                                                                           "(0 = load in the main process)")
@@ -175,7 +177,7 @@ def _run(args: argparse.Namespace) -> Path:
     return run_extraction(spec, loaded, args.out, templates=templates, splits=splits, aug_views=args.aug_views,
                           aug_seed=args.aug_seed, batch_size=args.batch_size, workers=args.workers,
                           feature_dtype="float16" if args.float16 else "float32", skip_bad=args.skip_bad,
-                          shard=shard, device=device, progress=not args.no_progress)
+                          shard=shard, device=device, progress=not args.no_progress, overwrite=args.overwrite)
 
 
 def _ratio(text: str) -> tuple[float, float, float]:
@@ -196,7 +198,8 @@ def _cpus() -> int:
 
 
 def summary(path: Path) -> str:
-    """Human-readable summary of a cache or a .partial file: attributes, classes, templates, rows per split."""
+    """Human-readable summary of a cache or a .partial file: attributes, classes, templates, rows per split; the
+    checksums of every dataset are verified (CacheError naming the damaged dataset and rows)."""
     attrs = read_attrs(path)
     if attrs.get("format") != FORMAT:
         raise CacheError(f"{path}: not a {FORMAT} file (format={attrs.get('format')!r}); "
@@ -207,6 +210,7 @@ def summary(path: Path) -> str:
         lines.append(f"  {key}: {attrs.get(key)!r}")
     lines.append(f"  preprocess: {attrs.get('preprocess')}")
     lines.append(f"  versions: {attrs.get('versions')}")
+    checksummed = verify(path)
     with h5py.File(path, "r") as f:
         classnames = list(f["classnames"].asstr()[()])
         templates = list(f["templates"].asstr()[()])
@@ -216,10 +220,12 @@ def summary(path: Path) -> str:
         for name, g in f["splits"].items():
             status = g["status"][()]
             aug = f", aug_features {g['aug_features'].shape}" if "aug_features" in g else ""
-            lines.append(f"  {name}: {len(status)} of {g.attrs['total_rows']} rows, {int(np.sum(status == 1))} "
-                         f"done, {int(np.sum(status == 2))} skipped, {int(np.sum(status == 0))} pending; "
-                         f"features {g['features'].shape} {g['features'].dtype}{aug}")
-        lines.append(f"  bad images: {f['bad/paths'].shape[0]}")
+            lines.append(f"  {name}: {len(status)} of {g.attrs.get('total_rows', len(status))} rows, "
+                         f"{int(np.sum(status == 1))} done, {int(np.sum(status == 2))} skipped, "
+                         f"{int(np.sum(status == 0))} pending; features {g['features'].shape} {g['features'].dtype}{aug}")
+        lines.append(f"  bad images: {f['bad/paths'].shape[0] if 'bad/paths' in f else 0}")
+    lines.append(f"  checksums: {checksummed} datasets verified" if checksummed else
+                 "  checksums: none stored (made before they were added)")
     if attrs.get("complete"):
         read_cache(path, with_aug=False)  # raises CacheError if the file does not validate
         lines.append("  valid: yes")

@@ -90,7 +90,10 @@ def test_bad_inputs_give_one_line_errors_and_leave_the_cache_untouched(tmp_path:
         "empty class": (["--folder", str(empty)], "zebra: class folder holds no image"),
         "unknown model": (["--folder", str(root), "--model", "ViT-Q-99"], "unknown model 'ViT-Q-99'"),
         "template without {}": (["--folder", str(root), "--template", "a photo"], "placeholder '{}'"),
-        "corrupt image": (["--folder", str(corrupt), "--name", "imgs"], "img01.png: cannot read image"),
+        "corrupt image": (["--folder", str(corrupt), "--name", "imgs", "--overwrite"],
+                          "img01.png: cannot read image"),
+        "other listing": (["--folder", str(corrupt), "--name", "imgs", "--skip-bad"],
+                          "exists with another image listing"),
         "different model": (["--folder", str(root), "--model-config", str(tmp_path / "deeper.json"),
                              "--model", ""], "refusing to mix"),
         "no dataset": ([], "give exactly one of --folder"),
@@ -102,5 +105,5 @@ def test_bad_inputs_give_one_line_errors_and_leave_the_cache_untouched(tmp_path:
         assert code == 2 and message in line, (what, line)
         assert digest(out) == before, what
     assert main(["run", "--out", str(out), "--folder", str(corrupt), "--name", "imgs", "--skip-bad",
-                 *TINY_ARGS]) == 0
+                 "--overwrite", *TINY_ARGS]) == 0
     assert read_cache(out).bad_paths == ["dog/img01.png"]
