@@ -403,8 +403,7 @@ def _lock(path: Path, wait: float) -> int:
         except BlockingIOError:
             os.close(fd)
             if time.monotonic() >= deadline:
-                raise CacheError(f"another extraction is writing {path} (it holds {lock}); wait for it or stop "
-                                 "it") from None
+                raise CacheError(f"another extraction is writing {path}; wait for it or stop it") from None
             if not told:
                 print(f"waiting up to {wait:.0f} s for another writer of {path} (or its workers) to finish",
                       file=sys.stderr)
@@ -497,6 +496,8 @@ class CacheWriter:
                 f = cls._create(tmp, attrs, classnames, templates, splits, embed_dim, aug_views, feature_dtype, need)
             return cls(path, f, fd, need)
         except BaseException:
+            if not partial_path(path).exists():
+                lock_path(path).unlink(missing_ok=True)
             os.close(fd)
             raise
 
