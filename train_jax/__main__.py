@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from data.cache import CacheError
+from data.cache import CacheError, cache_identity, identity_diff
 from data.errors import DataError
 from train_jax.config import ALIASES_OUT, DEFAULT_GRID, Settings, expand_grid, grid_to_json, parse_grid
 from train_jax.errors import TrainError
@@ -63,19 +63,52 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise TrainError(f"{path}: cannot write it ({e.strerror}); choose a writable --out") from None
+
+
+def _prepare_out(out: Path) -> None:
+    """Create the output folder and its sub-folders; one-line errors for a file in the way or no write access."""
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"{out}: is a file, not a folder; give --out a folder (new or of an earlier run)")
+    try:
+        for folder in (out, out / "shots", out / "params"):
+            folder.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise TrainError(f"{e.filename or out}: cannot write there ({e.strerror}); choose a writable --out") from None
+
+
+PATH_KEYS = ("cache", "eval_caches")  # recorded for information; folders are matched by cache identity
 
 
 def _check_config(out: Path, config: dict[str, Any]) -> None:
-    """Record the run configuration, or check that a resumed folder was made with the same one."""
+    """Record the run configuration, or check that a resumed folder was made with the same one (same settings and
+    caches of the same identity, wherever they are now)."""
     path = out / "run_config.json"
     if path.exists():
         old = json.loads(path.read_text())
-        if old != config:
-            diff = next(k for k in config if old.get(k) != config[k])
-            raise TrainError(f"{path}: this folder holds results with a different {diff} ({old.get(diff)!r}); "
-                             "use another --out")
+        if "identity" not in old:
+            raise TrainError(f"{path}: this folder was made before runs recorded their caches' identity; use "
+                             "another --out")
+        was, now = old["identity"], config["identity"]
+        pairs = [("cache", was["cache"], now["cache"])] + [
+            (f"eval cache {i + 1}", was["eval_caches"][i] if i < len(was["eval_caches"]) else {}, new)
+            for i, new in enumerate(now["eval_caches"])]
+        for role, old_id, new_id in pairs:
+            diff = identity_diff(old_id, new_id)
+            if diff:
+                raise TrainError(f"{path}: this folder holds results of a {role} made with {diff}; mixing them "
+                                 "would put two feature sets in one table: use another --out")
+        for key in config:
+            if key not in PATH_KEYS and old.get(key) != config[key]:
+                raise TrainError(f"{path}: this folder holds results with a different {key} ({old.get(key)!r}); "
+                                 "use another --out")
     else:
         _write_json(path, config)
 
@@ -97,13 +130,12 @@ def run(args: argparse.Namespace) -> Path:
     budget = int(args.memory_gb * 2**30) if args.memory_gb else None
     task = experiment.load_task(args.cache, args.eval_cache, args.prompt)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "shots").mkdir(exist_ok=True)
-    (out / "params").mkdir(exist_ok=True)
+    _prepare_out(out)
     config = {
         "cache": str(Path(args.cache).resolve()), "dataset": task.dataset,
         "eval_caches": [str(Path(p).resolve()) for p in args.eval_cache], "seeds": seeds, "methods": methods,
         "grid": json.loads(grid_to_json(grid)), "prompt": task.prompt,
+        "identity": {"cache": cache_identity(args.cache), "eval_caches": [cache_identity(p) for p in args.eval_cache]},
     }
     _check_config(out, config)
     label_keys = [k for k, vs in grid.items() if len(vs) > 1]

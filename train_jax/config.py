@@ -11,10 +11,17 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from train_jax.errors import TrainError
+
+
+MAX_EPOCHS = 10_000  # passes over the K-shot set; LP++ and CLAP train 300, more never finishes a grid in time
+RANGES = {"lr": "> 0", "weight_decay": ">= 0", "alpha": ">= 0", "lam": ">= 0",
+          "margin": "0 to 2, a cosine distance", "epochs": f"0 to {MAX_EPOCHS}", "warmup": "0 to < 1",
+          "batch_size": ">= 1", "logit_scale": "> 0", "beta": ">= 0"}
 
 
 @dataclass(frozen=True)
@@ -52,20 +59,23 @@ class Settings:
 
     def __post_init__(self) -> None:
         checks = {
-            "lr": self.lr > 0 and self.lr < float("inf"),
-            "weight_decay": 0 <= self.weight_decay < float("inf"),
+            "lr": self.lr > 0,
+            "weight_decay": self.weight_decay >= 0,
             "alpha": self.alpha >= 0,
             "lam": self.lam >= 0,
-            "margin": self.margin >= 0,
-            "epochs": self.epochs >= 0,
+            "margin": 0 <= self.margin <= 2,
+            "epochs": 0 <= self.epochs <= MAX_EPOCHS,
             "warmup": 0 <= self.warmup < 1,
             "batch_size": self.batch_size >= 1,
             "logit_scale": self.logit_scale > 0,
             "beta": self.beta >= 0,
         }
         for name, ok in checks.items():
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TrainError(f"setting {name}={value!r} is not a finite number; no run could finish with it")
             if not ok:
-                raise TrainError(f"setting {name}={getattr(self, name)!r} is out of range; see --help for valid values")
+                raise TrainError(f"setting {name}={value!r} is out of range ({RANGES[name]}); see --help")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of all fields."""
