@@ -18,10 +18,12 @@ tiny random-weight CLIP. Its numbers check the pipeline; they are not CLIP accur
   --folder DIR           instead of --datasets: your own image folder (one sub-folder per class, optionally
                          under train/ val/ test/); --name names it
   --name NAME            dataset name for --folder (default: the folder's name)
-  --model NAME           open_clip model name (default RN50; the demo uses cmm-tiny-vit)
+  --model NAME           open_clip model name (default RN50, or the --model-config file's name; the demo
+                         uses cmm-tiny-vit)
   --pretrained TAG|FILE  open_clip pretrained tag (e.g. openai) or a local weights file (.pt/.safetensors)
   --model-config FILE    open_clip model-config JSON of a custom architecture
-  --shots "K ..."        shots per class (default "1 2 4 8 16")
+  --shots "K ..."        shots per class (default "1 2 4 8 16"); values above a dataset's smallest class are
+                         skipped for that dataset with a warning
   --seeds "S ..."        few-shot seeds (default "1 2 3")
   --aug-views N          augmented views of each train image to extract (default 0)
   --out DIR              output folder (default outputs/): cache/, runs/, results/
@@ -62,10 +64,11 @@ if [ -z "$DATASETS" ] && [ -z "$FOLDER" ]; then
   DEMO=1
   DATASETS="FashionMNIST"
   DATA_ROOT="$OUT/data"
-  MODEL="${MODEL:-cmm-tiny-vit}"
+  [ -n "$MODEL_CONFIG" ] || MODEL="${MODEL:-cmm-tiny-vit}"
   PRETRAINED="${PRETRAINED:-random}"
 fi
-MODEL="${MODEL:-RN50}"
+[ -n "$MODEL_CONFIG" ] || MODEL="${MODEL:-RN50}"
+[ -z "$MODEL_CONFIG" ] || [ -f "$MODEL_CONFIG" ] || die "--model-config $MODEL_CONFIG is not a file"
 [ -n "$PRETRAINED" ] || die "--pretrained is required with real data: an open_clip tag (needs the internet) or a local weights file, e.g. --pretrained ~/weights/RN50.pt"
 case "$DATASETS" in
   all) DATASETS="$BENCHMARKS $SHIFTS" ;;
@@ -95,9 +98,11 @@ fi
 
 # A cache folder per (model, weights): a cache never mixes features of two models.
 WEIGHTS_TAG="$(basename "$PRETRAINED")"
-CACHE_DIR="$OUT/cache/${MODEL//\//_}-${WEIGHTS_TAG%.*}"
+MODEL_NAME="${MODEL:-$(basename "$MODEL_CONFIG" .json)}"  # extract names a --model-config model after its file
+CACHE_DIR="$OUT/cache/${MODEL_NAME//\//_}-${WEIGHTS_TAG%.*}"
 mkdir -p "$CACHE_DIR" "$OUT/runs" "$OUT/results"
-MODEL_ARGS=(--model "$MODEL" --pretrained "$PRETRAINED" --device "$DEVICE" --aug-views "$AUG_VIEWS")
+MODEL_ARGS=(--pretrained "$PRETRAINED" --device "$DEVICE" --aug-views "$AUG_VIEWS")
+[ -z "$MODEL" ] || MODEL_ARGS+=(--model "$MODEL")
 [ -z "$MODEL_CONFIG" ] || MODEL_ARGS+=(--model-config "$MODEL_CONFIG")
 
 extract() {  # extract NAME SOURCE_ARGS...: skip a cache that is already complete
@@ -131,7 +136,7 @@ for ds in "${TRAIN_SETS[@]}"; do
   fi
   echo "== $ds: training and evaluating (shots: $SHOTS; seeds: $SEEDS)"
   # shellcheck disable=SC2086  # TRAIN_ARGS, SHOTS and SEEDS are word lists on purpose
-  "$PY" -m train_jax --cache "$CACHE_DIR/$ds.h5" "${EVAL_ARGS[@]}" --shots $SHOTS --seeds $SEEDS \
+  "$PY" -m train_jax --cache "$CACHE_DIR/$ds.h5" "${EVAL_ARGS[@]}" --shots $SHOTS --fit-shots --seeds $SEEDS \
     --out "$OUT/runs/$ds" $TRAIN_ARGS
   RUN_DIRS+=("$OUT/runs/$ds")
 done

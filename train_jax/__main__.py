@@ -8,13 +8,18 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
 
 from data.cache import CacheError, cache_identity, identity_diff
 from data.errors import DataError
 from train_jax.config import ALIASES_OUT, DEFAULT_GRID, Settings, expand_grid, grid_to_json, parse_grid
 from train_jax.errors import TrainError
 from train_jax.methods import DEFAULT_METHODS, METHODS
+
+if TYPE_CHECKING:
+    from train_jax.experiment import Task
 
 _METHODS_HELP = "\n".join(f"  {m.name}: {m.description}" for m in METHODS.values())
 EPILOG = f"""
@@ -46,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (created; rerunning resumes finished shots)")
     p.add_argument("--shots", nargs="+", type=int, default=[1, 2, 4, 8, 16],
                    help="shots per class (default: %(default)s)")
+    p.add_argument("--fit-shots", action="store_true",
+                   help="skip (with a warning) shots values above the smallest class's train images instead of "
+                        "stopping with an error")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="sampling seeds (default: %(default)s)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(DEFAULT_METHODS),
                    help="methods to train (default: %(default)s)")
@@ -113,6 +121,21 @@ def _check_config(out: Path, config: dict[str, Any]) -> None:
         _write_json(path, config)
 
 
+def _fitting_shots(task: Task, shots: list[int]) -> list[int]:
+    """The shots values every class of the training split can give; a warning for each of the others."""
+    counts = np.bincount(task.cache.splits["train"].labels, minlength=len(task.cache.classnames))
+    small = int(counts.argmin())
+    fit = [k for k in shots if k <= counts[small]]
+    for k in shots:
+        if k not in fit:
+            print(f"warning: {task.dataset}: {k} shots skipped: class {task.cache.classnames[small]!r} has only "
+                  f"{counts[small]} train images", file=sys.stderr)
+    if not fit:
+        raise TrainError(f"{task.dataset}: no --shots value fits: class {task.cache.classnames[small]!r} has only "
+                         f"{counts[small]} train images; add images or extract with a larger train split")
+    return fit
+
+
 def run(args: argparse.Namespace) -> Path:
     """Train and evaluate every requested shots value not yet in ``args.out``; write the results files."""
     import jax
@@ -129,6 +152,8 @@ def run(args: argparse.Namespace) -> Path:
     devices = jax.devices()[: args.devices] if args.devices else None
     budget = int(args.memory_gb * 2**30) if args.memory_gb else None
     task = experiment.load_task(args.cache, args.eval_cache, args.prompt)
+    if args.fit_shots:
+        shots = _fitting_shots(task, shots)
     out = Path(args.out)
     _prepare_out(out)
     config = {
