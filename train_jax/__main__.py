@@ -14,11 +14,17 @@ from data.cache import CacheError
 from data.errors import DataError
 from train_jax.config import ALIASES_OUT, DEFAULT_GRID, Settings, expand_grid, grid_to_json, parse_grid
 from train_jax.errors import TrainError
+from train_jax.evaluate import SELECT_MODES
 from train_jax.methods import DEFAULT_METHODS, METHODS
 
 _METHODS_HELP = "\n".join(f"  {m.name}: {m.description}" for m in METHODS.values())
 EPILOG = f"""
-Default grid, searched per seed on the validation split (the paper publishes no settings):
+Selection (on the validation split, never on test): the setting with the best validation accuracy; ties go to
+  the higher validation score (mean log-probability of the true class on the run's own validation images),
+  then to the first setting in --grid order if the scores are exactly equal. Failed runs are never selected.
+  --select seed: one setting per (method, seed); --select mean: one setting per method and shot count, on the
+  accuracy and score averaged over the seeds (settings that failed for fewer seeds first).
+Default grid (the paper publishes no settings):
   {' '.join(f"{ALIASES_OUT.get(k, k)}={','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items())}
 Fields outside the grid keep their defaults:
   {Settings().label([f.name for f in dataclasses.fields(Settings)])}
@@ -51,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="methods to train (default: %(default)s)")
     p.add_argument("--grid", nargs="+", action="extend", default=None, metavar="KEY=V1,V2",
                    help="settings grid, e.g. lr=1e-3,1e-4 alpha=1,2 (default: see below; may be repeated)")
+    p.add_argument("--select", choices=SELECT_MODES, default=SELECT_MODES[0],
+                   help="choose the setting per seed (seed) or one per method from the mean over seeds (mean); "
+                        "see Selection below (default: %(default)s)")
     p.add_argument("--prompt", choices=["single", "ensemble"], default=None,
                    help="class prototypes: the dataset's own template (single) or the normalised mean over all "
                         "cached templates (ensemble); default: ensemble for the ImageNet family, else single")
@@ -103,7 +112,7 @@ def run(args: argparse.Namespace) -> Path:
     config = {
         "cache": str(Path(args.cache).resolve()), "dataset": task.dataset,
         "eval_caches": [str(Path(p).resolve()) for p in args.eval_cache], "seeds": seeds, "methods": methods,
-        "grid": json.loads(grid_to_json(grid)), "prompt": task.prompt,
+        "grid": json.loads(grid_to_json(grid)), "prompt": task.prompt, "select": args.select,
     }
     _check_config(out, config)
     label_keys = [k for k, vs in grid.items() if len(vs) > 1]
@@ -112,14 +121,15 @@ def run(args: argparse.Namespace) -> Path:
         if done.exists():
             print(f"{task.dataset} {k}-shot: already in {done}, skipped")
             continue
-        result = experiment.run_shots(task, k, seeds, methods, settings, label_keys, budget=budget, devices=devices)
+        result = experiment.run_shots(task, k, seeds, methods, settings, label_keys, select=args.select,
+                                      budget=budget, devices=devices)
         report.save_params(out / "params" / f"{k}shot.npz", result.learned)
         _write_json(done, result.records)
         for r in result.records:
             if r["failed"]:
                 print(f"warning: {r['method']} seed {r['seed']} ({r['setting']}) stopped at step {r['fail_step']} "
                       "by a non-finite loss or update; excluded from selection", file=sys.stderr)
-        for row in report.summarize(result.records):
+        for row in report.summarize(result.records, args.select):
             acc = f"{row['test_mean']:.2f} ± {row['test_std']:.2f}" if "test_mean" in row else "all runs failed"
             print(f"{task.dataset} {k}-shot {row['method']}: {acc}")
     records = [r for f in sorted((out / "shots").glob("*shot.json")) for r in json.loads(f.read_text())]
