@@ -173,7 +173,7 @@ def test_help_lists_options_and_default_grid(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     for option in ("--cache", "--eval-cache", "--shots", "--seeds", "--methods", "--grid", "--prompt", "--out",
-                   "--memory-gb", "--devices", "Default grid"):
+                   "--memory-gb", "--devices", "--select", "Default grid", "log-probability of the true class"):
         assert option in text
 
 

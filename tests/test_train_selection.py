@@ -74,6 +74,9 @@ def test_score_runs_is_the_log_probability_of_the_true_class():
     test_x, test_y = world.images(4)
     preds, logp = score_runs(head, trained, hp, test_x, test_y, world.text)
     np.testing.assert_array_equal(preds, predict_runs(head, trained, hp, test_x, world.text))
+    chunked = score_runs(head, trained, hp, test_x, test_y, world.text, budget=1)  # one run per chunk
+    np.testing.assert_array_equal(chunked[0], preds)
+    np.testing.assert_allclose(chunked[1], logp, rtol=1e-5, atol=1e-6)  # another vmap width: float32 rounding
     for s in range(2):
         params = jax.tree.map(lambda a: a[s], trained.params)
         logits = head.logits(params, {}, test_x, test_x @ world.text.T, world.text,

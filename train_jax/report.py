@@ -92,13 +92,15 @@ def _tie_note(summary: Sequence[Mapping[str, Any]]) -> str:
     """Footnote for the cells marked ``TIE_MARK``: which seeds' settings the tie-break chose, and how."""
     cells = []
     for r in summary:
-        seeds = [f"seed {s} ({t})" for s, t in zip(r["seeds"], r.get("tie_breaks", ())) if t]
-        if seeds:
-            cells.append(f"{r['dataset']} {r['method']} {r['shots']}-shot: {', '.join(seeds)}")
+        by = {kind: [str(s) for s, t in zip(r["seeds"], r.get("tie_breaks", ())) if t == kind]
+              for kind in ("score", "order")}
+        parts = [f"seed{'s' * (len(seeds) > 1)} {', '.join(seeds)} by {kind}" for kind, seeds in by.items() if seeds]
+        if parts:
+            cells.append(f"{r['dataset']} {r['method']} {r['shots']}-shot: {' and '.join(parts)}")
     if not cells:
         return ""
-    return (f"\n{TIE_MARK} Chosen among settings tied on validation accuracy, by the validation score (mean "
-            "log-probability of the true class), or by grid order (order) where the scores were equal too: "
+    return (f"\n{TIE_MARK} Setting chosen among those tied on validation accuracy, by the validation score (mean "
+            "log-probability of the true class) or, where the scores were equal too, by grid order: "
             + "; ".join(cells) + "\n")
 
 
