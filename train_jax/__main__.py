@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 from data.cache import CacheError
 from data.errors import DataError
-from train_jax.config import ALIASES_OUT, DEFAULT_GRID, Settings, expand_grid, grid_to_json, parse_grid
+from train_jax.config import (ALIASES_OUT, DEFAULT_GRID, Settings, expand_grid, grid_keys_help, grid_to_json,
+                              parse_grid)
 from train_jax.errors import TrainError
 from train_jax.methods import DEFAULT_METHODS, METHODS
 
@@ -22,9 +23,8 @@ Default grid, searched per seed on the validation split (the paper publishes no 
   {' '.join(f"{ALIASES_OUT.get(k, k)}={','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items())}
 Fields outside the grid keep their defaults:
   {Settings().label([f.name for f in dataclasses.fields(Settings)])}
-Grid keys: lr, weight_decay (wd), alpha, lambda (triplet weight), margin (cosine distance), epochs,
-  warmup (fraction of the steps), batch_size (bs), learn_text (0/1), use_aug (0/1), logit_scale (s),
-  beta (Tip-Adapter-F).
+Settings (grid keys, aliases in brackets):
+{grid_keys_help()}
 Methods:
 {_METHODS_HELP}
 Outputs in --out: results.json, results.csv, results.md, accuracy_vs_shots.png, params/<K>shot.npz
