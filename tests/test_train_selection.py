@@ -15,7 +15,7 @@ from train_jax.__main__ import main
 from train_jax.config import Settings
 from train_jax.evaluate import select_best
 from train_jax.methods import CMMHead
-from train_jax.runner import Pool, hparam_arrays, predict_runs, score_runs, train_runs
+from train_jax.runner import Pool, hparam_arrays, predict_runs, score_runs, target_log_prob, train_runs
 
 
 def _acc(hits, n=6):
@@ -62,6 +62,22 @@ def test_mean_over_seeds():
     assert one == select_best(acc[:, 0], score[:, 0], np.zeros(3, bool))
 
 
+def _log_prob64(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Reference in float64: log softmax(logits)[target] per row."""
+    x = logits.astype(np.float64)
+    m = x.max(axis=1, keepdims=True)
+    return x[np.arange(len(x)), targets] - (m[:, 0] + np.log(np.sum(np.exp(x - m), axis=1)))
+
+
+def test_target_log_prob_does_not_round_confident_rows_to_zero():
+    logits = np.array([[100.0, 80.0, 0.0], [100.0, 80.0, 0.0], [3.0, 3.0, -1.0], [0.0, 50.0, 120.0]], np.float32)
+    targets = np.array([0, 1, 1, 0])
+    got = np.asarray(target_log_prob(logits, targets))
+    np.testing.assert_allclose(got, _log_prob64(logits, targets), rtol=1e-5)
+    assert -3e-9 < got[0] < -1e-9  # -exp(-20); float32 log_softmax gives exactly 0
+    assert float(jax.nn.log_softmax(logits)[0, 0]) == 0.0
+
+
 def test_score_runs_is_the_log_probability_of_the_true_class():
     world = GapWorld(0, classes=5, dim=16)
     x, y = world.images(3)
@@ -81,8 +97,7 @@ def test_score_runs_is_the_log_probability_of_the_true_class():
         params = jax.tree.map(lambda a: a[s], trained.params)
         logits = head.logits(params, {}, test_x, test_x @ world.text.T, world.text,
                              {k: v[s] for k, v in hp.items()})
-        expected = np.asarray(jax.nn.log_softmax(logits))[np.arange(len(test_y)), test_y]
-        np.testing.assert_allclose(logp[s], expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(logp[s], _log_prob64(np.asarray(logits), test_y), rtol=1e-5, atol=1e-6)
 
 
 GRID = ["lr=1e-2,1e-3", "alpha=0.5,1,2", "epochs=5"]

@@ -25,15 +25,16 @@ def subset_accuracy(preds: np.ndarray, labels: np.ndarray, members: np.ndarray) 
 
 
 def subset_mean(values: np.ndarray, members: np.ndarray) -> np.ndarray:
-    """Mean of each run's values over its own rows. values [S,N], members [S,N] bool -> [S] (NaN if no rows)."""
+    """Mean of each run's values over its own rows, in float64. values [S,N], members [S,N] bool -> [S] (NaN if
+    no rows)."""
     with np.errstate(invalid="ignore"):
-        return np.sum(np.where(members, values, 0.0), axis=-1) / np.sum(members, axis=-1)
+        return np.sum(np.where(members, np.asarray(values, np.float64), 0.0), axis=-1) / np.sum(members, axis=-1)
 
 
 # --select: one setting per (method, seed), or one per method from the mean over the seeds (experiment._select).
 SELECT_MODES = ("seed", "mean")
-# Mean accuracies equal up to this many percentage points tie: a sum of the same per-seed accuracies in another
-# split (50 + 50 against 16.67 + 83.33) may differ in the last bit, real differences are >= 100 / rows / seeds.
+# Mean accuracies equal up to this many percentage points tie: the same hits split differently over the seeds
+# (0 + 83.33 against 16.67 + 66.67) may differ in the last bit; real differences are >= 100 / rows / seeds.
 ACC_TOLERANCE = 1e-6
 
 

@@ -175,6 +175,17 @@ def _train_stream(rows, seed, hp, pool_x, pool_y, zs_pool, text, *, head: Head, 
     return params, consts, failed, fail_step, last_loss
 
 
+def target_log_prob(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log softmax(logits)[target] per row: logits [B,C], targets [B] -> [B]. With d = logits - logits[target] and
+    M = max(d) it is -(M + log1p(s)), s the sum of exp(d - M) without the max's own 1, so a confidently correct
+    row keeps its small negative value (about -exp(-margin)) where ``jax.nn.log_softmax`` rounds it to 0."""
+    d = logits - jnp.take_along_axis(logits, targets[:, None], axis=1)
+    top = jnp.argmax(d, axis=1)
+    m = jnp.take_along_axis(d, top[:, None], axis=1)
+    rest = jnp.where(jnp.arange(d.shape[1]) == top[:, None], 0.0, jnp.exp(d - m))
+    return -(m[:, 0] + jnp.log1p(jnp.sum(rest, axis=1)))
+
+
 def _predict_one(params, consts, hp, blocks, targets, classes, text, *, head: Head):
     """blocks [nb, EVAL_BLOCK, D] -> predictions [nb*EVAL_BLOCK] int32 over the class subset ``classes``; with
     targets [nb, EVAL_BLOCK] (true classes, indices into ``classes``; None: predictions only) also the
@@ -186,7 +197,7 @@ def _predict_one(params, consts, hp, blocks, targets, classes, text, *, head: He
         preds = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         if t is None:
             return None, preds
-        return None, (preds, jnp.take_along_axis(jax.nn.log_softmax(logits), t[:, None], axis=1)[:, 0])
+        return None, (preds, target_log_prob(logits, t))
 
     return jax.tree.map(lambda a: a.reshape(-1), jax.lax.scan(block, None, (blocks, targets))[1])
 
