@@ -424,7 +424,9 @@ def score_runs(
     return _predict(head, trained, hp, feats, labels, text, None, budget, devices, desc)
 
 
-def _predict(head, trained, hp, feats, labels, text, classes, budget, devices, desc):
+def _predict(head: Head, trained: Trained, hp: Mapping[str, np.ndarray], feats: np.ndarray, labels: np.ndarray | None,
+             text: np.ndarray, classes: np.ndarray | None, budget: int | None,
+             devices: Sequence[jax.Device] | None, desc: str) -> Tree:
     """``predict_runs`` (labels None: predictions [S,Ne]) and ``score_runs`` (labels [Ne]: a pair of [S,Ne])."""
     runs = len(trained.failed)
     classes = np.arange(text.shape[0]) if classes is None else np.asarray(classes)
