@@ -110,8 +110,8 @@ def mean_logits(method: str, models: Mapping[int, Any], feats: np.ndarray, text:
 
 def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k most probable classes of each row (best first) and their softmax probabilities: logits [N,C] ->
-    (classes [N,k] int, probs [N,k])."""
-    z = logits - logits.max(axis=1, keepdims=True)
+    (classes [N,k] int, probs [N,k] float64)."""
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
     order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
     return order, np.take_along_axis(probs, order, axis=1)
