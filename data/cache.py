@@ -25,6 +25,7 @@ DEFAULT_ATTRS: dict[str, Any] = {
     "dataset": "", "model": "", "pretrained": "", "weights_sha256": "", "model_config": "", "embed_dim": 0,
     "feature_dtype": "float32", "preprocess": "{}", "aug_views": 0, "aug_seed": 0, "aug": "{}", "shard": "",
     "versions": "{}", "created": "",
+    "activation": "", "logit_scale": 0.0, "logit_bias": 0.0,  # the model's own; logit_scale 0: not recorded
 }
 _STR = h5py.string_dtype("utf-8")
 _NORM_TOL = 1e-2  # float16 storage keeps norms within ~1e-3
