@@ -15,14 +15,7 @@ import torch
 from extract.errors import ExtractError
 from extract.models import (BUNDLED_CONFIGS, is_torchscript_archive, load_model, register_config, resolve_device,
                             sha256_file, weights_quick_gelu)
-from helpers_extract import TINY, make_images, plain_image_features, tiny_model
-
-
-def _source(seed: int, **kwargs) -> torch.nn.Module:
-    """The tiny architecture with seeded random weights (other than load_model's random init)."""
-    register_config(BUNDLED_CONFIGS / f"{TINY}.json")
-    torch.manual_seed(seed)
-    return open_clip.create_model(TINY, **kwargs).eval()
+from helpers_extract import TINY, make_images, make_local_dir, plain_image_features, seeded_tiny, tiny_model
 
 
 def _features(model: torch.nn.Module, folder: Path) -> np.ndarray:
@@ -77,7 +70,7 @@ def test_weights_files_that_are_no_state_dict_are_one_line(tmp_path: Path, kind:
 
 @pytest.mark.parametrize("quick_gelu", [False, True])
 def test_torchscript_archive_loads_like_its_state_dict(tmp_path: Path, quick_gelu: bool) -> None:
-    source = _source(7, force_quick_gelu=quick_gelu)
+    source = seeded_tiny(7, force_quick_gelu=quick_gelu)
     archive, state = tmp_path / "scripted.pt", tmp_path / "state.pt"
     torch.jit.save(torch.jit.script(source), archive)
     torch.save(source.state_dict(), state)
@@ -94,7 +87,7 @@ def test_torchscript_archive_loads_like_its_state_dict(tmp_path: Path, quick_gel
 
 def test_gelu_archive_into_a_quickgelu_model_is_refused(tmp_path: Path) -> None:
     archive = tmp_path / "scripted.pt"
-    torch.jit.save(torch.jit.script(_source(7)), archive)
+    torch.jit.save(torch.jit.script(seeded_tiny(7)), archive)
     cfg = json.loads((BUNDLED_CONFIGS / f"{TINY}.json").read_text())
     config = tmp_path / "tiny-quickgelu.json"
     config.write_text(json.dumps({**cfg, "quick_gelu": True}))
@@ -106,7 +99,7 @@ def test_gelu_archive_into_a_quickgelu_model_is_refused(tmp_path: Path) -> None:
 def test_quickgelu_tag_builds_quickgelu_whatever_the_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert weights_quick_gelu(open_clip.get_pretrained_cfg("RN50", "openai"), None) is True
     assert weights_quick_gelu(open_clip.get_pretrained_cfg("ViT-B-32", "laion2b_s34b_b79k"), None) is None
-    source = _source(11, force_quick_gelu=True)
+    source = seeded_tiny(11, force_quick_gelu=True)
     weights = tmp_path / "openai-like.pt"
     torch.save(source.state_dict(), weights)
     from open_clip import pretrained
@@ -121,18 +114,8 @@ def test_quickgelu_tag_builds_quickgelu_whatever_the_name(tmp_path: Path, monkey
     np.testing.assert_array_equal(_features(loaded.model, tmp_path / "imgs"), _features(source, tmp_path / "imgs"))
 
 
-def make_local_dir(folder: Path, source: torch.nn.Module) -> dict:
-    """An open_clip model folder (open_clip_config.json + weights) of the tiny architecture; returns the config."""
-    folder.mkdir(parents=True)
-    config = {"model_cfg": json.loads((BUNDLED_CONFIGS / f"{TINY}.json").read_text()),
-              "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
-    (folder / "open_clip_config.json").write_text(json.dumps(config))
-    torch.save(source.state_dict(), folder / "open_clip_pytorch_model.bin")
-    return config
-
-
 def test_local_dir_name_gives_the_features_of_its_weights(tmp_path: Path) -> None:
-    source = _source(5)
+    source = seeded_tiny(5)
     config = make_local_dir(tmp_path / "model", source)
     loaded = load_model(f"local-dir:{tmp_path / 'model'}", "")
     assert loaded.attrs["model"] == f"local-dir:{(tmp_path / 'model').resolve()}"
