@@ -60,6 +60,9 @@ def test_run_all_rejects_bad_options(tmp_path: Path) -> None:
     assert no_root.returncode == 2 and "--data-root" in no_root.stderr
     both = _run_all("--datasets", "DTD", "--folder", str(tmp_path))
     assert both.returncode == 2 and "not both" in both.stderr
+    hub = _run_all("--folder", str(tmp_path), "--model", "hf-hub:timm/ViT-B-16-SigLIP2", "--pretrained", "x.pt")
+    assert hub.returncode == 2 and "brings its own weights; drop --pretrained" in hub.stderr
+    assert "default RN50-quickgelu" in _run_all("--help").stdout  # OpenAI's RN50 weights need QuickGELU
 
 
 def _imported(code: str) -> set[str]:
