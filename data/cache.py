@@ -20,7 +20,7 @@ SPLITS = ("train", "val", "test")
 PENDING, OK, BAD = 0, 1, 2
 # Attributes that say which model and preprocessing made the features: a cache never mixes two of them.
 IDENTITY_ATTRS = ("dataset", "model", "pretrained", "weights_sha256", "model_config", "embed_dim",
-                  "feature_dtype", "preprocess", "aug_views", "aug_seed", "aug", "shard")
+                  "feature_dtype", "preprocess", "aug_views", "aug_seed", "aug", "shard", "activation")
 DEFAULT_ATTRS: dict[str, Any] = {
     "dataset": "", "model": "", "pretrained": "", "weights_sha256": "", "model_config": "", "embed_dim": 0,
     "feature_dtype": "float32", "preprocess": "{}", "aug_views": 0, "aug_seed": 0, "aug": "{}", "shard": "",
