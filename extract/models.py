@@ -123,13 +123,19 @@ def load_model(name: str, pretrained: str, *, model_config: str | Path | None = 
         config_text = json.dumps(_custom_configs[name], sort_keys=True) if name in _custom_configs else ""
     if weights is not None and sha256 and (actual := sha256_file(weights)) != sha256.lower():
         raise ExtractError(f"{weights}: sha256 is {actual}, not the expected {sha256}; download the weights again")
-    archive = _read_archive(weights) if weights is not None and is_torchscript_archive(weights) else None
+    archive = _read_archive(weights) if weights and not schema and is_torchscript_archive(weights) else None
     quick_gelu = weights_quick_gelu(get_pretrained_cfg(name, tag) if tag else {}, archive)
     if quick_gelu is False and model_cfg.get("quick_gelu"):
         raise ExtractError(f"{weights}: these weights were trained with GELU but {name} is built with QuickGELU; "
                            f"use --model {name.removesuffix('-quickgelu')}")
-    model = _build(name, tag or (str(weights) if weights and archive is None else None), archive,
-                   bool(quick_gelu), device, cache_dir)
+    loaded_by_open_clip = None if archive is not None else tag or (str(weights) if weights else None)
+    try:
+        model = _build(name, loaded_by_open_clip, archive, bool(quick_gelu), device, cache_dir)
+    except _LOAD_ERRORS as e:
+        if weights is None:
+            raise
+        raise ExtractError(f"{weights}: cannot load these weights into {name} ({_first_line(e)}); check that the "
+                           "file is a state_dict (or OpenAI's TorchScript archive) of this architecture") from None
     model.eval().requires_grad_(False)
     cfg = dict(model.visual.preprocess_cfg)
     preprocess = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
@@ -140,14 +146,14 @@ def load_model(name: str, pretrained: str, *, model_config: str | Path | None = 
         "model_config": config_text,
         "preprocess": json.dumps(cfg, sort_keys=True),
         "embed_dim": int(model_cfg["embed_dim"]),
-        **model_scale(model),
+        **model_traits(model),
     }
     tokenizer = _from_hub(lambda: open_clip.get_tokenizer(name, cache_dir=cache_dir), f"the tokenizer of {name}",
                           "download it on a machine with internet, or use a model with open_clip's own tokenizer")
     return LoadedModel(model, tokenizer, preprocess, cfg, attrs)
 
 
-def model_scale(model: torch.nn.Module) -> dict[str, Any]:
+def model_traits(model: torch.nn.Module) -> dict[str, Any]:
     """The model's own activation ("quick_gelu"/"gelu"), logit scale exp(logit_scale) and logit bias (0 if none)."""
     bias = getattr(model, "logit_bias", None)
     return {"activation": "quick_gelu" if any(isinstance(m, QuickGELU) for m in model.modules()) else "gelu",
@@ -187,21 +193,12 @@ def _read_archive(path: Path) -> torch.jit.ScriptModule:
 def _build(name: str, weights: str | None, archive: torch.jit.ScriptModule | None, quick_gelu: bool, device: str,
            cache_dir: str | None) -> torch.nn.Module:
     """open_clip's model `name` with `weights` (a tag or file, loaded by open_clip) or an archive's weights."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
-        try:
-            with _hub_offline(), _quiet(archive is not None):  # weights are local by now: no network here
-                model = open_clip.create_model(name, pretrained=weights, device=device, cache_dir=cache_dir,
-                                               force_quick_gelu=quick_gelu)
-                if archive is not None:  # OpenAI's key layout is open_clip's CLIP layout
-                    model.load_state_dict(_archive_weights(archive, model), strict=True)
-        except _LOAD_ERRORS as e:
-            if weights is None and archive is None and not _parse_name(name)[0]:
-                raise
-            source = weights or (name if archive is None else "the TorchScript archive")
-            raise ExtractError(f"{source}: cannot load these weights into {name} ({_first_line(e)}); check that "
-                               "the file is a state_dict (or OpenAI TorchScript archive) of this architecture") \
-                from None
+    with torch.random.fork_rng(devices=[]), _hub_offline(), _quiet(archive is not None):
+        torch.manual_seed(RANDOM_INIT_SEED)  # weights are local by now: no network in here
+        model = open_clip.create_model(name, pretrained=weights, device=device, cache_dir=cache_dir,
+                                       force_quick_gelu=quick_gelu)
+        if archive is not None:  # OpenAI's key layout is open_clip's CLIP layout
+            model.load_state_dict(_archive_weights(archive, model), strict=True)
     return model
 
 
