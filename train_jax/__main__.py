@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 from data.cache import CacheError
 from data.errors import DataError
-from train_jax.config import ALIASES_OUT, DEFAULT_GRID, Settings, expand_grid, grid_to_json, parse_grid
+from train_jax.config import (ALIASES_OUT, DEFAULT_GRID, Settings, expand_grid, grid_keys_help, grid_to_json,
+                              parse_grid)
 from train_jax.errors import TrainError
 from train_jax.methods import DEFAULT_METHODS, METHODS
 
@@ -22,9 +23,8 @@ Default grid, searched per seed on the validation split (the paper publishes no 
   {' '.join(f"{ALIASES_OUT.get(k, k)}={','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items())}
 Fields outside the grid keep their defaults:
   {Settings().label([f.name for f in dataclasses.fields(Settings)])}
-Grid keys: lr, weight_decay (wd), alpha, lambda (triplet weight), margin (cosine distance), epochs,
-  warmup (fraction of the steps), batch_size (bs), learn_text (0/1), use_aug (0/1), logit_scale (s; default:
-  the model's own scale recorded in the cache, 100 for caches without it), beta (Tip-Adapter-F).
+Settings (grid keys, aliases in brackets):
+{grid_keys_help()}
 Methods:
 {_METHODS_HELP}
 Outputs in --out: results.json, results.csv, results.md, accuracy_vs_shots.png, params/<K>shot.npz
@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", nargs="+", action="extend", default=None, metavar="KEY=V1,V2",
                    help="settings grid, e.g. lr=1e-3,1e-4 alpha=1,2 (default: see below; may be repeated)")
     p.add_argument("--prompt", choices=["single", "ensemble"], default=None,
-                   help="class prototypes: the dataset's own template (single) or the normalised mean over all "
-                        "cached templates (ensemble); default: ensemble for the ImageNet family, else single")
+                   help="class prototypes: the dataset's own template (single) or the normalised mean over CLIP's "
+                        "7 ImageNet templates (ensemble); default: ensemble for the ImageNet family, else single")
     p.add_argument("--memory-gb", type=float, default=None,
                    help="memory for the run axis; more runs are cut into chunks (default: half the free memory)")
     p.add_argument("--devices", type=int, default=None,
