@@ -128,9 +128,9 @@ def load_model(name: str, pretrained: str, *, model_config: str | Path | None = 
     if quick_gelu is False and model_cfg.get("quick_gelu"):
         raise ExtractError(f"{weights}: these weights were trained with GELU but {name} is built with QuickGELU; "
                            f"use --model {name.removesuffix('-quickgelu')}")
-    loaded_by_open_clip = None if archive is not None else tag or (str(weights) if weights else None)
+    by_open_clip = None if archive is not None or schema else tag or (str(weights) if weights else None)
     try:
-        model = _build(name, loaded_by_open_clip, archive, bool(quick_gelu), device, cache_dir)
+        model = _build(name, by_open_clip, archive, bool(quick_gelu), device, cache_dir)
     except _LOAD_ERRORS as e:
         if weights is None:
             raise
@@ -192,7 +192,8 @@ def _read_archive(path: Path) -> torch.jit.ScriptModule:
 
 def _build(name: str, weights: str | None, archive: torch.jit.ScriptModule | None, quick_gelu: bool, device: str,
            cache_dir: str | None) -> torch.nn.Module:
-    """open_clip's model `name` with `weights` (a tag or file, loaded by open_clip) or an archive's weights."""
+    """open_clip's model `name` with `weights` (a tag or file, loaded by open_clip), an archive's weights, or (for
+    hf-hub:/local-dir: names) the weights that come with the name."""
     with torch.random.fork_rng(devices=[]), _hub_offline(), _quiet(archive is not None):
         torch.manual_seed(RANDOM_INIT_SEED)  # weights are local by now: no network in here
         model = open_clip.create_model(name, pretrained=weights, device=device, cache_dir=cache_dir,
