@@ -1,4 +1,5 @@
-"""CLI: ``python -m train_jax --cache X.h5 --out DIR [...]`` (see ``--help``)."""
+"""CLI: ``python -m train_jax --cache X.h5 --out DIR [...]`` (see ``--help``); ``python -m train_jax predict ...``
+classifies new images with a trained run (``train_jax.predict``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from data.cache import CacheError
+from data.cache import CacheError, cache_identity, l2_normalize
 from data.errors import DataError
 from train_jax.config import (ALIASES_OUT, DEFAULT_GRID, Settings, expand_grid, grid_keys_help, grid_to_json,
                               parse_grid)
@@ -28,7 +29,9 @@ Settings (grid keys, aliases in brackets):
 Methods:
 {_METHODS_HELP}
 Outputs in --out: results.json, results.csv, results.md, accuracy_vs_shots.png, params/<K>shot.npz
-(train_jax.report.load_params), shots/<K>shot.json (finished shots, skipped when rerun).
+(train_jax.report.load_params), shots/<K>shot.json (finished shots, skipped when rerun), gap.md, gap.json,
+gap.png (modality gap before/after the map, train_jax.gap).
+Classify new images with a run: python -m train_jax predict --run DIR --cache NEW.h5 --out preds.csv
 """
 
 
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> Path:
     """Train and evaluate every requested shots value not yet in ``args.out``; write the results files."""
     import jax
 
-    from train_jax import experiment, report
+    from train_jax import experiment, gap, report
 
     grid = parse_grid(args.grid) if args.grid else dict(DEFAULT_GRID)
     shots, seeds, methods = sorted(set(args.shots)), list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.methods))
@@ -112,6 +115,7 @@ def run(args: argparse.Namespace) -> Path:
         "eval_caches": [str(Path(p).resolve()) for p in args.eval_cache], "seeds": seeds, "methods": methods,
         "grid": json.loads(grid_to_json(grid)), "prompt": task.prompt,
         "logit_scale": scale, "logit_scale_from": "grid" if "logit_scale" in grid else scale_from,
+        "identity": cache_identity(task.cache.attrs, task.cache.classnames, task.cache.templates),
     }
     _check_config(out, config)
     label_keys = [k for k, vs in grid.items() if len(vs) > 1]
@@ -132,11 +136,18 @@ def run(args: argparse.Namespace) -> Path:
             print(f"{task.dataset} {k}-shot {row['method']}: {acc}")
     records = [r for f in sorted((out / "shots").glob("*shot.json")) for r in json.loads(f.read_text())]
     report.write_run_dir(out, task.dataset, config, records)
+    test = task.cache.splits["test"]
+    gap.write_run(out, task.dataset, l2_normalize(test.features), test.labels, task.text, task.cache.classnames)
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 with a one-line ``error: ...`` on bad input)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["predict"]:
+        from train_jax.predict import main as predict_main
+
+        return predict_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         out = run(args)
