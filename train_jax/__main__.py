@@ -92,6 +92,12 @@ def _check_config(out: Path, config: dict[str, Any]) -> None:
         _write_json(path, config)
 
 
+def model_logit_scale(attrs: dict[str, Any]) -> tuple[float, str]:
+    """(logit scale, where from): the extracting model's own (cache attribute), else Settings' default (100)."""
+    scale = float(attrs.get("logit_scale") or 0.0)  # 0: an older cache that does not record it
+    return (scale, "cache") if scale > 0 else (Settings().logit_scale, "default")
+
+
 def run(args: argparse.Namespace) -> Path:
     """Train and evaluate every requested shots value not yet in ``args.out``; write the results files."""
     import jax
@@ -99,7 +105,6 @@ def run(args: argparse.Namespace) -> Path:
     from train_jax import experiment, gap, report
 
     grid = parse_grid(args.grid) if args.grid else dict(DEFAULT_GRID)
-    settings = expand_grid(grid)
     shots, seeds, methods = sorted(set(args.shots)), list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.methods))
     if min(shots) < 1:
         raise TrainError(f"--shots must be >= 1, got {args.shots}")
@@ -108,6 +113,8 @@ def run(args: argparse.Namespace) -> Path:
     devices = jax.devices()[: args.devices] if args.devices else None
     budget = int(args.memory_gb * 2**30) if args.memory_gb else None
     task = experiment.load_task(args.cache, args.eval_cache, args.prompt)
+    scale, scale_from = model_logit_scale(task.cache.attrs)
+    settings = expand_grid(grid, Settings(logit_scale=scale))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "shots").mkdir(exist_ok=True)
@@ -116,6 +123,7 @@ def run(args: argparse.Namespace) -> Path:
         "cache": str(Path(args.cache).resolve()), "dataset": task.dataset,
         "eval_caches": [str(Path(p).resolve()) for p in args.eval_cache], "seeds": seeds, "methods": methods,
         "grid": json.loads(grid_to_json(grid)), "prompt": task.prompt, "select": args.select,
+        "logit_scale": scale, "logit_scale_from": "grid" if "logit_scale" in grid else scale_from,
         "identity": cache_identity(task.cache.attrs, task.cache.classnames, task.cache.templates),
     }
     _check_config(out, config)

@@ -42,7 +42,8 @@ class Settings:
     learn_text: bool = _setting(False, PROGRAM, "also learn the class prototypes (T + dT, dT zero-initialised)")
     use_aug: bool = _setting(False, PROGRAM, "draw one random view per image and epoch from the cached augmented "
                                              "views (plus the original)")
-    logit_scale: float = _setting(100.0, RUN, "CLIP logit scale s", ("s",))
+    logit_scale: float = _setting(100.0, RUN, "CLIP logit scale s (default: the model's own, recorded in the "
+                                              "cache; 100 for caches without it)", ("s",))
     beta: float = _setting(5.5, RUN, "Tip-Adapter-F sharpness (only used by that method)")
 
     def __post_init__(self) -> None:

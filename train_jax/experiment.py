@@ -22,7 +22,7 @@ from train_jax.methods import METHODS
 from train_jax.runner import Pool, Trained, hparam_arrays, predict_runs, score_runs, train_runs
 
 # Attributes that must agree between the training cache and a shift cache (same encoder, same feature space).
-MODEL_ATTRS = ("model", "pretrained", "weights_sha256", "model_config", "embed_dim")
+MODEL_ATTRS = ("model", "pretrained", "weights_sha256", "model_config", "embed_dim", "activation")
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:

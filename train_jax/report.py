@@ -145,6 +145,17 @@ def run_markdown(dataset: str, summary: Sequence[Mapping[str, Any]]) -> str:
     return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "")
 
 
+def scale_line(config: Mapping[str, Any]) -> str:
+    """The line of results.md that says which logit scale the runs used (see run_config.json)."""
+    origin = config.get("logit_scale_from")
+    if origin is None:
+        return ""
+    if origin == "grid":
+        return "\nLogit scale: the grid's (setting `s`).\n"
+    why = "the model's own, recorded in the cache" if origin == "cache" else "default; the cache records none"
+    return f"\nLogit scale: {config['logit_scale']:g} ({why}).\n"
+
+
 def plot(path: Path, summary: Sequence[Mapping[str, Any]], title: str = "") -> None:
     """PNG of test accuracy vs shots, one line per method, one panel per dataset (plus the benchmark average
     when there are several datasets)."""
@@ -231,7 +242,7 @@ def write_run_dir(out: Path, dataset: str, config: Mapping[str, Any], records: S
     payload = {"dataset": dataset, "config": dict(config), "summary": summary, "runs": list(records)}
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     write_csv(out / "results.csv", records)
-    (out / "results.md").write_text(run_markdown(dataset, summary))
+    (out / "results.md").write_text(run_markdown(dataset, summary) + scale_line(config))
     plot(out / "accuracy_vs_shots.png", summary, dataset)
 
 
