@@ -21,17 +21,21 @@ from typing import Any, Iterable, Iterator, Mapping
 import h5py
 import numpy as np
 
+from data.registry import ensemble_templates
+
 FORMAT = "cmm-feature-cache"
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
 PENDING, OK, BAD = 0, 1, 2
+UNLABELLED = -1  # the label of every row of an unlabelled split (images to classify, never to train or score on)
 # Attributes that say which model and preprocessing made the features: a cache never mixes two of them.
 IDENTITY_ATTRS = ("dataset", "model", "pretrained", "weights_sha256", "model_config", "embed_dim",
-                  "feature_dtype", "preprocess", "aug_views", "aug_seed", "aug", "shard")
+                  "feature_dtype", "preprocess", "aug_views", "aug_seed", "aug", "shard", "activation")
 DEFAULT_ATTRS: dict[str, Any] = {
     "dataset": "", "model": "", "pretrained": "", "weights_sha256": "", "model_config": "", "embed_dim": 0,
     "feature_dtype": "float32", "preprocess": "{}", "aug_views": 0, "aug_seed": 0, "aug": "{}", "shard": "",
     "versions": "{}", "created": "",
+    "activation": "", "logit_scale": 0.0, "logit_bias": 0.0,  # the model's own; logit_scale 0: not recorded
 }
 _STR = h5py.string_dtype("utf-8")
 _NORM_TOL = 1e-2  # float16 storage keeps norms within ~1e-3
@@ -52,6 +56,11 @@ class Split:
     paths: np.ndarray
     aug_features: np.ndarray | None = None
 
+    @property
+    def labelled(self) -> bool:
+        """False for a split of unlabelled images (every label is ``UNLABELLED``)."""
+        return not bool(np.any(self.labels == UNLABELLED))
+
 
 @dataclass(frozen=True)
 class FeatureCache:
@@ -66,9 +75,15 @@ class FeatureCache:
     bad_paths: list[str] = field(default_factory=list)
 
     def prototypes(self, template: str | int = "ensemble") -> np.ndarray:
-        """Class prototypes [C, D]: one template (index or text) or the normalised mean over all templates."""
+        """Class prototypes [C, D]: one template (index or text), or "ensemble": the normalised mean over exactly
+        CLIP's 7 ImageNet templates (`data.registry.ensemble_templates`), as CLIP and Tip-Adapter compute it."""
         if template == "ensemble":
-            return l2_normalize(self.text_features.mean(axis=1))
+            members = [i for i, t in enumerate(self.templates) if t in ensemble_templates()]
+            if len(members) != len(ensemble_templates()):
+                raise CacheError(f"{self.path}: has {len(members)} of the {len(ensemble_templates())} ensemble "
+                                 "templates; re-extract it with this version of `python -m extract`, or use the "
+                                 "dataset's own template (--prompt single)")
+            return l2_normalize(self.text_features[:, members].mean(axis=1))
         if isinstance(template, str):
             if template not in self.templates:
                 raise CacheError(f"{self.path}: template {template!r} is not in the cache; it has {self.templates}")
@@ -98,30 +113,31 @@ def _identity(attrs: Mapping[str, Any]) -> dict[str, Any]:
             for k, v in ((k, full[k]) for k in IDENTITY_ATTRS)}
 
 
-def _sha256(parts: Iterable[bytes]) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(len(part).to_bytes(8, "little"))
-        h.update(part)
-    return h.hexdigest()
+def cache_identity(attrs: Mapping[str, Any], classnames: Iterable[str], templates: Iterable[str]) -> dict[str, Any]:
+    """What makes two caches' features and prototypes interchangeable: the model, its weights, the preprocessing
+    and the class and template lists (as sha256 of their JSON); not the dataset or its images."""
+    full = _identity(attrs)
+    digest = lambda names: hashlib.sha256(json.dumps(list(names)).encode()).hexdigest()  # noqa: E731
+    return {**{k: full[k] for k in ("model", "pretrained", "weights_sha256", "model_config", "activation",
+                                    "embed_dim", "preprocess")},
+            "classnames_sha256": digest(classnames), "templates_sha256": digest(templates)}
 
 
 def identity(attrs: Mapping[str, Any], classnames: Iterable[str], templates: Iterable[str],
              splits: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """What a cache's features are made of: the IDENTITY_ATTRS (model, weights hash, preprocessing, dataset, ...)
-    plus sha256 digests of the class list, the templates and the image listing (every split's paths and labels,
-    skipped images included). Caches with equal identities hold the same features; `extract` and `train_jax`
-    compare identities, never paths. splits[name] = dict(paths [N], labels [N])."""
-    classnames, templates = [str(c) for c in classnames], [str(t) for t in templates]
-    listing = _sha256(part for name in sorted(splits) for part in (
-        name.encode(), "\0".join(str(p) for p in splits[name]["paths"]).encode("utf-8", "surrogateescape"),
-        np.asarray(splits[name]["labels"], dtype="<i8").tobytes()))
-    return {**_identity(attrs), "num_classes": len(classnames),
-            "classes_sha256": _sha256(c.encode() for c in classnames),
-            "templates_sha256": _sha256(t.encode() for t in templates), "listing_sha256": listing}
+    """What a cache's features are made of: every IDENTITY_ATTR (model, weights hash, preprocessing, dataset, ...),
+    the `cache_identity` digests of the class and template lists, and the sha256 of the image listing (every
+    split's paths and labels, skipped images included). Caches with equal identities hold the same features;
+    `extract` and `train_jax` compare identities, never paths. splits[name] = dict(paths [N], labels [N])."""
+    listing = hashlib.sha256()
+    for name in sorted(splits):
+        for part in (name.encode(), "\0".join(str(p) for p in splits[name]["paths"]).encode("utf-8", "surrogateescape"),
+                     np.asarray(splits[name]["labels"], dtype="<i8").tobytes()):
+            listing.update(len(part).to_bytes(8, "little") + part)
+    return {**_identity(attrs), **cache_identity(attrs, classnames, templates), "listing_sha256": listing.hexdigest()}
 
 
-def cache_identity(path: str | os.PathLike) -> dict[str, Any]:
+def file_identity(path: str | os.PathLike) -> dict[str, Any]:
     """`identity` of a cache file (complete or not)."""
     path = Path(path)
     read_attrs(path)  # one-line errors for a folder, a missing file, a file being written
@@ -133,7 +149,7 @@ def cache_identity(path: str | os.PathLike) -> dict[str, Any]:
 
 def identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     """'' if equal, else the first difference in words, e.g. "model='RN50', not 'ViT-B-32'"."""
-    names = {"classes_sha256": "class list", "templates_sha256": "template list",
+    names = {"classnames_sha256": "class list", "templates_sha256": "template list",
              "listing_sha256": "image listing (paths and labels)"}
     for key in new:
         if old.get(key) != new[key]:
@@ -275,8 +291,8 @@ def _read_split(g: h5py.Group, path: Path, name: str, n_classes: int, dim: int, 
     _check(labels.shape == (len(features),) and paths.shape == (len(features),), path,
            f"/splits/{name} features, labels and paths differ in length")
     if len(labels):
-        _check(bool(labels.min() >= 0 and labels.max() < n_classes), path,
-               f"/splits/{name}/labels outside [0, {n_classes})")
+        _check(bool(labels.min() >= 0 and labels.max() < n_classes) or bool(np.all(labels == UNLABELLED)), path,
+               f"/splits/{name}/labels outside [0, {n_classes}) (or not all {UNLABELLED}: unlabelled)")
         _check(bool(np.all(np.abs(np.linalg.norm(features, axis=1) - 1) < _NORM_TOL)), path,
                f"/splits/{name}/features rows are not L2-normalised")
     aug = None
@@ -368,7 +384,7 @@ def _guard_existing(path: Path, new: Mapping[str, Any]) -> None:
         raise CacheError(f"{path}: is a folder, not a cache file; give a file path such as {path / 'x.h5'}")
     if not path.exists():
         return
-    diff = identity_diff(cache_identity(path), new)
+    diff = identity_diff(file_identity(path), new)
     if diff:
         raise CacheError(f"{path}: exists with {diff}; refusing to mix or replace caches: choose another "
                          "--out file, or pass --overwrite to replace it")

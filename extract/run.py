@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from extract.augment import AugmentedViews
-from data.cache import CacheWriter, cache_identity, identity, read_attrs
+from data.cache import CacheWriter, file_identity, identity, read_attrs
 from extract.datasets import DatasetSpec
 from extract.encode import encode_images, encode_texts, make_loader
 from extract.errors import ExtractError
@@ -131,4 +131,4 @@ def _already_done(path: Path, attrs: dict, classnames: list[str], templates: lis
     """Whether `path` is a complete cache of exactly this extraction (same `identity`)."""
     if not path.is_file() or not read_attrs(path).get("complete"):
         return False
-    return cache_identity(path) == identity(attrs, classnames, templates, rows)
+    return file_identity(path) == identity(attrs, classnames, templates, rows)

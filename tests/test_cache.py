@@ -14,8 +14,9 @@ import h5py
 import numpy as np
 import pytest
 
-from data.cache import (CacheError, CacheWriter, cache_identity, identity, identity_diff, l2_normalize,
+from data.cache import (CacheError, CacheWriter, file_identity, identity, identity_diff, l2_normalize,
                         partial_path, read_attrs, read_cache, verify, write_cache)
+from data.registry import ensemble_templates
 
 CLASSES = ["cat", "dog", "newt"]
 TEMPLATES = ["a photo of a {}.", "art of the {}."]
@@ -63,11 +64,22 @@ def test_prototypes_single_and_ensemble(tmp_path: Path) -> None:
     text = content["text_features"]
     np.testing.assert_array_equal(cache.prototypes(1), text[:, 1])
     np.testing.assert_array_equal(cache.prototypes("art of the {}."), text[:, 1])
-    ens = text.mean(axis=1)
-    np.testing.assert_allclose(cache.prototypes("ensemble"), ens / np.linalg.norm(ens, axis=1, keepdims=True),
-                               rtol=1e-6)
     with pytest.raises(CacheError, match="not in the cache"):
         cache.prototypes("missing {}")
+    with pytest.raises(CacheError, match="has 1 of the 7 ensemble templates"):
+        cache.prototypes("ensemble")
+
+
+def test_ensemble_is_exactly_the_seven_templates(tmp_path: Path) -> None:
+    """The dataset's own template (stored first) and user templates are not part of the ensemble."""
+    rng = np.random.default_rng(0)
+    templates = ["a photo of a {}, a type of pet.", *ensemble_templates(), "my own {}."]
+    text = l2_normalize(rng.normal(size=(len(CLASSES), len(templates), 8)))
+    content = {**make_content(), "templates": templates, "text_features": text}
+    cache = read_cache(write_cache(tmp_path / "c.h5", **content))
+    ens = text[:, 1:8].mean(axis=1)
+    np.testing.assert_allclose(cache.prototypes("ensemble"), ens / np.linalg.norm(ens, axis=1, keepdims=True),
+                               rtol=1e-6)
 
 
 def test_float16_storage_reads_back_as_float32(tmp_path: Path) -> None:
@@ -324,9 +336,9 @@ def test_identity_names_model_classes_and_listing(tmp_path: Path) -> None:
     path = write_cache(tmp_path / "c.h5", **content)
     splits = {k: dict(paths=v["paths"], labels=v["labels"]) for k, v in content["splits"].items()}
     full_attrs = {**content["attrs"], "embed_dim": 8, "aug_views": 2, "feature_dtype": "float32"}
-    assert cache_identity(path) == identity(full_attrs, CLASSES, TEMPLATES, splits)
+    assert file_identity(path) == identity(full_attrs, CLASSES, TEMPLATES, splits)
     moved = splits | {"test": dict(paths=splits["test"]["paths"][::-1], labels=splits["test"]["labels"])}
-    assert identity_diff(cache_identity(path), identity(full_attrs, CLASSES, TEMPLATES, moved)) == \
+    assert identity_diff(file_identity(path), identity(full_attrs, CLASSES, TEMPLATES, moved)) == \
         "another image listing (paths and labels)"
     before = digest(path)
     other = make_content()
