@@ -242,9 +242,10 @@ def summary(path: Path) -> str:
         for name, g in f["splits"].items():
             status = g["status"][()]
             aug = f", aug_features {g['aug_features'].shape}" if "aug_features" in g else ""
+            features = g["features"]
             lines.append(f"  {name}: {len(status)} of {g.attrs.get('total_rows', len(status))} rows, "
                          f"{int(np.sum(status == 1))} done, {int(np.sum(status == 2))} skipped, "
-                         f"{int(np.sum(status == 0))} pending; features {g['features'].shape} {g['features'].dtype}{aug}")
+                         f"{int(np.sum(status == 0))} pending; features {features.shape} {features.dtype}{aug}")
         lines.append(f"  bad images: {f['bad/paths'].shape[0] if 'bad/paths' in f else 0}")
     lines.append(f"  checksums: {checksummed} datasets verified" if checksummed else
                  "  checksums: none stored (made before they were added)")
