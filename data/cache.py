@@ -399,7 +399,7 @@ def _file_identity(f: h5py.File, path: Path) -> dict[str, Any]:
 
 def _move_aside(tmp: Path, why: str) -> None:
     """Rename an unusable partial file out of the way (kept for inspection), saying so on stderr."""
-    aside = tmp.with_name(f"{tmp.name}.unusable-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}")
+    aside = tmp.with_name(f"{tmp.name}.unusable-{datetime.now(timezone.utc):%Y%m%dT%H%M%S.%f}")
     os.replace(tmp, aside)
     print(f"warning: {tmp}: cannot be resumed ({why}); moved it to {aside} and starting over", file=sys.stderr)
 
