@@ -44,6 +44,7 @@ class Sizes:
     check_shots: int = 4
     check_seeds: tuple[int, ...] = (1, 2, 3)
     check_grid: tuple[str, ...] = ()  # --grid arguments; () = the default grid
+    check_methods: tuple[str, ...] = ()  # --methods arguments; () = the default methods
     extract_models: tuple[str, ...] = ("ViT-B-32", "RN50")  # bench_extract, each without and with aug views
     extract_images: int = 8192
     extract_aug_images: int = 1024
@@ -65,6 +66,7 @@ class Sizes:
     sweep_test: int = 10
     sweep_seeds: tuple[int, ...] = (1, 2, 3)
     sweep_grid: tuple[str, ...] = ()
+    sweep_methods: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, data: dict) -> "Sizes":
@@ -74,10 +76,17 @@ class Sizes:
 FULL = Sizes()
 SMOKE = Sizes(feature_models=("cmm-tiny-vit",), feature_images=6, feature_size=(40, 30), feature_views=1,
               check_classes=4, check_dim=16, check_shots=2, check_seeds=(1, 2), check_grid=("lr=0.01,0.001", "epochs=3"),
+              check_methods=("cmm",),
               extract_models=("cmm-tiny-vit",), extract_images=6, extract_aug_images=4, aug_views=1, batch_size=4,
               extract_rounds=1, image_size=(40, 30), workers=0, train_cases=("tiny",), train_runs=(1, 2),
               train_epochs=2, train_dim=8, peak_size=64, sweep_classes=5, sweep_dim=16, sweep_shots=2, sweep_train=6,
-              sweep_test=4, sweep_seeds=(1, 2), sweep_grid=("lr=0.01,0.001", "epochs=3"))
+              sweep_test=4, sweep_seeds=(1, 2), sweep_grid=("lr=0.01,0.001", "epochs=3"),
+              sweep_methods=("cmm",))
+
+
+def workers(sizes: Sizes) -> int:
+    """DataLoader workers of the extraction parts."""
+    return usable_cores() if sizes.workers < 0 else sizes.workers
 
 
 def write_class_cache(path: Path, *, classes: int, dim: int, train: int, val: int, test: int, dataset: str,
@@ -144,7 +153,7 @@ def features(spec: dict, save: Save) -> None:
             path = work / f"features-{name}-{label}.h5"
             path.unlink(missing_ok=True)
             device = torch.device("cpu" if label == "cpu" else spec["device"])
-            extract_folder(root, loaded, path, 8, min(4, usable_cores()), sizes.feature_views, device)
+            extract_folder(root, loaded, path, 8, workers(sizes), sizes.feature_views, device)
             caches[label] = read_cache(path)
         a, b = caches["cpu"], caches["device"]
         pairs = {"image": (a.splits["train"].features, b.splits["train"].features),
@@ -168,7 +177,7 @@ def train_check(spec: dict, save: Save) -> None:
     runs, out = {}, {"test_images": 20 * sizes.check_classes, "runs": {}}
     for label, extra in envs.items():
         seconds, records = train_jax(cache, work / f"check-{label}", sizes.check_shots, sizes.check_seeds,
-                                     sizes.check_grid, extra)
+                                     sizes.check_grid, sizes.check_methods, extra)
         runs[label] = {(r["method"], r["seed"]): r for r in records if r["selected"]}
         out["runs"][label] = {"seconds": seconds, "selected": len(runs[label])}
         if label != "cpu":
@@ -181,11 +190,12 @@ def train_check(spec: dict, save: Save) -> None:
 
 
 def train_jax(cache: Path, out: Path, shots: int, seeds: tuple[int, ...], grid: tuple[str, ...],
-              extra_env: dict) -> tuple[float, list[dict]]:
-    """Run `python -m train_jax` on `cache` into `out` (its output goes to this part's log): (wall seconds,
-    results.json's run records). Raises RuntimeError if it fails."""
+              methods: tuple[str, ...], extra_env: dict) -> tuple[float, list[dict]]:
+    """Run `python -m train_jax` on `cache` into `out` (its output goes to this part's log; empty grid or methods:
+    the defaults): (wall seconds, results.json's run records). Raises RuntimeError if it fails."""
     argv = [sys.executable, "-m", "train_jax", "--cache", str(cache), "--out", str(out), "--shots", str(shots),
-            "--seeds", *map(str, seeds), *(["--grid", *grid] if grid else [])]
+            "--seeds", *map(str, seeds), *(["--grid", *grid] if grid else []),
+            *(["--methods", *methods] if methods else [])]
     print("$", " ".join(argv[1:]), " ".join(f"{k}={v}" for k, v in extra_env.items()), flush=True)
     start = time.perf_counter()
     done = subprocess.run(argv, cwd=ROOT, env={**os.environ, **extra_env})
@@ -205,7 +215,8 @@ def sweep(spec: dict, save: Save) -> None:
     out = {"write_s": time.perf_counter() - start, "classes": sizes.sweep_classes, "dim": sizes.sweep_dim,
            "shots": sizes.sweep_shots, "seeds": len(sizes.sweep_seeds)}
     save(out)
-    seconds, records = train_jax(cache, work / "sweep", sizes.sweep_shots, sizes.sweep_seeds, sizes.sweep_grid, {})
+    seconds, records = train_jax(cache, work / "sweep", sizes.sweep_shots, sizes.sweep_seeds, sizes.sweep_grid,
+                                 sizes.sweep_methods, {})
     selected = [r["test_acc"] for r in records if r["selected"] and r["method"] == "cmm"]
     out |= {"seconds": seconds, "runs": len(records), "methods": len({r["method"] for r in records}),
             "cmm_test_acc": float(np.mean(selected))}
@@ -217,18 +228,18 @@ def extract(spec: dict, save: Save) -> None:
     from bench import bench_extract
 
     sizes, work = Sizes.from_dict(spec["sizes"]), Path(spec["work"])
-    workers = usable_cores() if sizes.workers < 0 else sizes.workers
     out: dict = {}
     for model in sizes.extract_models:
         for views, images in ((0, sizes.extract_images), (sizes.aug_views, sizes.extract_aug_images)):
             key = f"{model}, {views} aug views"
             argv = ["--model", model, "--images", str(images), "--size", "x".join(map(str, sizes.image_size)),
-                    "--batch-size", str(sizes.batch_size), "--workers", str(workers), "--aug-views", str(views),
+                    "--batch-size", str(sizes.batch_size), "--workers", str(workers(sizes)), "--aug-views", str(views),
                     "--rounds", str(sizes.extract_rounds), "--device", spec["device"]]
             print(f"\n$ python -m bench.bench_extract {' '.join(argv)}", flush=True)
             try:
                 result = bench_extract.run(bench_extract.build_parser().parse_args(argv), work / "extract")
-                out[key] = {**result, "images": images, "views": views, "batch": sizes.batch_size, "workers": workers}
+                out[key] = {**result, "images": images, "views": views, "batch": sizes.batch_size,
+                            "workers": workers(sizes)}
             except Exception as e:  # one model failing (out of memory, say) must not lose the others
                 out[key] = {"error": f"{type(e).__name__}: {e}"}
                 print(f"error: {key}: {out[key]['error']}", flush=True)
