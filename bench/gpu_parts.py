@@ -53,12 +53,13 @@ class Sizes:
     extract_rounds: int = 2
     image_size: tuple[int, int] = (500, 375)
     workers: int = -1  # DataLoader workers; -1 = the usable cores
-    train_cases: tuple[str, ...] = ("large", "small", "tiny")  # bench_train, at the case's smallest and largest S
+    train_cases: tuple[str, ...] = ("tiny", "small", "large")  # bench_train (cheapest first), at the case's
+    # smallest and largest S
     train_runs: tuple[int, ...] = ()  # () = each case's own smallest and largest S
     train_epochs: int = 0  # 0 = each case's own
     train_dim: int = 0  # 0 = each case's own
     train_repeats: int = 1
-    peak_size: int = 4096
+    peak_size: int = 8192  # side of the float32 matmul of the peak: ~3 ms on an H100, well past launch overhead
     sweep_classes: int = 1000  # ImageNet-sized 16-shot sweep through `python -m train_jax`
     sweep_dim: int = 1024
     sweep_shots: int = 16
@@ -75,8 +76,8 @@ class Sizes:
 
 FULL = Sizes()
 SMOKE = Sizes(feature_models=("cmm-tiny-vit",), feature_images=6, feature_size=(40, 30), feature_views=1,
-              check_classes=4, check_dim=16, check_shots=2, check_seeds=(1, 2), check_grid=("lr=0.01,0.001", "epochs=3"),
-              check_methods=("cmm",),
+              check_classes=4, check_dim=16, check_shots=2, check_seeds=(1, 2),
+              check_grid=("lr=0.01,0.001", "epochs=3"), check_methods=("cmm",),
               extract_models=("cmm-tiny-vit",), extract_images=6, extract_aug_images=4, aug_views=1, batch_size=4,
               extract_rounds=1, image_size=(40, 30), workers=0, train_cases=("tiny",), train_runs=(1, 2),
               train_epochs=2, train_dim=8, peak_size=64, sweep_classes=5, sweep_dim=16, sweep_shots=2, sweep_train=6,
@@ -124,10 +125,14 @@ def env(spec: dict, save: Save) -> None:
     save(out)
     import jax
 
-    devices = jax.devices()
-    out |= {"jax": jax.__version__, "jax_backend": jax.default_backend(),
-            "jax_devices": [f"{d.platform}: {d.device_kind}" for d in devices],
-            "jax_gpu": any(d.platform in ("gpu", "cuda") for d in devices)}
+    out["jax"] = jax.__version__
+    try:
+        devices = jax.devices()
+    except RuntimeError as e:  # a CUDA plugin that cannot start: the JAX parts are skipped, the others run
+        out |= {"jax_devices": [f"none ({str(e).splitlines()[0][:200]})"], "jax_gpu": False}
+    else:
+        out |= {"jax_devices": [f"{d.platform}: {d.device_kind}" for d in devices],
+                "jax_gpu": any(d.platform in ("gpu", "cuda") for d in devices)}
     save(out)
 
 

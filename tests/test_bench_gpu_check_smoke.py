@@ -22,7 +22,8 @@ def test_smoke_check_runs_every_part_and_writes_the_summary(tmp_path: Path, caps
     for model in SMOKE.feature_models:  # the same model on the same device: identical features
         assert res["features"][model]["ok"] and min(res["features"][model]["min_cosine"].values()) > 0.99999
     assert res["train_check"]["runs"]["device"]["ok"] and res["train_check"]["runs"]["device"]["max_test_diff"] == 0
-    assert len(res["extract"]) == 2 * len(SMOKE.extract_models) and all("error" not in r for r in res["extract"].values())
+    assert len(res["extract"]) == 2 * len(SMOKE.extract_models)
+    assert all("error" not in r for r in res["extract"].values())
     assert set(res["train"]["cases"]) == set(SMOKE.train_cases)
     assert res["sweep"]["runs"] == len(SMOKE.sweep_seeds) * 2  # 2 learning rates x 1 method
     summary = (out / "summary.md").read_text()
