@@ -1,4 +1,5 @@
-"""CLI: ``python -m train_jax --cache X.h5 --out DIR [...]`` (see ``--help``)."""
+"""CLI: ``python -m train_jax --cache X.h5 --out DIR [...]`` (see ``--help``); ``python -m train_jax predict ...``
+classifies new images with a trained run (``train_jax.predict``)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from data.cache import CacheError
+from data.cache import CacheError, cache_identity, l2_normalize
 from data.errors import DataError
-from train_jax.config import ALIASES_OUT, DEFAULT_GRID, Settings, expand_grid, grid_to_json, parse_grid
+from train_jax.config import (ALIASES_OUT, DEFAULT_GRID, Settings, expand_grid, grid_keys_help, grid_to_json,
+                              parse_grid)
 from train_jax.errors import TrainError
 from train_jax.methods import DEFAULT_METHODS, METHODS
 
@@ -22,13 +24,14 @@ Default grid, searched per seed on the validation split (the paper publishes no 
   {' '.join(f"{ALIASES_OUT.get(k, k)}={','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items())}
 Fields outside the grid keep their defaults:
   {Settings().label([f.name for f in dataclasses.fields(Settings)])}
-Grid keys: lr, weight_decay (wd), alpha, lambda (triplet weight), margin (cosine distance), epochs,
-  warmup (fraction of the steps), batch_size (bs), learn_text (0/1), use_aug (0/1), logit_scale (s),
-  beta (Tip-Adapter-F).
+Settings (grid keys, aliases in brackets):
+{grid_keys_help()}
 Methods:
 {_METHODS_HELP}
 Outputs in --out: results.json, results.csv, results.md, accuracy_vs_shots.png, params/<K>shot.npz
-(train_jax.report.load_params), shots/<K>shot.json (finished shots, skipped when rerun).
+(train_jax.report.load_params), shots/<K>shot.json (finished shots, skipped when rerun), gap.md, gap.json,
+gap.png (modality gap before/after the map, train_jax.gap).
+Classify new images with a run: python -m train_jax predict --run DIR --cache NEW.h5 --out preds.csv
 """
 
 
@@ -52,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", nargs="+", action="extend", default=None, metavar="KEY=V1,V2",
                    help="settings grid, e.g. lr=1e-3,1e-4 alpha=1,2 (default: see below; may be repeated)")
     p.add_argument("--prompt", choices=["single", "ensemble"], default=None,
-                   help="class prototypes: the dataset's own template (single) or the normalised mean over all "
-                        "cached templates (ensemble); default: ensemble for the ImageNet family, else single")
+                   help="class prototypes: the dataset's own template (single) or the normalised mean over CLIP's "
+                        "7 ImageNet templates (ensemble); default: ensemble for the ImageNet family, else single")
     p.add_argument("--memory-gb", type=float, default=None,
                    help="memory for the run axis; more runs are cut into chunks (default: half the free memory)")
     p.add_argument("--devices", type=int, default=None,
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> Path:
     """Train and evaluate every requested shots value not yet in ``args.out``; write the results files."""
     import jax
 
-    from train_jax import experiment, report
+    from train_jax import experiment, gap, report
 
     grid = parse_grid(args.grid) if args.grid else dict(DEFAULT_GRID)
     settings = expand_grid(grid)
@@ -104,6 +107,7 @@ def run(args: argparse.Namespace) -> Path:
         "cache": str(Path(args.cache).resolve()), "dataset": task.dataset,
         "eval_caches": [str(Path(p).resolve()) for p in args.eval_cache], "seeds": seeds, "methods": methods,
         "grid": json.loads(grid_to_json(grid)), "prompt": task.prompt,
+        "identity": cache_identity(task.cache.attrs, task.cache.classnames, task.cache.templates),
     }
     _check_config(out, config)
     label_keys = [k for k, vs in grid.items() if len(vs) > 1]
@@ -124,11 +128,18 @@ def run(args: argparse.Namespace) -> Path:
             print(f"{task.dataset} {k}-shot {row['method']}: {acc}")
     records = [r for f in sorted((out / "shots").glob("*shot.json")) for r in json.loads(f.read_text())]
     report.write_run_dir(out, task.dataset, config, records)
+    test = task.cache.splits["test"]
+    gap.write_run(out, task.dataset, l2_normalize(test.features), test.labels, task.text, task.cache.classnames)
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 with a one-line ``error: ...`` on bad input)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["predict"]:
+        from train_jax.predict import main as predict_main
+
+        return predict_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         out = run(args)

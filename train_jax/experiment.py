@@ -11,8 +11,9 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from data.cache import FeatureCache, read_cache
+from data.cache import UNLABELLED, FeatureCache, read_cache
 from data import fewshot
+from data.registry import in_imagenet_family
 from train_jax import evaluate
 from train_jax.config import Settings
 from train_jax.errors import TrainError
@@ -60,12 +61,27 @@ class ShotResult:
 
 
 def default_prompt(dataset: str) -> str:
-    """``ensemble`` for the ImageNet family (as Tip-Adapter/CoOp), ``single`` (the dataset's template) otherwise."""
-    return "ensemble" if dataset.lower().startswith("imagenet") else "single"
+    """``ensemble`` (CLIP's 7 templates) for the ImageNet family, as Tip-Adapter/CoOp; ``single`` (the dataset's
+    own template) otherwise."""
+    return "ensemble" if in_imagenet_family(dataset) else "single"
 
 
 def _dataset_name(cache: FeatureCache) -> str:
     return str(cache.attrs.get("dataset") or Path(cache.path).stem)
+
+
+def prototypes(cache: FeatureCache, prompt: str) -> np.ndarray:
+    """Class prototypes [C,D] of a prompt choice: ``ensemble`` (normalised mean over the templates) or the
+    dataset's own template (``single``)."""
+    return _normalize(cache.prototypes("ensemble" if prompt == "ensemble" else 0))
+
+
+def refuse_unlabelled(cache: FeatureCache) -> None:
+    """TrainError if a split of the cache holds unlabelled images: they can be classified, not trained or scored on."""
+    for name, split in cache.splits.items():
+        if not split.labelled:
+            raise TrainError(f"{cache.path}: split {name!r} holds unlabelled images (label {UNLABELLED}); train and "
+                             "score on a labelled cache, classify these with `python -m train_jax predict`")
 
 
 def load_task(cache_path: str | Path, eval_paths: Sequence[str | Path] = (), prompt: str | None = None) -> Task:
@@ -74,9 +90,10 @@ def load_task(cache_path: str | Path, eval_paths: Sequence[str | Path] = (), pro
     for split in ("train", "test"):
         if split not in cache.splits or len(cache.splits[split].labels) == 0:
             raise TrainError(f"{cache.path}: the cache has no {split!r} rows; extract its {split} split")
+    refuse_unlabelled(cache)
     dataset = _dataset_name(cache)
     prompt = prompt or default_prompt(dataset)
-    text = _normalize(cache.prototypes("ensemble" if prompt == "ensemble" else 0))
+    text = prototypes(cache, prompt)
     shift = []
     for path in eval_paths:
         other = read_cache(path, splits=["test"], with_aug=False)
@@ -86,6 +103,7 @@ def load_task(cache_path: str | Path, eval_paths: Sequence[str | Path] = (), pro
                     f"{other.path}: {key}={other.attrs.get(key)!r} differs from the training cache's "
                     f"{cache.attrs.get(key)!r}; extract both with the same model"
                 )
+        refuse_unlabelled(other)
         name = _dataset_name(other)
         test = other.splits["test"]
         classes = evaluate.class_map(cache.classnames, other.classnames, str(other.path))

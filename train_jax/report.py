@@ -4,7 +4,8 @@ plots; plus a combine mode over run directories:
     python -m train_jax.report RUN_DIR [RUN_DIR ...] --out DIR
 
 writes DIR/summary.md (the average over the benchmark datasets present, one table per shot count with rows =
-methods and columns = datasets, a distribution-shift table), DIR/summary.json and DIR/accuracy_vs_shots.png.
+methods and columns = datasets, a distribution-shift table, a modality-gap line), DIR/summary.json and
+DIR/accuracy_vs_shots.png.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from data.registry import dataset_names
 from train_jax.config import Settings
 from train_jax.errors import TrainError
 from train_jax.evaluate import mean_std
 
-BENCHMARK = ("ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "Flowers102", "Food101", "FGVCAircraft",
-             "SUN397", "DTD", "EuroSAT", "UCF101")
+BENCHMARK = tuple(dataset_names("benchmark"))
 _ALIASES = {"oxfordflowers": "flowers102", "describabletextures": "dtd"}
 CSV_FIELDS = ("dataset", "shots", "method", "seed", "setting", "val_acc", "test_acc", "selected", "failed")
 METHOD_ORDER = ("zeroshot", "linear_probe", "tip_adapter_f", "cmm_ce", "cmm")
@@ -251,9 +252,31 @@ def combined_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
     return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "")
 
 
+def gap_line(gaps: Sequence[Mapping[str, Any]]) -> str:
+    """One Markdown line from the runs' gap.json: per dataset, cmm (else the first method with a map) at its
+    largest shot count; before -> after, averaged over the datasets. Empty when no run has a map."""
+    pairs = []
+    for g in gaps:
+        if g["after"]:
+            top = max(r["shots"] for r in g["after"])
+            rows = [r for r in g["after"] if r["shots"] == top]
+            pairs.append((g["before"], next((r for r in rows if r["method"] == "cmm"), rows[0])))
+    if not pairs:
+        return ""
+    def change(key: str, fmt: str) -> str:
+        before, after = (np.mean([b[key] for b, _ in pairs]), np.mean([a["mean"][key] for _, a in pairs]))
+        return f"{before:{fmt}} → {after:{fmt}}"
+
+    methods = ", ".join(sorted({f"{a['method']} {a['shots']}-shot" for _, a in pairs}))
+    return (f"Modality gap on test ({methods}; mean over {len(pairs)} dataset(s); per run: gap.md): "
+            f"‖mean image − mean prototype‖ {change('gap', '.3f')}, margin {change('margin', '.3f')}, "
+            f"nearest-prototype accuracy (%) {change('nearest_acc', '.2f')}\n")
+
+
 def combine(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     """Merge the results.json of several run directories into ``out`` (summary.md/.json, accuracy_vs_shots.png)."""
     summary: list[dict[str, Any]] = []
+    gaps = [json.loads(p.read_text()) for p in (Path(d) / "gap.json" for d in run_dirs) if p.is_file()]
     for run_dir in run_dirs:
         path = Path(run_dir) / "results.json"
         try:
@@ -262,7 +285,8 @@ def combine(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
             raise TrainError(f"{path}: cannot read results ({e}); run `python -m train_jax ... --out {run_dir}` first")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.md").write_text(combined_markdown(summary))
+    line = gap_line(gaps)
+    (out / "summary.md").write_text(combined_markdown(summary) + (f"\n{line}" if line else ""))
     (out / "summary.json").write_text(json.dumps({"summary": summary, "average": _average_rows(summary)}, indent=1))
     plot(out / "accuracy_vs_shots.png", summary)
     return out
