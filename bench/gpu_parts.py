@@ -24,10 +24,12 @@ import numpy as np
 from bench.common import machine_lines, usable_cores
 from bench.train_problems import CASES, normalize, useful_flops
 from data.cache import read_cache, write_cache
+from data.registry import ensemble_templates
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ["torch", "torchvision", "open_clip_torch", "jax", "jaxlib", "flax", "optax", "numpy", "h5py", "pillow"]
 COSINE_MIN = 0.999  # per-row cosine of CUDA fp16 features against CPU fp32 ones (issue 12)
+CHECK_TEST = 20  # test images per class of the train_jax check: accuracies may differ by one of them
 Save = Callable[[dict], None]
 
 
@@ -91,16 +93,19 @@ def workers(sizes: Sizes) -> int:
 
 
 def write_class_cache(path: Path, *, classes: int, dim: int, train: int, val: int, test: int, dataset: str,
-                      templates: int = 8, seed: int = 0) -> Path:
-    """A cache of unit features with class structure: image features normalise(text_c + noise), `train`, `val`
-    (0: no val split, as ImageNet) and `test` images per class, `templates` text features per class."""
+                      noise: float = 0.4, seed: int = 0) -> Path:
+    """A cache of unit features with class structure, `train`, `val` (0: no val split, as ImageNet) and `test`
+    images per class, and the text features of 8 templates per class (the dataset's own, as extraction writes it,
+    and CLIP's ImageNet ensemble): image features normalise(t_c + noise * N(0, I)), t_c the class's first text
+    feature (zero-shot accuracy ~80% with 10 classes, ~24% with 1000, at noise 0.4)."""
     rng = np.random.default_rng(seed)
-    text = normalize(rng.standard_normal((classes, templates, dim), dtype=np.float32))
+    templates = ["a photo of a {}.", *ensemble_templates()]
+    text = normalize(rng.standard_normal((classes, len(templates), dim), dtype=np.float32))
 
     def split(name: str, per_class: int) -> dict:
         labels = np.repeat(np.arange(classes, dtype=np.int64), per_class)
-        noise = rng.standard_normal((len(labels), dim), dtype=np.float32)
-        return {"features": normalize(text[labels, 0] + 2 * noise / np.sqrt(dim)), "labels": labels,
+        jitter = rng.standard_normal((len(labels), dim), dtype=np.float32)
+        return {"features": normalize(text[labels, 0] + noise * jitter), "labels": labels,
                 "paths": [f"{name}/c{y:04d}/{i:06d}.jpg" for i, y in enumerate(labels)]}
 
     splits = {"train": split("train", train), "test": split("test", test)}
@@ -108,8 +113,7 @@ def write_class_cache(path: Path, *, classes: int, dim: int, train: int, val: in
         splits["val"] = split("val", val)
     return write_cache(path, attrs={"dataset": dataset, "model": "synthetic", "embed_dim": dim},
                        classnames=[f"class {c}" for c in range(classes)],
-                       templates=["a photo of a {}."] + [f"template {t} of a {{}}." for t in range(1, templates)],
-                       text_features=text, splits=splits)
+                       templates=templates, text_features=text, splits=splits)
 
 
 def env(spec: dict, save: Save) -> None:
@@ -158,7 +162,7 @@ def features(spec: dict, save: Save) -> None:
             path = work / f"features-{name}-{label}.h5"
             path.unlink(missing_ok=True)
             device = torch.device("cpu" if label == "cpu" else spec["device"])
-            extract_folder(root, loaded, path, 8, workers(sizes), sizes.feature_views, device)
+            extract_folder(root, loaded, path, 8, min(4, workers(sizes)), sizes.feature_views, device)
             caches[label] = read_cache(path)
         a, b = caches["cpu"], caches["device"]
         pairs = {"image": (a.splits["train"].features, b.splits["train"].features),
@@ -175,21 +179,22 @@ def train_check(spec: dict, save: Save) -> None:
     matmul precision, and with 'highest'): per (method, seed) the selected setting and its test accuracy."""
     sizes, work = Sizes.from_dict(spec["sizes"]), Path(spec["work"])
     cache = write_class_cache(work / "check.h5", classes=sizes.check_classes, dim=sizes.check_dim,
-                              train=2 * sizes.check_shots, val=4, test=20, dataset="Synth")
+                              train=2 * sizes.check_shots, val=4, test=CHECK_TEST, dataset="Synth")
     envs = {"cpu": {"JAX_PLATFORMS": "cpu"}, "device": {}}
     if spec["device"] != "cpu":
         envs["device_highest"] = {"JAX_DEFAULT_MATMUL_PRECISION": "highest"}
-    runs, out = {}, {"test_images": 20 * sizes.check_classes, "runs": {}}
+    runs, out = {}, {"test_images": CHECK_TEST * sizes.check_classes, "runs": {}}
     for label, extra in envs.items():
         seconds, records = train_jax(cache, work / f"check-{label}", sizes.check_shots, sizes.check_seeds,
                                      sizes.check_grid, sizes.check_methods, extra)
         runs[label] = {(r["method"], r["seed"]): r for r in records if r["selected"]}
         out["runs"][label] = {"seconds": seconds, "selected": len(runs[label])}
         if label != "cpu":
-            same = [runs["cpu"][k]["setting"] == r["setting"] for k, r in runs[label].items()]
-            diff = max(abs(runs["cpu"][k]["test_acc"] - r["test_acc"]) for k, r in runs[label].items())
-            out["runs"][label] |= {"same_setting": sum(same), "max_test_diff": diff,
-                                   "ok": all(same) and len(same) == len(runs["cpu"])
+            both = runs["cpu"].keys() & runs[label].keys()
+            same = sum(runs["cpu"][k]["setting"] == runs[label][k]["setting"] for k in both)
+            diff = max(abs(runs["cpu"][k]["test_acc"] - runs[label][k]["test_acc"]) for k in both)
+            out["runs"][label] |= {"same_setting": same, "max_test_diff": diff,
+                                   "ok": same == len(runs["cpu"].keys() | runs[label].keys())
                                    and diff <= 100 / out["test_images"] + 1e-9}
         save(out)
 
