@@ -86,16 +86,28 @@ def run_part(name: str, spec: dict, limit: float, log: Path, result: Path) -> tu
         proc = subprocess.Popen([sys.executable, "-m", "bench.gpu_parts", name, json.dumps(spec), str(result)],
                                 cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            code = proc.wait(timeout=limit)
+            code: int | None = proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the part and what it started (loader workers, bench workers)
+            code = None
+        finally:  # also when this process is stopped: nothing of the part may outlive it
+            kill_group(proc.pid)
             proc.wait()
-            return f"timed out after {limit:.0f} s", time.perf_counter() - start
     seconds = time.perf_counter() - start
+    if code is None:
+        return f"timed out after {limit:.0f} s", seconds
     if code == 0:
         return "ok", seconds
     lines = log.read_text(encoding="utf-8", errors="replace").rstrip().splitlines()
     return f"failed (exit {code}): {lines[-1] if lines else ''}", seconds
+
+
+def kill_group(pid: int) -> None:
+    """Kill the process group of the part `pid` leads: the part and what it started (loader workers, bench
+    workers), if any is left."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def log_tail(log: Path, lines: int) -> str:
@@ -246,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.budget_s <= 0:
         print(f"error: --budget-s {args.budget_s}: must be > 0", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # clean up as on Ctrl-C
     out = args.out or default_out()
     out.mkdir(parents=True, exist_ok=True)
     if args.work is not None:
