@@ -18,8 +18,10 @@ tiny random-weight CLIP. Its numbers check the pipeline; they are not CLIP accur
   --folder DIR           instead of --datasets: your own image folder (one sub-folder per class, optionally
                          under train/ val/ test/); --name names it
   --name NAME            dataset name for --folder or --predict (default: the folder's name)
-  --model NAME           open_clip model name (default RN50; the demo uses cmm-tiny-vit)
-  --pretrained TAG|FILE  open_clip pretrained tag (e.g. openai) or a local weights file (.pt/.safetensors)
+  --model NAME           open_clip model name, hf-hub:ORG/REPO or local-dir:DIR (default RN50-quickgelu, the
+                         activation of OpenAI's RN50 weights; the demo uses cmm-tiny-vit)
+  --pretrained TAG|FILE  open_clip pretrained tag (e.g. openai) or a local weights file (.pt/.safetensors, or
+                         OpenAI's TorchScript RN50.pt, ...); not with hf-hub:/local-dir:, which bring their own
   --model-config FILE    open_clip model-config JSON of a custom architecture
   --shots "K ..."        shots per class (default "1 2 4 8 16")
   --seeds "S ..."        few-shot seeds (default "1 2 3")
@@ -74,8 +76,11 @@ if [ -z "$DATASETS" ] && [ -z "$FOLDER" ]; then
   MODEL="${MODEL:-cmm-tiny-vit}"
   PRETRAINED="${PRETRAINED:-random}"
 fi
-MODEL="${MODEL:-RN50}"
-[ -n "$PRETRAINED" ] || die "--pretrained is required with real data: an open_clip tag (needs the internet) or a local weights file, e.g. --pretrained ~/weights/RN50.pt"
+MODEL="${MODEL:-RN50-quickgelu}"
+case "$MODEL" in
+  hf-hub:*|local-dir:*) [ -z "$PRETRAINED" ] || die "--model $MODEL brings its own weights; drop --pretrained" ;;
+  *) [ -n "$PRETRAINED" ] || die "--pretrained is required with real data: an open_clip tag (needs the internet) or a local weights file, e.g. --pretrained ~/weights/RN50.pt" ;;
+esac
 case "$DATASETS" in
   all) DATASETS="$BENCHMARKS $SHIFTS" ;;
   benchmarks) DATASETS="$BENCHMARKS" ;;
@@ -91,7 +96,7 @@ banner() {
 ======================================================================================================
 PIPELINE CHECK: tiny random-weight CLIP on Fashion-MNIST. These numbers test that the pipeline runs end
 to end; they are NOT CLIP accuracy. For real results give real weights and data, e.g.
-  ./run_all.sh --datasets benchmarks --data-root ~/data --model RN50 --pretrained ~/weights/RN50.pt
+  ./run_all.sh --datasets benchmarks --data-root ~/data --model RN50-quickgelu --pretrained ~/weights/RN50.pt
 ======================================================================================================
 EOF
 }
@@ -104,9 +109,12 @@ fi
 
 # A cache folder per (model, weights): a cache never mixes features of two models.
 WEIGHTS_TAG="$(basename "$PRETRAINED")"
-CACHE_DIR="$OUT/cache/${MODEL//\//_}-${WEIGHTS_TAG%.*}"
+case "$MODEL" in local-dir:*) MODEL_TAG="local-dir_$(basename "${MODEL#local-dir:}")" ;; *) MODEL_TAG="$MODEL" ;; esac
+MODEL_TAG="${MODEL_TAG//[\/:]/_}"
+CACHE_DIR="$OUT/cache/${MODEL_TAG}${PRETRAINED:+-${WEIGHTS_TAG%.*}}"
 mkdir -p "$CACHE_DIR" "$OUT/runs" "$OUT/results"
-MODEL_ARGS=(--model "$MODEL" --pretrained "$PRETRAINED" --device "$DEVICE" --aug-views "$AUG_VIEWS")
+MODEL_ARGS=(--model "$MODEL" --device "$DEVICE" --aug-views "$AUG_VIEWS")
+[ -z "$PRETRAINED" ] || MODEL_ARGS+=(--pretrained "$PRETRAINED")
 [ -z "$MODEL_CONFIG" ] || MODEL_ARGS+=(--model-config "$MODEL_CONFIG")
 
 if [ -n "$PREDICT" ]; then  # a folder of new images -> unlabelled cache with the run's classes -> predictions

@@ -24,11 +24,12 @@ PENDING, OK, BAD = 0, 1, 2
 UNLABELLED = -1  # the label of every row of an unlabelled split (images to classify, never to train or score on)
 # Attributes that say which model and preprocessing made the features: a cache never mixes two of them.
 IDENTITY_ATTRS = ("dataset", "model", "pretrained", "weights_sha256", "model_config", "embed_dim",
-                  "feature_dtype", "preprocess", "aug_views", "aug_seed", "aug", "shard")
+                  "feature_dtype", "preprocess", "aug_views", "aug_seed", "aug", "shard", "activation")
 DEFAULT_ATTRS: dict[str, Any] = {
     "dataset": "", "model": "", "pretrained": "", "weights_sha256": "", "model_config": "", "embed_dim": 0,
     "feature_dtype": "float32", "preprocess": "{}", "aug_views": 0, "aug_seed": 0, "aug": "{}", "shard": "",
     "versions": "{}", "created": "",
+    "activation": "", "logit_scale": 0.0, "logit_bias": 0.0,  # the model's own; logit_scale 0: not recorded
 }
 _STR = h5py.string_dtype("utf-8")
 _NORM_TOL = 1e-2  # float16 storage keeps norms within ~1e-3
@@ -109,8 +110,8 @@ def cache_identity(attrs: Mapping[str, Any], classnames: Iterable[str], template
     and the class and template lists (as sha256 of their JSON); not the dataset or its images."""
     full = _identity(attrs)
     digest = lambda names: hashlib.sha256(json.dumps(list(names)).encode()).hexdigest()  # noqa: E731
-    return {**{k: full[k] for k in ("model", "pretrained", "weights_sha256", "model_config", "embed_dim",
-                                    "preprocess")},
+    return {**{k: full[k] for k in ("model", "pretrained", "weights_sha256", "model_config", "activation",
+                                    "embed_dim", "preprocess")},
             "classnames_sha256": digest(classnames), "templates_sha256": digest(templates)}
 
 

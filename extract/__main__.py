@@ -12,6 +12,7 @@ from data.cache import FORMAT, CacheError, read_attrs, read_cache
 
 EXAMPLES = """examples:
   python -m extract run --folder imgs/ --model ViT-B-32-quickgelu --pretrained ~/weights/ViT-B-32.pt --out c.h5
+  python -m extract run --folder imgs/ --model hf-hub:apple/DFN2B-CLIP-ViT-B-16 --out c.h5
   python -m extract run --split-json split_zhou_OxfordPets.json --image-root pets/images --model RN50 \\
       --pretrained openai --aug-views 10 --out pets.h5
   python -m extract run --dataset dtd --data-root ~/data --model ViT-B-16 --pretrained openai --out dtd.h5
@@ -75,10 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "class name, stored after the ensemble")
     model = run.add_argument_group("model")
     model.add_argument("--model", default="", help="open_clip model name, e.g. ViT-B-32, RN50, ViT-B-32-quickgelu "
-                                                   "(python -c 'import open_clip; print(open_clip.list_models())')")
-    model.add_argument("--pretrained", required=True,
-                       help="open_clip pretrained tag (e.g. openai, laion2b_s34b_b79k), a local weights file "
-                            "(state_dict .pt/.bin/.safetensors), or 'random' for random init (tests, demos)")
+                                                   "(python -c 'import open_clip; print(open_clip.list_models())'), "
+                                                   "or hf-hub:ORG/REPO or local-dir:FOLDER (a folder with "
+                                                   "open_clip_config.json and the weights)")
+    model.add_argument("--pretrained", default="",
+                       help="with a built-in model name (required then): open_clip pretrained tag (e.g. openai, "
+                            "laion2b_s34b_b79k), a local weights file (state_dict .pt/.bin/.safetensors, or OpenAI's "
+                            "TorchScript RN50.pt, ViT-B-32.pt, ...), or 'random' for random init (tests, demos); "
+                            "OpenAI's weights always get QuickGELU")
     model.add_argument("--model-config", type=Path, help="open_clip model-config JSON of a custom architecture; "
                                                          "its file name is the model name unless --model is given")
     model.add_argument("--sha256", default="", help="expected sha256 of the --pretrained weights file")
@@ -219,8 +224,8 @@ def summary(path: Path) -> str:
         raise CacheError(f"{path}: not a {FORMAT} file (format={attrs.get('format')!r}); "
                          "make it with `python -m extract`")
     lines = [f"{path}: {'complete' if attrs.get('complete') else 'INCOMPLETE (resume by rerunning the extraction)'}"]
-    for key in ("dataset", "model", "pretrained", "weights_sha256", "embed_dim", "feature_dtype", "aug_views",
-                "aug_seed", "shard", "created"):
+    for key in ("dataset", "model", "pretrained", "weights_sha256", "embed_dim", "activation", "logit_scale",
+                "logit_bias", "feature_dtype", "aug_views", "aug_seed", "shard", "created"):
         lines.append(f"  {key}: {attrs.get(key)!r}")
     lines.append(f"  preprocess: {attrs.get('preprocess')}")
     lines.append(f"  versions: {attrs.get('versions')}")

@@ -78,6 +78,9 @@ def test_run_all_rejects_bad_options(tmp_path: Path) -> None:
     assert lone_run.returncode == 2 and "go with --predict DIR" in lone_run.stderr
     no_run = _run_all("--predict", str(tmp_path), "--out", str(tmp_path / "o"))
     assert no_run.returncode == 2 and "holds no trained run" in no_run.stderr
+    hub = _run_all("--folder", str(tmp_path), "--model", "hf-hub:timm/ViT-B-16-SigLIP2", "--pretrained", "x.pt")
+    assert hub.returncode == 2 and "brings its own weights; drop --pretrained" in hub.stderr
+    assert "default RN50-quickgelu" in _run_all("--help").stdout  # OpenAI's RN50 weights need QuickGELU
 
 
 def _imported(code: str) -> set[str]:

@@ -1,8 +1,8 @@
 """Training settings as data: one frozen dataclass, a grid of them parsed from CLI strings, JSON round trips.
 
 The CMM paper does not publish its optimiser settings, margin, triplet weight or alpha, so none of the defaults
-below is "the paper's". Every run trains the whole grid and picks, per seed, the setting with the best accuracy
-on the few-shot *validation* split (never on test). ``DEFAULT_GRID`` is what is searched when the user gives no
+below is "the paper's". Every run trains the whole grid and picks the setting best on the few-shot *validation*
+split, never on test (the rule: ``evaluate.select_best``). ``DEFAULT_GRID`` is what is searched when the user gives no
 ``--grid``; the remaining fields stay at their ``Settings`` defaults.
 """
 
@@ -42,7 +42,8 @@ class Settings:
     learn_text: bool = _setting(False, PROGRAM, "also learn the class prototypes (T + dT, dT zero-initialised)")
     use_aug: bool = _setting(False, PROGRAM, "draw one random view per image and epoch from the cached augmented "
                                              "views (plus the original)")
-    logit_scale: float = _setting(100.0, RUN, "CLIP logit scale s", ("s",))
+    logit_scale: float = _setting(100.0, RUN, "CLIP logit scale s (default: the model's own, recorded in the "
+                                              "cache; 100 for caches without it)", ("s",))
     beta: float = _setting(5.5, RUN, "Tip-Adapter-F sharpness (only used by that method)")
 
     def __post_init__(self) -> None:
@@ -82,7 +83,7 @@ DYNAMIC_FIELDS = tuple(name for name, f in FIELDS.items() if f.metadata["kind"] 
 ALIASES = {alias: name for name, f in FIELDS.items() for alias in f.metadata["aliases"]}
 ALIASES_OUT = {name: f.metadata["shown_as"] for name, f in FIELDS.items() if f.metadata["shown_as"]}
 
-# Searched per seed on the validation split when no --grid is given: 2 learning rates x 3 alphas x 2 triplet
+# Searched on the validation split when no --grid is given: 2 learning rates x 3 alphas x 2 triplet
 # weights = 12 settings (the CE-only ablation collapses the lambda axis to 6, the linear probe keeps the 2 lrs).
 # The CE acts on logits scaled by s = 100 while the triplet loss is in cosine units, so lambda needs to be of
 # order 1-10 for the triplet term to matter (on synthetic modality-gap data lambda = 10 was clearly better).

@@ -1,5 +1,6 @@
 """One few-shot experiment: sample the shots of every seed, train every method's runs in vmapped groups, score
-them on validation and test, select per seed on validation, and evaluate the selected models on shift sets."""
+them on validation and test, select on validation (per seed, or per method on the mean over seeds), and evaluate
+the selected models on shift sets."""
 
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ from train_jax import evaluate
 from train_jax.config import Settings
 from train_jax.errors import TrainError
 from train_jax.methods import METHODS
-from train_jax.runner import Pool, Trained, hparam_arrays, predict_runs, train_runs
+from train_jax.runner import Pool, Trained, hparam_arrays, predict_runs, score_runs, train_runs
 
 # Attributes that must agree between the training cache and a shift cache (same encoder, same feature space).
-MODEL_ATTRS = ("model", "pretrained", "weights_sha256", "model_config", "embed_dim")
+MODEL_ATTRS = ("model", "pretrained", "weights_sha256", "model_config", "embed_dim", "activation")
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -159,11 +160,15 @@ def run_shots(
     grid: Sequence[Settings],
     label_keys: Sequence[str],
     *,
+    select: str = "seed",
     budget: int | None = None,
     devices: Sequence[jax.Device] | None = None,
 ) -> ShotResult:
     """Train and evaluate every (method, seed, setting) run for K = ``shots``; ``grid`` is the user's settings
-    list (each method restricts it, see ``Method.settings``); ``label_keys`` name the fields shown as ``setting``."""
+    list (each method restricts it, see ``Method.settings``); ``label_keys`` name the fields shown as ``setting``;
+    ``select``: one of ``evaluate.SELECT_MODES`` (see ``_select``)."""
+    if select not in evaluate.SELECT_MODES:
+        raise TrainError(f"select={select!r}: use one of {', '.join(evaluate.SELECT_MODES)}")
     runs = [_Run(m, s, st) for m in methods for s in seeds for st in METHODS[m].settings(list(grid))]
     picks, val_split, val_rows = _sample(task, shots, seeds)
     pool_rows = np.unique(np.concatenate(list(picks.values())))
@@ -179,7 +184,7 @@ def run_shots(
         st = run.settings
         groups.setdefault((METHODS[run.method].head(st), st.batch_size, st.use_aug, st.epochs == 0), []).append(i)
 
-    val_acc, test_acc = np.zeros(len(runs)), np.zeros(len(runs))
+    val_acc, val_score, test_acc = np.zeros(len(runs)), np.zeros(len(runs)), np.zeros(len(runs))
     failed, fail_step, loss = np.zeros(len(runs), bool), np.zeros(len(runs), int), np.zeros(len(runs))
     trained_of: dict[int, tuple[tuple, Trained, int]] = {}
     for key, idx in groups.items():
@@ -191,8 +196,11 @@ def run_shots(
         desc = f"{task.dataset} {shots}-shot {type(head).__name__}"
         trained = train_runs(head, hp, rows, seeds_arr, pool, task.text, batch_size=batch_size, use_aug=use_aug,
                              budget=budget, devices=devices, desc=desc)
-        val_pred = predict_runs(head, trained, hp, val_feats, task.text, budget=budget, devices=devices, desc="val")
-        val_acc[idx] = evaluate.subset_accuracy(val_pred, val_labels, np.stack([members[r.seed] for r in group]))
+        val_pred, val_logp = score_runs(head, trained, hp, val_feats, val_labels, task.text, budget=budget,
+                                        devices=devices, desc="val")
+        own = np.stack([members[r.seed] for r in group])
+        val_acc[idx] = evaluate.subset_accuracy(val_pred, val_labels, own)
+        val_score[idx] = evaluate.subset_mean(val_logp, own)
         test_pred = predict_runs(head, trained, hp, test_feats, task.text, budget=budget, devices=devices, desc="test")
         test_acc[idx] = evaluate.accuracy(test_pred, test.labels)
         failed[idx], fail_step[idx], loss[idx] = trained.failed, trained.fail_step, trained.final_loss
@@ -200,22 +208,18 @@ def run_shots(
             trained_of[i] = (key, trained, j)
 
     result = ShotResult()
-    selected: dict[int, dict[str, float]] = {}
-    for m in methods:
-        for s in seeds:
-            cand = np.array([i for i, r in enumerate(runs) if r.method == m and r.seed == s])
-            best = evaluate.select_best(val_acc[cand], failed[cand])
-            if best is not None:
-                selected[int(cand[best])] = {}
+    tie_break = _select(runs, val_acc, val_score, failed, select)
+    selected: dict[int, dict[str, float]] = {i: {} for i in tie_break}
     _evaluate_shift(task, runs, selected, trained_of, budget, devices)
     for i, run in enumerate(runs):
         result.records.append({
             "dataset": task.dataset, "shots": shots, "method": run.method, "seed": run.seed,
             "setting": run.settings.label([k for k in label_keys if k in METHODS[run.method].used]) or "-",
-            "settings": run.settings.to_dict(), "val_acc": float(val_acc[i]), "test_acc": float(test_acc[i]),
+            "settings": run.settings.to_dict(), "val_acc": float(val_acc[i]),
+            "val_score": float(val_score[i]) if math.isfinite(val_score[i]) else None, "test_acc": float(test_acc[i]),
             "failed": bool(failed[i]), "fail_step": int(fail_step[i]) if failed[i] else None,
             "final_loss": float(loss[i]) if math.isfinite(loss[i]) else None,
-            "selected": i in selected, "shift": selected.get(i, {}),
+            "selected": i in selected, "tie_break": tie_break.get(i), "shift": selected.get(i, {}),
         })
         if i in selected:
             _, trained, j = trained_of[i]
@@ -225,6 +229,26 @@ def run_shots(
                 "consts": jax.tree.map(lambda x: x[0], one.consts),
             }
     return result
+
+
+def _select(runs: list[_Run], val_acc: np.ndarray, val_score: np.ndarray, failed: np.ndarray,
+            select: str) -> dict[int, str | None]:
+    """The selected runs -> what decided each (``evaluate.Choice.tie_break``). ``select="seed"``: the best of each
+    (method, seed)'s runs; ``"mean"``: per method, the setting best on the mean over seeds, selected for every
+    seed where it did not fail. All arrays [len(runs)]; the runs of a method are seeds x its settings."""
+    chosen: dict[int, str | None] = {}
+    for method in dict.fromkeys(r.method for r in runs):
+        by_seed: dict[int, list[int]] = {}
+        for i, r in enumerate(runs):
+            if r.method == method:
+                by_seed.setdefault(r.seed, []).append(i)
+        table = np.array(list(by_seed.values())).T  # [settings, seeds] in grid order
+        parts = [table] if select == "mean" else [table[:, [j]] for j in range(table.shape[1])]
+        for part in parts:
+            choice = evaluate.select_best(val_acc[part], val_score[part], failed[part])
+            if choice.index is not None:
+                chosen.update({int(i): choice.tie_break for i in part[choice.index] if not failed[i]})
+    return chosen
 
 
 def _evaluate_shift(task: Task, runs: list[_Run], selected: dict[int, dict[str, float]],

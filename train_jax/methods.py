@@ -91,7 +91,8 @@ _TRAINED = ("lr", "weight_decay", "epochs", "warmup", "batch_size", "use_aug", "
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("zeroshot", lambda s: CMMHead(), (), {"epochs": 0}, "zero-shot CLIP (the untrained mapper)"),
+        Method("zeroshot", lambda s: CMMHead(), ("logit_scale",), {"epochs": 0},
+               "zero-shot CLIP (the untrained mapper)"),
         Method(
             "linear_probe", lambda s: baselines.LinearProbeHead(), _TRAINED, {},
             "linear classifier on the image features, zero-initialised, CE loss",
