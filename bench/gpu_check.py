@@ -38,7 +38,7 @@ from bench.common import format_table
 from bench.gpu_parts import COSINE_MIN, FULL, SMOKE, Sizes
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = {"env": 60, "features": 90, "train_check": 120, "sweep": 90, "extract": 150, "train": 200}  # s, at most
+PARTS = {"env": 60, "features": 90, "train_check": 150, "sweep": 90, "extract": 150, "train": 200}  # s, at most
 NEEDS_JAX_GPU = ("train_check", "sweep", "train")
 MIN_PART_S = 15  # a part is skipped when less than this is left of the budget
 TARGETS = {"extract": 0.8, "large": 0.6, "tiny": 2.0, "sweep": 60.0}  # issue 12

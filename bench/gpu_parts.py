@@ -55,8 +55,8 @@ class Sizes:
     extract_rounds: int = 2
     image_size: tuple[int, int] = (500, 375)
     workers: int = -1  # DataLoader workers; -1 = the usable cores
-    train_cases: tuple[str, ...] = ("tiny", "small", "large")  # bench_train (cheapest first), at the case's
-    # smallest and largest S
+    train_cases: tuple[str, ...] = ("large", "tiny", "small")  # bench_train (the cases with a target first), at
+    # the case's smallest and largest S
     train_runs: tuple[int, ...] = ()  # () = each case's own smallest and largest S
     train_epochs: int = 0  # 0 = each case's own
     train_dim: int = 0  # 0 = each case's own
