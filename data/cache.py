@@ -4,30 +4,43 @@ Needs only h5py + numpy: both stages read and write caches through this module, 
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
+import resource
+import shutil
+import sys
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import h5py
 import numpy as np
+
+from data.registry import ensemble_templates
 
 FORMAT = "cmm-feature-cache"
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
 PENDING, OK, BAD = 0, 1, 2
+UNLABELLED = -1  # the label of every row of an unlabelled split (images to classify, never to train or score on)
 # Attributes that say which model and preprocessing made the features: a cache never mixes two of them.
 IDENTITY_ATTRS = ("dataset", "model", "pretrained", "weights_sha256", "model_config", "embed_dim",
-                  "feature_dtype", "preprocess", "aug_views", "aug_seed", "aug", "shard")
+                  "feature_dtype", "preprocess", "aug_views", "aug_seed", "aug", "shard", "activation")
 DEFAULT_ATTRS: dict[str, Any] = {
     "dataset": "", "model": "", "pretrained": "", "weights_sha256": "", "model_config": "", "embed_dim": 0,
     "feature_dtype": "float32", "preprocess": "{}", "aug_views": 0, "aug_seed": 0, "aug": "{}", "shard": "",
     "versions": "{}", "created": "",
+    "activation": "", "logit_scale": 0.0, "logit_bias": 0.0,  # the model's own; logit_scale 0: not recorded
 }
 _STR = h5py.string_dtype("utf-8")
 _NORM_TOL = 1e-2  # float16 storage keeps norms within ~1e-3
+LOCK_WAIT_S = 15.0  # a second writer waits this long for the lock (workers of a killed run exit within ~5 s)
+_H5_ERRORS = (OSError, ValueError, RuntimeError)  # what h5py raises when the file system refuses a write
 
 
 class CacheError(Exception):
@@ -43,6 +56,11 @@ class Split:
     paths: np.ndarray
     aug_features: np.ndarray | None = None
 
+    @property
+    def labelled(self) -> bool:
+        """False for a split of unlabelled images (every label is ``UNLABELLED``)."""
+        return not bool(np.any(self.labels == UNLABELLED))
+
 
 @dataclass(frozen=True)
 class FeatureCache:
@@ -57,9 +75,15 @@ class FeatureCache:
     bad_paths: list[str] = field(default_factory=list)
 
     def prototypes(self, template: str | int = "ensemble") -> np.ndarray:
-        """Class prototypes [C, D]: one template (index or text) or the normalised mean over all templates."""
+        """Class prototypes [C, D]: one template (index or text), or "ensemble": the normalised mean over exactly
+        CLIP's 7 ImageNet templates (`data.registry.ensemble_templates`), as CLIP and Tip-Adapter compute it."""
         if template == "ensemble":
-            return l2_normalize(self.text_features.mean(axis=1))
+            members = [i for i, t in enumerate(self.templates) if t in ensemble_templates()]
+            if len(members) != len(ensemble_templates()):
+                raise CacheError(f"{self.path}: has {len(members)} of the {len(ensemble_templates())} ensemble "
+                                 "templates; re-extract it with this version of `python -m extract`, or use the "
+                                 "dataset's own template (--prompt single)")
+            return l2_normalize(self.text_features[:, members].mean(axis=1))
         if isinstance(template, str):
             if template not in self.templates:
                 raise CacheError(f"{self.path}: template {template!r} is not in the cache; it has {self.templates}")
@@ -89,21 +113,131 @@ def _identity(attrs: Mapping[str, Any]) -> dict[str, Any]:
             for k, v in ((k, full[k]) for k in IDENTITY_ATTRS)}
 
 
+def cache_identity(attrs: Mapping[str, Any], classnames: Iterable[str], templates: Iterable[str]) -> dict[str, Any]:
+    """What makes two caches' features and prototypes interchangeable: the model, its weights, the preprocessing
+    and the class and template lists (as sha256 of their JSON); not the dataset or its images."""
+    full = _identity(attrs)
+    digest = lambda names: hashlib.sha256(json.dumps(list(names)).encode()).hexdigest()  # noqa: E731
+    return {**{k: full[k] for k in ("model", "pretrained", "weights_sha256", "model_config", "activation",
+                                    "embed_dim", "preprocess")},
+            "classnames_sha256": digest(classnames), "templates_sha256": digest(templates)}
+
+
+def identity(attrs: Mapping[str, Any], classnames: Iterable[str], templates: Iterable[str],
+             splits: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """What a cache's features are made of: every IDENTITY_ATTR (model, weights hash, preprocessing, dataset, ...),
+    the `cache_identity` digests of the class and template lists, and the sha256 of the image listing (every
+    split's paths and labels, skipped images included). Caches with equal identities hold the same features;
+    `extract` and `train_jax` compare identities, never paths. splits[name] = dict(paths [N], labels [N])."""
+    listing = hashlib.sha256()
+    for name in sorted(splits):
+        for part in (name.encode(), "\0".join(str(p) for p in splits[name]["paths"]).encode("utf-8", "surrogateescape"),
+                     np.asarray(splits[name]["labels"], dtype="<i8").tobytes()):
+            listing.update(len(part).to_bytes(8, "little") + part)
+    return {**_identity(attrs), **cache_identity(attrs, classnames, templates), "listing_sha256": listing.hexdigest()}
+
+
+def file_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """`identity` of a cache file (complete or not)."""
+    path = Path(path)
+    read_attrs(path)  # one-line errors for a folder, a missing file, a file being written
+    with _open(path, "r") as f:
+        _check(all(k in f for k in ("splits", "classnames", "templates")), path,
+               "missing /splits, /classnames or /templates")
+        return _file_identity(f, path)
+
+
+def identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """'' if equal, else the first difference in words, e.g. "model='RN50', not 'ViT-B-32'"."""
+    names = {"classnames_sha256": "class list", "templates_sha256": "template list",
+             "listing_sha256": "image listing (paths and labels)"}
+    for key in new:
+        if old.get(key) != new[key]:
+            return f"another {names[key]}" if key in names else f"{key}={old.get(key)!r}, not {new[key]!r}"
+    return ""
+
+
 def partial_path(path: str | os.PathLike) -> Path:
     """Where a cache is written until it is complete."""
     return Path(f"{path}.partial")
 
 
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file a writer of cache `path` holds (flock) while it writes `X.h5.partial`."""
+    return Path(f"{path}.partial.lock")
+
+
+def writer_active(path: str | os.PathLike) -> bool:
+    """Whether a writer (or the DataLoader workers of a killed one) holds the lock of cache `path` now."""
+    try:
+        fd = os.open(lock_path(path), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _open(path: Path, mode: str) -> h5py.File:
+    """h5py.File(path, mode) with a one-line CacheError for a file in use, a folder, or a non-HDF5 file."""
+    try:
+        return h5py.File(path, mode)
+    except _H5_ERRORS as e:
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if path.is_dir():
+            raise CacheError(f"{path}: is a folder, not a cache file; give a file path such as {path / 'x.h5'}") \
+                from None
+        if "lock" in text.lower():
+            raise CacheError(f"{path}: another process has it open for writing (an extraction still running, or "
+                             "its workers); wait for it or stop it") from None
+        if isinstance(e, OSError) and e.strerror and not isinstance(e, FileNotFoundError):
+            raise CacheError(f"{path}: cannot open it ({e.strerror})") from None
+        raise CacheError(f"{path}: not a readable HDF5 file ({text}); delete it and extract again") from None
+
+
 def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
     """Root attributes of a cache file (no validation beyond being an HDF5 file)."""
     path = Path(path)
+    if path.is_dir():
+        raise CacheError(f"{path}: is a folder, not a cache file; give a file path such as {path / 'x.h5'}")
     if not path.is_file():
         raise CacheError(f"{path}: no such cache file; run `python -m extract run ...` to make it")
+    if path.name.endswith(".partial") and writer_active(path.with_name(path.name.removesuffix(".partial"))):
+        raise CacheError(f"{path}: an extraction is writing it now; wait for it to finish (or stop it), "
+                         "then look again")
+    with _open(path, "r") as f:
+        return {k: _attr(v) for k, v in f.attrs.items()}
+
+
+def _read(d: h5py.Dataset, path: Path, sel: Any = ()) -> np.ndarray:
+    """d[sel], with a one-line CacheError naming the dataset when its bytes fail their checksum."""
     try:
-        with h5py.File(path, "r") as f:
-            return {k: _attr(v) for k, v in f.attrs.items()}
-    except OSError as e:
-        raise CacheError(f"{path}: not a readable HDF5 file ({e}); delete it and extract again") from None
+        return d[sel]
+    except _H5_ERRORS as e:
+        raise CacheError(f"{path}: {d.name} is corrupted ({str(e).splitlines()[0]}); its bytes were damaged "
+                         "after writing: extract the cache again") from None
+
+
+def verify(path: str | os.PathLike) -> int:
+    """Read every dataset of a cache chunk by chunk, checking the Fletcher-32 checksums; returns the number of
+    checksummed datasets. Raises CacheError naming the dataset and rows of the first damaged chunk."""
+    path = Path(path)
+    datasets: list[h5py.Dataset] = []
+    with _open(path, "r") as f:
+        f.visititems(lambda _, obj: datasets.append(obj) if isinstance(obj, h5py.Dataset) else None)
+        for d in datasets:
+            for sel in (d.iter_chunks() if d.chunks and d.size else [()]):
+                try:
+                    d[sel]
+                except _H5_ERRORS as e:
+                    rows = f" rows {sel[0].start}-{sel[0].stop - 1}" if sel else ""
+                    raise CacheError(f"{path}: {d.name}{rows} is corrupted ({str(e).splitlines()[0]}); its bytes "
+                                     "were damaged after writing: extract the cache again") from None
+        return sum(bool(d.fletcher32) for d in datasets)
 
 
 def _check(ok: bool, path: Path, what: str) -> None:
@@ -123,12 +257,12 @@ def read_cache(path: str | os.PathLike, *, splits: Iterable[str] | None = None, 
     if not attrs.get("complete"):
         raise CacheError(f"{path}: the cache is incomplete (an interrupted extraction?); rerun the same "
                          "`python -m extract run` command to resume it")
-    with h5py.File(path, "r") as f:
+    with _open(path, "r") as f:
         for key in ("classnames", "templates", "text_features", "splits"):
             _check(key in f, path, f"missing /{key}")
-        classnames = _decode(f["classnames"][()])
-        templates = _decode(f["templates"][()])
-        text = np.asarray(f["text_features"][()], dtype=np.float32)
+        classnames = _decode(_read(f["classnames"], path))
+        templates = _decode(_read(f["templates"], path))
+        text = np.asarray(_read(f["text_features"], path), dtype=np.float32)
         n_classes, dim = len(classnames), int(attrs.get("embed_dim", 0))
         _check(text.shape == (n_classes, len(templates), dim), path,
                f"/text_features has shape {text.shape}, expected {(n_classes, len(templates), dim)}")
@@ -139,31 +273,31 @@ def read_cache(path: str | os.PathLike, *, splits: Iterable[str] | None = None, 
         for name in wanted:
             _check(name in f["splits"], path, f"missing split {name!r} (it has {list(f['splits'].keys())})")
             out[name] = _read_split(f["splits"][name], path, name, n_classes, dim, with_aug)
-        bad = _decode(f["bad/paths"][()]) if "bad" in f else []
+        bad = _decode(_read(f["bad/paths"], path)) if "bad/paths" in f else []
     return FeatureCache(path, attrs, classnames, templates, text, out, bad)
 
 
 def _read_split(g: h5py.Group, path: Path, name: str, n_classes: int, dim: int, with_aug: bool) -> Split:
     for key in ("features", "labels", "paths", "status"):
         _check(key in g, path, f"missing /splits/{name}/{key}")
-    status = g["status"][()]
+    status = _read(g["status"], path)
     _check(bool(np.all(status != PENDING)), path, f"split {name!r} has rows that were never extracted")
     keep = status == OK
-    features = np.asarray(g["features"][()][keep], dtype=np.float32)
-    labels = np.asarray(g["labels"][()][keep], dtype=np.int64)
-    paths = np.asarray(_decode(g["paths"][()][keep]), dtype=object)
+    features = np.asarray(_read(g["features"], path)[keep], dtype=np.float32)
+    labels = np.asarray(_read(g["labels"], path)[keep], dtype=np.int64)
+    paths = np.asarray(_decode(_read(g["paths"], path)[keep]), dtype=object)
     _check(features.ndim == 2 and features.shape[1] == dim, path,
            f"/splits/{name}/features has shape {features.shape}, expected [N, {dim}]")
     _check(labels.shape == (len(features),) and paths.shape == (len(features),), path,
            f"/splits/{name} features, labels and paths differ in length")
     if len(labels):
-        _check(bool(labels.min() >= 0 and labels.max() < n_classes), path,
-               f"/splits/{name}/labels outside [0, {n_classes})")
+        _check(bool(labels.min() >= 0 and labels.max() < n_classes) or bool(np.all(labels == UNLABELLED)), path,
+               f"/splits/{name}/labels outside [0, {n_classes}) (or not all {UNLABELLED}: unlabelled)")
         _check(bool(np.all(np.abs(np.linalg.norm(features, axis=1) - 1) < _NORM_TOL)), path,
                f"/splits/{name}/features rows are not L2-normalised")
     aug = None
     if with_aug and "aug_features" in g:
-        aug = np.asarray(g["aug_features"][()][keep], dtype=np.float32)
+        aug = np.asarray(_read(g["aug_features"], path)[keep], dtype=np.float32)
         _check(aug.ndim == 3 and aug.shape[0] == len(features) and aug.shape[2] == dim, path,
                f"/splits/{name}/aug_features has shape {aug.shape}, expected [{len(features)}, A, {dim}]")
     return Split(features, labels, paths, aug)
@@ -177,6 +311,48 @@ def _root_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_CHUNK_ROWS = {"features": 1024, "aug_features": 256}  # rows per chunk; other per-row datasets: 65536
+
+
+def _dataset(g: h5py.Group, name: str, *, shape: tuple[int, ...], dtype: Any, data: Any = None,
+             rows: int = 65536) -> h5py.Dataset:
+    """A chunked dataset of `rows` rows per chunk with a Fletcher-32 checksum per chunk, allocated in full at
+    creation (so filling it never needs more disk space). Strings cannot carry checksums: no filter."""
+    if np.dtype(dtype) == _STR:
+        return g.create_dataset(name, shape=shape, dtype=dtype, data=data)
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    chunks = (min(max(shape[0], 1), rows), *(max(s, 1) for s in shape[1:]))
+    maxshape = (None, *shape[1:]) if 0 in shape else None  # a chunk may not exceed a fixed empty axis
+    return g.create_dataset(name, shape=shape, dtype=dtype, data=data, chunks=chunks, maxshape=maxshape,
+                            fletcher32=True, dcpl=dcpl)
+
+
+def _layout_bytes(classnames: list[str], templates: list[str], splits: Mapping[str, Mapping[str, Any]],
+                  embed_dim: int, aug_views: int, dtype: str) -> int:
+    """Size [bytes] of a new cache file (every chunk allocated), with 1 MiB for HDF5's own structures."""
+    item = np.dtype(dtype).itemsize
+    text = sum(len(s.encode("utf-8", "surrogateescape")) + 32 for s in [*classnames, *templates])
+    total = 4 * len(classnames) * len(templates) * embed_dim + text + 2**20
+    for name, rows in splits.items():
+        n = len(rows["labels"])
+        views = 1 + (aug_views if name == "train" else 0)
+        total += n * (views * embed_dim * item + 8 + 8 + 1 + 32)
+        total += sum(len(str(p).encode("utf-8", "surrogateescape")) for p in rows["paths"])
+    return total
+
+
+def _free_bytes(folder: Path) -> int:
+    """Bytes a file in `folder` may still grow by: the disk's free space, or the file-size limit if lower."""
+    free = shutil.disk_usage(folder).free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return free if limit == resource.RLIM_INFINITY else min(free, limit)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 def _create_layout(f: h5py.File, attrs: Mapping[str, Any], classnames: list[str], templates: list[str],
                    splits: Mapping[str, Mapping[str, Any]], embed_dim: int, aug_views: int, dtype: str) -> None:
     """Write attributes, names and per-split row metadata; allocate feature datasets (status all PENDING)."""
@@ -185,40 +361,83 @@ def _create_layout(f: h5py.File, attrs: Mapping[str, Any], classnames: list[str]
         f.attrs[key] = value
     f.create_dataset("classnames", data=np.asarray(classnames, dtype=object), dtype=_STR)
     f.create_dataset("templates", data=np.asarray(templates, dtype=object), dtype=_STR)
-    f.create_dataset("text_features", shape=(len(classnames), len(templates), embed_dim), dtype="float32")
+    _dataset(f, "text_features", shape=(len(classnames), len(templates), embed_dim), dtype="float32")
     for name, rows in splits.items():
         n = len(rows["labels"])
         g = f.create_group(f"splits/{name}")
         g.attrs["total_rows"] = int(rows.get("total_rows", n))
-        g.create_dataset("labels", data=np.asarray(rows["labels"], dtype=np.int64))
+        _dataset(g, "labels", shape=(n,), dtype=np.int64, data=np.asarray(rows["labels"], dtype=np.int64))
         g.create_dataset("paths", data=np.asarray([str(p) for p in rows["paths"]], dtype=object), dtype=_STR)
-        g.create_dataset("index", data=np.asarray(rows.get("index", np.arange(n)), dtype=np.int64))
-        g.create_dataset("status", data=np.zeros(n, dtype=np.int8))
-        g.create_dataset("features", shape=(n, embed_dim), dtype=dtype, chunks=(min(max(n, 1), 1024), embed_dim))
+        _dataset(g, "index", shape=(n,), dtype=np.int64, data=np.asarray(rows.get("index", np.arange(n)),
+                                                                          dtype=np.int64))
+        _dataset(g, "status", shape=(n,), dtype=np.int8, data=np.zeros(n, dtype=np.int8))
+        _dataset(g, "features", shape=(n, embed_dim), dtype=dtype, rows=_CHUNK_ROWS["features"])
         if aug_views and name == "train":
-            g.create_dataset("aug_features", shape=(n, aug_views, embed_dim), dtype=dtype,
-                             chunks=(min(max(n, 1), 256), aug_views, embed_dim))
+            _dataset(g, "aug_features", shape=(n, aug_views, embed_dim), dtype=dtype, rows=_CHUNK_ROWS["aug_features"])
     f.create_dataset("bad/paths", shape=(0,), maxshape=(None,), dtype=_STR)
     f.create_dataset("bad/errors", shape=(0,), maxshape=(None,), dtype=_STR)
 
 
-def _guard_existing(path: Path, attrs: Mapping[str, Any]) -> None:
-    """Refuse to replace a complete cache that was made by another model or preprocessing."""
+def _guard_existing(path: Path, new: Mapping[str, Any]) -> None:
+    """Refuse to replace a complete cache whose identity (model, settings, classes, image listing) differs."""
+    if path.is_dir():
+        raise CacheError(f"{path}: is a folder, not a cache file; give a file path such as {path / 'x.h5'}")
     if not path.exists():
         return
-    old = _identity(read_attrs(path))
-    new = _identity(attrs)
-    diff = {k: (old[k], new[k]) for k in IDENTITY_ATTRS if old[k] != new[k]}
+    diff = identity_diff(file_identity(path), new)
     if diff:
-        key, (was, now) = next(iter(diff.items()))
-        raise CacheError(f"{path}: exists with {key}={was!r}, not {now!r}; refusing to mix features of a different "
-                         "model or setting into it: choose another --out file or delete it")
+        raise CacheError(f"{path}: exists with {diff}; refusing to mix or replace caches: choose another "
+                         "--out file, or pass --overwrite to replace it")
+
+
+def _file_identity(f: h5py.File, path: Path) -> dict[str, Any]:
+    splits = {name: {"paths": _decode(_read(g["paths"], path)), "labels": _read(g["labels"], path)}
+              for name, g in f["splits"].items()}
+    return identity({k: _attr(v) for k, v in f.attrs.items()}, _decode(_read(f["classnames"], path)),
+                    _decode(_read(f["templates"], path)), splits)
+
+
+def _move_aside(tmp: Path, why: str) -> None:
+    """Rename an unusable partial file out of the way (kept for inspection), saying so on stderr."""
+    aside = tmp.with_name(f"{tmp.name}.unusable-{datetime.now(timezone.utc):%Y%m%dT%H%M%S.%f}")
+    os.replace(tmp, aside)
+    print(f"warning: {tmp}: cannot be resumed ({why}); moved it to {aside} and starting over", file=sys.stderr)
+
+
+def _lock(path: Path, wait: float) -> int:
+    """Take the writer lock of cache `path` (an flock on `lock_path(path)`), waiting up to `wait` seconds; returns
+    its file descriptor. Forked DataLoader workers inherit it, so it is held until they exit too."""
+    lock = lock_path(path)
+    deadline, told = time.monotonic() + wait, False
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise CacheError(f"{lock.parent}: cannot write there ({e.strerror}); choose a writable --out") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                raise CacheError(f"another extraction is writing {path}; wait for it or stop it") from None
+            if not told:
+                print(f"waiting up to {wait:.0f} s for another writer of {path} (or its workers) to finish",
+                      file=sys.stderr)
+                told = True
+            time.sleep(0.2)
+            continue
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                return fd  # still the file at that path (a finishing writer unlinks it after its rename)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def write_cache(path: str | os.PathLike, *, attrs: Mapping[str, Any], classnames: list[str], templates: list[str],
                 text_features: np.ndarray, splits: Mapping[str, Mapping[str, Any]],
-                bad: Mapping[str, list[str]] | None = None) -> Path:
-    """Write a whole cache at once, atomically.
+                bad: Mapping[str, list[str]] | None = None, overwrite: bool = False) -> Path:
+    """Write a whole cache at once, atomically (overwrite=True: an existing cache of another identity too).
 
     splits[name] = dict(features [N, D], labels [N], paths [N], optional aug_features [N, A, D], index [N],
     total_rows); bad = dict(paths=[...], errors=[...]) for images that were skipped.
@@ -229,7 +448,8 @@ def write_cache(path: str | os.PathLike, *, attrs: Mapping[str, Any], classnames
         "train" in splits and splits["train"].get("aug_features") is not None) else 0
     writer = CacheWriter.open(path, attrs=attrs, classnames=classnames, templates=templates, splits=splits,
                               embed_dim=embed_dim, aug_views=aug_views,
-                              feature_dtype=str(attrs.get("feature_dtype", "float32")), fresh=True)
+                              feature_dtype=str(attrs.get("feature_dtype", "float32")), fresh=True,
+                              overwrite=overwrite)
     try:
         writer.write_text(text_features)
         for name, rows in splits.items():
@@ -244,91 +464,157 @@ def write_cache(path: str | os.PathLike, *, attrs: Mapping[str, Any], classnames
 
 
 class CacheWriter:
-    """Incremental, resumable writer: fills `X.h5.partial`, then renames it to `X.h5` when every row is done."""
+    """Incremental, resumable writer: fills `X.h5.partial`, then renames it to `X.h5` when every row is done.
 
-    def __init__(self, path: Path, f: h5py.File):
+    One writer per cache at a time (an flock on `X.h5.partial.lock`); the partial file is never truncated: it is
+    resumed, or, when it cannot be read, moved aside. Every batch is flushed, so a killed run loses at most the
+    batch in flight.
+    """
+
+    def __init__(self, path: Path, f: h5py.File, lock_fd: int, need: int):
         self.path = path
         self._f = f
+        self._lock_fd = lock_fd
+        self._need = need
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, attrs: Mapping[str, Any], classnames: list[str], templates: list[str],
              splits: Mapping[str, Mapping[str, Any]], embed_dim: int, aug_views: int = 0,
-             feature_dtype: str = "float32", fresh: bool = False) -> "CacheWriter":
-        """Start a cache, or resume `X.h5.partial` when it was begun with the same identity, names and rows.
+             feature_dtype: str = "float32", fresh: bool = False, overwrite: bool = False,
+             lock_wait: float = LOCK_WAIT_S) -> "CacheWriter":
+        """Start a cache, or resume `X.h5.partial` when it was begun with the same identity (see `identity`).
 
-        fresh=True always starts over (an old partial file is replaced).
+        fresh=True always starts over (an old partial file is replaced); overwrite=True allows replacing a
+        complete `X.h5` of another identity when this one finishes (otherwise CacheError).
         """
         path = Path(path)
         if feature_dtype not in ("float32", "float16"):
             raise CacheError(f"{path}: feature dtype {feature_dtype!r} not supported; use float32 or float16")
         attrs = {**attrs, "embed_dim": embed_dim, "aug_views": aug_views, "feature_dtype": feature_dtype}
-        _guard_existing(path, attrs)
+        classnames, templates = list(classnames), list(templates)
         if not path.parent.is_dir():
             raise CacheError(f"{path.parent}: output folder does not exist; create it first")
-        tmp = partial_path(path)
-        if tmp.exists() and not fresh:
-            f = cls._resumable(tmp, attrs, classnames, templates, splits)
-            if f is not None:
-                return cls(path, f)
-        f = h5py.File(tmp, "w")
+        if path.is_dir():
+            raise CacheError(f"{path}: is a folder, not a cache file; give a file path such as {path / 'x.h5'}")
+        new = identity(attrs, classnames, templates, splits)
+        need = _layout_bytes(classnames, templates, splits, embed_dim, aug_views, feature_dtype)
+        fd = _lock(path, lock_wait)
         try:
-            _create_layout(f, attrs, list(classnames), list(templates), splits, embed_dim, aug_views, feature_dtype)
-            f.flush()
+            if not overwrite:
+                _guard_existing(path, new)
+            tmp = partial_path(path)
+            f = None
+            if fresh:
+                tmp.unlink(missing_ok=True)
+            elif tmp.exists():
+                f = cls._resumable(tmp, new)
+            if f is None:
+                f = cls._create(tmp, attrs, classnames, templates, splits, embed_dim, aug_views, feature_dtype, need)
+            return cls(path, f, fd, need)
         except BaseException:
-            f.close()
-            tmp.unlink(missing_ok=True)
+            if not partial_path(path).exists():
+                lock_path(path).unlink(missing_ok=True)
+            os.close(fd)
             raise
-        return cls(path, f)
 
     @staticmethod
-    def _resumable(tmp: Path, attrs: Mapping[str, Any], classnames: list[str], templates: list[str],
-                   splits: Mapping[str, Mapping[str, Any]]) -> h5py.File | None:
-        """The open partial file if it matches exactly; None if unreadable; CacheError if made differently."""
+    def _create(tmp: Path, attrs: Mapping[str, Any], classnames: list[str], templates: list[str],
+                splits: Mapping[str, Mapping[str, Any]], embed_dim: int, aug_views: int, dtype: str,
+                need: int) -> h5py.File:
+        """Write a new partial file: its whole layout goes to `X.h5.partial.new`, renamed into place when done."""
+        free = _free_bytes(tmp.parent)
+        if free < need:
+            raise CacheError(f"{tmp}: needs {_mib(need)} of free space, its disk has {_mib(free)}; free space or "
+                             "choose another --out")
+        new = Path(f"{tmp}.new")
+        try:
+            f = h5py.File(new, "w")
+        except OSError as e:
+            raise CacheError(f"{new}: cannot create it ({e.strerror or e}); choose a writable --out") from None
+        try:
+            _create_layout(f, attrs, classnames, templates, splits, embed_dim, aug_views, dtype)
+            f.close()
+        except BaseException as e:
+            try:
+                f.close()
+            except _H5_ERRORS:
+                pass
+            new.unlink(missing_ok=True)
+            if isinstance(e, _H5_ERRORS):
+                raise CacheError(f"{tmp}: cannot write it ({str(e).splitlines()[0][:200]}); it needs {_mib(need)} "
+                                 f"of free space, its disk has {_mib(_free_bytes(tmp.parent))}") from None
+            raise
+        os.replace(new, tmp)
+        return _open(tmp, "r+")
+
+    @staticmethod
+    def _resumable(tmp: Path, new: Mapping[str, Any]) -> h5py.File | None:
+        """The open partial file if it continues the extraction of identity `new`; None (after moving it aside) if
+        it cannot be resumed; CacheError if it belongs to another extraction."""
         try:
             f = h5py.File(tmp, "r+")
-        except OSError:
-            return None  # a crash mid-write can leave HDF5 unreadable: start over
+        except _H5_ERRORS as e:
+            if "lock" in str(e).lower():
+                raise CacheError(f"{tmp}: another process has it open; wait for it or stop it") from None
+            _move_aside(tmp, f"not a readable HDF5 file: {str(e).splitlines()[0][:200]}")
+            return None
         try:
-            old = _identity({k: _attr(v) for k, v in f.attrs.items()})
-            new = _identity(attrs)
-            for key in IDENTITY_ATTRS:
-                if old[key] != new[key]:
-                    raise CacheError(f"{tmp}: an interrupted extraction with {key}={old[key]!r} (not {new[key]!r}) "
-                                     "is in the way; rerun it with its settings, or delete the .partial file")
-            same = (_decode(f["classnames"][()]) == list(classnames) and _decode(f["templates"][()]) == list(templates)
-                    and set(f["splits"].keys()) == set(splits))
-            for name, rows in splits.items():
-                same = same and (name in f["splits"]
-                                 and _decode(f["splits"][name]["paths"][()]) == [str(p) for p in rows["paths"]]
-                                 and np.array_equal(f["splits"][name]["labels"][()], np.asarray(rows["labels"])))
-            if not same:
-                raise CacheError(f"{tmp}: an interrupted extraction of a different image list is in the way; "
-                                 "delete the .partial file to start over")
-            return f
-        except BaseException:
+            layout = (f.attrs.get("format") == FORMAT and f.attrs.get("schema_version") == SCHEMA_VERSION
+                      and all(k in f for k in ("classnames", "templates", "text_features", "splits", "bad/paths",
+                                               "bad/errors"))
+                      and all(k in g for g in f["splits"].values() for k in ("labels", "paths", "status", "features")))
+            diff = identity_diff(_file_identity(f, tmp), new) if layout else ""
+        except (CacheError, *_H5_ERRORS) as e:
+            layout, why = False, f"unreadable: {str(e).splitlines()[0][:200]}"
+        else:
+            why = "it has no complete cache layout (killed while being created?)"
+        if not layout:
             f.close()
-            raise
+            _move_aside(tmp, why)
+            return None
+        if diff:
+            f.close()
+            raise CacheError(f"{tmp}: an interrupted extraction with {diff} is in the way; rerun it with its "
+                             "settings, or delete the .partial file")
+        return f
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Turn a failed write (disk full, I/O error) into one CacheError line; the partial file keeps every batch
+        flushed before and is resumed by a rerun."""
+        try:
+            yield
+        except _H5_ERRORS as e:
+            tmp = partial_path(self.path)
+            self.close()
+            raise CacheError(f"{tmp}: cannot write it ({str(e).splitlines()[0][:200]}); free disk space (the cache "
+                             f"needs {_mib(self._need)} in all, its disk has {_mib(_free_bytes(tmp.parent))} free) "
+                             "and rerun the same command: finished rows are kept") from None
 
     def pending(self, split: str) -> np.ndarray:
         """Local row ids [M] of `split` that are not extracted yet."""
-        return np.flatnonzero(self._f[f"splits/{split}/status"][()] == PENDING)
+        return np.flatnonzero(_read(self._f[f"splits/{split}/status"], partial_path(self.path)) == PENDING)
 
     def write_rows(self, split: str, rows: np.ndarray, features: np.ndarray,
                    aug_features: np.ndarray | None = None) -> None:
-        """Store features [n, D] (and aug_features [n, A, D]) of local rows [n], then mark them done."""
+        """Store features [n, D] (and aug_features [n, A, D]) of local rows [n], then mark them done.
+
+        The features are flushed before the status says done, so a kill never leaves a done row without them."""
         g = self._f[f"splits/{split}"]
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return
         order = np.argsort(rows)  # h5py fancy indexing needs increasing indices
         rows = rows[order]
-        g["features"][rows] = np.asarray(features)[order].astype(g["features"].dtype)
-        if aug_features is not None:
-            if "aug_features" not in g:
-                raise CacheError(f"{self.path}: split {split!r} has no aug_features dataset")
-            g["aug_features"][rows] = np.asarray(aug_features)[order].astype(g["aug_features"].dtype)
-        g["status"][rows] = np.full(len(rows), OK, dtype=np.int8)
-        self._f.flush()
+        if aug_features is not None and "aug_features" not in g:
+            raise CacheError(f"{self.path}: split {split!r} has no aug_features dataset")
+        with self._writing():
+            g["features"][rows] = np.asarray(features)[order].astype(g["features"].dtype)
+            if aug_features is not None:
+                g["aug_features"][rows] = np.asarray(aug_features)[order].astype(g["aug_features"].dtype)
+            self._f.flush()
+            g["status"][rows] = np.full(len(rows), OK, dtype=np.int8)
+            self._f.flush()
 
     def mark_bad(self, split: str, rows: np.ndarray, errors: list[str]) -> None:
         """Mark local rows of unreadable images as skipped and record their paths and errors in /bad."""
@@ -337,16 +623,18 @@ class CacheWriter:
         order = np.argsort(rows)  # h5py fancy indexing needs increasing indices
         rows, errors = rows[order], [errors[i] for i in order]
         self.record_bad(_decode(g["paths"][rows]), errors)
-        g["status"][rows] = np.full(len(rows), BAD, dtype=np.int8)
-        self._f.flush()
+        with self._writing():
+            g["status"][rows] = np.full(len(rows), BAD, dtype=np.int8)
+            self._f.flush()
 
     def record_bad(self, paths: list[str], errors: list[str]) -> None:
         """Append (path, error) pairs to /bad."""
-        for key, values in (("paths", paths), ("errors", errors)):
-            d = self._f[f"bad/{key}"]
-            n = d.shape[0]
-            d.resize((n + len(values),))
-            d[n:] = np.asarray(values, dtype=object)
+        with self._writing():
+            for key, values in (("paths", paths), ("errors", errors)):
+                d = self._f[f"bad/{key}"]
+                n = d.shape[0]
+                d.resize((n + len(values),))
+                d[n:] = np.asarray(values, dtype=object)
 
     def write_text(self, text_features: np.ndarray) -> None:
         """Store text features [C, P, D]."""
@@ -354,9 +642,11 @@ class CacheWriter:
         text_features = np.asarray(text_features, dtype=np.float32)
         if text_features.shape != d.shape:
             raise CacheError(f"{self.path}: text features have shape {text_features.shape}, expected {d.shape}")
-        d[...] = text_features
-        self._f.attrs["text_done"] = True
-        self._f.flush()
+        with self._writing():
+            d[...] = text_features
+            self._f.flush()
+            self._f.attrs["text_done"] = True
+            self._f.flush()
 
     @property
     def text_done(self) -> bool:
@@ -365,23 +655,34 @@ class CacheWriter:
 
     def finalize(self) -> Path:
         """Check every row is done, mark the cache complete and move it into place; returns the final path."""
-        left = {name: int(np.sum(g["status"][()] == PENDING)) for name, g in self._f["splits"].items()}
+        tmp = partial_path(self.path)
+        left = {name: int(np.sum(_read(g["status"], tmp) == PENDING)) for name, g in self._f["splits"].items()}
         text_done = self.text_done
         if any(left.values()) or not text_done:
             self.close()
-            raise CacheError(f"{partial_path(self.path)}: not finished ({left} rows left, text written: "
-                             f"{text_done}); rerun the extraction to complete it")
-        self._f.attrs["complete"] = True
-        self._f.close()
-        os.replace(partial_path(self.path), self.path)
+            raise CacheError(f"{tmp}: not finished ({left} rows left, text written: {text_done}); rerun the "
+                             "extraction to complete it")
+        with self._writing():
+            self._f.attrs["complete"] = True
+            self._f.close()
+        os.replace(tmp, self.path)
+        lock_path(self.path).unlink(missing_ok=True)
+        self.close()
         return self.path
 
     def close(self) -> None:
-        """Close the partial file, keeping it for a later resume."""
+        """Close the partial file, keeping it for a later resume, and release the lock."""
         if self._f.id.valid:
-            self._f.close()
+            try:
+                self._f.close()
+            except _H5_ERRORS:
+                pass  # a failed write left unflushable state: the file keeps what was flushed before
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def discard(self) -> None:
         """Close and delete the partial file."""
-        self.close()
         partial_path(self.path).unlink(missing_ok=True)
+        lock_path(self.path).unlink(missing_ok=True)
+        self.close()

@@ -1,18 +1,21 @@
 """The one dataset interface of the extraction stage: class names, prompt templates and split row lists.
 
 Three sources give the same `DatasetSpec`: an image folder (`from_folder`), a CoOp split JSON over an image root
-(`from_split_json`) and a benchmark of the `data/` registry (`from_registry`). Torch-free.
+(`from_split_json`) and a benchmark of the `data/` registry (`from_registry`); `from_unlabelled` gives a folder of
+images to classify, for another cache's classes. Torch-free.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from data.cache import UNLABELLED, CacheError, read_cache
 from data.errors import DataError
 from data.registry import prompt_classname
-from data.splits import SPLIT_NAMES, read_split_json, scan_class_folders
+from data.splits import IMAGE_SUFFIXES, SPLIT_NAMES, read_split_json, scan_class_folders
 from extract.errors import ExtractError
 
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -51,6 +54,7 @@ def from_folder(root: str | Path, *, split_ratio: tuple[float, float, float] = (
     if split_dirs and "train" not in split_dirs:
         raise ExtractError(f"{root}: has {'/ '.join(split_dirs)}/ but no train/ folder; add train/<class>/ folders")
     folders = sorted(p.name for p in class_root.iterdir() if p.is_dir())
+    _check_utf8(class_root, folders)
     if not folders:
         raise ExtractError(f"{class_root}: no class sub-folders; put the images of each class in its own folder")
     folder_to_label, classnames = _class_labels(folders, classnames_file)
@@ -62,7 +66,9 @@ def from_folder(root: str | Path, *, split_ratio: tuple[float, float, float] = (
             if extra:
                 raise ExtractError(f"{root / s / extra[0]}: class folder not in train/; add it to train/ or remove it")
     else:
-        splits = split_by_ratio(_scan(root, root, folder_to_label), split_ratio, seed)
+        rows = _scan(root, root, folder_to_label)
+        splits = split_by_ratio(rows, split_ratio, seed)
+        _check_train_rows(root, folder_to_label, rows, splits.get("train", []), split_ratio)
     return DatasetSpec(name or root.name, root, tuple(classnames), (template,), splits)
 
 
@@ -94,6 +100,46 @@ def from_registry(name: str, data_root: str | Path) -> DatasetSpec:
     except DataError as e:
         raise ExtractError(str(e)) from None
     return DatasetSpec(info.name, Path(image_root), tuple(classnames), (info.template, *info.ensemble), splits)
+
+
+def from_unlabelled(root: str | Path, *, classes_from: str | Path | None = None,
+                    classnames_file: str | Path | None = None, template: str = DEFAULT_TEMPLATE,
+                    split: str = "test", name: str | None = None) -> DatasetSpec:
+    """Every image under `root` (recursively, sorted) as one split `split` with label `UNLABELLED` (-1).
+
+    The classes come from exactly one of: `classes_from`, a cache (its class names and its full template list, so
+    the prototypes equal that cache's), or `classnames_file`, one class name per line in label order (with
+    `template` as the dataset's own template).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ExtractError(f"{root}: image folder not found; pass the folder of images to classify")
+    if not split or "/" in split:
+        raise ExtractError(f"split name {split!r}: give a name without '/', e.g. test")
+    if (classes_from is None) == (classnames_file is None):
+        raise ExtractError("--unlabelled needs exactly one of --classes-from TRAIN.h5 (the training cache) or "
+                           "--classnames FILE (one class name per line) to know the classes")
+    if classes_from is not None:
+        try:
+            cache = read_cache(classes_from, splits=[], with_aug=False)
+        except CacheError as e:
+            raise ExtractError(str(e)) from None
+        classnames, templates = tuple(cache.classnames), tuple(cache.templates)
+    else:
+        path = Path(classnames_file)
+        try:
+            classnames = tuple(ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip())
+        except OSError as e:
+            raise ExtractError(f"{path}: cannot read the class-name file ({e.strerror}); check --classnames") from None
+        if not classnames:
+            raise ExtractError(f"{path}: no class names; write one class name per line")
+        templates = (template,)
+    images = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise ExtractError(f"{root}: holds no image ({', '.join(IMAGE_SUFFIXES)}); put the images to classify in it")
+    _check_utf8(root, images)
+    return DatasetSpec(name or root.name, root, classnames, templates, {split: [(p, UNLABELLED) for p in images]})
 
 
 def read_classnames(path: str | Path, folders: list[str]) -> tuple[dict[str, int], list[str]]:
@@ -154,11 +200,34 @@ def _class_labels(folders: list[str], classnames_file: str | Path | None) -> tup
     return {f: i for i, f in enumerate(folders)}, [prompt_classname(f) for f in folders]
 
 
+def _check_utf8(folder: Path, names: list[str]) -> None:
+    """Refuse file or folder names that are not valid UTF-8 (the cache stores paths as UTF-8)."""
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ExtractError(f"{os.fsencode(folder / name)!r}: file name is not valid UTF-8; rename it (e.g. "
+                               "`convmv -f latin1 -t utf8 -r --notest DIR`) or move it out of the folder") from None
+
+
+def _check_train_rows(root: Path, folder_to_label: dict[str, int], rows: Rows, train: Rows,
+                      ratio: tuple[float, float, float]) -> None:
+    """Refuse a split that leaves a class without train images (e.g. a class of one image)."""
+    have = {label for _, label in train}
+    for folder, label in folder_to_label.items():
+        if label not in have:
+            n = sum(lab == label for _, lab in rows)
+            raise ExtractError(f"{root / folder}: {n} image{'s' if n != 1 else ''}, too few to split by "
+                               f"{','.join(f'{r:g}' for r in ratio)} (train,val,test): the class gets no train image; "
+                               "add images, remove the folder, or give train/ val/ test/ folders")
+
+
 def _scan(folder: Path, root: Path, folder_to_label: dict[str, int]) -> Rows:
     """Images of `folder/<class>/` as (path relative to `root`, label); an empty class folder is an error."""
     try:
         rows = scan_class_folders(folder, folder_to_label)
     except DataError as e:
         raise ExtractError(str(e)) from None
+    _check_utf8(folder, [rel for rel, _ in rows])
     prefix = folder.relative_to(root).as_posix()
     return rows if prefix == "." else [(f"{prefix}/{rel}", label) for rel, label in rows]

@@ -11,13 +11,12 @@ from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from extract.augment import AugmentedViews
-from data.cache import DEFAULT_ATTRS, IDENTITY_ATTRS, CacheWriter, read_attrs
+from data.cache import CacheWriter, file_identity, identity, read_attrs
 from extract.datasets import DatasetSpec
 from extract.encode import encode_images, encode_texts, make_loader
 from extract.errors import ExtractError
@@ -39,10 +38,11 @@ def run_extraction(spec: DatasetSpec, loaded: LoadedModel, out: str | Path, *, t
                    splits: list[str] | None = None, aug_views: int = 0, aug_seed: int = 0, batch_size: int = 64,
                    workers: int = 0, feature_dtype: str = "float32", skip_bad: bool = False,
                    shard: Shard | None = None, device: str = "cpu", progress: bool = True,
-                   on_batch: OnBatch | None = None) -> Path:
+                   overwrite: bool = False, on_batch: OnBatch | None = None) -> Path:
     """Extract `splits` (default: all of the dataset's) of `spec` with `loaded` into `out` (or its shard file).
 
     templates: the cache's prompt templates (`prompts.cache_templates`). aug_views: augmented views per train image.
+    overwrite: replace a complete cache of another identity at `out` (else refused with an error).
     on_batch: called after each stored batch (tests use it to simulate an interruption). Returns the cache path.
     """
     names = _split_names(spec, splits)
@@ -68,7 +68,7 @@ def run_extraction(spec: DatasetSpec, loaded: LoadedModel, out: str | Path, *, t
         return target
     writer = CacheWriter.open(target, attrs=attrs, classnames=list(spec.classnames), templates=templates,
                               splits=rows, embed_dim=int(loaded.attrs["embed_dim"]), aug_views=attrs["aug_views"],
-                              feature_dtype=feature_dtype)
+                              feature_dtype=feature_dtype, overwrite=overwrite)
     dev = torch.device(device)
     try:
         if not writer.text_done:
@@ -128,15 +128,7 @@ def _extract_split(spec: DatasetSpec, loaded: LoadedModel, writer: CacheWriter, 
 
 
 def _already_done(path: Path, attrs: dict, classnames: list[str], templates: list[str], rows: dict) -> bool:
-    """Whether `path` is a complete cache of exactly this extraction (same identity, names and image rows)."""
-    if not path.is_file():
+    """Whether `path` is a complete cache of exactly this extraction (same `identity`)."""
+    if not path.is_file() or not read_attrs(path).get("complete"):
         return False
-    old = read_attrs(path)
-    new = {**DEFAULT_ATTRS, **attrs}
-    if not old.get("complete") or any(str(old.get(k)) != str(new[k]) for k in IDENTITY_ATTRS):
-        return False  # the writer refuses a different identity with a clear error
-    with h5py.File(path, "r") as f:
-        return (list(f["classnames"].asstr()[()]) == classnames and list(f["templates"].asstr()[()]) == templates
-                and set(f["splits"]) == set(rows)
-                and all(list(f["splits"][n]["paths"].asstr()[()]) == r["paths"]
-                        and np.array_equal(f["splits"][n]["labels"][()], r["labels"]) for n, r in rows.items()))
+    return file_identity(path) == identity(attrs, classnames, templates, rows)

@@ -150,7 +150,7 @@ def _full_rows(heads: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def _copy_rows(path: Path, writer: CacheWriter, bar: tqdm) -> None:
     """Copy one shard's features (ok rows) and skipped rows (with their errors) into the merged cache."""
     with h5py.File(path, "r") as f:
-        errors = dict(zip(f["bad/paths"].asstr()[()], f["bad/errors"].asstr()[()]))
+        errors = dict(zip(f["bad/paths"].asstr()[()], f["bad/errors"].asstr()[()])) if "bad/errors" in f else {}
         for name, g in f["splits"].items():
             index, status, paths = g["index"][()], g["status"][()], g["paths"].asstr()[()]
             for start in range(0, len(index), MERGE_CHUNK):

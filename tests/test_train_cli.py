@@ -163,8 +163,8 @@ def test_results_do_not_depend_on_the_cache_row_order(run, tmp_path):
 def test_default_prompt_is_ensemble_for_the_imagenet_family():
     from train_jax.experiment import default_prompt
 
-    assert [default_prompt(d) for d in ("ImageNet", "ImageNetA", "imagenet-sketch", "DTD", "Food101")] == [
-        "ensemble", "ensemble", "ensemble", "single", "single"]
+    assert [default_prompt(d) for d in ("ImageNet", "ImageNetA", "imagenet-sketch", "DTD", "Food101", "ImageNette")] == [
+        "ensemble", "ensemble", "ensemble", "single", "single", "single"]
 
 
 def test_help_lists_options_and_default_grid(capsys):
@@ -173,7 +173,7 @@ def test_help_lists_options_and_default_grid(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     for option in ("--cache", "--eval-cache", "--shots", "--seeds", "--methods", "--grid", "--prompt", "--out",
-                   "--memory-gb", "--devices", "Default grid"):
+                   "--memory-gb", "--devices", "--select", "Default grid", "log-probability of the true class"):
         assert option in text
 
 
@@ -219,3 +219,52 @@ def test_report_combines_run_dirs(run, tmp_path):
     assert "SynthShift" in tables["Distribution shift"]["Synth"]  # the CLI run's shift table
     assert (tmp_path / "all" / "accuracy_vs_shots.png").is_file()
     assert report.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_rerun_with_a_cache_of_another_identity_is_refused(run, tmp_path, capsys):
+    world, _, _, _, _ = run
+    cache = write_gap_cache(tmp_path / "c.h5", world, train=4, val=3, test=10)
+    argv = ["--cache", str(cache), "--out", str(tmp_path / "out"), "--shots", "1", "--seeds", "1", "--methods",
+            "zeroshot", "--prompt", "single"]
+    assert main(argv) == 0
+    moved = tmp_path / "moved.h5"
+    cache.rename(moved)  # the same cache elsewhere: still accepted
+    assert main([a if a != str(cache) else str(moved) for a in argv]) == 0
+    with h5py.File(moved, "r+") as f:  # re-extracted with other weights under the same path
+        f.attrs["weights_sha256"] = "0" * 64
+    capsys.readouterr()
+    assert main([*[a if a != str(cache) else str(moved) for a in argv], "--shots", "1", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "results of a cache made with weights_sha256=''" in err and "use another --out" in err
+    assert not (tmp_path / "out" / "shots" / "2shot.json").exists()
+
+
+def test_out_that_is_a_file_or_read_only_is_one_line(run, tmp_path, capsys):
+    _, cache, _, _, _ = run
+    (tmp_path / "file").write_text("x")
+    assert main(["--cache", str(cache), "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert "file: is a file, not a folder" in err and err.count("\n") == 1
+    assert main(["--cache", str(cache), "--out", "/proc/no-such-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: /proc/no-such-run: cannot write there") and err.count("\n") == 1
+
+
+def test_logit_scale_defaults_to_the_caches(run, tmp_path):
+    _, cache, _, out, _ = run
+    assert json.loads((out / "run_config.json").read_text())["logit_scale"] == 100  # the cache records none
+    assert "Logit scale: 100 (default; the cache records none)." in (out / "results.md").read_text()
+    own = tmp_path / "own.h5"
+    own.write_bytes(Path(cache).read_bytes())
+    with h5py.File(own, "r+") as f:
+        f.attrs["logit_scale"] = 50.0
+    small = ["--shots", "1", "--seeds", "1", "--methods", "zeroshot", "cmm", "--grid", "epochs=2", "alpha=1"]
+    assert main(["--cache", str(own), "--out", str(tmp_path / "a"), *small]) == 0
+    results = _results(tmp_path / "a")
+    assert {r["method"] for r in results["runs"]} == {"zeroshot", "cmm"}
+    assert {r["settings"]["logit_scale"] for r in results["runs"]} == {50.0}
+    assert results["config"]["logit_scale"] == 50 and results["config"]["logit_scale_from"] == "cache"
+    assert "Logit scale: 50 (the model's own, recorded in the cache)." in (tmp_path / "a/results.md").read_text()
+    assert main(["--cache", str(own), "--out", str(tmp_path / "b"), *small, "s=30"]) == 0
+    assert {r["settings"]["logit_scale"] for r in _results(tmp_path / "b")["runs"]} == {30.0}

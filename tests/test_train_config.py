@@ -1,5 +1,7 @@
 """Settings, grids parsed from CLI strings, JSON round trips."""
 
+import re
+
 import pytest
 
 from train_jax.config import DEFAULT_GRID, Settings, expand_grid, grid_from_json, grid_to_json, parse_grid
@@ -38,3 +40,31 @@ def test_json_round_trips():
     assert grid_from_json(grid_to_json(DEFAULT_GRID)) == DEFAULT_GRID
     with pytest.raises(TrainError, match="unknown setting"):
         Settings.from_dict({"nope": 1})
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("epochs=1e9", "epochs=1000000000 is out of range (0 to 10000)"),
+    ("margin=inf", "margin=inf is not a finite number"),
+    ("margin=3", "margin=3.0 is out of range (0 to 2, a cosine distance)"),
+    ("alpha=nan", "alpha=nan is not a finite number"),
+    ("s=inf", "logit_scale=inf is not a finite number"),
+])
+def test_settings_no_run_can_finish_are_refused(spec, fragment):
+    with pytest.raises(TrainError, match=re.escape(fragment)):
+        expand_grid(parse_grid([spec]))
+
+
+def test_each_setting_is_described_once_and_everything_derives_from_it():
+    """Kind, aliases, help and label name live in the field's metadata; the runner's arrays, the grid parser and
+    --help are derived from it."""
+    import dataclasses
+
+    from train_jax.config import ALIASES, DYNAMIC_FIELDS, FIELDS, grid_keys_help, parse_grid
+
+    assert set(FIELDS) == {f.name for f in dataclasses.fields(Settings)}
+    assert all(f.metadata["kind"] in ("run", "program") and f.metadata["help"] for f in FIELDS.values())
+    assert "batch_size" not in DYNAMIC_FIELDS and "lr" in DYNAMIC_FIELDS
+    assert ALIASES["lambda"] == "lam" and ALIASES["wd"] == "weight_decay"
+    assert parse_grid(["lambda=1,2"]) == {"lam": (1.0, 2.0)}
+    assert Settings(lam=2.0).label(["lam"]) == "lambda=2"
+    assert all(name in grid_keys_help() for name in FIELDS)
