@@ -219,17 +219,14 @@ def target_log_prob(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def _predict_one(params, consts, hp, blocks, targets, classes, text, *, head: Head):
-    """blocks [nb, EVAL_BLOCK, D] -> predictions [nb*EVAL_BLOCK] int32 over the class subset ``classes``; with
-    targets [nb, EVAL_BLOCK] (true classes, indices into ``classes``; None: predictions only) also the
-    log-probability of the target under the softmax of the logits over ``classes`` [nb*EVAL_BLOCK]."""
+    """blocks [nb, EVAL_BLOCK, D], targets [nb, EVAL_BLOCK] (true classes, indices into ``classes``) ->
+    predictions [nb*EVAL_BLOCK] int32 over the class subset ``classes`` and the log-probability of the target under
+    the softmax of the logits over ``classes`` [nb*EVAL_BLOCK]."""
 
     def block(_, xt):
         x, t = xt
         logits = head.logits(params, consts, x, x @ text.T, text, hp)[:, classes]
-        preds = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        if t is None:
-            return None, preds
-        return None, (preds, target_log_prob(logits, t))
+        return None, (jnp.argmax(logits, axis=-1).astype(jnp.int32), target_log_prob(logits, t))
 
     return jax.tree.map(lambda a: a.reshape(-1), jax.lax.scan(block, None, (blocks, targets))[1])
 
@@ -496,7 +493,8 @@ def _predict(head: Head, trained: Trained, hp: Mapping[str, np.ndarray], feats: 
              text: np.ndarray, classes: np.ndarray | None, budget: int | None,
              devices: Sequence[jax.Device] | None, desc: str) -> Tree:
     """``predict_runs`` (labels None: predictions [S,Ne]) and ``score_runs`` (labels [Ne]: a pair of [S,Ne]). One
-    program call per ``EVAL_BLOCK`` rows, so that sets of any size share one compiled program."""
+    program call per ``EVAL_BLOCK`` rows, so that sets of any size share one compiled program; predictions alone
+    run the scoring program too (on targets 0, scores dropped): one program per head, not two."""
     runs = len(trained.failed)
     classes = np.arange(text.shape[0]) if classes is None else np.asarray(classes)
     n_params = sum(np.asarray(x)[0].size for x in jax.tree.leaves((trained.params, trained.consts)))
@@ -508,17 +506,15 @@ def _predict(head: Head, trained: Trained, hp: Mapping[str, np.ndarray], feats: 
     padded = math.ceil(max(n, 1) / EVAL_BLOCK) * EVAL_BLOCK
     blocks = np.zeros((padded, feats.shape[1]), np.float32)
     blocks[:n] = feats
-    targets = None
-    if labels is not None:
-        targets = np.zeros(padded, np.int32)
-        targets[:n] = labels
-        targets = targets.reshape(-1, 1, EVAL_BLOCK)
-    per_block = [placement.replicate((x, None if targets is None else targets[i]))
-                 for i, x in enumerate(blocks.reshape(-1, 1, EVAL_BLOCK, feats.shape[1]))]
+    targets = np.zeros(padded, np.int32)
+    targets[:n] = 0 if labels is None else labels
+    per_block = [placement.replicate(xt) for xt in zip(blocks.reshape(-1, 1, EVAL_BLOCK, feats.shape[1]),
+                                                        targets.reshape(-1, 1, EVAL_BLOCK))]
     shared = placement.replicate((classes.astype(np.int32), text))
     outputs = []
     for start in tqdm(range(0, runs, chunk), desc=desc, unit="chunk", leave=False):
         params, consts, hp_c = placement.split((trained.params, trained.consts, dict(hp)), start, chunk)
         parts = [predict(params, consts, hp_c, x, t, *shared) for x, t in per_block]  # dispatched before a wait
         outputs.append(jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *jax.device_get(parts)))
-    return jax.tree.map(lambda x: x[:, :n], _gather(outputs, runs))
+    preds, logp = jax.tree.map(lambda x: x[:, :n], _gather(outputs, runs))
+    return preds if labels is None else (preds, logp)
