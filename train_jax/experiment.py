@@ -107,10 +107,8 @@ def _sample(task: Task, shots: int, seeds: Sequence[int]) -> tuple[dict[int, np.
     picks = {s: fewshot.sample_shots(train.labels, train.paths, names, shots, s) for s in seeds}
     val = cache.splits.get("val")
     if val is not None and len(val.labels):
-        return picks, val, {s: fewshot.sample_val(val.labels, val.paths, len(names), shots, s) for s in seeds}
-    return picks, train, {
-        s: fewshot.sample_val_from_train(train.labels, train.paths, names, shots, s, picks[s]) for s in seeds
-    }
+        return picks, val, {s: fewshot.sample_val(val.labels, val.paths, names, shots, s) for s in seeds}
+    return picks, train, {s: fewshot.sample_val_from_train(train.labels, train.paths, names, shots, s) for s in seeds}
 
 
 def _pool(task: Task, rows: np.ndarray, use_aug: bool) -> Pool:
