@@ -14,6 +14,8 @@ from typing import Any, Iterable, Mapping
 import h5py
 import numpy as np
 
+from data.registry import ensemble_templates
+
 FORMAT = "cmm-feature-cache"
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -57,9 +59,15 @@ class FeatureCache:
     bad_paths: list[str] = field(default_factory=list)
 
     def prototypes(self, template: str | int = "ensemble") -> np.ndarray:
-        """Class prototypes [C, D]: one template (index or text) or the normalised mean over all templates."""
+        """Class prototypes [C, D]: one template (index or text), or "ensemble": the normalised mean over exactly
+        CLIP's 7 ImageNet templates (`data.registry.ensemble_templates`), as CLIP and Tip-Adapter compute it."""
         if template == "ensemble":
-            return l2_normalize(self.text_features.mean(axis=1))
+            members = [i for i, t in enumerate(self.templates) if t in ensemble_templates()]
+            if len(members) != len(ensemble_templates()):
+                raise CacheError(f"{self.path}: has {len(members)} of the {len(ensemble_templates())} ensemble "
+                                 "templates; re-extract it with this version of `python -m extract`, or use the "
+                                 "dataset's own template (--prompt single)")
+            return l2_normalize(self.text_features[:, members].mean(axis=1))
         if isinstance(template, str):
             if template not in self.templates:
                 raise CacheError(f"{self.path}: template {template!r} is not in the cache; it has {self.templates}")

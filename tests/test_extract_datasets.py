@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from data.registry import ensemble_templates
 from extract import datasets
 from extract.errors import ExtractError
-from extract.prompts import ENSEMBLE_TEMPLATES, cache_templates, check_template, read_templates_file
+from extract.prompts import cache_templates, check_template, read_templates_file
 from helpers_extract import CLASSES, make_class_folder, make_images
 
 
@@ -94,7 +95,7 @@ def test_registry_dataset_keeps_its_template_first(tmp_path: Path, monkeypatch: 
 
 def test_templates_order_dedup_and_validation(tmp_path: Path) -> None:
     out = cache_templates(["a photo of a {}.", "art of the {}."], ["itap of a {}.", "my {} prompt"])
-    assert out == ["a photo of a {}.", *ENSEMBLE_TEMPLATES, "my {} prompt"]
+    assert out == ["a photo of a {}.", *ensemble_templates(), "my {} prompt"]
     for bad in ("a photo", "a {0} photo of {}", "a {name}"):
         with pytest.raises(ExtractError, match="placeholder"):
             check_template(bad, "--template")

@@ -164,8 +164,8 @@ def test_results_do_not_depend_on_the_cache_row_order(run, tmp_path):
 def test_default_prompt_is_ensemble_for_the_imagenet_family():
     from train_jax.experiment import default_prompt
 
-    assert [default_prompt(d) for d in ("ImageNet", "ImageNetA", "imagenet-sketch", "DTD", "Food101")] == [
-        "ensemble", "ensemble", "ensemble", "single", "single"]
+    assert [default_prompt(d) for d in ("ImageNet", "ImageNetA", "imagenet-sketch", "DTD", "Food101", "ImageNette")] == [
+        "ensemble", "ensemble", "ensemble", "single", "single", "single"]
 
 
 def test_help_lists_options_and_default_grid(capsys):

@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", nargs="+", action="extend", default=None, metavar="KEY=V1,V2",
                    help="settings grid, e.g. lr=1e-3,1e-4 alpha=1,2 (default: see below; may be repeated)")
     p.add_argument("--prompt", choices=["single", "ensemble"], default=None,
-                   help="class prototypes: the dataset's own template (single) or the normalised mean over all "
-                        "cached templates (ensemble); default: ensemble for the ImageNet family, else single")
+                   help="class prototypes: the dataset's own template (single) or the normalised mean over CLIP's "
+                        "7 ImageNet templates (ensemble); default: ensemble for the ImageNet family, else single")
     p.add_argument("--memory-gb", type=float, default=None,
                    help="memory for the run axis; more runs are cut into chunks (default: half the free memory)")
     p.add_argument("--devices", type=int, default=None,

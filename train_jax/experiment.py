@@ -13,6 +13,7 @@ import numpy as np
 
 from data.cache import FeatureCache, read_cache
 from data import fewshot
+from data.registry import in_imagenet_family
 from train_jax import evaluate
 from train_jax.config import Settings
 from train_jax.errors import TrainError
@@ -60,8 +61,9 @@ class ShotResult:
 
 
 def default_prompt(dataset: str) -> str:
-    """``ensemble`` for the ImageNet family (as Tip-Adapter/CoOp), ``single`` (the dataset's template) otherwise."""
-    return "ensemble" if dataset.lower().startswith("imagenet") else "single"
+    """``ensemble`` (CLIP's 7 templates) for the ImageNet family, as Tip-Adapter/CoOp; ``single`` (the dataset's
+    own template) otherwise."""
+    return "ensemble" if in_imagenet_family(dataset) else "single"
 
 
 def _dataset_name(cache: FeatureCache) -> str:

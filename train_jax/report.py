@@ -19,12 +19,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from data.registry import dataset_names
 from train_jax.config import Settings
 from train_jax.errors import TrainError
 from train_jax.evaluate import mean_std
 
-BENCHMARK = ("ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "Flowers102", "Food101", "FGVCAircraft",
-             "SUN397", "DTD", "EuroSAT", "UCF101")
+BENCHMARK = tuple(dataset_names("benchmark"))
 _ALIASES = {"oxfordflowers": "flowers102", "describabletextures": "dtd"}
 CSV_FIELDS = ("dataset", "shots", "method", "seed", "setting", "val_acc", "test_acc", "selected", "failed")
 METHOD_ORDER = ("zeroshot", "linear_probe", "tip_adapter_f", "cmm_ce", "cmm")
