@@ -106,15 +106,18 @@ def sample_val_from_train(labels: np.ndarray, paths: np.ndarray, classnames: Seq
     return _concat([o.take(max(shots, len(o) - k)) for o in orders])
 
 
-def pool_rows(labels: np.ndarray, paths: np.ndarray, num_classes: int, seeds: Iterable[int], max_shots: int,
-              val_from_train: bool) -> np.ndarray:
-    """Sorted train row ids [M] that the seeds' draws at any K <= max_shots can use (the pooled extraction).
+def pool_rows(labels: np.ndarray, paths: np.ndarray, classnames: Sequence[str], seeds: Iterable[int],
+              max_shots: int, val_from_train: bool) -> np.ndarray:
+    """Sorted train row ids [M] that the seeds' draws at any K <= max_shots can use (the pooled extraction); a
+    class with fewer than max_shots images gives all of them (with a warning).
 
     val_from_train: the cache has no val split, so validation comes from train (the last 4 rows of each order).
     """
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=len(classnames))
+    _warn_short([(classnames[c], int(n)) for c, n in enumerate(counts) if n < max_shots], max_shots, "train")
     keep = np.zeros(len(labels), bool)
     for seed in seeds:
-        for order in class_orders(labels, paths, num_classes, seed):
+        for order in class_orders(labels, paths, len(classnames), seed):
             keep[order.take(0, max_shots)] = True
             if val_from_train:
                 keep[order.take(max(len(order) - VAL_SHOTS_MAX, 0))] = True

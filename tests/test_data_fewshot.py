@@ -76,7 +76,7 @@ def test_a_class_smaller_than_k_contributes_all_it_has_with_a_warning():
 @pytest.mark.parametrize("val_from_train", [False, True])
 def test_pool_holds_every_draw_of_its_seeds_up_to_its_shots(val_from_train):
     labels, paths = _split(per_class=(30, 25, 40))
-    pool = set(pool_rows(labels, paths, 3, (1, 2), 4, val_from_train).tolist())
+    pool = set(pool_rows(labels, paths, CLASSES, (1, 2), 4, val_from_train).tolist())
     for seed in (1, 2):
         for k in (1, 2, 4):
             assert set(sample_shots(labels, paths, CLASSES, k, seed).tolist()) <= pool

@@ -36,7 +36,7 @@ def test_cli_end_to_end_in_a_subprocess(tmp_path: Path) -> None:
     info = subprocess.run([sys.executable, "-m", "extract", "info", str(out)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert info.returncode == 0 and "complete" in info.stdout and "valid: yes" in info.stdout
-    assert "train: 6 of 6 rows, 6 done" in info.stdout
+    assert "train: 6 encoded of 6 listed rows" in info.stdout
 
 
 def test_help_explains_every_option() -> None:
@@ -90,7 +90,7 @@ def test_bad_inputs_give_one_line_errors_and_leave_the_cache_untouched(tmp_path:
         "empty class": (["--folder", str(empty)], "zebra: class folder holds no image"),
         "unknown model": (["--folder", str(root), "--model", "ViT-Q-99"], "unknown model 'ViT-Q-99'"),
         "template without {}": (["--folder", str(root), "--template", "a photo"], "placeholder '{}'"),
-        "corrupt image": (["--folder", str(corrupt), "--name", "imgs"], "img01.png: cannot read image"),
+        "images added": (["--folder", str(corrupt), "--name", "imgs"], "images added and"),
         "different model": (["--folder", str(root), "--model-config", str(tmp_path / "deeper.json"),
                              "--model", ""], "refusing to mix"),
         "no dataset": ([], "give exactly one of --folder"),
@@ -101,6 +101,9 @@ def test_bad_inputs_give_one_line_errors_and_leave_the_cache_untouched(tmp_path:
         line = one_error_line(capsys.readouterr().err)
         assert code == 2 and message in line, (what, line)
         assert digest(out) == before, what
-    assert main(["run", "--out", str(out), "--folder", str(corrupt), "--name", "imgs", "--skip-bad",
+    other = tmp_path / "corrupt.h5"
+    assert main(["run", "--out", str(other), "--folder", str(corrupt), "--name", "imgs", *TINY_ARGS]) == 2
+    assert "img01.png: cannot read image" in one_error_line(capsys.readouterr().err)
+    assert main(["run", "--out", str(other), "--folder", str(corrupt), "--name", "imgs", "--skip-bad",
                  *TINY_ARGS]) == 0
-    assert read_cache(out).bad_paths == ["dog/img01.png"]
+    assert read_cache(other).bad_paths == ["dog/img01.png"]

@@ -220,3 +220,57 @@ def test_report_combines_run_dirs(run, tmp_path):
     assert "SynthShift" in tables["Distribution shift"]["Synth"]  # the CLI run's shift table
     assert (tmp_path / "all" / "accuracy_vs_shots.png").is_file()
     assert report.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+
+
+def _pooled_copy(full: Path, out: Path, seeds: list[int], shots: int) -> Path:
+    """`full` rewritten as a pooled cache: every row listed, only the train rows of the seeds' draws encoded."""
+    from data.cache import CacheWriter, read_cache
+    from data.fewshot import pool_rows
+
+    data = read_cache(full)
+    names = set(data.splits)
+    splits = {name: {"paths": s.paths, "labels": s.labels} for name, s in data.splits.items()}
+    train = data.splits["train"]
+    encode = pool_rows(train.labels, train.paths, data.classnames, seeds, shots, val_from_train="val" not in names)
+    splits["train"]["encode"] = encode
+    attrs = {**data.attrs, "pool": json.dumps({"seeds": seeds, "shots": shots}),
+             "command": json.dumps(["python", "-m", "extract", "run", "--folder", "x", "--pool-seeds", "1",
+                                    "--pool-shots", str(shots), "--out", str(out)])}
+    writer = CacheWriter.open(out, attrs=attrs, classnames=data.classnames, templates=data.templates, splits=splits,
+                              embed_dim=train.features.shape[1], aug_views=train.aug_features.shape[1])
+    writer.write_text(data.text_features)
+    writer.write_rows("train", encode, train.features[encode], train.aug_features[encode])
+    for name in names - {"train"}:
+        writer.write_rows(name, np.arange(len(data.splits[name].labels)), data.splits[name].features)
+    return writer.finalize()
+
+
+@pytest.mark.parametrize("val", [3, None])
+def test_pooled_cache_gives_the_results_and_params_of_the_full_cache(tmp_path, val, capsys):
+    import jax
+
+    from data.cache import ABSENT, open_cache
+    from train_jax.config import Settings
+    from train_jax.experiment import load_task, run_shots
+
+    world = GapWorld(2, classes=4, dim=16)
+    full = write_gap_cache(tmp_path / "full.h5", world, train=12, val=val, test=10, aug_views=2)
+    pooled = _pooled_copy(full, tmp_path / "pooled.h5", [1, 2], 4)
+    status = open_cache(pooled).listing("train").status
+    assert 0 < np.sum(status == ABSENT) < len(status)  # some rows are not encoded
+    grid = [Settings(epochs=3, lr=1e-2, batch_size=4), Settings(epochs=3, lr=1e-2, batch_size=4, use_aug=True)]
+    for shots in (1, 4):
+        a, b = (run_shots(load_task(p, prompt="single"), shots, [1, 2], ["cmm", "linear_probe"], grid, ["use_aug"])
+                for p in (full, pooled))
+        assert a.records == b.records
+        assert a.learned.keys() == b.learned.keys()
+        for key in a.learned:
+            for x, y in zip(jax.tree.leaves(a.learned[key]["params"]), jax.tree.leaves(b.learned[key]["params"])):
+                np.testing.assert_array_equal(x, y)
+
+    out = tmp_path / "more"
+    assert main(["--cache", str(pooled), "--out", str(out), "--shots", "8", "--seeds", "1", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "8-shot draws of seeds 1 2 3 need" in err and "not encoded" in err
+    assert "`python -m extract run --folder x --out " in err and "--pool-seeds 1 2 3 --pool-shots 8`" in err
+    assert not out.exists()

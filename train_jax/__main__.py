@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> Path:
     devices = jax.devices()[: args.devices] if args.devices else None
     budget = int(args.memory_gb * 2**30) if args.memory_gb else None
     task = experiment.load_task(args.cache, args.eval_cache, args.prompt)
+    experiment.check_encoded(task, shots, seeds)  # before anything is written to --out
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "shots").mkdir(exist_ok=True)

@@ -3,15 +3,18 @@ them on validation and test, select per seed on validation, and evaluate the sel
 
 from __future__ import annotations
 
+import json
 import math
+import shlex
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
 
-from data.cache import FeatureCache, read_cache
+from data.cache import BAD, OK, CacheHead, CacheReader, Listing, open_cache, read_cache
 from data import fewshot
 from data.registry import in_imagenet_family
 from train_jax import evaluate
@@ -20,6 +23,7 @@ from train_jax.errors import TrainError
 from train_jax.methods import METHODS
 from train_jax.runner import Pool, Trained, hparam_arrays, predict_runs, train_runs
 
+TEST_BLOCK_ROWS = 16384  # test rows read and predicted at a time
 # Attributes that must agree between the training cache and a shift cache (same encoder, same feature space).
 MODEL_ATTRS = ("model", "pretrained", "weights_sha256", "model_config", "embed_dim")
 
@@ -42,10 +46,12 @@ class EvalSet:
 
 @dataclass(frozen=True)
 class Task:
-    """What every shots value of one experiment shares: the training cache, its prototypes [C,D], shift sets."""
+    """What every shots value of one experiment shares: the training cache (read row by row), the listings of its
+    splits, its prototypes [C,D], shift sets."""
 
     dataset: str
-    cache: FeatureCache
+    cache: CacheReader
+    listings: dict[str, Listing]
     text: np.ndarray
     prompt: str
     shift: tuple[EvalSet, ...] = ()
@@ -66,15 +72,17 @@ def default_prompt(dataset: str) -> str:
     return "ensemble" if in_imagenet_family(dataset) else "single"
 
 
-def _dataset_name(cache: FeatureCache) -> str:
+def _dataset_name(cache: CacheHead) -> str:
     return str(cache.attrs.get("dataset") or Path(cache.path).stem)
 
 
 def load_task(cache_path: str | Path, eval_paths: Sequence[str | Path] = (), prompt: str | None = None) -> Task:
-    """Read the training cache (needs train and test splits) and the shift caches (their test split)."""
-    cache = read_cache(cache_path)
+    """Open the training cache (needs train and test rows; features are read later, only the rows runs use) and
+    read the shift caches (their test split)."""
+    cache = open_cache(cache_path)
+    listings = {name: cache.listing(name) for name in cache.split_names()}
     for split in ("train", "test"):
-        if split not in cache.splits or len(cache.splits[split].labels) == 0:
+        if split not in listings or not np.any(listings[split].status == OK):
             raise TrainError(f"{cache.path}: the cache has no {split!r} rows; extract its {split} split")
     dataset = _dataset_name(cache)
     prompt = prompt or default_prompt(dataset)
@@ -92,7 +100,7 @@ def load_task(cache_path: str | Path, eval_paths: Sequence[str | Path] = (), pro
         test = other.splits["test"]
         classes = evaluate.class_map(cache.classnames, other.classnames, str(other.path))
         shift.append(EvalSet(name, _normalize(test.features), test.labels, classes))
-    return Task(dataset, cache, text, prompt, tuple(shift))
+    return Task(dataset, cache, listings, text, prompt, tuple(shift))
 
 
 @dataclass(frozen=True)
@@ -102,29 +110,86 @@ class _Run:
     settings: Settings
 
 
-def _sample(task: Task, shots: int, seeds: Sequence[int]) -> tuple[dict[int, np.ndarray], Any, dict[int, np.ndarray]]:
-    """Train rows and validation rows of every seed; the validation split (the train split if there is none)."""
-    cache = task.cache
-    train, names = cache.splits["train"], cache.classnames
+def _val_split(task: Task) -> str:
+    """The split validation rows come from: val, or train when the cache has no val rows (ImageNet)."""
+    return "val" if "val" in task.listings and len(task.listings["val"].labels) else "train"
+
+
+def _draw(task: Task, shots: int, seeds: Sequence[int]) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """The few-shot draw (``data.fewshot``) over every listed row: train rows and validation rows of each seed."""
+    train, names = task.listings["train"], task.cache.classnames
     picks = {s: fewshot.sample_shots(train.labels, train.paths, names, shots, s) for s in seeds}
-    val = cache.splits.get("val")
-    if val is not None and len(val.labels):
-        return picks, val, {s: fewshot.sample_val(val.labels, val.paths, names, shots, s) for s in seeds}
-    return picks, train, {s: fewshot.sample_val_from_train(train.labels, train.paths, names, shots, s) for s in seeds}
+    if _val_split(task) == "val":
+        val = task.listings["val"]
+        return picks, {s: fewshot.sample_val(val.labels, val.paths, names, shots, s) for s in seeds}
+    return picks, {s: fewshot.sample_val_from_train(train.labels, train.paths, names, shots, s) for s in seeds}
+
+
+def check_encoded(task: Task, shots: Sequence[int], seeds: Sequence[int]) -> None:
+    """TrainError (one line with the `extract` command that adds them) if a draw needs rows the cache does not
+    encode (a pooled cache asked for more seeds or shots than it holds)."""
+    for k in sorted(shots, reverse=True):
+        picks, val_rows = _draw(task, k, seeds)
+        for split, rows in (("train", picks), (_val_split(task), val_rows)):
+            needed = np.unique(np.concatenate(list(rows.values())))
+            status = task.listings[split].status[needed]
+            if np.any((status != OK) & (status != BAD)):
+                raise TrainError(_extend_hint(task, split, int(np.sum((status != OK) & (status != BAD))), k, seeds,
+                                              max(shots)))
+
+
+def _extend_hint(task: Task, split: str, missing: int, shots: int, seeds: Sequence[int], max_shots: int) -> str:
+    """The one-line error for rows a run needs that the cache does not encode, with the command adding them."""
+    pool = json.loads(task.cache.attrs.get("pool") or "{}")
+    seeds = sorted(set(pool.get("seeds", [])) | set(seeds))
+    max_shots = max(int(pool.get("shots", 0)), max_shots)
+    argv = json.loads(task.cache.attrs.get("command") or "[]")
+    kept, skip = [], False
+    for word in argv:
+        skip = (skip and not word.startswith("--")) or word in ("--pool-seeds", "--pool-shots", "--shard")
+        if not skip:
+            kept.append(word)
+    base = shlex.join(kept) if kept else f"python -m extract run <the options that made {task.cache.path}>"
+    holds = f"seeds {' '.join(map(str, pool['seeds']))} at <= {pool['shots']} shots" if pool else "other rows"
+    return (f"{task.cache.path}: {shots}-shot draws of seeds {' '.join(map(str, seeds))} need {missing} {split} rows "
+            f"that are not encoded (the cache pools {holds}); add them with `{base} --pool-seeds "
+            f"{' '.join(map(str, seeds))} --pool-shots {max_shots}` (encodes only the missing rows)")
+
+
+def _sample(task: Task, shots: int, seeds: Sequence[int]) -> tuple[dict[int, np.ndarray], str, dict[int, np.ndarray]]:
+    """Train rows and validation rows of every seed and the validation split's name; drawn images that were
+    unreadable at extraction (skipped) are left out, with a warning."""
+    check_encoded(task, [shots], seeds)
+    picks, val_rows = _draw(task, shots, seeds)
+    val_split = _val_split(task)
+    for split, rows in (("train", picks), (val_split, val_rows)):
+        ok = task.listings[split].status == OK
+        dropped = sum(int(np.sum(~ok[r])) for r in rows.values())
+        if dropped:
+            warnings.warn(f"{task.cache.path}: {dropped} drawn {split} images were unreadable at extraction "
+                          f"(skipped) and are left out of the {shots}-shot sample", stacklevel=2)
+            rows.update({s: r[ok[r]] for s, r in rows.items()})
+    return picks, val_split, val_rows
 
 
 def _pool(task: Task, rows: np.ndarray, use_aug: bool) -> Pool:
-    """Features [M,V,D] of the given train rows: the plain view, then the cached augmented views if needed."""
-    train = task.cache.splits["train"]
-    feats = train.features[rows][:, None]
-    if use_aug:
-        if train.aug_features is None:
-            raise TrainError(
-                f"{task.cache.path}: use_aug=1 needs augmented views in the cache; extract it with augmented views "
-                "or drop use_aug from --grid"
-            )
-        feats = np.concatenate([feats, train.aug_features[rows]], axis=1)
-    return Pool(_normalize(feats), train.labels[rows].astype(np.int32))
+    """Features [M,V,D] of the given train rows, read from the cache: the plain view, then the cached augmented
+    views if needed."""
+    if use_aug and not task.cache.has_views("train"):
+        raise TrainError(
+            f"{task.cache.path}: use_aug=1 needs augmented views in the cache; extract it with augmented views "
+            "or drop use_aug from --grid"
+        )
+    feats, aug = task.cache.read("train", rows, views=use_aug)
+    feats = feats[:, None] if aug is None else np.concatenate([feats[:, None], aug], axis=1)
+    return Pool(_normalize(feats), task.listings["train"].labels[rows].astype(np.int32))
+
+
+def _test_blocks(task: Task) -> Iterator[np.ndarray]:
+    """Features [n,D] of the encoded test rows, TEST_BLOCK_ROWS at a time (in row order)."""
+    rows = np.flatnonzero(task.listings["test"].status == OK)
+    for start in range(0, len(rows), TEST_BLOCK_ROWS):
+        yield _normalize(task.cache.read("test", rows[start : start + TEST_BLOCK_ROWS])[0])
 
 
 def _take(trained: Trained, idx: np.ndarray) -> Trained:
@@ -151,10 +216,10 @@ def run_shots(
     pool_rows = np.unique(np.concatenate(list(picks.values())))
     pool = _pool(task, pool_rows, any(r.settings.use_aug for r in runs))
     val_union = np.unique(np.concatenate(list(val_rows.values())))
-    val_feats, val_labels = _normalize(val_split.features[val_union]), val_split.labels[val_union]
+    val_feats = _normalize(task.cache.read(val_split, val_union)[0])
+    val_labels = task.listings[val_split].labels[val_union]
     members = {s: np.isin(val_union, val_rows[s]) for s in seeds}
-    test = task.cache.splits["test"]
-    test_feats = _normalize(test.features)
+    test_labels = task.listings["test"].labels[task.listings["test"].status == OK]
 
     groups: dict[tuple, list[int]] = {}
     for i, run in enumerate(runs):
@@ -175,8 +240,9 @@ def run_shots(
                              budget=budget, devices=devices, desc=desc)
         val_pred = predict_runs(head, trained, hp, val_feats, task.text, budget=budget, devices=devices, desc="val")
         val_acc[idx] = evaluate.subset_accuracy(val_pred, val_labels, np.stack([members[r.seed] for r in group]))
-        test_pred = predict_runs(head, trained, hp, test_feats, task.text, budget=budget, devices=devices, desc="test")
-        test_acc[idx] = evaluate.accuracy(test_pred, test.labels)
+        test_pred = np.concatenate([predict_runs(head, trained, hp, feats, task.text, budget=budget, devices=devices,
+                                                 desc="test") for feats in _test_blocks(task)], axis=-1)
+        test_acc[idx] = evaluate.accuracy(test_pred, test_labels)
         failed[idx], fail_step[idx], loss[idx] = trained.failed, trained.fail_step, trained.final_loss
         for j, i in enumerate(idx):
             trained_of[i] = (key, trained, j)
