@@ -534,12 +534,13 @@ class CacheWriter:
         if np.any(slots < 0):
             raise CacheError(f"{self.path}: {split} rows {rows[slots < 0][:3].tolist()} were not requested")
         order = np.argsort(slots)  # h5py fancy indexing needs increasing indices
-        rows, slots = rows[order], slots[order].tolist()
-        g["features"][slots] = np.asarray(features)[order].astype(g["features"].dtype)
+        rows, slots = rows[order], slots[order]
+        where = slice(int(slots[0]), int(slots[-1]) + 1) if slots[-1] - slots[0] + 1 == len(slots) else slots.tolist()
+        g["features"][where] = np.asarray(features)[order].astype(g["features"].dtype)
         if aug_features is not None:
             if "aug_features" not in g:
                 raise CacheError(f"{self.path}: split {split!r} has no aug_features dataset")
-            g["aug_features"][slots] = np.asarray(aug_features)[order].astype(g["aug_features"].dtype)
+            g["aug_features"][where] = np.asarray(aug_features)[order].astype(g["aug_features"].dtype)
         g["status"][rows] = np.full(len(rows), OK, dtype=np.int8)
         self._f.flush()
 
