@@ -89,7 +89,8 @@ class FeatureCache(CacheHead):
 
 @dataclass(frozen=True)
 class Listing:
-    """Every listed row of a split: labels [N] int64, paths [N] (utf-8 bytes), status [N] int8 (PENDING..ABSENT)."""
+    """Every listed row of a split: labels [N] int64, paths [N] (utf-8, numpy bytes), status [N] int8
+    (PENDING..ABSENT)."""
 
     labels: np.ndarray
     paths: np.ndarray
@@ -162,7 +163,7 @@ class CacheReader(CacheHead):
             for key in ("labels", "paths", "status", "slot", "features"):
                 _check(key in g, self.path, f"missing /splits/{split}/{key}")
             labels, status = np.asarray(g["labels"][()], np.int64), np.asarray(g["status"][()], np.int8)
-            paths = g["paths"][()]
+            paths = np.asarray(g["paths"][()], dtype=bytes)  # fixed-width: half the memory of str objects
         _check(labels.shape == status.shape == paths.shape, self.path,
                f"/splits/{split} labels, paths and status differ in length")
         _check(bool(np.all(status != PENDING)), self.path, f"split {split!r} has rows that were never extracted")
@@ -174,7 +175,9 @@ class CacheReader(CacheHead):
     def read(self, split: str, rows: np.ndarray, *, views: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Features [n, D] float32 (and augmented views [n, A, D] when views=True) of encoded rows [n] of `split`.
 
-        CacheError naming the split if a row is not encoded (ABSENT) or unreadable, or views are asked but absent.
+        With views, both are slices of one array [n, 1 + A, D] (plain view first), so `features.base` holds them
+        stacked without a copy. CacheError naming the split if a row is not encoded (ABSENT) or unreadable, or
+        views are asked but absent.
         """
         rows = np.asarray(rows, np.int64)
         with h5py.File(self.path, "r") as f:
@@ -186,18 +189,18 @@ class CacheReader(CacheHead):
                 raise CacheError(f"{self.path}: {len(missing)} {split} rows asked for are {what}, e.g. "
                                  f"{_decode(g['paths'][missing[:1]])[0]!r}")
             dim = int(self.attrs.get("embed_dim", 0))
-            features = _read_slots(g["features"], slot[rows])
-            _check(features.shape[1:] == (dim,), self.path, f"/splits/{split}/features rows are not [{dim}]")
-            _check_norms(features, self.path, f"/splits/{split}/features")
-            aug = None
+            _check(g["features"].shape[1:] == (dim,), self.path, f"/splits/{split}/features rows are not [{dim}]")
+            if views and "aug_features" not in g:
+                raise CacheError(f"{self.path}: split {split!r} has no augmented views; extract it with --aug-views")
             if views:
-                if "aug_features" not in g:
-                    raise CacheError(f"{self.path}: split {split!r} has no augmented views; extract it with "
-                                     "--aug-views")
-                aug = _read_slots(g["aug_features"], slot[rows])
-                _check(aug.ndim == 3 and aug.shape[2] == dim, self.path,
+                _check(g["aug_features"].ndim == 3 and g["aug_features"].shape[2] == dim, self.path,
                        f"/splits/{split}/aug_features rows are not [A, {dim}]")
-        return features, aug
+            stacked = np.empty((len(rows), 1 + (g["aug_features"].shape[1] if views else 0), dim), np.float32)
+            _read_slots(g["features"], slot[rows], stacked[:, 0])
+            _check_norms(stacked[:, 0], self.path, f"/splits/{split}/features")
+            if views:
+                _read_slots(g["aug_features"], slot[rows], stacked[:, 1:])
+        return stacked[:, 0], stacked[:, 1:] if views else None
 
     def has_views(self, split: str) -> bool:
         """Whether `split` stores augmented views."""
@@ -214,12 +217,11 @@ class CacheReader(CacheHead):
         return f["splits"][split]
 
 
-def _read_slots(d: h5py.Dataset, slots: np.ndarray) -> np.ndarray:
-    """d[slots] as float32 (any order, repeats allowed), reading spans of at most READ_BLOCK_BYTES at a time;
-    a span whose asked rows are sparse is read row by row instead."""
-    out = np.empty((len(slots), *d.shape[1:]), np.float32)
+def _read_slots(d: h5py.Dataset, slots: np.ndarray, out: np.ndarray) -> None:
+    """out[:] = d[slots] (any order, repeats allowed; out [n, ...] float32), reading spans of at most
+    READ_BLOCK_BYTES at a time; a span whose asked rows are sparse is read row by row instead."""
     if not len(slots):
-        return out
+        return
     order = np.argsort(slots, kind="stable")
     ordered = slots[order]
     per_block = max(1, READ_BLOCK_BYTES // max(1, int(np.prod(d.shape[1:])) * d.dtype.itemsize))
@@ -233,7 +235,6 @@ def _read_slots(d: h5py.Dataset, slots: np.ndarray) -> np.ndarray:
             unique, inverse = np.unique(want, return_inverse=True)
             out[order[start:stop]] = d[unique.tolist()][inverse]
         start = stop
-    return out
 
 
 def _check_norms(x: np.ndarray, path: Path, what: str) -> None:

@@ -180,9 +180,9 @@ def _pool(task: Task, rows: np.ndarray, use_aug: bool) -> Pool:
             f"{task.cache.path}: use_aug=1 needs augmented views in the cache; extract it with augmented views "
             "or drop use_aug from --grid"
         )
-    feats, aug = task.cache.read("train", rows, views=use_aug)
-    feats = feats[:, None] if aug is None else np.concatenate([feats[:, None], aug], axis=1)
-    return Pool(_normalize(feats), task.listings["train"].labels[rows].astype(np.int32))
+    stacked = task.cache.read("train", rows, views=use_aug)[0].base  # [M, V, D], one array: no copies
+    stacked /= np.maximum(np.linalg.norm(stacked, axis=-1, keepdims=True), 1e-12)  # as _normalize, in place
+    return Pool(stacked, task.listings["train"].labels[rows].astype(np.int32))
 
 
 def _test_blocks(task: Task) -> Iterator[np.ndarray]:
