@@ -4,6 +4,7 @@ Needs only h5py + numpy: both stages read and write caches through this module, 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,14 +24,16 @@ SPLITS = ("train", "val", "test")
 # Row status: PENDING = to encode, OK = encoded, BAD = unreadable image (skipped), ABSENT = listed, not encoded
 # (outside a pooled extraction's rows).
 PENDING, OK, BAD, ABSENT = 0, 1, 2, 3
+UNLABELLED = -1  # the label of every row of an unlabelled split (images to classify, never to train or score on)
 READ_BLOCK_BYTES = 64 << 20  # features read from the file at a time
 # Attributes that say which model and preprocessing made the features: a cache never mixes two of them.
 IDENTITY_ATTRS = ("dataset", "model", "pretrained", "weights_sha256", "model_config", "embed_dim",
-                  "feature_dtype", "preprocess", "aug_views", "aug_seed", "aug", "shard")
+                  "feature_dtype", "preprocess", "aug_views", "aug_seed", "aug", "shard", "activation")
 DEFAULT_ATTRS: dict[str, Any] = {
     "dataset": "", "model": "", "pretrained": "", "weights_sha256": "", "model_config": "", "embed_dim": 0,
     "feature_dtype": "float32", "preprocess": "{}", "aug_views": 0, "aug_seed": 0, "aug": "{}", "shard": "",
     "versions": "{}", "created": "", "pool": "", "command": "",
+    "activation": "", "logit_scale": 0.0, "logit_bias": 0.0,  # the model's own; logit_scale 0: not recorded
 }
 _STR = h5py.string_dtype("utf-8")
 _NORM_TOL = 1e-2  # float16 storage keeps norms within ~1e-3
@@ -48,6 +51,11 @@ class Split:
     labels: np.ndarray
     paths: np.ndarray
     aug_features: np.ndarray | None = None
+
+    @property
+    def labelled(self) -> bool:
+        """False for a split of unlabelled images (every label is ``UNLABELLED``)."""
+        return not bool(np.any(self.labels == UNLABELLED))
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,16 @@ def _identity(attrs: Mapping[str, Any]) -> dict[str, Any]:
             for k, v in ((k, full[k]) for k in IDENTITY_ATTRS)}
 
 
+def cache_identity(attrs: Mapping[str, Any], classnames: Iterable[str], templates: Iterable[str]) -> dict[str, Any]:
+    """What makes two caches' features and prototypes interchangeable: the model, its weights, the preprocessing
+    and the class and template lists (as sha256 of their JSON); not the dataset or its images."""
+    full = _identity(attrs)
+    digest = lambda names: hashlib.sha256(json.dumps(list(names)).encode()).hexdigest()  # noqa: E731
+    return {**{k: full[k] for k in ("model", "pretrained", "weights_sha256", "model_config", "activation",
+                                    "embed_dim", "preprocess")},
+            "classnames_sha256": digest(classnames), "templates_sha256": digest(templates)}
+
+
 def partial_path(path: str | os.PathLike) -> Path:
     """Where a cache is written until it is complete."""
     return Path(f"{path}.partial")
@@ -168,8 +186,10 @@ class CacheReader(CacheHead):
                f"/splits/{split} labels, paths and status differ in length")
         _check(bool(np.all(status != PENDING)), self.path, f"split {split!r} has rows that were never extracted")
         if len(labels):
-            _check(bool(labels.min() >= 0 and labels.max() < len(self.classnames)), self.path,
-                   f"/splits/{split}/labels outside [0, {len(self.classnames)})")
+            n_classes = len(self.classnames)
+            _check(bool(labels.min() >= 0 and labels.max() < n_classes) or bool(np.all(labels == UNLABELLED)),
+                   self.path, f"/splits/{split}/labels outside [0, {n_classes}) (or not all {UNLABELLED}: "
+                   "unlabelled)")
         return Listing(labels, paths, status)
 
     def read(self, split: str, rows: np.ndarray, *, views: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
