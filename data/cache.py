@@ -518,6 +518,9 @@ class CacheWriter:
             f = h5py.File(tmp, "r+")
         except OSError:
             return None  # a crash mid-write can leave HDF5 unreadable: start over
+        if _attr(f.attrs.get("schema_version")) != SCHEMA_VERSION:
+            f.close()
+            return None  # begun by an older version of the writer: start over
         try:
             old = _identity({k: _attr(v) for k, v in f.attrs.items()})
             new = _identity(attrs)
