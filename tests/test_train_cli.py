@@ -290,6 +290,23 @@ def test_pooled_cache_gives_the_results_and_params_of_the_full_cache(tmp_path, v
     out = tmp_path / "more"
     assert main(["--cache", str(pooled), "--out", str(out), "--shots", "8", "--seeds", "1", "3"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "8-shot draws of seeds 1 2 3 need" in err and "not encoded" in err
+    assert err.count("\n") == 1 and "8-shot draws of seeds 1 3 need" in err and "not encoded" in err
     assert "`python -m extract run --folder x --out " in err and "--pool-seeds 1 2 3 --pool-shots 8`" in err
     assert not out.exists()
+
+
+def test_a_drawn_unreadable_image_is_left_out_of_the_sample(run, tmp_path):
+    from data.fewshot import sample_shots
+    from train_jax.experiment import _sample, load_task
+
+    _, cache, _, _, _ = run
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(Path(cache).read_bytes())
+    task = load_task(cache, prompt="single")
+    train = task.listings["train"]
+    drawn = sample_shots(train.labels, train.paths, task.cache.classnames, 2, 1)
+    with h5py.File(bad, "r+") as f:  # as if --skip-bad had found it unreadable
+        f["splits/train/status"][drawn[0]] = 2
+    with pytest.warns(UserWarning, match="1 drawn train images were unreadable at extraction"):
+        picks, _, _ = _sample(load_task(bad, prompt="single"), 2, [1])
+    assert picks[1].tolist() == drawn[1:].tolist()

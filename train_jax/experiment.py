@@ -147,19 +147,24 @@ def check_encoded(task: Task, shots: Sequence[int], seeds: Sequence[int]) -> Non
     """TrainError (one line with the `extract` command that adds them) if a draw needs rows the cache does not
     encode (a pooled cache asked for more seeds or shots than it holds)."""
     for k in sorted(shots, reverse=True):
-        picks, val_rows = _draw(task, k, seeds)
-        for split, rows in (("train", picks), (_val_split(task), val_rows)):
-            needed = np.unique(np.concatenate(list(rows.values())))
-            status = task.listings[split].status[needed]
-            if np.any((status != OK) & (status != BAD)):
-                raise TrainError(_extend_hint(task, split, int(np.sum((status != OK) & (status != BAD))), k, seeds,
-                                              max(shots)))
+        _check_draw(task, *_draw(task, k, seeds), k, seeds, max(shots))
+
+
+def _check_draw(task: Task, picks: dict[int, np.ndarray], val_rows: dict[int, np.ndarray], shots: int,
+                seeds: Sequence[int], max_shots: int) -> None:
+    """TrainError if a drawn row (train or validation) is listed but not encoded; see ``check_encoded``."""
+    for split, rows in (("train", picks), (_val_split(task), val_rows)):
+        status = task.listings[split].status[np.unique(np.concatenate(list(rows.values())))]
+        missing = int(np.sum((status != OK) & (status != BAD)))
+        if missing:
+            raise TrainError(_extend_hint(task, split, missing, shots, seeds, max_shots))
 
 
 def _extend_hint(task: Task, split: str, missing: int, shots: int, seeds: Sequence[int], max_shots: int) -> str:
-    """The one-line error for rows a run needs that the cache does not encode, with the command adding them."""
+    """The one-line error for rows a run needs that the cache does not encode, with the command adding them: the
+    stored `extract` argv with the pool widened to the cache's and the run's seeds and shots."""
     pool = json.loads(task.cache.attrs.get("pool") or "{}")
-    seeds = sorted(set(pool.get("seeds", [])) | set(seeds))
+    all_seeds = " ".join(map(str, sorted(set(pool.get("seeds", [])) | set(seeds))))
     max_shots = max(int(pool.get("shots", 0)), max_shots)
     argv = json.loads(task.cache.attrs.get("command") or "[]")
     kept, skip = [], False
@@ -169,16 +174,16 @@ def _extend_hint(task: Task, split: str, missing: int, shots: int, seeds: Sequen
             kept.append(word)
     base = shlex.join(kept) if kept else f"python -m extract run <the options that made {task.cache.path}>"
     holds = f"seeds {' '.join(map(str, pool['seeds']))} at <= {pool['shots']} shots" if pool else "other rows"
-    return (f"{task.cache.path}: {shots}-shot draws of seeds {' '.join(map(str, seeds))} need {missing} {split} rows "
-            f"that are not encoded (the cache pools {holds}); add them with `{base} --pool-seeds "
-            f"{' '.join(map(str, seeds))} --pool-shots {max_shots}` (encodes only the missing rows)")
+    return (f"{task.cache.path}: {shots}-shot draws of seeds {' '.join(map(str, seeds))} need {missing} {split} "
+            f"rows that are not encoded (the cache pools {holds}); add them with `{base} --pool-seeds {all_seeds} "
+            f"--pool-shots {max_shots}` (encodes only the missing rows)")
 
 
 def _sample(task: Task, shots: int, seeds: Sequence[int]) -> tuple[dict[int, np.ndarray], str, dict[int, np.ndarray]]:
     """Train rows and validation rows of every seed and the validation split's name; drawn images that were
     unreadable at extraction (skipped) are left out, with a warning."""
-    check_encoded(task, [shots], seeds)
     picks, val_rows = _draw(task, shots, seeds)
+    _check_draw(task, picks, val_rows, shots, seeds, shots)
     val_split = _val_split(task)
     for split, rows in (("train", picks), (val_split, val_rows)):
         ok = task.listings[split].status == OK
