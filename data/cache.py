@@ -263,15 +263,22 @@ def _check_norms(x: np.ndarray, path: Path, what: str) -> None:
                "L2-normalised")
 
 
-def open_cache(path: str | os.PathLike) -> CacheReader:
-    """Validate a complete cache's attributes, names and text features; read rows later with its methods."""
-    path = Path(path)
+def _format_attrs(path: str | os.PathLike) -> dict[str, Any]:
+    """Root attributes of a file of this format and schema version (CacheError naming the fix otherwise)."""
     attrs = read_attrs(path)
     if attrs.get("format") != FORMAT:
-        raise CacheError(f"{path}: not a {FORMAT} file (format={attrs.get('format')!r}); make it with `python -m extract`")
+        raise CacheError(f"{path}: not a {FORMAT} file (format={attrs.get('format')!r}); "
+                         "make it with `python -m extract`")
     if attrs.get("schema_version") != SCHEMA_VERSION:
         raise CacheError(f"{path}: cache schema version {attrs.get('schema_version')} but this code reads version "
                          f"{SCHEMA_VERSION}; re-extract it with this version of `python -m extract` (same command)")
+    return attrs
+
+
+def open_cache(path: str | os.PathLike) -> CacheReader:
+    """Validate a complete cache's attributes, names and text features; read rows later with its methods."""
+    path = Path(path)
+    attrs = _format_attrs(path)
     if not attrs.get("complete"):
         raise CacheError(f"{path}: the cache is incomplete (an interrupted extraction?); rerun the same "
                          "`python -m extract run` command to resume it")
@@ -339,13 +346,7 @@ def _create_layout(f: h5py.File, attrs: Mapping[str, Any], classnames: list[str]
 def inspect(path: str | os.PathLike) -> dict[str, Any]:
     """What a cache or .partial file holds, without validating it: attrs, classnames, templates, bad image count
     and per split its row counts (`Listing.counts`) and feature dataset shapes/dtype."""
-    attrs = read_attrs(path)
-    if attrs.get("format") != FORMAT:
-        raise CacheError(f"{path}: not a {FORMAT} file (format={attrs.get('format')!r}); "
-                         "make it with `python -m extract`")
-    if attrs.get("schema_version") != SCHEMA_VERSION:
-        raise CacheError(f"{path}: cache schema version {attrs.get('schema_version')} but this code reads version "
-                         f"{SCHEMA_VERSION}; re-extract it with this version of `python -m extract` (same command)")
+    attrs = _format_attrs(path)
     with h5py.File(path, "r") as f:
         splits = {}
         for name, g in f["splits"].items():
