@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from extract.augment import AugmentedViews
 from data import fewshot
-from data.cache import (ABSENT, SCHEMA_VERSION, CacheError, CacheWriter, complete_status, partial_path, read_attrs,
-                        read_status, reopen_complete)
+from data.cache import (ABSENT, BAD, OK, SCHEMA_VERSION, CacheError, CacheWriter, complete_status, partial_path,
+                        read_attrs, read_status, reopen_complete)
 from extract.datasets import DatasetSpec
 from extract.encode import encode_images, encode_texts, make_loader
 from extract.errors import ExtractError
@@ -120,7 +120,7 @@ def describe_plan(spec: DatasetSpec, out: str | Path, *, splits: list[str] | Non
     for name, r in rows.items():
         encode = r["encode"]
         if name in have and len(have[name]) == len(r["labels"]):
-            encode = encode[have[name][encode] == ABSENT]
+            encode = encode[~np.isin(have[name][encode], (OK, BAD))]  # not encoded (or found unreadable) yet
         views = aug_views if name == "train" else 0
         lines.append(f"  {name}: {len(r['labels'])} listed, {len(encode)} to encode "
                      f"({len(r['encode']) - len(encode)} already in the file), "
