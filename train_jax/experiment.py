@@ -88,7 +88,7 @@ def load_task(cache_path: str | Path, eval_paths: Sequence[str | Path] = (), pro
                 )
         name = _dataset_name(other)
         test = other.splits["test"]
-        classes = evaluate.class_map(cache.classnames, other.classnames, str(other.path))
+        classes = evaluate.class_map(cache.classnames, other.classnames, str(other.path), dataset, name)
         shift.append(EvalSet(name, _normalize(test.features), test.labels, classes))
     return Task(dataset, cache, text, prompt, tuple(shift))
 
