@@ -24,7 +24,8 @@ Fields outside the grid keep their defaults:
   {Settings().label([f.name for f in dataclasses.fields(Settings)])}
 Grid keys: lr, weight_decay (wd), alpha, lambda (triplet weight), margin (cosine distance), epochs,
   warmup (fraction of the steps), batch_size (bs), learn_text (0/1), use_aug (0/1), logit_scale (s),
-  beta (Tip-Adapter-F).
+  adam_eps, C (the linear probe's inverse L2 strength). tip_adapter_f ignores the grid: it runs its authors'
+  recipe (README, "Protocol").
 Methods:
 {_METHODS_HELP}
 Outputs in --out: results.json, results.csv, results.md, accuracy_vs_shots.png, params/<K>shot.npz
@@ -119,6 +120,8 @@ def run(args: argparse.Namespace) -> Path:
             if r["failed"]:
                 print(f"warning: {r['method']} seed {r['seed']} ({r['setting']}) stopped at step {r['fail_step']} "
                       "by a non-finite loss or update; excluded from selection", file=sys.stderr)
+        for note in sorted({r["note"] for r in result.records if r.get("note")}):
+            print(f"warning: {note}", file=sys.stderr)
         for row in report.summarize(result.records):
             acc = f"{row['test_mean']:.2f} ± {row['test_std']:.2f}" if "test_mean" in row else "all runs failed"
             print(f"{task.dataset} {k}-shot {row['method']}: {acc}")

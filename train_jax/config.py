@@ -35,6 +35,8 @@ class Settings:
     use_aug: draw one random view per image and epoch from the cached augmented views (plus the original).
     logit_scale: CLIP logit scale s.
     beta: Tip-Adapter-F sharpness (only used by that method).
+    c: the linear probe's inverse L2 strength (scikit-learn's ``C``; only used by that method).
+    adam_eps: AdamW's epsilon (Tip-Adapter-F's recipe sets 1e-4).
     """
 
     lr: float = 1e-3
@@ -49,6 +51,8 @@ class Settings:
     use_aug: bool = False
     logit_scale: float = 100.0
     beta: float = 5.5
+    c: float = 1.0
+    adam_eps: float = 1e-8
 
     def __post_init__(self) -> None:
         checks = {
@@ -62,6 +66,8 @@ class Settings:
             "batch_size": self.batch_size >= 1,
             "logit_scale": self.logit_scale > 0,
             "beta": self.beta >= 0,
+            "c": 0 < self.c < float("inf"),
+            "adam_eps": 0 < self.adam_eps < float("inf"),
         }
         for name, ok in checks.items():
             if not ok:
@@ -82,17 +88,20 @@ class Settings:
 
 
 # Fields that may differ between runs of one compiled program (per-run arrays); the others fix the program.
-DYNAMIC_FIELDS = ("lr", "weight_decay", "alpha", "lam", "margin", "epochs", "warmup", "logit_scale", "beta")
+DYNAMIC_FIELDS = ("lr", "weight_decay", "alpha", "lam", "margin", "epochs", "warmup", "logit_scale", "beta", "c",
+                  "adam_eps")
 STATIC_FIELDS = ("batch_size", "learn_text", "use_aug")
 
 # Searched per seed on the validation split when no --grid is given: 2 learning rates x 3 alphas x 2 triplet
-# weights = 12 settings (the CE-only ablation collapses the lambda axis to 6, the linear probe keeps the 2 lrs).
+# weights = 12 settings (the CE-only ablation collapses the lambda axis to 6); the linear probe searches C over
+# 1e-6 .. 1e6 in half decades, the range of CoOp's coarse C grid at a step finer than its binary search's first.
 # The CE acts on logits scaled by s = 100 while the triplet loss is in cosine units, so lambda needs to be of
 # order 1-10 for the triplet term to matter (on synthetic modality-gap data lambda = 10 was clearly better).
-DEFAULT_GRID: dict[str, tuple] = {"lr": (1e-2, 1e-3), "alpha": (0.5, 1.0, 2.0), "lam": (1.0, 10.0)}
+DEFAULT_GRID: dict[str, tuple] = {"lr": (1e-2, 1e-3), "alpha": (0.5, 1.0, 2.0), "lam": (1.0, 10.0),
+                                  "c": tuple(float(f"{10 ** (k / 2):.6g}") for k in range(-12, 13))}
 
-ALIASES = {"lambda": "lam", "wd": "weight_decay", "bs": "batch_size", "s": "logit_scale"}
-ALIASES_OUT = {"lam": "lambda"}
+ALIASES = {"lambda": "lam", "wd": "weight_decay", "bs": "batch_size", "s": "logit_scale", "C": "c"}
+ALIASES_OUT = {"lam": "lambda", "c": "C"}
 _FIELDS = {f.name: f.type for f in dataclasses.fields(Settings)}
 
 

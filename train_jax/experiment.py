@@ -18,6 +18,7 @@ from train_jax.config import Settings
 from train_jax.errors import TrainError
 from train_jax.methods import METHODS
 from train_jax.runner import Pool, Trained, hparam_arrays, predict_runs, train_runs
+from train_jax.trainers import Job
 
 # Attributes that must agree between the training cache and a shift cache (same encoder, same feature space).
 MODEL_ATTRS = ("model", "pretrained", "weights_sha256", "model_config", "embed_dim")
@@ -164,17 +165,28 @@ def run_shots(
     val_acc, test_acc = np.zeros(len(runs)), np.zeros(len(runs))
     failed, fail_step, loss = np.zeros(len(runs), bool), np.zeros(len(runs), int), np.zeros(len(runs))
     trained_of: dict[int, tuple[tuple, Trained, int]] = {}
+    notes: dict[int, str] = {}
     for key, idx in groups.items():
         head, batch_size, use_aug, _ = key
         group = [runs[i] for i in idx]
         hp = hparam_arrays([r.settings for r in group])
         rows = np.stack([np.searchsorted(pool_rows, picks[r.seed]) for r in group])
         seeds_arr = np.array([r.seed for r in group])
-        desc = f"{task.dataset} {shots}-shot {type(head).__name__}"
-        trained = train_runs(head, hp, rows, seeds_arr, pool, task.text, batch_size=batch_size, use_aug=use_aug,
-                             budget=budget, devices=devices, desc=desc)
+        own_val = np.stack([members[r.seed] for r in group])
+        fit = METHODS[group[0].method].fit
+        if fit is None:
+            trained = train_runs(head, hp, rows, seeds_arr, pool, task.text, batch_size=batch_size,
+                                 use_aug=use_aug, budget=budget, devices=devices,
+                                 desc=f"{task.dataset} {shots}-shot {type(head).__name__}")
+        else:  # the method's own trainer; it returns the settings its models are used with
+            fitted = fit(Job(head, [r.settings for r in group], task.cache.splits["train"], pool_rows, rows,
+                             seeds_arr, task.text, task.dataset, val_feats, val_labels, own_val, budget, devices))
+            trained = Trained(fitted.params, fitted.consts, fitted.failed, fitted.fail_step, fitted.final_loss)
+            for i, st in zip(idx, fitted.settings):
+                runs[i], notes[i] = _Run(runs[i].method, runs[i].seed, st), fitted.note
+            hp = hparam_arrays(fitted.settings)
         val_pred = predict_runs(head, trained, hp, val_feats, task.text, budget=budget, devices=devices, desc="val")
-        val_acc[idx] = evaluate.subset_accuracy(val_pred, val_labels, np.stack([members[r.seed] for r in group]))
+        val_acc[idx] = evaluate.subset_accuracy(val_pred, val_labels, own_val)
         test_pred = predict_runs(head, trained, hp, test_feats, task.text, budget=budget, devices=devices, desc="test")
         test_acc[idx] = evaluate.accuracy(test_pred, test.labels)
         failed[idx], fail_step[idx], loss[idx] = trained.failed, trained.fail_step, trained.final_loss
@@ -197,7 +209,7 @@ def run_shots(
             "settings": run.settings.to_dict(), "val_acc": float(val_acc[i]), "test_acc": float(test_acc[i]),
             "failed": bool(failed[i]), "fail_step": int(fail_step[i]) if failed[i] else None,
             "final_loss": float(loss[i]) if math.isfinite(loss[i]) else None,
-            "selected": i in selected, "shift": selected.get(i, {}),
+            "selected": i in selected, "shift": selected.get(i, {}), "note": notes.get(i, ""),
         })
         if i in selected:
             _, trained, j = trained_of[i]

@@ -53,7 +53,7 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "dataset": dataset, "method": method, "shots": shots, "seeds": [r["seed"] for r in chosen],
             "failed_seeds": [s for s in seeds if s not in {r["seed"] for r in chosen}],
             "failed_runs": sum(r["failed"] for r in runs), "settings": [r["setting"] for r in chosen],
-            "shift": {},
+            "notes": sorted({r["note"] for r in runs if r.get("note")}), "shift": {},
         }
         if chosen:
             row["test_mean"], row["test_std"] = mean_std([r["test_acc"] for r in chosen])
@@ -111,6 +111,8 @@ def run_markdown(dataset: str, summary: Sequence[Mapping[str, Any]]) -> str:
     if failed:
         text += "\nRuns stopped by a non-finite loss: " + ", ".join(
             f"{r['method']} {r['shots']}-shot: {r['failed_runs']}" for r in failed) + "\n"
+    notes = sorted({n for r in summary for n in r.get("notes", ())})
+    text += "".join(f"\nNote: {n}\n" for n in notes)
     shift = shift_table(summary)
     return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "")
 
@@ -247,6 +249,8 @@ def combined_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
         rows = ([m, *[_cell(cell.get((d, m, k))) for d in datasets], *([average.get((m, k), "—")] if has_average
                                                                         else [])] for m in methods)
         text += f"\n## {k}-shot\n\n" + _table(header, rows) + "\n"
+    notes = sorted({n for r in summary for n in r.get("notes", ())})
+    text += "".join(f"\nNote: {n}\n" for n in notes)
     shift = shift_table(summary)
     return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "")
 
