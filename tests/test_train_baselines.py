@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
+from data.cache import Split
 from helpers_train import GapWorld, write_gap_cache
-from train_jax import baselines, experiment
-from train_jax.baselines import TipAdapterHead, cache_keys, search, search_values
+from train_jax import baselines, experiment, logreg, report
+from train_jax.baselines import search, search_values
 from train_jax.config import Settings
-from train_jax.logreg import solve_runs
+from train_jax.logreg import LinearProbeHead, solve_runs
 from train_jax.methods import METHODS
-from train_jax.runner import Pool, hparam_arrays, train_runs
+from train_jax.trainers import Job
 
 
 def _reference_logreg(x, y, classes, c):
@@ -56,18 +57,26 @@ def test_logreg_matches_a_float64_reference_for_every_c():
     assert np.abs(params["W"][2]).max() > 10 * np.abs(params["W"][0]).max()  # weaker penalty, larger weights
 
 
-def test_tip_adapter_keys_are_the_upstream_formula_on_the_cached_views():
-    world = GapWorld(4, classes=3, dim=16)
-    split = world.split("train", 4, aug_views=5)
-    views = split["aug_features"]  # [N, A, D], unit-norm as the cache stores them
-    expected = views.mean(axis=1)
-    expected /= np.linalg.norm(expected, axis=-1, keepdims=True)  # the mean over the views, normalised once
-    np.testing.assert_allclose(cache_keys(views), expected, rtol=1e-6, atol=1e-6)
-    pool = Pool(views, split["labels"].astype(np.int32))
-    untrained = train_runs(TipAdapterHead(), hparam_arrays([Settings(epochs=0)]), np.arange(12)[None], np.array([1]),
-                           pool, world.text, batch_size=256, use_aug=True)  # the keys as the runner initialises them
-    np.testing.assert_allclose(untrained.params["keys"][0], expected, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(expected, split["features"], atol=1e-3)  # the plain view is not among them
+def _run_tip(tmp_path, aug_views, dataset="EuroSAT"):
+    world = GapWorld(6, classes=4, dim=16)
+    path = write_gap_cache(tmp_path / "c.h5", world, train=6, val=4, test=10, dataset=dataset, aug_views=aug_views)
+    task = experiment.load_task(path)
+    return task, experiment.run_shots(task, 2, [1, 2], ["tip_adapter_f"], [Settings()], [])
+
+
+def test_tip_adapter_keys_are_the_upstream_formula_on_the_cached_views(tmp_path, monkeypatch):
+    monkeypatch.setattr(baselines, "recipe", lambda dataset: baselines.Recipe(2, (12, 10), 0))  # keys untrained
+    task, result = _run_tip(tmp_path, aug_views=5)
+    train = task.cache.splits["train"]
+    views = train.aug_features  # [N, A, D], unit-norm as the cache stores them
+    upstream = views.mean(axis=1)
+    upstream /= np.linalg.norm(upstream, axis=-1, keepdims=True)  # the mean over the views, normalised once
+    for seed in (1, 2):
+        keys = result.learned[f"tip_adapter_f/seed{seed}"]["params"]["keys"]
+        nearest = np.argmin(np.linalg.norm(keys[:, None] - upstream[None], axis=-1), axis=1)
+        np.testing.assert_allclose(keys, upstream[nearest], rtol=1e-5, atol=1e-6)
+        assert len(set(nearest.tolist())) == len(keys) == 8  # 2 shots x 4 classes, each its own image
+        assert not np.allclose(keys, train.features[nearest], atol=1e-3)  # the plain view is not among them
 
 
 def test_search_values_and_first_best_on_ties():
@@ -77,13 +86,6 @@ def test_search_values_and_first_best_on_ties():
     params, consts = {"keys": x}, {"values": np.eye(3, dtype=np.float32)[y]}
     beta, alpha = search(params, consts, x[:0], y[:0], world.text, (7, 3))  # no rows: every pair ties at 0
     assert (beta, alpha) == pytest.approx((0.1, 0.1))
-
-
-def _run_tip(tmp_path, aug_views, dataset="EuroSAT"):
-    world = GapWorld(6, classes=4, dim=16)
-    path = write_gap_cache(tmp_path / "c.h5", world, train=6, val=4, test=10, dataset=dataset, aug_views=aug_views)
-    task = experiment.load_task(path)
-    return task, experiment.run_shots(task, 2, [1, 2], ["tip_adapter_f"], [Settings()], [])
 
 
 def test_tip_adapter_recipe_and_search_on_validation(tmp_path, monkeypatch):
@@ -109,7 +111,9 @@ def test_tip_adapter_recipe_and_search_on_validation(tmp_path, monkeypatch):
 
 def test_tip_adapter_without_views_says_so(tmp_path):
     _, result = _run_tip(tmp_path, aug_views=0, dataset="MyFolder")
-    assert all(r["note"] == baselines.NO_VIEWS for r in result.records)
+    assert all(r["note"] == baselines.NO_VIEWS.format("MyFolder") for r in result.records)
+    assert "Note: " + baselines.NO_VIEWS.format("MyFolder") in report.run_markdown("MyFolder",
+                                                                                  report.summarize(result.records))
     assert all(r["settings"]["epochs"] == baselines.OTHER.epochs and not r["settings"]["use_aug"]
                for r in result.records)
 
@@ -119,3 +123,18 @@ def test_methods_follow_their_recipes():
     assert [s.c for s in METHODS["linear_probe"].settings(grid)] == [0.1, 10.0]
     assert len({s.lr for s in METHODS["linear_probe"].settings(grid)}) == 1  # L-BFGS: no learning rate
     assert METHODS["tip_adapter_f"].settings(grid) == [Settings(**{**Settings().to_dict(), **baselines.FORCED})]
+
+
+def test_linear_probe_chunks_equal_one_program():
+    world = GapWorld(7, classes=3, dim=8)
+    x, y = world.images(4)
+    split = Split(x, y, np.array([f"img{i}.png" for i in range(12)]))
+    rows = np.stack([np.arange(0, 12, 2), np.arange(1, 12, 2), np.arange(0, 12, 2)])
+    settings = [Settings(c=0.1), Settings(c=1.0), Settings(c=100.0)]
+    job = lambda budget: Job(LinearProbeHead(), settings, split, np.arange(12), rows, np.array([1, 2, 1]),  # noqa: E731
+                             world.text, "Synth", x[:0], y[:0], np.zeros((3, 0), bool), budget)
+    whole, chunked = logreg.fit(job(1 << 30)), logreg.fit(job(2 * logreg.run_bytes(6, 8, 3)))  # 2 chunks of 2
+    assert chunked.settings == settings and not chunked.failed.any()
+    for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(chunked.params)):
+        assert a.shape[0] == 3
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -14,9 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data.cache import l2_normalize
-from train_jax.config import Settings
-from train_jax.losses import cross_entropy
-from train_jax.losses import l2_normalize as unit_rows
+from train_jax.losses import cross_entropy, l2_normalize as unit_rows
 from train_jax.runner import Pool, hparam_arrays, train_runs
 from train_jax.trainers import Fitted, Job
 
@@ -42,18 +40,13 @@ OTHER = Recipe(2, (12, 10), 20)  # datasets without an upstream config (user fol
 SEARCH_STEPS = (200, 20)  # beta values x alpha values
 FORCED = {"lr": 1e-3, "weight_decay": 1e-2, "warmup": 0.0, "adam_eps": 1e-4, "beta": 1.0, "batch_size": 256,
           "logit_scale": 100.0}  # weight decay: torch.optim.AdamW's default, which upstream keeps
-NO_VIEWS = ("tip_adapter_f: the cache has no augmented views, so its cache keys and training use the plain "
+NO_VIEWS = ("tip_adapter_f on {}: the cache has no augmented views, so its cache keys and training use the plain "
             "(centre-crop) features, not the recipe's 10 augmented views (extract with --aug-views 10)")
 
 
 def recipe(dataset: str) -> Recipe:
     """The upstream config of ``dataset`` (case-insensitive), ``OTHER`` if it has none."""
     return {k.lower(): r for k, r in RECIPES.items()}.get(dataset.lower(), OTHER)
-
-
-def cache_keys(views: np.ndarray) -> np.ndarray:
-    """Upstream's keys: the mean over a training image's cached views, normalised once. views [N,A,D] -> [N,D]."""
-    return l2_normalize(np.mean(views, axis=1))
 
 
 def search_values(scale: float, steps: int) -> np.ndarray:
@@ -125,4 +118,4 @@ def fit(job: Job) -> Fitted:
                              st.logit_scale)
         settings[i] = dataclasses.replace(st, beta=beta, alpha=alpha)
     return Fitted(trained.params, trained.consts, trained.failed, trained.fail_step, trained.final_loss, settings,
-                  "" if aug is not None else NO_VIEWS)
+                  "" if aug is not None else NO_VIEWS.format(job.dataset))

@@ -9,6 +9,7 @@ The objective (scikit-learn's scaling; its minimiser is that of ``C * sum(CE) + 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import jax
@@ -19,6 +20,7 @@ import optax.tree_utils as otu
 
 from data.cache import l2_normalize
 from train_jax.losses import cross_entropy
+from train_jax.runner import memory_budget
 from train_jax.trainers import Fitted, Job
 
 MAX_ITER = 1000  # scikit-learn's max_iter as CoOp sets it
@@ -49,8 +51,9 @@ class LinearProbeHead:
 
 def solve(feats: jax.Array, labels: jax.Array, c: jax.Array, classes: int, max_iter: int = MAX_ITER,
           tol: float = TOL) -> tuple[dict, jax.Array, jax.Array]:
-    """Minimise ``objective`` from zeros with L-BFGS (zoom line search) until every gradient entry is <= ``tol``
-    or ``max_iter`` iterations. feats [N,D], labels [N], c scalar -> (params, final loss, iterations)."""
+    """Minimise ``objective`` from zeros with L-BFGS (zoom line search: strong Wolfe conditions, as scipy's
+    L-BFGS-B behind scikit-learn) until every gradient entry is <= ``tol`` or ``max_iter`` iterations.
+    feats [N,D], labels [N], c scalar -> (params, final loss, iterations)."""
     params = {"W": jnp.zeros((classes, feats.shape[1]), jnp.float32), "b": jnp.zeros((classes,), jnp.float32)}
     fun = functools.partial(objective, feats=feats, labels=labels, c=c)
     solver = optax.lbfgs()
@@ -81,13 +84,26 @@ def solve_runs(feats: jax.Array, labels: jax.Array, rows: jax.Array, c: jax.Arra
     return jax.vmap(one)(rows, c)
 
 
+def run_bytes(n: int, dim: int, classes: int, memory: int = 10) -> int:
+    """Rough peak bytes of one solve: its rows' features, params, gradient, the L-BFGS memory (2 x ``memory``
+    copies of the params) and line-search copies, and a few logits-sized temporaries."""
+    return 4 * (n * dim + (2 * memory + 8) * classes * (dim + 1) + 4 * n * classes)
+
+
 def fit(job: Job) -> Fitted:
     """The linear probe's trainer (``methods.Method.fit``): one L-BFGS solve per run on its training images'
-    plain (centre-crop) features; C is chosen among the settings on validation like any other setting."""
+    plain (centre-crop) features, in equal chunks of runs that fit the memory budget (one compiled program); C
+    is chosen among the settings on validation like any other setting."""
     feats = l2_normalize(job.split.features[job.pool_rows])
     labels = job.split.labels[job.pool_rows].astype(np.int32)
     c = np.array([s.c for s in job.settings], np.float32)
-    params, loss, _ = jax.device_get(solve_runs(feats, labels, job.rows, c, classes=job.text.shape[0]))
+    runs, (n, classes) = len(c), (job.rows.shape[1], job.text.shape[0])
+    budget = job.budget if job.budget is not None else memory_budget(list(job.devices or jax.devices()))
+    chunks = math.ceil(runs / max(1, budget // run_bytes(n, feats.shape[1], classes)))
+    size = math.ceil(runs / chunks)
+    take = np.minimum(np.arange(chunks * size), runs - 1)  # the last chunk padded with copies of the last run
+    outs = [solve_runs(feats, labels, job.rows[idx], c[idx], classes=classes) for idx in take.reshape(chunks, size)]
+    params, loss, _ = jax.tree.map(lambda *x: np.concatenate(x)[:runs], *jax.device_get(outs))
     failed = ~np.isfinite(loss) | ~np.all(np.isfinite(params["W"]), axis=(1, 2))
     return Fitted(params, {}, failed, np.where(failed, 0, -1).astype(np.int32), np.asarray(loss, np.float32),
                   list(job.settings))

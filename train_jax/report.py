@@ -99,6 +99,11 @@ def shift_table(summary: Sequence[Mapping[str, Any]]) -> str:
     return _table(["Source", "Method", "Shots", "Source test", *targets], body)
 
 
+def _notes(summary: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown lines of the runs' notes (a recipe that could not be followed), each once."""
+    return "".join(f"\nNote: {n}\n" for n in sorted({n for r in summary for n in r.get("notes", ())}))
+
+
 def run_markdown(dataset: str, summary: Sequence[Mapping[str, Any]]) -> str:
     """Markdown for one run directory: rows = methods, columns = shots (test accuracy, mean ± std over seeds)."""
     shots = sorted({r["shots"] for r in summary})
@@ -111,8 +116,7 @@ def run_markdown(dataset: str, summary: Sequence[Mapping[str, Any]]) -> str:
     if failed:
         text += "\nRuns stopped by a non-finite loss: " + ", ".join(
             f"{r['method']} {r['shots']}-shot: {r['failed_runs']}" for r in failed) + "\n"
-    notes = sorted({n for r in summary for n in r.get("notes", ())})
-    text += "".join(f"\nNote: {n}\n" for n in notes)
+    text += _notes(summary)
     shift = shift_table(summary)
     return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "")
 
@@ -249,8 +253,7 @@ def combined_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
         rows = ([m, *[_cell(cell.get((d, m, k))) for d in datasets], *([average.get((m, k), "—")] if has_average
                                                                         else [])] for m in methods)
         text += f"\n## {k}-shot\n\n" + _table(header, rows) + "\n"
-    notes = sorted({n for r in summary for n in r.get("notes", ())})
-    text += "".join(f"\nNote: {n}\n" for n in notes)
+    text += _notes(summary)
     shift = shift_table(summary)
     return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "")
 
