@@ -17,9 +17,11 @@ tiny random-weight CLIP. Its numbers check the pipeline; they are not CLIP accur
   --data-root DIR        folder holding the datasets (python -m data info NAME shows the layout)
   --folder DIR           instead of --datasets: your own image folder (one sub-folder per class, optionally
                          under train/ val/ test/); --name names it
-  --name NAME            dataset name for --folder (default: the folder's name)
-  --model NAME           open_clip model name (default RN50; the demo uses cmm-tiny-vit)
-  --pretrained TAG|FILE  open_clip pretrained tag (e.g. openai) or a local weights file (.pt/.safetensors)
+  --name NAME            dataset name for --folder or --predict (default: the folder's name)
+  --model NAME           open_clip model name, hf-hub:ORG/REPO or local-dir:DIR (default RN50-quickgelu, the
+                         activation of OpenAI's RN50 weights; the demo uses cmm-tiny-vit)
+  --pretrained TAG|FILE  open_clip pretrained tag (e.g. openai) or a local weights file (.pt/.safetensors, or
+                         OpenAI's TorchScript RN50.pt, ...); not with hf-hub:/local-dir:, which bring their own
   --model-config FILE    open_clip model-config JSON of a custom architecture
   --shots "K ..."        shots per class (default "1 2 4 8 16")
   --seeds "S ..."        few-shot seeds (default "1 2 3")
@@ -27,6 +29,11 @@ tiny random-weight CLIP. Its numbers check the pipeline; they are not CLIP accur
   --out DIR              output folder (default outputs/): cache/, runs/, results/
   --device D             auto | cpu | cuda (default auto): extraction device and JAX platform
   --train-args "..."     extra arguments for python -m train_jax (e.g. "--grid lr=1e-3,1e-4")
+  --predict DIR          instead of training: classify every image under DIR (any layout) with a trained run's
+                         models -> OUT/predict/NAME.csv (path, top-5 classes, probabilities); give the --model
+                         and --pretrained the run was trained with (none: the demo's)
+  --run DIR              the run folder for --predict (default: OUT/runs/FashionMNIST, the demo's)
+  --predict-args "..."   extra arguments for python -m train_jax predict (e.g. "--shots 4 --seed 1")
   -h, --help             this help
 EOF
 }
@@ -35,6 +42,7 @@ BENCHMARKS="ImageNet Caltech101 OxfordPets StanfordCars Flowers102 Food101 FGVCA
 SHIFTS="ImageNetV2 ImageNetSketch ImageNetA ImageNetR"
 DATASETS="" DATA_ROOT="" FOLDER="" NAME="" MODEL="" PRETRAINED="" MODEL_CONFIG=""
 SHOTS="1 2 4 8 16" SEEDS="1 2 3" AUG_VIEWS=0 OUT="outputs" DEVICE="auto" TRAIN_ARGS=""
+PREDICT="" RUN="" PREDICT_ARGS=""
 PY="${PYTHON:-python}"
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
@@ -42,13 +50,14 @@ while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --datasets|--data-root|--folder|--name|--model|--pretrained|--model-config|--shots|--seeds|--aug-views|\
-    --out|--device|--train-args)
+    --out|--device|--train-args|--predict|--run|--predict-args)
       [ $# -ge 2 ] || die "$1 needs a value (see --help)"
       case "$1" in
         --datasets) DATASETS="$2" ;; --data-root) DATA_ROOT="$2" ;; --folder) FOLDER="$2" ;; --name) NAME="$2" ;;
         --model) MODEL="$2" ;; --pretrained) PRETRAINED="$2" ;; --model-config) MODEL_CONFIG="$2" ;;
         --shots) SHOTS="$2" ;; --seeds) SEEDS="$2" ;; --aug-views) AUG_VIEWS="$2" ;; --out) OUT="$2" ;;
-        --device) DEVICE="$2" ;; --train-args) TRAIN_ARGS="$2" ;;
+        --device) DEVICE="$2" ;; --train-args) TRAIN_ARGS="$2" ;; --predict) PREDICT="$2" ;; --run) RUN="$2" ;;
+        --predict-args) PREDICT_ARGS="$2" ;;
       esac
       shift 2 ;;
     *) die "unknown option '$1' (see --help)" ;;
@@ -56,6 +65,8 @@ while [ $# -gt 0 ]; do
 done
 case "$DEVICE" in auto|cpu|cuda) ;; *) die "--device must be auto, cpu or cuda, not '$DEVICE'" ;; esac
 [ -z "$DATASETS" ] || [ -z "$FOLDER" ] || die "give --datasets or --folder, not both"
+[ -z "$PREDICT" ] || [ -z "$DATASETS$FOLDER" ] || die "--predict classifies with a trained run: drop --datasets/--folder"
+[ -n "$PREDICT" ] || [ -z "$RUN$PREDICT_ARGS" ] || die "--run and --predict-args go with --predict DIR"
 
 DEMO=0
 if [ -z "$DATASETS" ] && [ -z "$FOLDER" ]; then
@@ -65,8 +76,11 @@ if [ -z "$DATASETS" ] && [ -z "$FOLDER" ]; then
   MODEL="${MODEL:-cmm-tiny-vit}"
   PRETRAINED="${PRETRAINED:-random}"
 fi
-MODEL="${MODEL:-RN50}"
-[ -n "$PRETRAINED" ] || die "--pretrained is required with real data: an open_clip tag (needs the internet) or a local weights file, e.g. --pretrained ~/weights/RN50.pt"
+MODEL="${MODEL:-RN50-quickgelu}"
+case "$MODEL" in
+  hf-hub:*|local-dir:*) [ -z "$PRETRAINED" ] || die "--model $MODEL brings its own weights; drop --pretrained" ;;
+  *) [ -n "$PRETRAINED" ] || die "--pretrained is required with real data: an open_clip tag (needs the internet) or a local weights file, e.g. --pretrained ~/weights/RN50.pt" ;;
+esac
 case "$DATASETS" in
   all) DATASETS="$BENCHMARKS $SHIFTS" ;;
   benchmarks) DATASETS="$BENCHMARKS" ;;
@@ -82,12 +96,12 @@ banner() {
 ======================================================================================================
 PIPELINE CHECK: tiny random-weight CLIP on Fashion-MNIST. These numbers test that the pipeline runs end
 to end; they are NOT CLIP accuracy. For real results give real weights and data, e.g.
-  ./run_all.sh --datasets benchmarks --data-root ~/data --model RN50 --pretrained ~/weights/RN50.pt
+  ./run_all.sh --datasets benchmarks --data-root ~/data --model RN50-quickgelu --pretrained ~/weights/RN50.pt
 ======================================================================================================
 EOF
 }
 
-if [ "$DEMO" = 1 ]; then
+if [ "$DEMO" = 1 ] && [ -z "$PREDICT" ]; then
   banner
   "$PY" -m data fashion-mnist --out "$DATA_ROOT/fashion-mnist" --train-per-class 32 --val-per-class 8 \
     --test-per-class 50
@@ -95,10 +109,29 @@ fi
 
 # A cache folder per (model, weights): a cache never mixes features of two models.
 WEIGHTS_TAG="$(basename "$PRETRAINED")"
-CACHE_DIR="$OUT/cache/${MODEL//\//_}-${WEIGHTS_TAG%.*}"
+case "$MODEL" in local-dir:*) MODEL_TAG="local-dir_$(basename "${MODEL#local-dir:}")" ;; *) MODEL_TAG="$MODEL" ;; esac
+MODEL_TAG="${MODEL_TAG//[\/:]/_}"
+CACHE_DIR="$OUT/cache/${MODEL_TAG}${PRETRAINED:+-${WEIGHTS_TAG%.*}}"
 mkdir -p "$CACHE_DIR" "$OUT/runs" "$OUT/results"
-MODEL_ARGS=(--model "$MODEL" --pretrained "$PRETRAINED" --device "$DEVICE" --aug-views "$AUG_VIEWS")
+MODEL_ARGS=(--model "$MODEL" --device "$DEVICE" --aug-views "$AUG_VIEWS")
+[ -z "$PRETRAINED" ] || MODEL_ARGS+=(--pretrained "$PRETRAINED")
 [ -z "$MODEL_CONFIG" ] || MODEL_ARGS+=(--model-config "$MODEL_CONFIG")
+
+if [ -n "$PREDICT" ]; then  # a folder of new images -> unlabelled cache with the run's classes -> predictions
+  [ -d "$PREDICT" ] || die "--predict $PREDICT is not a folder"
+  RUN="${RUN:-$OUT/runs/FashionMNIST}"
+  [ -f "$RUN/run_config.json" ] || die "--run $RUN holds no trained run; train first (./run_all.sh, or --run DIR)"
+  TRAIN_CACHE="$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["cache"])' "$RUN/run_config.json")"
+  NAME="${NAME:-$(basename "$(cd "$PREDICT" && pwd)")}"
+  mkdir -p "$OUT/predict"
+  echo "== $NAME: extracting features of the images to classify -> $CACHE_DIR/unlabelled-$NAME.h5"
+  "$PY" -m extract run --folder "$PREDICT" --unlabelled --classes-from "$TRAIN_CACHE" --name "$NAME" \
+    "${MODEL_ARGS[@]}" --out "$CACHE_DIR/unlabelled-$NAME.h5"
+  # shellcheck disable=SC2086  # PREDICT_ARGS is a word list on purpose
+  "$PY" -m train_jax predict --run "$RUN" --cache "$CACHE_DIR/unlabelled-$NAME.h5" --out "$OUT/predict/$NAME.csv" \
+    $PREDICT_ARGS
+  exit 0
+fi
 
 extract() {  # extract NAME SOURCE_ARGS...: skip a cache that is already complete
   local name="$1"; shift

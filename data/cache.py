@@ -4,6 +4,7 @@ Needs only h5py + numpy: both stages read and write caches through this module, 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -14,17 +15,21 @@ from typing import Any, Iterable, Mapping
 import h5py
 import numpy as np
 
+from data.registry import ensemble_templates
+
 FORMAT = "cmm-feature-cache"
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
 PENDING, OK, BAD = 0, 1, 2
+UNLABELLED = -1  # the label of every row of an unlabelled split (images to classify, never to train or score on)
 # Attributes that say which model and preprocessing made the features: a cache never mixes two of them.
 IDENTITY_ATTRS = ("dataset", "model", "pretrained", "weights_sha256", "model_config", "embed_dim",
-                  "feature_dtype", "preprocess", "aug_views", "aug_seed", "aug", "shard")
+                  "feature_dtype", "preprocess", "aug_views", "aug_seed", "aug", "shard", "activation")
 DEFAULT_ATTRS: dict[str, Any] = {
     "dataset": "", "model": "", "pretrained": "", "weights_sha256": "", "model_config": "", "embed_dim": 0,
     "feature_dtype": "float32", "preprocess": "{}", "aug_views": 0, "aug_seed": 0, "aug": "{}", "shard": "",
     "versions": "{}", "created": "",
+    "activation": "", "logit_scale": 0.0, "logit_bias": 0.0,  # the model's own; logit_scale 0: not recorded
 }
 _STR = h5py.string_dtype("utf-8")
 _NORM_TOL = 1e-2  # float16 storage keeps norms within ~1e-3
@@ -43,6 +48,11 @@ class Split:
     paths: np.ndarray
     aug_features: np.ndarray | None = None
 
+    @property
+    def labelled(self) -> bool:
+        """False for a split of unlabelled images (every label is ``UNLABELLED``)."""
+        return not bool(np.any(self.labels == UNLABELLED))
+
 
 @dataclass(frozen=True)
 class FeatureCache:
@@ -57,9 +67,15 @@ class FeatureCache:
     bad_paths: list[str] = field(default_factory=list)
 
     def prototypes(self, template: str | int = "ensemble") -> np.ndarray:
-        """Class prototypes [C, D]: one template (index or text) or the normalised mean over all templates."""
+        """Class prototypes [C, D]: one template (index or text), or "ensemble": the normalised mean over exactly
+        CLIP's 7 ImageNet templates (`data.registry.ensemble_templates`), as CLIP and Tip-Adapter compute it."""
         if template == "ensemble":
-            return l2_normalize(self.text_features.mean(axis=1))
+            members = [i for i, t in enumerate(self.templates) if t in ensemble_templates()]
+            if len(members) != len(ensemble_templates()):
+                raise CacheError(f"{self.path}: has {len(members)} of the {len(ensemble_templates())} ensemble "
+                                 "templates; re-extract it with this version of `python -m extract`, or use the "
+                                 "dataset's own template (--prompt single)")
+            return l2_normalize(self.text_features[:, members].mean(axis=1))
         if isinstance(template, str):
             if template not in self.templates:
                 raise CacheError(f"{self.path}: template {template!r} is not in the cache; it has {self.templates}")
@@ -87,6 +103,16 @@ def _identity(attrs: Mapping[str, Any]) -> dict[str, Any]:
     full = {**DEFAULT_ATTRS, **attrs}
     return {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list, tuple)) else _attr(v)
             for k, v in ((k, full[k]) for k in IDENTITY_ATTRS)}
+
+
+def cache_identity(attrs: Mapping[str, Any], classnames: Iterable[str], templates: Iterable[str]) -> dict[str, Any]:
+    """What makes two caches' features and prototypes interchangeable: the model, its weights, the preprocessing
+    and the class and template lists (as sha256 of their JSON); not the dataset or its images."""
+    full = _identity(attrs)
+    digest = lambda names: hashlib.sha256(json.dumps(list(names)).encode()).hexdigest()  # noqa: E731
+    return {**{k: full[k] for k in ("model", "pretrained", "weights_sha256", "model_config", "activation",
+                                    "embed_dim", "preprocess")},
+            "classnames_sha256": digest(classnames), "templates_sha256": digest(templates)}
 
 
 def partial_path(path: str | os.PathLike) -> Path:
@@ -157,8 +183,8 @@ def _read_split(g: h5py.Group, path: Path, name: str, n_classes: int, dim: int, 
     _check(labels.shape == (len(features),) and paths.shape == (len(features),), path,
            f"/splits/{name} features, labels and paths differ in length")
     if len(labels):
-        _check(bool(labels.min() >= 0 and labels.max() < n_classes), path,
-               f"/splits/{name}/labels outside [0, {n_classes})")
+        _check(bool(labels.min() >= 0 and labels.max() < n_classes) or bool(np.all(labels == UNLABELLED)), path,
+               f"/splits/{name}/labels outside [0, {n_classes}) (or not all {UNLABELLED}: unlabelled)")
         _check(bool(np.all(np.abs(np.linalg.norm(features, axis=1) - 1) < _NORM_TOL)), path,
                f"/splits/{name}/features rows are not L2-normalised")
     aug = None

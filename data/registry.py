@@ -116,6 +116,21 @@ def _build(entry: dict, entries: dict[str, dict], ensemble: tuple[str, ...]) -> 
         download=MappingProxyType(download))
 
 
+def ensemble_templates() -> tuple[str, ...]:
+    """CLIP's 7-template ImageNet prompt ensemble (`datasets.json`), as Tip-Adapter uses it."""
+    return next(iter(_registry().values())).ensemble
+
+
+def _name_key(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def in_imagenet_family(name: str) -> bool:
+    """Whether `name` is ImageNet or one of its shift sets (case, '-' and '_' ignored: 'imagenet-sketch' is)."""
+    info = {_name_key(key): info for key, info in _registry().items()}.get(_name_key(name))
+    return info is not None and (info.name == "ImageNet" or info.parent == "ImageNet")
+
+
 def dataset_names(group: str | None = None) -> list[str]:
     """Registered names in definition order; `group` picks "benchmark" (11), "shift" (4) or "demo"."""
     if group is not None and group not in GROUPS:

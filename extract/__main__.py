@@ -12,9 +12,12 @@ from data.cache import FORMAT, CacheError, read_attrs, read_cache
 
 EXAMPLES = """examples:
   python -m extract run --folder imgs/ --model ViT-B-32-quickgelu --pretrained ~/weights/ViT-B-32.pt --out c.h5
+  python -m extract run --folder imgs/ --model hf-hub:apple/DFN2B-CLIP-ViT-B-16 --out c.h5
   python -m extract run --split-json split_zhou_OxfordPets.json --image-root pets/images --model RN50 \\
       --pretrained openai --aug-views 10 --out pets.h5
   python -m extract run --dataset dtd --data-root ~/data --model ViT-B-16 --pretrained openai --out dtd.h5
+  python -m extract run --folder new_imgs/ --unlabelled --classes-from dtd.h5 --model ViT-B-16 --pretrained openai \
+      --out new.h5   # images to classify: python -m train_jax predict --cache new.h5 ...
   torchrun --nproc-per-node 4 -m extract run ... --shard auto --out c.h5   # then:
   python -m extract merge c.h5 c.shard-*-of-4.h5
   python -m extract info c.h5"""
@@ -51,7 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data-root", type=Path, help="folder holding the --dataset benchmark's files")
     src.add_argument("--classnames", type=Path, help="--folder only: class-name list, one line per class "
                                                      "('folder<TAB>name', 'folder name', or names in sorted folder "
-                                                     "order); labels follow the file order")
+                                                     "order); labels follow the file order. With --unlabelled: "
+                                                     "class names, one a line")
+    src.add_argument("--unlabelled", action="store_true",
+                     help="--folder holds images to classify (any layout, searched recursively): one split of "
+                          "label -1 rows; the classes come from --classes-from or --classnames")
+    src.add_argument("--classes-from", type=Path, help="--unlabelled: the training cache whose class names and "
+                                                       "templates to use, so the prototypes match the trained run")
+    src.add_argument("--split-name", default="test", help="--unlabelled: name of the split the images go to")
     src.add_argument("--split-ratio", default="0.5,0.2,0.3", help="--folder without train/ val/ test/: "
                                                                   "train,val,test fractions of each class")
     src.add_argument("--split-seed", type=int, default=1, help="--folder without train/ val/ test/: seed of the "
@@ -66,10 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "class name, stored after the ensemble")
     model = run.add_argument_group("model")
     model.add_argument("--model", default="", help="open_clip model name, e.g. ViT-B-32, RN50, ViT-B-32-quickgelu "
-                                                   "(python -c 'import open_clip; print(open_clip.list_models())')")
-    model.add_argument("--pretrained", required=True,
-                       help="open_clip pretrained tag (e.g. openai, laion2b_s34b_b79k), a local weights file "
-                            "(state_dict .pt/.bin/.safetensors), or 'random' for random init (tests, demos)")
+                                                   "(python -c 'import open_clip; print(open_clip.list_models())'), "
+                                                   "or hf-hub:ORG/REPO or local-dir:FOLDER (a folder with "
+                                                   "open_clip_config.json and the weights)")
+    model.add_argument("--pretrained", default="",
+                       help="with a built-in model name (required then): open_clip pretrained tag (e.g. openai, "
+                            "laion2b_s34b_b79k), a local weights file (state_dict .pt/.bin/.safetensors, or OpenAI's "
+                            "TorchScript RN50.pt, ViT-B-32.pt, ...), or 'random' for random init (tests, demos); "
+                            "OpenAI's weights always get QuickGELU")
     model.add_argument("--model-config", type=Path, help="open_clip model-config JSON of a custom architecture; "
                                                          "its file name is the model name unless --model is given")
     model.add_argument("--sha256", default="", help="expected sha256 of the --pretrained weights file")
@@ -145,8 +159,16 @@ def _run(args: argparse.Namespace) -> Path:
         raise ExtractError(f"give exactly one of --folder, --split-json, --dataset (got {', '.join(given) or 'none'})")
     if args.classnames is not None and args.folder is None:
         raise ExtractError("--classnames applies to --folder only (split files and benchmarks name their classes)")
+    if (args.unlabelled and args.folder is None) or (args.classes_from is not None and not args.unlabelled):
+        raise ExtractError("--unlabelled applies to --folder, and --classes-from to --unlabelled")
+    if args.classes_from is not None and (args.template or args.templates_file):
+        raise ExtractError("--classes-from takes the templates of that cache; drop --template and --templates-file")
     template = check_template(args.template, "--template") if args.template else None
-    if args.folder is not None:
+    if args.unlabelled:
+        spec = datasets.from_unlabelled(args.folder, classes_from=args.classes_from, classnames_file=args.classnames,
+                                        template=template or datasets.DEFAULT_TEMPLATE, split=args.split_name,
+                                        name=args.name)
+    elif args.folder is not None:
         ratio = _ratio(args.split_ratio)
         spec = datasets.from_folder(args.folder, split_ratio=ratio, seed=args.split_seed,
                                     classnames_file=args.classnames, name=args.name,
@@ -164,7 +186,7 @@ def _run(args: argparse.Namespace) -> Path:
             spec = datasets.DatasetSpec(args.name or spec.name, spec.image_root, spec.classnames,
                                         (template,) if template else spec.templates, spec.splits)
     user = read_templates_file(args.templates_file) if args.templates_file else []
-    templates = cache_templates(spec.templates, user)
+    templates = list(spec.templates) if args.classes_from else cache_templates(spec.templates, user)
     shard = parse_shard(args.shard) if args.shard else None
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
     device = resolve_device(args.device)
@@ -202,8 +224,8 @@ def summary(path: Path) -> str:
         raise CacheError(f"{path}: not a {FORMAT} file (format={attrs.get('format')!r}); "
                          "make it with `python -m extract`")
     lines = [f"{path}: {'complete' if attrs.get('complete') else 'INCOMPLETE (resume by rerunning the extraction)'}"]
-    for key in ("dataset", "model", "pretrained", "weights_sha256", "embed_dim", "feature_dtype", "aug_views",
-                "aug_seed", "shard", "created"):
+    for key in ("dataset", "model", "pretrained", "weights_sha256", "embed_dim", "activation", "logit_scale",
+                "logit_bias", "feature_dtype", "aug_views", "aug_seed", "shard", "created"):
         lines.append(f"  {key}: {attrs.get(key)!r}")
     lines.append(f"  preprocess: {attrs.get('preprocess')}")
     lines.append(f"  versions: {attrs.get('versions')}")

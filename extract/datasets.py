@@ -1,7 +1,8 @@
 """The one dataset interface of the extraction stage: class names, prompt templates and split row lists.
 
 Three sources give the same `DatasetSpec`: an image folder (`from_folder`), a CoOp split JSON over an image root
-(`from_split_json`) and a benchmark of the `data/` registry (`from_registry`). Torch-free.
+(`from_split_json`) and a benchmark of the `data/` registry (`from_registry`); `from_unlabelled` gives a folder of
+images to classify, for another cache's classes. Torch-free.
 """
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from data.cache import UNLABELLED, CacheError, read_cache
 from data.errors import DataError
 from data.registry import prompt_classname
-from data.splits import SPLIT_NAMES, read_split_json, scan_class_folders
+from data.splits import IMAGE_SUFFIXES, SPLIT_NAMES, read_split_json, scan_class_folders
 from extract.errors import ExtractError
 
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -94,6 +96,45 @@ def from_registry(name: str, data_root: str | Path) -> DatasetSpec:
     except DataError as e:
         raise ExtractError(str(e)) from None
     return DatasetSpec(info.name, Path(image_root), tuple(classnames), (info.template, *info.ensemble), splits)
+
+
+def from_unlabelled(root: str | Path, *, classes_from: str | Path | None = None,
+                    classnames_file: str | Path | None = None, template: str = DEFAULT_TEMPLATE,
+                    split: str = "test", name: str | None = None) -> DatasetSpec:
+    """Every image under `root` (recursively, sorted) as one split `split` with label `UNLABELLED` (-1).
+
+    The classes come from exactly one of: `classes_from`, a cache (its class names and its full template list, so
+    the prototypes equal that cache's), or `classnames_file`, one class name per line in label order (with
+    `template` as the dataset's own template).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ExtractError(f"{root}: image folder not found; pass the folder of images to classify")
+    if not split or "/" in split:
+        raise ExtractError(f"split name {split!r}: give a name without '/', e.g. test")
+    if (classes_from is None) == (classnames_file is None):
+        raise ExtractError("--unlabelled needs exactly one of --classes-from TRAIN.h5 (the training cache) or "
+                           "--classnames FILE (one class name per line) to know the classes")
+    if classes_from is not None:
+        try:
+            cache = read_cache(classes_from, splits=[], with_aug=False)
+        except CacheError as e:
+            raise ExtractError(str(e)) from None
+        classnames, templates = tuple(cache.classnames), tuple(cache.templates)
+    else:
+        path = Path(classnames_file)
+        try:
+            classnames = tuple(ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip())
+        except OSError as e:
+            raise ExtractError(f"{path}: cannot read the class-name file ({e.strerror}); check --classnames") from None
+        if not classnames:
+            raise ExtractError(f"{path}: no class names; write one class name per line")
+        templates = (template,)
+    images = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise ExtractError(f"{root}: holds no image ({', '.join(IMAGE_SUFFIXES)}); put the images to classify in it")
+    return DatasetSpec(name or root.name, root, classnames, templates, {split: [(p, UNLABELLED) for p in images]})
 
 
 def read_classnames(path: str | Path, folders: list[str]) -> tuple[dict[str, int], list[str]]:

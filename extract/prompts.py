@@ -4,18 +4,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from data.registry import ensemble_templates
 from extract.errors import ExtractError
-
-# CLIP's 7-template ImageNet ensemble (see /work/shared/REFERENCE.md, "Protocol (CoOp)").
-ENSEMBLE_TEMPLATES = (
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-)
 
 
 def check_template(template: str, source: str) -> str:
@@ -50,7 +40,7 @@ def cache_templates(dataset_templates: Iterable[str], user_templates: Iterable[s
     if not dataset_templates:
         raise ExtractError("the dataset defines no prompt template; pass --template 'a photo of a {}.'")
     out: list[str] = []
-    for template in [dataset_templates[0], *ENSEMBLE_TEMPLATES, *dataset_templates[1:], *user_templates]:
+    for template in [dataset_templates[0], *ensemble_templates(), *dataset_templates[1:], *user_templates]:
         if check_template(template, "prompt templates") not in out:
             out.append(template)
     return out

@@ -1,16 +1,19 @@
-"""Shared pieces of the extract/ tests: generated images, the tiny random model, plain-loop reference features."""
+"""Shared pieces of the extract/ tests: generated images, the tiny random model, a local-dir: model folder,
+plain-loop reference features."""
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
 from PIL import Image
 
 from extract.datasets import DatasetSpec
-from extract.models import LoadedModel, load_model
+from extract.models import BUNDLED_CONFIGS, LoadedModel, load_model, register_config
 from extract.prompts import cache_templates
 
 TINY = "cmm-tiny-vit"  # extract/model_configs/cmm-tiny-vit.json: ViT width 64, 1 layer, 32 px, embed_dim 32
@@ -31,6 +34,23 @@ def make_class_folder(root: Path, per_class: int = 5, classes: tuple[str, ...] =
     for label, name in enumerate(classes):
         make_images(root / name, per_class, seed=label)
     return root
+
+
+def seeded_tiny(seed: int, **kwargs) -> torch.nn.Module:
+    """The tiny architecture with seeded random weights (other than load_model's random init)."""
+    register_config(BUNDLED_CONFIGS / f"{TINY}.json")
+    torch.manual_seed(seed)
+    return open_clip.create_model(TINY, **kwargs).eval()
+
+
+def make_local_dir(folder: Path, source: torch.nn.Module) -> dict:
+    """An open_clip model folder (open_clip_config.json + weights) of the tiny architecture; returns the config."""
+    folder.mkdir(parents=True)
+    config = {"model_cfg": json.loads((BUNDLED_CONFIGS / f"{TINY}.json").read_text()),
+              "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    torch.save(source.state_dict(), folder / "open_clip_pytorch_model.bin")
+    return config
 
 
 @functools.cache

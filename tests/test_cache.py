@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from data.cache import (CacheError, CacheWriter, l2_normalize, partial_path, read_attrs, read_cache,
-                           write_cache)
+                        write_cache)
+from data.registry import ensemble_templates
 
 CLASSES = ["cat", "dog", "newt"]
 TEMPLATES = ["a photo of a {}.", "art of the {}."]
@@ -57,11 +58,22 @@ def test_prototypes_single_and_ensemble(tmp_path: Path) -> None:
     text = content["text_features"]
     np.testing.assert_array_equal(cache.prototypes(1), text[:, 1])
     np.testing.assert_array_equal(cache.prototypes("art of the {}."), text[:, 1])
-    ens = text.mean(axis=1)
-    np.testing.assert_allclose(cache.prototypes("ensemble"), ens / np.linalg.norm(ens, axis=1, keepdims=True),
-                               rtol=1e-6)
     with pytest.raises(CacheError, match="not in the cache"):
         cache.prototypes("missing {}")
+    with pytest.raises(CacheError, match="has 1 of the 7 ensemble templates"):
+        cache.prototypes("ensemble")
+
+
+def test_ensemble_is_exactly_the_seven_templates(tmp_path: Path) -> None:
+    """The dataset's own template (stored first) and user templates are not part of the ensemble."""
+    rng = np.random.default_rng(0)
+    templates = ["a photo of a {}, a type of pet.", *ensemble_templates(), "my own {}."]
+    text = l2_normalize(rng.normal(size=(len(CLASSES), len(templates), 8)))
+    content = {**make_content(), "templates": templates, "text_features": text}
+    cache = read_cache(write_cache(tmp_path / "c.h5", **content))
+    ens = text[:, 1:8].mean(axis=1)
+    np.testing.assert_allclose(cache.prototypes("ensemble"), ens / np.linalg.norm(ens, axis=1, keepdims=True),
+                               rtol=1e-6)
 
 
 def test_float16_storage_reads_back_as_float32(tmp_path: Path) -> None:

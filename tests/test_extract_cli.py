@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from extract.__main__ import build_parser, main
 from data.cache import partial_path, read_cache
-from helpers_extract import TINY, digest, make_class_folder
+from helpers_extract import TINY, digest, make_class_folder, make_local_dir, seeded_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_ARGS = ["--model", TINY, "--pretrained", "random", "--workers", "0", "--batch-size", "4", "--no-progress"]
@@ -85,6 +86,11 @@ def test_bad_inputs_give_one_line_errors_and_leave_the_cache_untouched(tmp_path:
     config = json.loads((REPO / "extract/model_configs/cmm-tiny-vit.json").read_text())
     config["vision_cfg"]["layers"] = 2
     (tmp_path / "deeper.json").write_text(json.dumps(config))
+    tensor, empty_pt, noise_pt, noise_st = (tmp_path / n for n in ("t.pt", "e.pt", "n.pt", "n.safetensors"))
+    torch.save(torch.zeros(3), tensor)
+    empty_pt.write_bytes(b"")
+    noise_pt.write_bytes(np.random.default_rng(0).bytes(4096))
+    noise_st.write_bytes(np.random.default_rng(1).bytes(4096))
     cases = {
         "missing folder": (["--folder", str(tmp_path / "nope")], "image folder not found"),
         "empty class": (["--folder", str(empty)], "zebra: class folder holds no image"),
@@ -94,6 +100,11 @@ def test_bad_inputs_give_one_line_errors_and_leave_the_cache_untouched(tmp_path:
         "different model": (["--folder", str(root), "--model-config", str(tmp_path / "deeper.json"),
                              "--model", ""], "refusing to mix"),
         "no dataset": ([], "give exactly one of --folder"),
+        "no --pretrained": (["--folder", str(root), "--pretrained", ""], "--pretrained is required with --model"),
+        "bare tensor weights": (["--folder", str(root), "--pretrained", str(tensor)], "cannot load these weights"),
+        "empty weights": (["--folder", str(root), "--pretrained", str(empty_pt)], "cannot load these weights"),
+        "random .pt": (["--folder", str(root), "--pretrained", str(noise_pt)], "cannot load these weights"),
+        "random .safetensors": (["--folder", str(root), "--pretrained", str(noise_st)], "cannot load these weights"),
     }
     for what, (args, message) in cases.items():
         capsys.readouterr()
@@ -104,3 +115,15 @@ def test_bad_inputs_give_one_line_errors_and_leave_the_cache_untouched(tmp_path:
     assert main(["run", "--out", str(out), "--folder", str(corrupt), "--name", "imgs", "--skip-bad",
                  *TINY_ARGS]) == 0
     assert read_cache(out).bad_paths == ["dog/img01.png"]
+
+
+def test_local_dir_model_without_pretrained(tmp_path: Path) -> None:
+    root = make_class_folder(tmp_path / "imgs", per_class=4)
+    make_local_dir(tmp_path / "model", seeded_tiny(5))
+    out = tmp_path / "c.h5"
+    assert main(["run", "--folder", str(root), "--out", str(out), "--model", f"local-dir:{tmp_path / 'model'}",
+                 "--workers", "0", "--no-progress"]) == 0
+    attrs = read_cache(out).attrs
+    assert attrs["model"] == f"local-dir:{(tmp_path / 'model').resolve()}" and attrs["activation"] == "gelu"
+    assert json.loads(attrs["model_config"])["model_cfg"]["embed_dim"] == 32
+    assert attrs["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-6) and attrs["logit_bias"] == 0.0

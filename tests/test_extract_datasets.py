@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from data.registry import ensemble_templates
 from extract import datasets
 from extract.errors import ExtractError
-from extract.prompts import ENSEMBLE_TEMPLATES, cache_templates, check_template, read_templates_file
+from extract.prompts import cache_templates, check_template, read_templates_file
 from helpers_extract import CLASSES, make_class_folder, make_images
 
 
@@ -94,7 +95,7 @@ def test_registry_dataset_keeps_its_template_first(tmp_path: Path, monkeypatch: 
 
 def test_templates_order_dedup_and_validation(tmp_path: Path) -> None:
     out = cache_templates(["a photo of a {}.", "art of the {}."], ["itap of a {}.", "my {} prompt"])
-    assert out == ["a photo of a {}.", *ENSEMBLE_TEMPLATES, "my {} prompt"]
+    assert out == ["a photo of a {}.", *ensemble_templates(), "my {} prompt"]
     for bad in ("a photo", "a {0} photo of {}", "a {name}"):
         with pytest.raises(ExtractError, match="placeholder"):
             check_template(bad, "--template")
@@ -102,3 +103,32 @@ def test_templates_order_dedup_and_validation(tmp_path: Path) -> None:
     f.write_text("# mine\nthe {} again\n\nno placeholder\n")
     with pytest.raises(ExtractError, match=r"t\.txt: template 'no placeholder'"):
         read_templates_file(f)
+
+
+def test_unlabelled_folder_takes_another_caches_classes_and_templates(tmp_path: Path) -> None:
+    import numpy as np
+
+    from data.cache import UNLABELLED, write_cache
+
+    make_images(tmp_path / "new" / "sub", 2, seed=1)
+    make_images(tmp_path / "new", 1, seed=2)
+    (tmp_path / "new" / "notes.txt").write_text("not an image")
+    templates = ["{} texture.", *ensemble_templates()]
+    train = write_cache(tmp_path / "train.h5", attrs={"dataset": "T", "embed_dim": 4}, classnames=["a", "b"],
+                        templates=templates,
+                        text_features=np.tile(np.eye(4, dtype=np.float32)[0], (2, len(templates), 1)),
+                        splits={"train": {"features": np.eye(4, dtype=np.float32)[:1], "labels": [0], "paths": ["x"]}})
+    spec = datasets.from_unlabelled(tmp_path / "new", classes_from=train, split="holiday")
+    assert spec.classnames == ("a", "b") and spec.templates == tuple(templates) and spec.name == "new"
+    assert spec.splits == {"holiday": [(p, UNLABELLED) for p in ("img00.png", "sub/img00.png", "sub/img01.png")]}
+    names = tmp_path / "names.txt"
+    names.write_text("cat\n\ndog\n")
+    spec = datasets.from_unlabelled(tmp_path / "new", classnames_file=names, template="{} texture.")
+    assert spec.classnames == ("cat", "dog") and spec.templates == ("{} texture.",) and list(spec.splits) == ["test"]
+    for kwargs, message in (({}, "exactly one of"), ({"classes_from": train, "classnames_file": names}, "exactly one"),
+                            ({"classes_from": train, "split": "a/b"}, "without '/'")):
+        with pytest.raises(ExtractError, match=message):
+            datasets.from_unlabelled(tmp_path / "new", **kwargs)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExtractError, match="holds no image"):
+        datasets.from_unlabelled(tmp_path / "empty", classes_from=train)

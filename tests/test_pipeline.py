@@ -1,6 +1,7 @@
 """The user-facing pipeline: run_all.sh end to end on tiny generated data, and the torch/jax separation."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -51,6 +52,19 @@ def test_run_all_end_to_end_then_reuses_cache(tmp_path: Path) -> None:
     second = _run_all(*args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "features cached" in second.stdout and cache.stat().st_mtime_ns == before
+    assert "Modality gap on test" in summary and (out / "runs" / "colours" / "gap.png").is_file()
+
+    predicted = _run_all("--predict", str(folder / "test"), "--name", "new", "--run", str(out / "runs" / "colours"),
+                         "--model", "cmm-tiny-vit", "--pretrained", "random", "--out", str(out),
+                         "--predict-args", "--shots 1")
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    with open(out / "predict" / "new.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 9 and {r["class_1"] for r in rows} <= {"red", "green", "blue"}
+    assert "cmm 1-shot (ensemble of seeds 1, 2)" in predicted.stdout
+    untrained = _run_all("--predict", str(folder / "test"), "--run", str(out / "runs" / "colours"), "--model",
+                         "cmm-tiny-vit", "--pretrained", "random", "--out", str(out), "--predict-args", "--shots 3")
+    assert untrained.returncode == 2 and "no 3-shot models (trained: 1, 2)" in untrained.stderr
 
 
 def test_run_all_rejects_bad_options(tmp_path: Path) -> None:
@@ -60,6 +74,13 @@ def test_run_all_rejects_bad_options(tmp_path: Path) -> None:
     assert no_root.returncode == 2 and "--data-root" in no_root.stderr
     both = _run_all("--datasets", "DTD", "--folder", str(tmp_path))
     assert both.returncode == 2 and "not both" in both.stderr
+    lone_run = _run_all("--run", str(tmp_path))
+    assert lone_run.returncode == 2 and "go with --predict DIR" in lone_run.stderr
+    no_run = _run_all("--predict", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert no_run.returncode == 2 and "holds no trained run" in no_run.stderr
+    hub = _run_all("--folder", str(tmp_path), "--model", "hf-hub:timm/ViT-B-16-SigLIP2", "--pretrained", "x.pt")
+    assert hub.returncode == 2 and "brings its own weights; drop --pretrained" in hub.stderr
+    assert "default RN50-quickgelu" in _run_all("--help").stdout  # OpenAI's RN50 weights need QuickGELU
 
 
 def _imported(code: str) -> set[str]:

@@ -38,3 +38,19 @@ def test_json_round_trips():
     assert grid_from_json(grid_to_json(DEFAULT_GRID)) == DEFAULT_GRID
     with pytest.raises(TrainError, match="unknown setting"):
         Settings.from_dict({"nope": 1})
+
+
+def test_each_setting_is_described_once_and_everything_derives_from_it():
+    """Kind, aliases, help and label name live in the field's metadata; the runner's arrays, the grid parser and
+    --help are derived from it."""
+    import dataclasses
+
+    from train_jax.config import ALIASES, DYNAMIC_FIELDS, FIELDS, grid_keys_help, parse_grid
+
+    assert set(FIELDS) == {f.name for f in dataclasses.fields(Settings)}
+    assert all(f.metadata["kind"] in ("run", "program") and f.metadata["help"] for f in FIELDS.values())
+    assert "batch_size" not in DYNAMIC_FIELDS and "lr" in DYNAMIC_FIELDS
+    assert ALIASES["lambda"] == "lam" and ALIASES["wd"] == "weight_decay"
+    assert parse_grid(["lambda=1,2"]) == {"lam": (1.0, 2.0)}
+    assert Settings(lam=2.0).label(["lam"]) == "lambda=2"
+    assert all(name in grid_keys_help() for name in FIELDS)

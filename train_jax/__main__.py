@@ -1,4 +1,5 @@
-"""CLI: ``python -m train_jax --cache X.h5 --out DIR [...]`` (see ``--help``)."""
+"""CLI: ``python -m train_jax --cache X.h5 --out DIR [...]`` (see ``--help``); ``python -m train_jax predict ...``
+classifies new images with a trained run (``train_jax.predict``)."""
 
 from __future__ import annotations
 
@@ -10,26 +11,34 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from data.cache import CacheError
+from data.cache import CacheError, cache_identity, l2_normalize
 from data.errors import DataError
-from train_jax.config import ALIASES_OUT, DEFAULT_GRID, Settings, expand_grid, grid_to_json, parse_grid
+from train_jax.config import (ALIASES_OUT, DEFAULT_GRID, Settings, expand_grid, grid_keys_help, grid_to_json,
+                              parse_grid)
 from train_jax.errors import TrainError
+from train_jax.evaluate import SELECT_MODES
 from train_jax.methods import DEFAULT_METHODS, METHODS
 
 _METHODS_HELP = "\n".join(f"  {m.name}: {m.description}" for m in METHODS.values())
 EPILOG = f"""
-Default grid, searched per seed on the validation split (the paper publishes no settings):
+Selection (on the validation split, never on test): the setting with the best validation accuracy; ties go to
+  the higher validation score (mean log-probability of the true class on the run's own validation images),
+  then to the first setting in --grid order if the scores are exactly equal. Failed runs are never selected.
+  --select seed: one setting per (method, seed); --select mean: one setting per method and shot count, on the
+  accuracy and score averaged over the seeds (settings that failed for fewer seeds first).
+Default grid (the paper publishes no settings):
   {' '.join(f"{ALIASES_OUT.get(k, k)}={','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items())}
 Fields outside the grid keep their defaults:
   {Settings().label([f.name for f in dataclasses.fields(Settings)])}
-Grid keys: lr, weight_decay (wd), alpha, lambda (triplet weight), margin (cosine distance), epochs,
-  warmup (fraction of the steps), batch_size (bs), learn_text (0/1), use_aug (0/1), logit_scale (s),
-  adam_eps, C (the linear probe's inverse L2 strength). tip_adapter_f ignores the grid: it runs its authors'
-  recipe (README, "Protocol").
+Settings (grid keys, aliases in brackets; tip_adapter_f ignores the grid and runs its authors' recipe, README
+"Protocol"):
+{grid_keys_help()}
 Methods:
 {_METHODS_HELP}
 Outputs in --out: results.json, results.csv, results.md, accuracy_vs_shots.png, params/<K>shot.npz
-(train_jax.report.load_params), shots/<K>shot.json (finished shots, skipped when rerun).
+(train_jax.report.load_params), shots/<K>shot.json (finished shots, skipped when rerun), gap.md, gap.json,
+gap.png (modality gap before/after the map, train_jax.gap).
+Classify new images with a run: python -m train_jax predict --run DIR --cache NEW.h5 --out preds.csv
 """
 
 
@@ -52,9 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="methods to train (default: %(default)s)")
     p.add_argument("--grid", nargs="+", action="extend", default=None, metavar="KEY=V1,V2",
                    help="settings grid, e.g. lr=1e-3,1e-4 alpha=1,2 (default: see below; may be repeated)")
+    p.add_argument("--select", choices=SELECT_MODES, default=SELECT_MODES[0],
+                   help="choose the setting per seed (seed) or one per method from the mean over seeds (mean); "
+                        "see Selection below (default: %(default)s)")
     p.add_argument("--prompt", choices=["single", "ensemble"], default=None,
-                   help="class prototypes: the dataset's own template (single) or the normalised mean over all "
-                        "cached templates (ensemble); default: ensemble for the ImageNet family, else single")
+                   help="class prototypes: the dataset's own template (single) or the normalised mean over CLIP's "
+                        "7 ImageNet templates (ensemble); default: ensemble for the ImageNet family, else single")
     p.add_argument("--memory-gb", type=float, default=None,
                    help="memory for the run axis; more runs are cut into chunks (default: half the free memory)")
     p.add_argument("--devices", type=int, default=None,
@@ -81,14 +93,19 @@ def _check_config(out: Path, config: dict[str, Any]) -> None:
         _write_json(path, config)
 
 
+def model_logit_scale(attrs: dict[str, Any]) -> tuple[float, str]:
+    """(logit scale, where from): the extracting model's own (cache attribute), else Settings' default (100)."""
+    scale = float(attrs.get("logit_scale") or 0.0)  # 0: an older cache that does not record it
+    return (scale, "cache") if scale > 0 else (Settings().logit_scale, "default")
+
+
 def run(args: argparse.Namespace) -> Path:
     """Train and evaluate every requested shots value not yet in ``args.out``; write the results files."""
     import jax
 
-    from train_jax import experiment, report
+    from train_jax import experiment, gap, report
 
     grid = parse_grid(args.grid) if args.grid else dict(DEFAULT_GRID)
-    settings = expand_grid(grid)
     shots, seeds, methods = sorted(set(args.shots)), list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.methods))
     if min(shots) < 1:
         raise TrainError(f"--shots must be >= 1, got {args.shots}")
@@ -97,6 +114,8 @@ def run(args: argparse.Namespace) -> Path:
     devices = jax.devices()[: args.devices] if args.devices else None
     budget = int(args.memory_gb * 2**30) if args.memory_gb else None
     task = experiment.load_task(args.cache, args.eval_cache, args.prompt)
+    scale, scale_from = model_logit_scale(task.cache.attrs)
+    settings = expand_grid(grid, Settings(logit_scale=scale))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "shots").mkdir(exist_ok=True)
@@ -104,7 +123,9 @@ def run(args: argparse.Namespace) -> Path:
     config = {
         "cache": str(Path(args.cache).resolve()), "dataset": task.dataset,
         "eval_caches": [str(Path(p).resolve()) for p in args.eval_cache], "seeds": seeds, "methods": methods,
-        "grid": json.loads(grid_to_json(grid)), "prompt": task.prompt,
+        "grid": json.loads(grid_to_json(grid)), "prompt": task.prompt, "select": args.select,
+        "logit_scale": scale, "logit_scale_from": "grid" if "logit_scale" in grid else scale_from,
+        "identity": cache_identity(task.cache.attrs, task.cache.classnames, task.cache.templates),
     }
     _check_config(out, config)
     label_keys = [k for k, vs in grid.items() if len(vs) > 1]
@@ -113,7 +134,8 @@ def run(args: argparse.Namespace) -> Path:
         if done.exists():
             print(f"{task.dataset} {k}-shot: already in {done}, skipped")
             continue
-        result = experiment.run_shots(task, k, seeds, methods, settings, label_keys, budget=budget, devices=devices)
+        result = experiment.run_shots(task, k, seeds, methods, settings, label_keys, select=args.select,
+                                      budget=budget, devices=devices)
         report.save_params(out / "params" / f"{k}shot.npz", result.learned)
         _write_json(done, result.records)
         for r in result.records:
@@ -122,16 +144,23 @@ def run(args: argparse.Namespace) -> Path:
                       "by a non-finite loss or update; excluded from selection", file=sys.stderr)
         for note in sorted({r["note"] for r in result.records if r.get("note")}):
             print(f"warning: {note}", file=sys.stderr)
-        for row in report.summarize(result.records):
+        for row in report.summarize(result.records, args.select):
             acc = f"{row['test_mean']:.2f} ± {row['test_std']:.2f}" if "test_mean" in row else "all runs failed"
             print(f"{task.dataset} {k}-shot {row['method']}: {acc}")
     records = [r for f in sorted((out / "shots").glob("*shot.json")) for r in json.loads(f.read_text())]
     report.write_run_dir(out, task.dataset, config, records)
+    test = task.cache.splits["test"]
+    gap.write_run(out, task.dataset, l2_normalize(test.features), test.labels, task.text, task.cache.classnames)
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 with a one-line ``error: ...`` on bad input)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["predict"]:
+        from train_jax.predict import main as predict_main
+
+        return predict_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         out = run(args)

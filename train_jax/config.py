@@ -1,8 +1,8 @@
 """Training settings as data: one frozen dataclass, a grid of them parsed from CLI strings, JSON round trips.
 
 The CMM paper does not publish its optimiser settings, margin, triplet weight or alpha, so none of the defaults
-below is "the paper's". Every run trains the whole grid and picks, per seed, the setting with the best accuracy
-on the few-shot *validation* split (never on test). ``DEFAULT_GRID`` is what is searched when the user gives no
+below is "the paper's". Every run trains the whole grid and picks the setting best on the few-shot *validation*
+split, never on test (the rule: ``evaluate.select_best``). ``DEFAULT_GRID`` is what is searched when the user gives no
 ``--grid``; the remaining fields stay at their ``Settings`` defaults.
 """
 
@@ -16,43 +16,38 @@ from typing import Any, Mapping, Sequence
 
 from train_jax.errors import TrainError
 
+RUN, PROGRAM = "run", "program"  # a field's kind: a per-run array of one compiled program, or fixed per program
+
+
+def _setting(default: Any, kind: str, help: str, aliases: tuple[str, ...] = (), shown_as: str = "") -> Any:
+    """A ``Settings`` field with its kind, CLI aliases, help text and the name labels show (default: its own)."""
+    return dataclasses.field(default=default, metadata={"kind": kind, "aliases": aliases, "help": help,
+                                                        "shown_as": shown_as})
+
 
 @dataclass(frozen=True)
 class Settings:
-    """Hyperparameters of one training run.
+    """Hyperparameters of one training run; each field's meaning is its ``help`` metadata (``--help`` lists it)."""
 
-    lr: peak AdamW learning rate (linear warm-up, then cosine decay to 0 over the run).
-    weight_decay: decoupled AdamW weight decay (multiplied by the learning rate, as in PyTorch/optax); it pulls
-        dW, b towards 0, i.e. the mapper towards the identity (zero-shot CLIP).
-    alpha: weight of the mapped term in the logits ``s * (alpha * v' T^T + v T^T)`` (Tip-Adapter-F: weight of
-        its cache logits).
-    lam: weight of the triplet loss (``lambda``; 0 = the CE-only ablation).
-    margin: triplet margin on cosine distance.
-    epochs: passes over the K-shot training set (0 = no training, zero-shot).
-    warmup: fraction of the run's steps used for linear warm-up.
-    batch_size: mini-batch size (capped at the training-set size; full batch when larger).
-    learn_text: also learn the class prototypes (T + dT, dT zero-initialised).
-    use_aug: draw one random view per image and epoch from the cached augmented views (plus the original).
-    logit_scale: CLIP logit scale s.
-    beta: Tip-Adapter-F sharpness (only used by that method).
-    c: the linear probe's inverse L2 strength (scikit-learn's ``C``; only used by that method).
-    adam_eps: AdamW's epsilon (Tip-Adapter-F's recipe sets 1e-4).
-    """
-
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
-    alpha: float = 1.0
-    lam: float = 10.0
-    margin: float = 0.2
-    epochs: int = 50
-    warmup: float = 0.05
-    batch_size: int = 256
-    learn_text: bool = False
-    use_aug: bool = False
-    logit_scale: float = 100.0
-    beta: float = 5.5
-    c: float = 1.0
-    adam_eps: float = 1e-8
+    lr: float = _setting(1e-3, RUN, "peak AdamW learning rate (linear warm-up, then cosine decay to 0)")
+    weight_decay: float = _setting(1e-2, RUN, "decoupled AdamW weight decay (times the lr, as PyTorch/optax); pulls "
+                                              "dW, b towards 0, i.e. the mapper towards zero-shot CLIP", ("wd",))
+    alpha: float = _setting(1.0, RUN, "weight of the mapped term in s * (alpha * v'T^T + v T^T) (Tip-Adapter-F: "
+                                      "of its cache logits)")
+    lam: float = _setting(10.0, RUN, "weight of the triplet loss (0 = the CE-only ablation)", ("lambda",), "lambda")
+    margin: float = _setting(0.2, RUN, "triplet margin on cosine distance")
+    epochs: int = _setting(50, RUN, "passes over the K-shot training set (0 = no training: zero-shot)")
+    warmup: float = _setting(0.05, RUN, "fraction of the run's steps used for linear warm-up")
+    batch_size: int = _setting(256, PROGRAM, "mini-batch size (capped at the training-set size)", ("bs",))
+    learn_text: bool = _setting(False, PROGRAM, "also learn the class prototypes (T + dT, dT zero-initialised)")
+    use_aug: bool = _setting(False, PROGRAM, "draw one random view per image and epoch from the cached augmented "
+                                             "views (plus the original)")
+    logit_scale: float = _setting(100.0, RUN, "CLIP logit scale s (default: the model's own, recorded in the "
+                                              "cache; 100 for caches without it)", ("s",))
+    beta: float = _setting(5.5, RUN, "Tip-Adapter-F sharpness (only used by that method)")
+    c: float = _setting(1.0, RUN, "the linear probe's inverse L2 strength (scikit-learn's C; only used by that "
+                                  "method)", ("C",), "C")
+    adam_eps: float = _setting(1e-8, RUN, "AdamW's epsilon (Tip-Adapter-F's recipe sets 1e-4)")
 
     def __post_init__(self) -> None:
         checks = {
@@ -87,12 +82,13 @@ class Settings:
         return " ".join(f"{ALIASES_OUT.get(k, k)}={_fmt(getattr(self, k))}" for k in keys)
 
 
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 # Fields that may differ between runs of one compiled program (per-run arrays); the others fix the program.
-DYNAMIC_FIELDS = ("lr", "weight_decay", "alpha", "lam", "margin", "epochs", "warmup", "logit_scale", "beta", "c",
-                  "adam_eps")
-STATIC_FIELDS = ("batch_size", "learn_text", "use_aug")
+DYNAMIC_FIELDS = tuple(name for name, f in FIELDS.items() if f.metadata["kind"] == RUN)
+ALIASES = {alias: name for name, f in FIELDS.items() for alias in f.metadata["aliases"]}
+ALIASES_OUT = {name: f.metadata["shown_as"] for name, f in FIELDS.items() if f.metadata["shown_as"]}
 
-# Searched per seed on the validation split when no --grid is given: 2 learning rates x 3 alphas x 2 triplet
+# Searched on the validation split when no --grid is given: 2 learning rates x 3 alphas x 2 triplet
 # weights = 12 settings (the CE-only ablation collapses the lambda axis to 6); the linear probe searches C over
 # 1e-6 .. 1e6 in half decades, the range of CoOp's coarse C grid at a step finer than its binary search's first.
 # The CE acts on logits scaled by s = 100 while the triplet loss is in cosine units, so lambda needs to be of
@@ -100,21 +96,17 @@ STATIC_FIELDS = ("batch_size", "learn_text", "use_aug")
 DEFAULT_GRID: dict[str, tuple] = {"lr": (1e-2, 1e-3), "alpha": (0.5, 1.0, 2.0), "lam": (1.0, 10.0),
                                   "c": tuple(float(f"{10 ** (k / 2):.6g}") for k in range(-12, 13))}
 
-ALIASES = {"lambda": "lam", "wd": "weight_decay", "bs": "batch_size", "s": "logit_scale", "C": "c"}
-ALIASES_OUT = {"lam": "lambda", "c": "C"}
-_FIELDS = {f.name: f.type for f in dataclasses.fields(Settings)}
-
 
 def _field_name(key: str) -> str:
     name = ALIASES.get(key, key)
-    if name not in _FIELDS:
-        valid = ", ".join(sorted(set(_FIELDS) | set(ALIASES)))
+    if name not in FIELDS:
+        valid = ", ".join(sorted(set(FIELDS) | set(ALIASES)))
         raise TrainError(f"unknown setting {key!r}; valid settings: {valid}")
     return name
 
 
 def _parse_value(name: str, value: Any) -> Any:
-    kind = _FIELDS[name]
+    kind = FIELDS[name].type
     try:
         if kind == "bool":
             if isinstance(value, str):
@@ -136,6 +128,12 @@ def _fmt(value: Any) -> str:
     if isinstance(value, bool):
         return str(int(value))
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def grid_keys_help() -> str:
+    """One line per setting for ``--help``: ``name (aliases): help``."""
+    return "\n".join(f"  {name}{' (' + ', '.join(f.metadata['aliases']) + ')' if f.metadata['aliases'] else ''}: "
+                     f"{f.metadata['help']}" for name, f in FIELDS.items())
 
 
 def parse_grid(specs: Sequence[str]) -> dict[str, tuple]:

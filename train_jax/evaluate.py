@@ -1,9 +1,10 @@
-"""Accuracy, per-seed selection of the setting on validation (never test), mean +- std over seeds, and the class
-mapping used to evaluate a trained model on shift sets whose classes are a subset of its own (ImageNet-V2/-Sketch/
--A/-R for ImageNet)."""
+"""Accuracy, selection of the setting on validation (never test), mean +- std over seeds, and the class mapping
+used to evaluate a trained model on shift sets whose classes are a subset of its own (ImageNet-V2/-Sketch/-A/-R
+for ImageNet)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -26,11 +27,49 @@ def subset_accuracy(preds: np.ndarray, labels: np.ndarray, members: np.ndarray) 
     return 100.0 * hits / np.maximum(np.sum(members, axis=-1), 1)
 
 
-def select_best(val_acc: np.ndarray, failed: np.ndarray) -> int | None:
-    """Index of the best validation accuracy among runs that did not fail (first one on ties); None if all
-    failed. val_acc [R], failed [R] bool."""
-    ok = np.flatnonzero(~failed)
-    return None if len(ok) == 0 else int(ok[np.argmax(val_acc[ok])])
+def subset_mean(values: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """Mean of each run's values over its own rows, in float64. values [S,N], members [S,N] bool -> [S] (NaN if
+    no rows)."""
+    with np.errstate(invalid="ignore"):
+        return np.sum(np.where(members, np.asarray(values, np.float64), 0.0), axis=-1) / np.sum(members, axis=-1)
+
+
+# --select: one setting per (method, seed), or one per method from the mean over the seeds (experiment._select).
+SELECT_MODES = ("seed", "mean")
+# Mean accuracies equal up to this many percentage points tie: the same hits split differently over the seeds
+# (0 + 83.33 against 16.67 + 66.67) may differ in the last bit; real differences are >= 100 / rows / seeds.
+ACC_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The selected candidate (None: every run failed) and what decided it: None = the best validation accuracy
+    alone, "score" = the validation score among candidates tied on accuracy, "order" = the grid order among
+    candidates tied on both."""
+
+    index: int | None
+    tie_break: str | None = None
+
+
+def select_best(val_acc: np.ndarray, val_score: np.ndarray, failed: np.ndarray) -> Choice:
+    """The best candidate on validation. Arrays [R] (one seed's runs) or [R,S] (R settings x S seeds, judged on
+    their means over the seeds where they did not fail; settings that failed for fewer seeds come first).
+    Rule: the highest validation accuracy; ties (within ``ACC_TOLERANCE``) go to the higher validation score
+    (mean log-probability of the true class; NaN counts as lowest), then to the first in grid order when the
+    scores are exactly equal. Failed runs are never selected."""
+    failed = np.asarray(failed, bool).reshape(len(failed), -1)
+    ok = ~failed
+    n_ok = ok.sum(axis=1)
+    if not n_ok.any():
+        return Choice(None)
+    mean = lambda x: np.sum(np.where(ok, np.reshape(x, ok.shape), 0.0), axis=1) / np.maximum(n_ok, 1)  # noqa: E731
+    acc, score = mean(val_acc), np.nan_to_num(mean(val_score), nan=-np.inf)
+    cand = np.flatnonzero(n_ok == n_ok.max())
+    cand = cand[acc[cand] >= acc[cand].max() - ACC_TOLERANCE]
+    if len(cand) == 1:
+        return Choice(int(cand[0]))
+    best = cand[score[cand] == score[cand].max()]
+    return Choice(int(best[0]), "score" if len(best) == 1 else "order")
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -1,5 +1,6 @@
 """One few-shot experiment: sample the shots of every seed, train every method's runs in vmapped groups, score
-them on validation and test, select per seed on validation, and evaluate the selected models on shift sets."""
+them on validation and test, select on validation (per seed, or per method on the mean over seeds), and evaluate
+the selected models on shift sets."""
 
 from __future__ import annotations
 
@@ -11,17 +12,18 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from data.cache import FeatureCache, read_cache
+from data.cache import UNLABELLED, FeatureCache, read_cache
 from data import fewshot
+from data.registry import in_imagenet_family
 from train_jax import evaluate
 from train_jax.config import Settings
 from train_jax.errors import TrainError
 from train_jax.methods import METHODS
-from train_jax.runner import Pool, Trained, hparam_arrays, predict_runs, train_runs
+from train_jax.runner import Pool, Trained, hparam_arrays, predict_runs, score_runs, train_runs
 from train_jax.trainers import Job
 
 # Attributes that must agree between the training cache and a shift cache (same encoder, same feature space).
-MODEL_ATTRS = ("model", "pretrained", "weights_sha256", "model_config", "embed_dim")
+MODEL_ATTRS = ("model", "pretrained", "weights_sha256", "model_config", "embed_dim", "activation")
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -61,12 +63,27 @@ class ShotResult:
 
 
 def default_prompt(dataset: str) -> str:
-    """``ensemble`` for the ImageNet family (as Tip-Adapter/CoOp), ``single`` (the dataset's template) otherwise."""
-    return "ensemble" if dataset.lower().startswith("imagenet") else "single"
+    """``ensemble`` (CLIP's 7 templates) for the ImageNet family, as Tip-Adapter/CoOp; ``single`` (the dataset's
+    own template) otherwise."""
+    return "ensemble" if in_imagenet_family(dataset) else "single"
 
 
 def _dataset_name(cache: FeatureCache) -> str:
     return str(cache.attrs.get("dataset") or Path(cache.path).stem)
+
+
+def prototypes(cache: FeatureCache, prompt: str) -> np.ndarray:
+    """Class prototypes [C,D] of a prompt choice: ``ensemble`` (normalised mean over the templates) or the
+    dataset's own template (``single``)."""
+    return _normalize(cache.prototypes("ensemble" if prompt == "ensemble" else 0))
+
+
+def refuse_unlabelled(cache: FeatureCache) -> None:
+    """TrainError if a split of the cache holds unlabelled images: they can be classified, not trained or scored on."""
+    for name, split in cache.splits.items():
+        if not split.labelled:
+            raise TrainError(f"{cache.path}: split {name!r} holds unlabelled images (label {UNLABELLED}); train and "
+                             "score on a labelled cache, classify these with `python -m train_jax predict`")
 
 
 def load_task(cache_path: str | Path, eval_paths: Sequence[str | Path] = (), prompt: str | None = None) -> Task:
@@ -75,9 +92,10 @@ def load_task(cache_path: str | Path, eval_paths: Sequence[str | Path] = (), pro
     for split in ("train", "test"):
         if split not in cache.splits or len(cache.splits[split].labels) == 0:
             raise TrainError(f"{cache.path}: the cache has no {split!r} rows; extract its {split} split")
+    refuse_unlabelled(cache)
     dataset = _dataset_name(cache)
     prompt = prompt or default_prompt(dataset)
-    text = _normalize(cache.prototypes("ensemble" if prompt == "ensemble" else 0))
+    text = prototypes(cache, prompt)
     shift = []
     for path in eval_paths:
         other = read_cache(path, splits=["test"], with_aug=False)
@@ -87,6 +105,7 @@ def load_task(cache_path: str | Path, eval_paths: Sequence[str | Path] = (), pro
                     f"{other.path}: {key}={other.attrs.get(key)!r} differs from the training cache's "
                     f"{cache.attrs.get(key)!r}; extract both with the same model"
                 )
+        refuse_unlabelled(other)
         name = _dataset_name(other)
         test = other.splits["test"]
         classes = evaluate.class_map(cache.classnames, other.classnames, str(other.path), dataset, name)
@@ -142,11 +161,15 @@ def run_shots(
     grid: Sequence[Settings],
     label_keys: Sequence[str],
     *,
+    select: str = "seed",
     budget: int | None = None,
     devices: Sequence[jax.Device] | None = None,
 ) -> ShotResult:
     """Train and evaluate every (method, seed, setting) run for K = ``shots``; ``grid`` is the user's settings
-    list (each method restricts it, see ``Method.settings``); ``label_keys`` name the fields shown as ``setting``."""
+    list (each method restricts it, see ``Method.settings``); ``label_keys`` name the fields shown as ``setting``;
+    ``select``: one of ``evaluate.SELECT_MODES`` (see ``_select``)."""
+    if select not in evaluate.SELECT_MODES:
+        raise TrainError(f"select={select!r}: use one of {', '.join(evaluate.SELECT_MODES)}")
     runs = [_Run(m, s, st) for m in methods for s in seeds for st in METHODS[m].settings(list(grid))]
     picks, val_split, val_rows = _sample(task, shots, seeds)
     pool_rows = np.unique(np.concatenate(list(picks.values())))
@@ -162,7 +185,7 @@ def run_shots(
         st = run.settings
         groups.setdefault((METHODS[run.method].head(st), st.batch_size, st.use_aug, st.epochs == 0), []).append(i)
 
-    val_acc, test_acc = np.zeros(len(runs)), np.zeros(len(runs))
+    val_acc, val_score, test_acc = np.zeros(len(runs)), np.zeros(len(runs)), np.zeros(len(runs))
     failed, fail_step, loss = np.zeros(len(runs), bool), np.zeros(len(runs), int), np.zeros(len(runs))
     trained_of: dict[int, tuple[tuple, Trained, int]] = {}
     notes: dict[int, str] = {}
@@ -172,7 +195,7 @@ def run_shots(
         hp = hparam_arrays([r.settings for r in group])
         rows = np.stack([np.searchsorted(pool_rows, picks[r.seed]) for r in group])
         seeds_arr = np.array([r.seed for r in group])
-        own_val = np.stack([members[r.seed] for r in group])
+        own = np.stack([members[r.seed] for r in group])
         fit = METHODS[group[0].method].fit
         if fit is None:
             trained = train_runs(head, hp, rows, seeds_arr, pool, task.text, batch_size=batch_size,
@@ -180,13 +203,15 @@ def run_shots(
                                  desc=f"{task.dataset} {shots}-shot {type(head).__name__}")
         else:  # the method's own trainer; it returns the settings its models are used with
             fitted = fit(Job(head, [r.settings for r in group], task.cache.splits["train"], pool_rows, rows,
-                             seeds_arr, task.text, task.dataset, val_feats, val_labels, own_val, budget, devices))
+                             seeds_arr, task.text, task.dataset, val_feats, val_labels, own, budget, devices))
             trained = Trained(fitted.params, fitted.consts, fitted.failed, fitted.fail_step, fitted.final_loss)
             for i, st in zip(idx, fitted.settings):
                 runs[i], notes[i] = _Run(runs[i].method, runs[i].seed, st), fitted.note
             hp = hparam_arrays(fitted.settings)
-        val_pred = predict_runs(head, trained, hp, val_feats, task.text, budget=budget, devices=devices, desc="val")
-        val_acc[idx] = evaluate.subset_accuracy(val_pred, val_labels, own_val)
+        val_pred, val_logp = score_runs(head, trained, hp, val_feats, val_labels, task.text, budget=budget,
+                                        devices=devices, desc="val")
+        val_acc[idx] = evaluate.subset_accuracy(val_pred, val_labels, own)
+        val_score[idx] = evaluate.subset_mean(val_logp, own)
         test_pred = predict_runs(head, trained, hp, test_feats, task.text, budget=budget, devices=devices, desc="test")
         test_acc[idx] = evaluate.accuracy(test_pred, test.labels)
         failed[idx], fail_step[idx], loss[idx] = trained.failed, trained.fail_step, trained.final_loss
@@ -194,22 +219,19 @@ def run_shots(
             trained_of[i] = (key, trained, j)
 
     result = ShotResult()
-    selected: dict[int, dict[str, float]] = {}
-    for m in methods:
-        for s in seeds:
-            cand = np.array([i for i, r in enumerate(runs) if r.method == m and r.seed == s])
-            best = evaluate.select_best(val_acc[cand], failed[cand])
-            if best is not None:
-                selected[int(cand[best])] = {}
+    tie_break = _select(runs, val_acc, val_score, failed, select)
+    selected: dict[int, dict[str, float]] = {i: {} for i in tie_break}
     _evaluate_shift(task, runs, selected, trained_of, budget, devices)
     for i, run in enumerate(runs):
         result.records.append({
             "dataset": task.dataset, "shots": shots, "method": run.method, "seed": run.seed,
             "setting": run.settings.label([k for k in label_keys if k in METHODS[run.method].used]) or "-",
-            "settings": run.settings.to_dict(), "val_acc": float(val_acc[i]), "test_acc": float(test_acc[i]),
+            "settings": run.settings.to_dict(), "val_acc": float(val_acc[i]),
+            "val_score": float(val_score[i]) if math.isfinite(val_score[i]) else None, "test_acc": float(test_acc[i]),
             "failed": bool(failed[i]), "fail_step": int(fail_step[i]) if failed[i] else None,
             "final_loss": float(loss[i]) if math.isfinite(loss[i]) else None,
-            "selected": i in selected, "shift": selected.get(i, {}), "note": notes.get(i, ""),
+            "selected": i in selected, "tie_break": tie_break.get(i), "shift": selected.get(i, {}),
+            "note": notes.get(i, ""),
         })
         if i in selected:
             _, trained, j = trained_of[i]
@@ -219,6 +241,26 @@ def run_shots(
                 "consts": jax.tree.map(lambda x: x[0], one.consts),
             }
     return result
+
+
+def _select(runs: list[_Run], val_acc: np.ndarray, val_score: np.ndarray, failed: np.ndarray,
+            select: str) -> dict[int, str | None]:
+    """The selected runs -> what decided each (``evaluate.Choice.tie_break``). ``select="seed"``: the best of each
+    (method, seed)'s runs; ``"mean"``: per method, the setting best on the mean over seeds, selected for every
+    seed where it did not fail. All arrays [len(runs)]; the runs of a method are seeds x its settings."""
+    chosen: dict[int, str | None] = {}
+    for method in dict.fromkeys(r.method for r in runs):
+        by_seed: dict[int, list[int]] = {}
+        for i, r in enumerate(runs):
+            if r.method == method:
+                by_seed.setdefault(r.seed, []).append(i)
+        table = np.array(list(by_seed.values())).T  # [settings, seeds] in grid order
+        parts = [table] if select == "mean" else [table[:, [j]] for j in range(table.shape[1])]
+        for part in parts:
+            choice = evaluate.select_best(val_acc[part], val_score[part], failed[part])
+            if choice.index is not None:
+                chosen.update({int(i): choice.tie_break for i in part[choice.index] if not failed[i]})
+    return chosen
 
 
 def _evaluate_shift(task: Task, runs: list[_Run], selected: dict[int, dict[str, float]],

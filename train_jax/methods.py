@@ -104,7 +104,8 @@ _TRAINED = ("lr", "weight_decay", "epochs", "warmup", "batch_size", "use_aug", "
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("zeroshot", lambda s: CMMHead(), (), {"epochs": 0}, "zero-shot CLIP (the untrained mapper)"),
+        Method("zeroshot", lambda s: CMMHead(), ("logit_scale",), {"epochs": 0},
+               "zero-shot CLIP (the untrained mapper)"),
         Method(
             "linear_probe", lambda s: logreg.LinearProbeHead(), ("c",), {},
             "CoOp's linear probe: L-BFGS logistic regression on the image features, C chosen on validation",
@@ -128,9 +129,14 @@ METHODS: dict[str, Method] = {
 DEFAULT_METHODS = ("zeroshot", "linear_probe", "cmm_ce", "cmm")
 
 
-def predict(method: str, settings: Settings, params: Params, consts: Params, feats, text) -> jax.Array:
-    """Class predictions of one learned model. feats [N,D] L2-normalised, text [C,D] prototypes -> [N] int."""
+def logits(method: str, settings: Settings, params: Params, consts: Params, feats, text) -> jax.Array:
+    """Class logits of one learned model. feats [N,D] L2-normalised, text [C,D] prototypes -> [N,C] float32."""
     hp = {k: jnp.asarray(getattr(settings, k), jnp.float32) for k in DYNAMIC_FIELDS}
     feats, text = jnp.asarray(feats, jnp.float32), jnp.asarray(text, jnp.float32)
     head = METHODS[method].head(settings)
-    return jnp.argmax(head.logits(params, consts, feats, feats @ text.T, text, hp), axis=-1)
+    return head.logits(params, consts, feats, feats @ text.T, text, hp)
+
+
+def predict(method: str, settings: Settings, params: Params, consts: Params, feats, text) -> jax.Array:
+    """Class predictions of one learned model. feats [N,D] L2-normalised, text [C,D] prototypes -> [N] int."""
+    return jnp.argmax(logits(method, settings, params, consts, feats, text), axis=-1)

@@ -4,7 +4,8 @@ plots; plus a combine mode over run directories:
     python -m train_jax.report RUN_DIR [RUN_DIR ...] --out DIR
 
 writes DIR/summary.md (the average over the benchmark datasets present, one table per shot count with rows =
-methods and columns = datasets, a distribution-shift table), DIR/summary.json and DIR/accuracy_vs_shots.png.
+methods and columns = datasets, a distribution-shift table, a modality-gap line), DIR/summary.json and
+DIR/accuracy_vs_shots.png.
 """
 
 from __future__ import annotations
@@ -19,14 +20,18 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from data.registry import dataset_names
 from train_jax.config import Settings
 from train_jax.errors import TrainError
 from train_jax.evaluate import mean_std
 
-BENCHMARK = ("ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "Flowers102", "Food101", "FGVCAircraft",
-             "SUN397", "DTD", "EuroSAT", "UCF101")
+BENCHMARK = tuple(dataset_names("benchmark"))
 _ALIASES = {"oxfordflowers": "flowers102", "describabletextures": "dtd"}
-CSV_FIELDS = ("dataset", "shots", "method", "seed", "setting", "val_acc", "test_acc", "selected", "failed")
+CSV_FIELDS = ("dataset", "shots", "method", "seed", "setting", "val_acc", "val_score", "test_acc", "selected",
+              "tie_break", "failed")
+TIE_MARK = "†"  # results.md / summary.md: a cell whose setting was chosen by the tie-break for some seed
+_SELECTION = {"seed": "setting selected per seed on validation",
+              "mean": "one setting per method selected on the mean validation accuracy over seeds"}
 METHOD_ORDER = ("zeroshot", "linear_probe", "tip_adapter_f", "cmm_ce", "cmm")
 
 
@@ -39,9 +44,10 @@ def _method_sort(methods: Iterable[str]) -> list[str]:
     return sorted(set(methods), key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else 99, m))
 
 
-def summarize(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def summarize(records: Sequence[Mapping[str, Any]], select: str = "seed") -> list[dict[str, Any]]:
     """Per (dataset, method, shots): test accuracy of the validation-selected setting, mean +- std over seeds,
-    and the same for every shift set. Seeds whose runs all failed count in ``failed_seeds``."""
+    and the same for every shift set. Seeds whose runs all failed count in ``failed_seeds``; ``tie_breaks``
+    (per selected seed: None, "score" or "order") say what decided a selection; ``select`` is the --select mode."""
     out = []
     rank = {m: i for i, m in enumerate(_method_sort(r["method"] for r in records))}
     keys = sorted({(r["dataset"], r["method"], r["shots"]) for r in records}, key=lambda k: (k[0], k[2], rank[k[1]]))
@@ -53,6 +59,7 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "dataset": dataset, "method": method, "shots": shots, "seeds": [r["seed"] for r in chosen],
             "failed_seeds": [s for s in seeds if s not in {r["seed"] for r in chosen}],
             "failed_runs": sum(r["failed"] for r in runs), "settings": [r["setting"] for r in chosen],
+            "tie_breaks": [r["tie_break"] for r in chosen], "select": select,
             "notes": sorted({r["note"] for r in runs if r.get("note")}), "shift": {},
         }
         if chosen:
@@ -71,13 +78,37 @@ def write_csv(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for r in records:
-            writer.writerow({**r, "val_acc": f"{r['val_acc']:.2f}", "test_acc": f"{r['test_acc']:.2f}"})
+            score = "" if r["val_score"] is None else f"{r['val_score']:.6f}"
+            writer.writerow({**r, "val_acc": f"{r['val_acc']:.2f}", "val_score": score,
+                             "test_acc": f"{r['test_acc']:.2f}", "tie_break": r["tie_break"] or ""})
 
 
 def _cell(row: Mapping[str, Any] | None) -> str:
     if row is None or "test_mean" not in row:
         return "—"
-    return f"{row['test_mean']:.2f} ± {row['test_std']:.2f}"
+    mark = f" {TIE_MARK}" if any(row.get("tie_breaks", ())) else ""
+    return f"{row['test_mean']:.2f} ± {row['test_std']:.2f}{mark}"
+
+
+def _tie_note(summary: Sequence[Mapping[str, Any]]) -> str:
+    """Footnote for the cells marked ``TIE_MARK``: which seeds' settings the tie-break chose, and how."""
+    cells = []
+    for r in summary:
+        by = {kind: [str(s) for s, t in zip(r["seeds"], r.get("tie_breaks", ())) if t == kind]
+              for kind in ("score", "order")}
+        parts = [f"seed{'s' * (len(seeds) > 1)} {', '.join(seeds)} by {kind}" for kind, seeds in by.items() if seeds]
+        if parts:
+            cells.append(f"{r['dataset']} {r['method']} {r['shots']}-shot: {' and '.join(parts)}")
+    if not cells:
+        return ""
+    return (f"\n{TIE_MARK} Setting chosen among those tied on validation accuracy, by the validation score (mean "
+            "log-probability of the true class) or, where the scores were equal too, by grid order: "
+            + "; ".join(cells) + "\n")
+
+
+def _selection(summary: Sequence[Mapping[str, Any]]) -> str:
+    modes = {r.get("select", "seed") for r in summary}
+    return _SELECTION[modes.pop()] if len(modes) == 1 else "settings selected on validation"
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -111,7 +142,7 @@ def run_markdown(dataset: str, summary: Sequence[Mapping[str, Any]]) -> str:
     cell = {(r["method"], r["shots"]): r for r in summary}
     table = _table(["Method", *[f"{k}-shot" for k in shots]],
                    ([m, *[_cell(cell.get((m, k))) for k in shots]] for m in methods))
-    text = f"# {dataset}: test accuracy (%), setting selected per seed on validation\n\n{table}\n"
+    text = f"# {dataset}: test accuracy (%), {_selection(summary)}\n\n{table}\n" + _tie_note(summary)
     failed = [r for r in summary if r["failed_runs"]]
     if failed:
         text += "\nRuns stopped by a non-finite loss: " + ", ".join(
@@ -119,6 +150,17 @@ def run_markdown(dataset: str, summary: Sequence[Mapping[str, Any]]) -> str:
     text += _notes(summary)
     shift = shift_table(summary)
     return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "")
+
+
+def scale_line(config: Mapping[str, Any]) -> str:
+    """The line of results.md that says which logit scale the runs used (see run_config.json)."""
+    origin = config.get("logit_scale_from")
+    if origin is None:
+        return ""
+    if origin == "grid":
+        return "\nLogit scale: the grid's (setting `s`).\n"
+    why = "the model's own, recorded in the cache" if origin == "cache" else "default; the cache records none"
+    return f"\nLogit scale: {config['logit_scale']:g} ({why}).\n"
 
 
 def plot(path: Path, summary: Sequence[Mapping[str, Any]], title: str = "") -> None:
@@ -203,11 +245,11 @@ def load_params(path: str | Path) -> dict[str, dict[str, Any]]:
 
 def write_run_dir(out: Path, dataset: str, config: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> None:
     """results.json, results.csv, results.md and accuracy_vs_shots.png of one run directory."""
-    summary = summarize(records)
+    summary = summarize(records, config["select"])
     payload = {"dataset": dataset, "config": dict(config), "summary": summary, "runs": list(records)}
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     write_csv(out / "results.csv", records)
-    (out / "results.md").write_text(run_markdown(dataset, summary))
+    (out / "results.md").write_text(run_markdown(dataset, summary) + scale_line(config))
     plot(out / "accuracy_vs_shots.png", summary, dataset)
 
 
@@ -244,7 +286,7 @@ def combined_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
     has_average = any(_key(d) in order for d in datasets)
     average = {(r["method"], r["shots"]): f"{r['test_mean']:.2f}" for r in _average_rows(summary)}
     label = average_label(summary)
-    text = "# Test accuracy (%), mean ± std over seeds; settings selected per seed on validation\n"
+    text = f"# Test accuracy (%), mean ± std over seeds; {_selection(summary)}\n"
     if has_average:
         rows = ([m, *[average.get((m, k), "—") for k in shots]] for m in methods)
         text += f"\n## {label}\n\n" + _table(["Method", *[f"{k}-shot" for k in shots]], rows) + "\n"
@@ -255,12 +297,34 @@ def combined_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
         text += f"\n## {k}-shot\n\n" + _table(header, rows) + "\n"
     text += _notes(summary)
     shift = shift_table(summary)
-    return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "")
+    return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "") + _tie_note(summary)
+
+
+def gap_line(gaps: Sequence[Mapping[str, Any]]) -> str:
+    """One Markdown line from the runs' gap.json: per dataset, cmm (else the first method with a map) at its
+    largest shot count; before -> after, averaged over the datasets. Empty when no run has a map."""
+    pairs = []
+    for g in gaps:
+        if g["after"]:
+            top = max(r["shots"] for r in g["after"])
+            rows = [r for r in g["after"] if r["shots"] == top]
+            pairs.append((g["before"], next((r for r in rows if r["method"] == "cmm"), rows[0])))
+    if not pairs:
+        return ""
+    def change(key: str, fmt: str) -> str:
+        before, after = (np.mean([b[key] for b, _ in pairs]), np.mean([a["mean"][key] for _, a in pairs]))
+        return f"{before:{fmt}} → {after:{fmt}}"
+
+    methods = ", ".join(sorted({f"{a['method']} {a['shots']}-shot" for _, a in pairs}))
+    return (f"Modality gap on test ({methods}; mean over {len(pairs)} dataset(s); per run: gap.md): "
+            f"‖mean image − mean prototype‖ {change('gap', '.3f')}, margin {change('margin', '.3f')}, "
+            f"nearest-prototype accuracy (%) {change('nearest_acc', '.2f')}\n")
 
 
 def combine(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     """Merge the results.json of several run directories into ``out`` (summary.md/.json, accuracy_vs_shots.png)."""
     summary: list[dict[str, Any]] = []
+    gaps = [json.loads(p.read_text()) for p in (Path(d) / "gap.json" for d in run_dirs) if p.is_file()]
     for run_dir in run_dirs:
         path = Path(run_dir) / "results.json"
         try:
@@ -269,7 +333,8 @@ def combine(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
             raise TrainError(f"{path}: cannot read results ({e}); run `python -m train_jax ... --out {run_dir}` first")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.md").write_text(combined_markdown(summary))
+    line = gap_line(gaps)
+    (out / "summary.md").write_text(combined_markdown(summary) + (f"\n{line}" if line else ""))
     (out / "summary.json").write_text(json.dumps({"summary": summary, "average": _average_rows(summary)}, indent=1))
     plot(out / "accuracy_vs_shots.png", summary)
     return out

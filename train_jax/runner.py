@@ -177,14 +177,31 @@ def _train_stream(rows, seed, hp, pool_x, pool_y, zs_pool, text, *, head: Head, 
     return params, consts, failed, fail_step, last_loss
 
 
-def _predict_one(params, consts, hp, blocks, classes, text, *, head: Head):
-    """blocks [nb, EVAL_BLOCK, D] -> predictions [nb*EVAL_BLOCK] int32 over the class subset ``classes``."""
+def target_log_prob(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log softmax(logits)[target] per row: logits [B,C], targets [B] -> [B]. With d = logits - logits[target] and
+    M = max(d) it is -(M + log1p(s)), s the sum of exp(d - M) without the max's own 1, so a confidently correct
+    row keeps its small negative value (about -exp(-margin)) where ``jax.nn.log_softmax`` rounds it to 0."""
+    d = logits - jnp.take_along_axis(logits, targets[:, None], axis=1)
+    top = jnp.argmax(d, axis=1)
+    m = jnp.take_along_axis(d, top[:, None], axis=1)
+    rest = jnp.where(jnp.arange(d.shape[1]) == top[:, None], 0.0, jnp.exp(d - m))
+    return -(m[:, 0] + jnp.log1p(jnp.sum(rest, axis=1)))
 
-    def block(_, x):
-        logits = head.logits(params, consts, x, x @ text.T, text, hp)
-        return None, jnp.argmax(logits[:, classes], axis=-1).astype(jnp.int32)
 
-    return jax.lax.scan(block, None, blocks)[1].reshape(-1)
+def _predict_one(params, consts, hp, blocks, targets, classes, text, *, head: Head):
+    """blocks [nb, EVAL_BLOCK, D] -> predictions [nb*EVAL_BLOCK] int32 over the class subset ``classes``; with
+    targets [nb, EVAL_BLOCK] (true classes, indices into ``classes``; None: predictions only) also the
+    log-probability of the target under the softmax of the logits over ``classes`` [nb*EVAL_BLOCK]."""
+
+    def block(_, xt):
+        x, t = xt
+        logits = head.logits(params, consts, x, x @ text.T, text, hp)[:, classes]
+        preds = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        if t is None:
+            return None, preds
+        return None, (preds, target_log_prob(logits, t))
+
+    return jax.tree.map(lambda a: a.reshape(-1), jax.lax.scan(block, None, (blocks, targets))[1])
 
 
 def _train_local(rows, seeds, hp, pool_x, pool_y, zs_pool, text, *, one: Callable, group: int):
@@ -212,7 +229,7 @@ def _train_program(head: Head, batch: int, max_epochs: int, streams: NamedShardi
 @functools.lru_cache(maxsize=None)
 def _predict_program(head: Head, runs: NamedSharding) -> Callable:
     """Jitted, vmapped predictions of one head, split along the run axis."""
-    return jax.jit(jax.vmap(functools.partial(_predict_one, head=head), in_axes=(0, 0, 0, None, None, None)),
+    return jax.jit(jax.vmap(functools.partial(_predict_one, head=head), in_axes=(0, 0, 0) + (None,) * 4),
                    out_shardings=runs)
 
 
@@ -389,6 +406,30 @@ def predict_runs(
 ) -> np.ndarray:
     """Predictions of every trained run on shared features [Ne,D] -> [S,Ne] int32, as indices into ``classes``
     ([Cs] class ids of ``text``; default all classes)."""
+    return _predict(head, trained, hp, feats, None, text, classes, budget, devices, desc)
+
+
+def score_runs(
+    head: Head,
+    trained: Trained,
+    hp: Mapping[str, np.ndarray],
+    feats: np.ndarray,
+    labels: np.ndarray,
+    text: np.ndarray,
+    *,
+    budget: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    desc: str = "score",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predictions [S,Ne] int32 of every trained run on features [Ne,D] with labels [Ne] (class ids of ``text``),
+    and the log-probability of each row's label under the run's softmax over all classes [S,Ne] float32."""
+    return _predict(head, trained, hp, feats, labels, text, None, budget, devices, desc)
+
+
+def _predict(head: Head, trained: Trained, hp: Mapping[str, np.ndarray], feats: np.ndarray, labels: np.ndarray | None,
+             text: np.ndarray, classes: np.ndarray | None, budget: int | None,
+             devices: Sequence[jax.Device] | None, desc: str) -> Tree:
+    """``predict_runs`` (labels None: predictions [S,Ne]) and ``score_runs`` (labels [Ne]: a pair of [S,Ne])."""
     runs = len(trained.failed)
     classes = np.arange(text.shape[0]) if classes is None else np.asarray(classes)
     n_params = sum(np.asarray(x)[0].size for x in jax.tree.leaves((trained.params, trained.consts)))
@@ -397,11 +438,18 @@ def predict_runs(
     predict = _predict_program(head, placement.runs)
 
     n = len(feats)
-    blocks = np.zeros((math.ceil(max(n, 1) / EVAL_BLOCK) * EVAL_BLOCK, feats.shape[1]), np.float32)
+    padded = math.ceil(max(n, 1) / EVAL_BLOCK) * EVAL_BLOCK
+    blocks = np.zeros((padded, feats.shape[1]), np.float32)
     blocks[:n] = feats
-    shared = placement.replicate((blocks.reshape(-1, EVAL_BLOCK, feats.shape[1]), classes.astype(np.int32), text))
+    targets = None
+    if labels is not None:
+        targets = np.zeros(padded, np.int32)
+        targets[:n] = labels
+        targets = targets.reshape(-1, EVAL_BLOCK)
+    shared = placement.replicate((blocks.reshape(-1, EVAL_BLOCK, feats.shape[1]), targets, classes.astype(np.int32),
+                                  text))
     outputs = []
     for start in tqdm(range(0, runs, chunk), desc=desc, unit="chunk", leave=False):
         params, consts, hp_c = placement.split((trained.params, trained.consts, dict(hp)), start, chunk)
-        outputs.append(np.asarray(predict(params, consts, hp_c, *shared)))
-    return _gather(outputs, runs)[:, :n]
+        outputs.append(jax.device_get(predict(params, consts, hp_c, *shared)))
+    return jax.tree.map(lambda x: x[:, :n], _gather(outputs, runs))
