@@ -79,13 +79,21 @@ def test_tip_adapter_keys_are_the_upstream_formula_on_the_cached_views(tmp_path,
         assert not np.allclose(keys, train.features[nearest], atol=1e-3)  # the plain view is not among them
 
 
-def test_search_values_and_first_best_on_ties():
+def test_search_is_upstreams_grid_argmax():
     assert search_values(7, 200)[[0, 1, 199]] == pytest.approx([0.1, 0.1345, 0.1 + 199 * 6.9 / 200])
     world = GapWorld(5, classes=3, dim=8)
-    x, y = world.images(2)
-    params, consts = {"keys": x}, {"values": np.eye(3, dtype=np.float32)[y]}
-    beta, alpha = search(params, consts, x[:0], y[:0], world.text, (7, 3))  # no rows: every pair ties at 0
-    assert (beta, alpha) == pytest.approx((0.1, 0.1))
+    keys, y = world.images(2)
+    val, val_y = world.images(5)
+    params, consts = {"keys": keys}, {"values": np.eye(3, dtype=np.float32)[y]}
+    betas, alphas = search_values(12, 200), search_values(10, 20)
+    cache = lambda b: np.exp(-b * (1 - val @ keys.T)) @ consts["values"]  # noqa: E731
+    acc = np.array([[np.mean(np.argmax(2 * val @ world.text.T + a * cache(b), axis=1) == val_y) for a in alphas]
+                    for b in betas])  # upstream's double loop (a weak zero-shot term, so that the grid matters)
+    best = np.unravel_index(np.argmax(acc), acc.shape)  # its strict ">": the first best in beta-major order
+    assert acc.min() < acc.max()
+    chosen = search(params, consts, val, val_y, world.text, (12, 10), logit_scale=2.0)
+    assert chosen == pytest.approx((betas[best[0]], alphas[best[1]]))
+    assert search(params, consts, val[:0], val_y[:0], world.text, (7, 3)) == pytest.approx((0.1, 0.1))  # all tie
 
 
 def test_tip_adapter_recipe_and_search_on_validation(tmp_path, monkeypatch):
