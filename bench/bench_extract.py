@@ -17,6 +17,8 @@ R the median over the rounds in which other processes took at most 10% of the CP
 from __future__ import annotations
 
 import argparse
+import functools
+import multiprocessing
 import shutil
 import sys
 from pathlib import Path
@@ -47,13 +49,24 @@ def natural_image(rng: np.random.Generator, width: int, height: int) -> np.ndarr
     return np.clip(smooth + grain, 0, 255).astype(np.uint8)
 
 
-def make_jpegs(root: Path, n: int, size: tuple[int, int], classes: int, seed: int = 0) -> Path:
-    """`n` JPEGs of `size` (width, height) as root/train/class_k/img_i.jpg, round-robin over classes; returns root."""
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        folder = root / "train" / f"class_{i % classes}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(natural_image(rng, *size)).save(folder / f"img_{i:05d}.jpg", quality=90)
+def write_jpeg(root: Path, size: tuple[int, int], classes: int, seed: int, i: int) -> None:
+    """Image i of `make_jpegs`: root/train/class_{i % classes}/img_i.jpg, from its own generator (seed, i)."""
+    folder = root / "train" / f"class_{i % classes}"
+    folder.mkdir(parents=True, exist_ok=True)
+    image = natural_image(np.random.default_rng([seed, i]), *size)
+    Image.fromarray(image).save(folder / f"img_{i:05d}.jpg", quality=90)
+
+
+def make_jpegs(root: Path, n: int, size: tuple[int, int], classes: int, seed: int = 0, processes: int = 1) -> Path:
+    """`n` JPEGs of `size` (width, height) as root/train/class_k/img_i.jpg, round-robin over classes, written by
+    `processes` processes (the same images for any count); returns root."""
+    write = functools.partial(write_jpeg, root, size, classes, seed)
+    if processes > 1 and n > 1:
+        with multiprocessing.Pool(min(processes, n)) as pool:
+            pool.map(write, range(n), chunksize=16)
+    else:
+        for i in range(n):
+            write(i)
     return root
 
 
@@ -142,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace, workdir: Path) -> None:
-    """Generate the images, time the rounds, print the table and the summary line."""
+def run(args: argparse.Namespace, workdir: Path) -> dict:
+    """Generate the images, time the rounds, print the table and the summary line; returns the summary's figures
+    (extract_bare, bare_img_s, extract_img_s: medians over the quiet rounds) and the table."""
     device = torch.device(resolve_device(args.device))
     images = args.images if args.images is not None else 8192 if device.type == "cuda" else 256
     small = [f"--{k.replace('_', '-')} {v}" for k, v in (("images", images), ("classes", args.classes),
@@ -159,7 +173,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
           f"{args.classes} classes, {args.aug_views} augmented views, batch {args.batch_size}, {args.workers} workers, "
           f"{args.threads} torch threads, device {device} ({'fp16 autocast' if device.type == 'cuda' else 'float32'})")
     shutil.rmtree(workdir / "jpegs", ignore_errors=True)  # a reused --dir must not keep other images
-    root = make_jpegs(workdir / "jpegs", images, args.size, args.classes)
+    root = make_jpegs(workdir / "jpegs", images, args.size, args.classes, processes=usable_cores())
     loaded = load_model(args.model, args.pretrained, model_config=args.model_config, device=str(device))
     spec = from_folder(root)
     tokens = loaded.tokenizer([t.format(c) for c in spec.classnames for t in cache_templates(spec.templates)])
@@ -170,7 +184,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     encode_image_loop(loaded, x, len(x), device)  # warm-up: first-call allocations, kernel choices
     encode_text_loop(loaded, tokens[:1], device)
     out = workdir / "cache.h5"
-    rows, ratios = [], []
+    rows = []
     for r in range(args.rounds):
         text = timed(lambda: encode_text_loop(loaded, tokens, device))
         image = timed(lambda: encode_image_loop(loaded, x, images * views, device))
@@ -178,18 +192,18 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         pipe = timed(lambda: extract_folder(root, loaded, out, args.batch_size, args.workers, args.aug_views,
                                             device))
         bare, bare_cpu = image.wall + text.wall, image.cpu + text.cpu
-        ratios.append(bare / pipe.wall)
         others = max(t.others for t in (text, image, pipe))
         rows.append([r + 1, images, bare, text.wall, pipe.wall, images / bare, images / pipe.wall, bare / pipe.wall,
                      bare_cpu / pipe.cpu, round(100 * others, 1)])
     paths = sorted((root / "train").rglob("*.jpg"))[:33]
-    print(format_table(["round", "images", "bare s", "of which text s", "extract s", "bare img/s", "extract img/s",
-                        "extract/bare", "CPU-time ratio", "others' CPU %"], rows))
+    table = format_table(["round", "images", "bare s", "of which text s", "extract s", "bare img/s", "extract img/s",
+                          "extract/bare", "CPU-time ratio", "others' CPU %"], rows)
+    print(table)
     forward = sum(row[2] - row[3] for row in rows) / (args.rounds * images)
     print(f"per image: forward {1000 * forward:.1f} ms (bare{', with its views' if args.aug_views else ''}), decode + "
           f"preprocess {decode_ms(loaded, paths):.1f} ms (one by one on 1 thread, as in a DataLoader worker); "
           f"text: {len(tokens)} prompts")
-    clean = [ratio for ratio, row in zip(ratios, rows) if row[-1] <= NOISY_PERCENT]
+    clean = [row for row in rows if row[-1] <= NOISY_PERCENT]
     print("extract/bare: bare / extract wall seconds. CPU-time ratio: the same with CPU seconds (this process + its "
           "workers). others' CPU: the largest share of the machine's CPU time that other processes took during one "
           f"of the round's timings. Summary: the median over the {len(clean) or len(rows)} rounds "
@@ -198,7 +212,12 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         print(f"warning: in {len(rows) - len(clean)} of {len(rows)} rounds other processes took more than "
               f"{NOISY_PERCENT}% of the CPU, so their wall times are noisy"
               + ("" if clean else ": rerun on an idle machine, or with more --rounds"))
-    print(f"extract/bare = {float(np.median(clean or ratios)):.2f} (target >= 0.8)")
+    used = clean or rows
+    summary = {"extract_bare": float(np.median([row[7] for row in used])),
+               "bare_img_s": float(np.median([row[5] for row in used])),
+               "extract_img_s": float(np.median([row[6] for row in used])), "table": table}
+    print(f"extract/bare = {summary['extract_bare']:.2f} (target >= 0.8)")
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ measurement's peak RSS, ru_maxrss, is its own):
                (runs sharing a seed fold into one wider step, see train_jax/runner.py);
   JAX loop     `train_runs` on one run at a time, S calls (one jitted single-run program, reused);
   PyTorch loop `bench/train_torch.py`: the same model, loss, AdamW and schedule, one run after another, as
-               straightforward eager PyTorch, with the same thread count.
+               straightforward eager PyTorch, with the same thread count, on --torch-device (the GPU if any).
 The loops run max(S) runs once; the time of a loop over S runs is its time after run S. JAX's trace + compile
 time (reported by jax.monitoring) is subtracted and shown apart; PyTorch gets one untimed warm-up step.
 GFLOP/s = useful matmul FLOPs (see `bench.train_problems.useful_flops`) / seconds, against the machine's peak: a
@@ -62,7 +62,8 @@ def worker(module: str, *args: object) -> dict:
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "others": timing.others}
 
 
-def measure_case(case: Case, repeats: int, threads: int, torch_loop: bool, rounds: int, peak_size: int) -> dict:
+def measure_case(case: Case, repeats: int, threads: int, torch_loop: bool, rounds: int, peak_size: int,
+                 torch_device: str = "auto") -> dict:
     """Every measurement of one case: the ceilings (``peak``: matmul peak, the step's matmuls, memory bandwidth),
     vmapped per S, the JAX loop and the PyTorch loop over max(S) runs; all of them ``rounds`` times in turn,
     keeping each one's best round (the fastest time, the highest ceilings), so that a slow phase of a shared
@@ -72,7 +73,7 @@ def measure_case(case: Case, repeats: int, threads: int, torch_loop: bool, round
     jobs += [("vmapped", s, "train_worker_jax", ("vmapped", spec, s, repeats)) for s in case.runs]
     jobs.append(("jax_loop", top, "train_worker_jax", ("loop", spec, top, repeats)))
     if torch_loop:
-        jobs.append(("torch_loop", top, "train_worker_torch", ("loop", spec, top, repeats, threads)))
+        jobs.append(("torch_loop", top, "train_worker_torch", ("loop", spec, top, repeats, threads, torch_device)))
     best: dict = {}
     with tqdm(jobs * rounds, desc=case.name, unit="measurement", leave=False) as bar:
         for name, s, module, args in bar:
@@ -161,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peak-size", type=int, default=4096, help="side of the square float32 matmul that "
                         "measures the peak GFLOP/s (default 4096; memory bandwidth is timed on 4 x side^2 floats)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch loop")
+    parser.add_argument("--torch-device", default="auto", help="device of the PyTorch loop and matmul: auto (CUDA "
+                        "if PyTorch sees a GPU; default), cpu or cuda. JAX uses its default device")
     return parser
 
 
@@ -179,13 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(machine_lines(PACKAGES)))
         print(f"load average at start: {load_average():.2f}; PyTorch threads {args.threads}")
         if not args.no_torch:
-            torch_peak = worker("train_worker_torch", "peak", args.peak_size, args.threads)["matmul_gflops"]
-            print(f"PyTorch matmul ({args.peak_size}^2 float32, best of 3): {torch_peak:.0f} GFLOP/s")
+            torch_peak = worker("train_worker_torch", "peak", args.peak_size, args.threads, args.torch_device)
+            print(f"PyTorch matmul ({args.peak_size}^2 float32, best of 3, {torch_peak['device']}): "
+                  f"{torch_peak['matmul_gflops']:.0f} GFLOP/s")
         results = {}
         for case in cases:
             repeats = args.repeats or REPEATS[case.name]
             results[case.name] = measure_case(case, repeats, args.threads, not args.no_torch, args.rounds,
-                                              args.peak_size)
+                                              args.peak_size, args.torch_device)
         peak = max(r["peak"]["matmul_gflops"] for r in results.values())
         bandwidth = max(r["peak"]["memory_gbps"] for r in results.values())
         print(f"JAX matmul peak ({args.peak_size}^2 float32, best of 3 per round, best over all rounds and cases): "
