@@ -35,7 +35,8 @@ Default grid (the paper publishes no settings):
   {' '.join(f"{ALIASES_OUT.get(k, k)}={','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items())}
 Fields outside the grid keep their defaults:
   {Settings().label([f.name for f in dataclasses.fields(Settings)])}
-Settings (grid keys, aliases in brackets):
+Settings (grid keys, aliases in brackets; tip_adapter_f ignores the grid and runs its authors' recipe, README
+"Protocol"):
 {grid_keys_help()}
 Methods:
 {_METHODS_HELP}
@@ -198,6 +199,8 @@ def run(args: argparse.Namespace) -> Path:
             if r["failed"]:
                 print(f"warning: {r['method']} seed {r['seed']} ({r['setting']}) stopped at step {r['fail_step']} "
                       "by a non-finite loss or update; excluded from selection", file=sys.stderr)
+        for note in sorted({r["note"] for r in result.records if r.get("note")}):
+            print(f"warning: {note}", file=sys.stderr)
         for row in report.summarize(result.records, args.select):
             acc = f"{row['test_mean']:.2f} ± {row['test_std']:.2f}" if "test_mean" in row else "all runs failed"
             print(f"{task.dataset} {k}-shot {row['method']}: {acc}")
