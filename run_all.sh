@@ -19,11 +19,13 @@ tiny random-weight CLIP. Its numbers check the pipeline; they are not CLIP accur
                          under train/ val/ test/); --name names it
   --name NAME            dataset name for --folder or --predict (default: the folder's name)
   --model NAME           open_clip model name, hf-hub:ORG/REPO or local-dir:DIR (default RN50-quickgelu, the
-                         activation of OpenAI's RN50 weights; the demo uses cmm-tiny-vit)
+                         activation of OpenAI's RN50 weights, or with --model-config the config file's name;
+                         the demo uses cmm-tiny-vit)
   --pretrained TAG|FILE  open_clip pretrained tag (e.g. openai) or a local weights file (.pt/.safetensors, or
                          OpenAI's TorchScript RN50.pt, ...); not with hf-hub:/local-dir:, which bring their own
   --model-config FILE    open_clip model-config JSON of a custom architecture
-  --shots "K ..."        shots per class (default "1 2 4 8 16")
+  --shots "K ..."        shots per class (default "1 2 4 8 16"); values above a dataset's smallest class are
+                         skipped for that dataset with a warning
   --seeds "S ..."        few-shot seeds (default "1 2 3")
   --aug-views N          augmented views of each encoded train image (default 0)
   --encode-all           encode every train image (default: only those the few-shot draws of --seeds at up
@@ -76,10 +78,11 @@ if [ -z "$DATASETS" ] && [ -z "$FOLDER" ]; then
   DEMO=1
   DATASETS="FashionMNIST"
   DATA_ROOT="$OUT/data"
-  MODEL="${MODEL:-cmm-tiny-vit}"
+  [ -n "$MODEL_CONFIG" ] || MODEL="${MODEL:-cmm-tiny-vit}"
   PRETRAINED="${PRETRAINED:-random}"
 fi
-MODEL="${MODEL:-RN50-quickgelu}"
+[ -n "$MODEL_CONFIG" ] || MODEL="${MODEL:-RN50-quickgelu}"
+[ -z "$MODEL_CONFIG" ] || [ -f "$MODEL_CONFIG" ] || die "--model-config $MODEL_CONFIG is not a file"
 case "$MODEL" in
   hf-hub:*|local-dir:*) [ -z "$PRETRAINED" ] || die "--model $MODEL brings its own weights; drop --pretrained" ;;
   *) [ -n "$PRETRAINED" ] || die "--pretrained is required with real data: an open_clip tag (needs the internet) or a local weights file, e.g. --pretrained ~/weights/RN50.pt" ;;
@@ -112,11 +115,15 @@ fi
 
 # A cache folder per (model, weights): a cache never mixes features of two models.
 WEIGHTS_TAG="$(basename "$PRETRAINED")"
-case "$MODEL" in local-dir:*) MODEL_TAG="local-dir_$(basename "${MODEL#local-dir:}")" ;; *) MODEL_TAG="$MODEL" ;; esac
+MODEL_NAME="${MODEL:-$(basename "$MODEL_CONFIG" .json)}"  # extract names a --model-config model after its file
+case "$MODEL_NAME" in
+  local-dir:*) MODEL_TAG="local-dir_$(basename "${MODEL_NAME#local-dir:}")" ;; *) MODEL_TAG="$MODEL_NAME" ;;
+esac
 MODEL_TAG="${MODEL_TAG//[\/:]/_}"
 CACHE_DIR="$OUT/cache/${MODEL_TAG}${PRETRAINED:+-${WEIGHTS_TAG%.*}}"
 mkdir -p "$CACHE_DIR" "$OUT/runs" "$OUT/results"
-MODEL_ARGS=(--model "$MODEL" --device "$DEVICE" --aug-views "$AUG_VIEWS")
+MODEL_ARGS=(--device "$DEVICE" --aug-views "$AUG_VIEWS")
+[ -z "$MODEL" ] || MODEL_ARGS+=(--model "$MODEL")
 [ -z "$PRETRAINED" ] || MODEL_ARGS+=(--pretrained "$PRETRAINED")
 [ -z "$MODEL_CONFIG" ] || MODEL_ARGS+=(--model-config "$MODEL_CONFIG")
 POOL_ARGS=()  # the train images the draws of these seeds at up to the largest K use (all with --encode-all)
@@ -173,7 +180,7 @@ for ds in "${TRAIN_SETS[@]}"; do
   fi
   echo "== $ds: training and evaluating (shots: $SHOTS; seeds: $SEEDS)"
   # shellcheck disable=SC2086  # TRAIN_ARGS, SHOTS and SEEDS are word lists on purpose
-  "$PY" -m train_jax --cache "$CACHE_DIR/$ds.h5" "${EVAL_ARGS[@]}" --shots $SHOTS --seeds $SEEDS \
+  "$PY" -m train_jax --cache "$CACHE_DIR/$ds.h5" "${EVAL_ARGS[@]}" --shots $SHOTS --fit-shots --seeds $SEEDS \
     --out "$OUT/runs/$ds" $TRAIN_ARGS
   RUN_DIRS+=("$OUT/runs/$ds")
 done

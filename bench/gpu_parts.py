@@ -113,7 +113,8 @@ def write_class_cache(path: Path, *, classes: int, dim: int, train: int, val: in
         splits["val"] = split("val", val)
     return write_cache(path, attrs={"dataset": dataset, "model": "synthetic", "embed_dim": dim},
                        classnames=[f"class {c}" for c in range(classes)],
-                       templates=templates, text_features=text, splits=splits)
+                       templates=templates, text_features=text, splits=splits,
+                       overwrite=True)  # a scratch cache: a rerun with other sizes replaces it
 
 
 def env(spec: dict, save: Save) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import json
 
-from data.cache import CacheError, inspect, read_cache
+from data.cache import CacheError, inspect, read_cache, verify
 
 EXAMPLES = """examples:
   python -m extract run --folder imgs/ --model ViT-B-32-quickgelu --pretrained ~/weights/ViT-B-32.pt --out c.h5
@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "/bad (default: stop at the first one)")
     exe = run.add_argument_group("execution")
     exe.add_argument("--out", type=Path, required=True, help="cache file to write, e.g. cache/dtd-vitb32.h5")
+    exe.add_argument("--overwrite", action="store_true", help="replace an existing --out cache made with another "
+                                                              "model, setting or image listing (default: refuse)")
     exe.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     exe.add_argument("--workers", type=int, default=min(8, _cpus()), help="DataLoader worker processes "
                                                                           "(0 = load in the main process)")
@@ -216,7 +218,7 @@ def _run(args: argparse.Namespace) -> Path | None:
                           aug_views=args.aug_views, aug_seed=args.aug_seed, batch_size=args.batch_size,
                           workers=args.workers, feature_dtype="float16" if args.float16 else "float32",
                           skip_bad=args.skip_bad, shard=shard, device=device, progress=not args.no_progress,
-                          command=args.argv)
+                          command=args.argv, overwrite=args.overwrite)
 
 
 def _pool(seeds: list[int] | None, shots: int | None) -> dict | None:
@@ -250,7 +252,8 @@ def _cpus() -> int:
 
 
 def summary(path: Path) -> str:
-    """Human-readable summary of a cache or a .partial file: attributes, classes, templates, rows per split."""
+    """Human-readable summary of a cache or a .partial file: attributes, classes, templates, rows per split; the
+    checksums of every dataset are verified (CacheError naming the damaged dataset and rows)."""
     info = inspect(path)
     attrs = info["attrs"]
     lines = [f"{path}: {'complete' if attrs.get('complete') else 'INCOMPLETE (resume by rerunning the extraction)'}"]
@@ -259,6 +262,7 @@ def summary(path: Path) -> str:
         lines.append(f"  {key}: {attrs.get(key)!r}")
     lines.append(f"  preprocess: {attrs.get('preprocess')}")
     lines.append(f"  versions: {attrs.get('versions')}")
+    checksummed = verify(path)
     pool = json.loads(attrs.get("pool") or "{}")
     lines.append(f"  train pool: seeds {' '.join(map(str, pool['seeds']))} at <= {pool['shots']} shots"
                  if pool else "  train pool: the whole split")
@@ -272,6 +276,8 @@ def summary(path: Path) -> str:
                      f"{n['pending']} pending, {n['not encoded']} not encoded; features {n['features']} "
                      f"{n['dtype']}{aug}")
     lines.append(f"  bad images: {info['bad']}")
+    lines.append(f"  checksums: {checksummed} datasets verified" if checksummed else
+                 "  checksums: none stored (made before they were added)")
     if attrs.get("complete"):
         read_cache(path, with_aug=False)  # raises CacheError if the file does not validate
         lines.append("  valid: yes")

@@ -6,6 +6,7 @@ images to classify, for another cache's classes. Torch-free.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def from_folder(root: str | Path, *, split_ratio: tuple[float, float, float] = (
     if split_dirs and "train" not in split_dirs:
         raise ExtractError(f"{root}: has {'/ '.join(split_dirs)}/ but no train/ folder; add train/<class>/ folders")
     folders = sorted(p.name for p in class_root.iterdir() if p.is_dir())
+    _check_utf8(class_root, folders)
     if not folders:
         raise ExtractError(f"{class_root}: no class sub-folders; put the images of each class in its own folder")
     folder_to_label, classnames = _class_labels(folders, classnames_file)
@@ -64,7 +66,9 @@ def from_folder(root: str | Path, *, split_ratio: tuple[float, float, float] = (
             if extra:
                 raise ExtractError(f"{root / s / extra[0]}: class folder not in train/; add it to train/ or remove it")
     else:
-        splits = split_by_ratio(_scan(root, root, folder_to_label), split_ratio, seed)
+        rows = _scan(root, root, folder_to_label)
+        splits = split_by_ratio(rows, split_ratio, seed)
+        _check_train_rows(root, folder_to_label, rows, splits.get("train", []), split_ratio)
     return DatasetSpec(name or root.name, root, tuple(classnames), (template,), splits)
 
 
@@ -134,6 +138,7 @@ def from_unlabelled(root: str | Path, *, classes_from: str | Path | None = None,
                     if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
         raise ExtractError(f"{root}: holds no image ({', '.join(IMAGE_SUFFIXES)}); put the images to classify in it")
+    _check_utf8(root, images)
     return DatasetSpec(name or root.name, root, classnames, templates, {split: [(p, UNLABELLED) for p in images]})
 
 
@@ -195,11 +200,34 @@ def _class_labels(folders: list[str], classnames_file: str | Path | None) -> tup
     return {f: i for i, f in enumerate(folders)}, [prompt_classname(f) for f in folders]
 
 
+def _check_utf8(folder: Path, names: list[str]) -> None:
+    """Refuse file or folder names that are not valid UTF-8 (the cache stores paths as UTF-8)."""
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ExtractError(f"{os.fsencode(folder / name)!r}: file name is not valid UTF-8; rename it (e.g. "
+                               "`convmv -f latin1 -t utf8 -r --notest DIR`) or move it out of the folder") from None
+
+
+def _check_train_rows(root: Path, folder_to_label: dict[str, int], rows: Rows, train: Rows,
+                      ratio: tuple[float, float, float]) -> None:
+    """Refuse a split that leaves a class without train images (e.g. a class of one image)."""
+    have = {label for _, label in train}
+    for folder, label in folder_to_label.items():
+        if label not in have:
+            n = sum(lab == label for _, lab in rows)
+            raise ExtractError(f"{root / folder}: {n} image{'s' if n != 1 else ''}, too few to split by "
+                               f"{','.join(f'{r:g}' for r in ratio)} (train,val,test): the class gets no train image; "
+                               "add images, remove the folder, or give train/ val/ test/ folders")
+
+
 def _scan(folder: Path, root: Path, folder_to_label: dict[str, int]) -> Rows:
     """Images of `folder/<class>/` as (path relative to `root`, label); an empty class folder is an error."""
     try:
         rows = scan_class_folders(folder, folder_to_label)
     except DataError as e:
         raise ExtractError(str(e)) from None
+    _check_utf8(folder, [rel for rel, _ in rows])
     prefix = folder.relative_to(root).as_posix()
     return rows if prefix == "." else [(f"{prefix}/{rel}", label) for rel, label in rows]

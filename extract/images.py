@@ -10,9 +10,16 @@ from PIL import Image
 from extract.augment import AugmentedViews
 
 
+BACKGROUND = (255, 255, 255)  # transparent pixels (RGBA, LA, PA, palette or tRNS transparency) are shown on white
+
+
 def load_rgb(path: Path) -> Image.Image:
-    """Decode an image fully (so truncated files fail here) as RGB."""
+    """Decode an image fully (so truncated files fail here) as RGB; a transparent image is composited on
+    BACKGROUND first, so the same visible picture gives the same pixels whatever the file's mode."""
     with Image.open(path) as image:
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB")
         return image.convert("RGB")
 
 

@@ -43,13 +43,15 @@ def run_extraction(spec: DatasetSpec, loaded: LoadedModel, out: str | Path, *, t
                    splits: list[str] | None = None, pool: dict | None = None, aug_views: int = 0,
                    aug_seed: int = 0, batch_size: int = 64, workers: int = 0, feature_dtype: str = "float32",
                    skip_bad: bool = False, shard: Shard | None = None, device: str = "cpu", progress: bool = True,
-                   command: list[str] | None = None, on_batch: OnBatch | None = None) -> Path:
+                   command: list[str] | None = None, overwrite: bool = False, on_batch: OnBatch | None = None
+                   ) -> Path:
     """Extract `splits` (default: all of the dataset's) of `spec` with `loaded` into `out` (or its shard file).
 
     templates: the cache's prompt templates (`prompts.cache_templates`). pool: dict(seeds=[...], shots=K) to encode
     only the train rows those draws can use (None: the whole split). aug_views: augmented views per encoded train
-    image. command: the argv that ran this (stored, so a train run can say how to add rows). on_batch: called after
-    each stored batch (tests use it to simulate an interruption). Returns the cache path.
+    image. command: the argv that ran this (stored, so a train run can say how to add rows). overwrite: replace a
+    complete cache of another identity at `out` (else refused with an error). on_batch: called after each stored
+    batch (tests use it to simulate an interruption). Returns the cache path.
     """
     if feature_dtype not in FEATURE_DTYPES:
         raise ExtractError(f"feature dtype {feature_dtype!r} not supported; use one of {', '.join(FEATURE_DTYPES)}")
@@ -64,7 +66,7 @@ def run_extraction(spec: DatasetSpec, loaded: LoadedModel, out: str | Path, *, t
              "versions": package_versions(), "command": json.dumps(list(command or []))}
     target, rows, pool = plan_rows(spec, names, pool, shard, out)
     attrs["pool"] = json.dumps(pool) if pool else ""
-    status = complete_status(target, attrs, list(spec.classnames), templates, rows)
+    status = None if overwrite else complete_status(target, attrs, list(spec.classnames), templates, rows)
     if status is not None:
         if not any(np.any(status[n][r["encode"]] == ABSENT) for n, r in rows.items()):
             print(f"{target}: already complete with this model and these settings; delete it to extract again")
@@ -73,7 +75,7 @@ def run_extraction(spec: DatasetSpec, loaded: LoadedModel, out: str | Path, *, t
             reopen_complete(target)  # add the missing rows to a copy; the encoded ones keep their bytes
     writer = CacheWriter.open(target, attrs=attrs, classnames=list(spec.classnames), templates=templates,
                               splits=rows, embed_dim=int(loaded.attrs["embed_dim"]), aug_views=attrs["aug_views"],
-                              feature_dtype=feature_dtype)
+                              feature_dtype=feature_dtype, overwrite=overwrite)
     dev = torch.device(device)
     try:
         if not writer.text_done:

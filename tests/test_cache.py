@@ -1,15 +1,21 @@
 """The HDF5 cache contract: round trip, validation on read, resumable writer, refusal to mix models."""
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from data.cache import (CacheError, CacheWriter, l2_normalize, partial_path, read_attrs, read_cache,
-                        write_cache)
+from data.cache import (CacheError, CacheWriter, file_identity, identity, identity_diff, l2_normalize,
+                        partial_path, read_attrs, read_cache, verify, write_cache)
 from data.registry import ensemble_templates
 
 CLASSES = ["cat", "dog", "newt"]
@@ -224,3 +230,156 @@ def test_pooled_rows_stay_listed_and_requested_rows_grow_the_file(tmp_path: Path
     assert cache.splits["train"].features.tobytes() == train["features"][[1, 2, 4]].astype(np.float32).tobytes()
     with h5py.File(path, "r") as f:
         assert f["splits/train/status"][()].tolist() == [3, 1, 1, 3, 1, 3] and f["splits/train/features"].shape[0] == 3
+
+
+def _half_written(path: Path, content: dict) -> str:
+    """A partial file with text and two train rows done (an interrupted run); returns its digest."""
+    train = content["splits"]["train"]
+    writer = _open_writer(path, content)
+    writer.write_text(content["text_features"])
+    writer.write_rows("train", np.array([0, 1]), train["features"][:2], train["aug_features"][:2])
+    writer.close()
+    return digest(partial_path(path))
+
+
+def test_second_writer_is_refused_and_never_touches_the_partial(tmp_path: Path) -> None:
+    content, path = make_content(), tmp_path / "c.h5"
+    before = _half_written(path, content)
+    first = _open_writer(path, content)
+    with pytest.raises(CacheError, match=f"another extraction is writing {path}; wait for it or stop it"):
+        CacheWriter.open(path, attrs=content["attrs"], classnames=CLASSES, templates=TEMPLATES,
+                         splits={k: dict(paths=v["paths"], labels=v["labels"]) for k, v in content["splits"].items()},
+                         embed_dim=8, aug_views=2, lock_wait=0.3)
+    first.close()
+    assert digest(partial_path(path)) == before
+
+
+def test_rerun_while_a_reader_holds_the_partial_keeps_its_rows(tmp_path: Path) -> None:
+    content, path = make_content(), tmp_path / "c.h5"
+    before = _half_written(path, content)
+    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time\n"
+                               f"f = h5py.File({str(partial_path(path))!r}, 'r'); print('open', flush=True); "
+                               "time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    try:  # like a worker of a killed run still holding the file
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(CacheError, match="another process has it open"):
+            _open_writer(path, content)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert digest(partial_path(path)) == before
+    writer = _open_writer(path, content)
+    assert writer.pending("train").tolist() == [2, 3, 4, 5]
+    writer.close()
+
+
+def test_lock_is_held_by_forked_children_until_they_exit(tmp_path: Path) -> None:
+    content, path = make_content(), tmp_path / "c.h5"
+    writer = _open_writer(path, content)
+    child = os.fork()
+    if child == 0:  # like a DataLoader worker outliving its killed parent
+        time.sleep(1.0)
+        os._exit(0)
+    writer.close()
+    splits = {k: dict(paths=v["paths"], labels=v["labels"]) for k, v in content["splits"].items()}
+    kw = dict(attrs=content["attrs"], classnames=CLASSES, templates=TEMPLATES, splits=splits, embed_dim=8,
+              aug_views=2)
+    with pytest.raises(CacheError, match="another extraction is writing"):
+        CacheWriter.open(path, **kw, lock_wait=0.1)
+    CacheWriter.open(path, **kw, lock_wait=10).close()  # waits for the child
+    os.waitpid(child, 0)
+
+
+@pytest.mark.parametrize("make_partial", [
+    lambda p: p.write_bytes(b"\x89HDF\r\n garbage from a killed run"),
+    lambda p: h5py.File(p, "w").close(),  # killed before any attribute was written
+])
+def test_unresumable_partial_is_moved_aside(tmp_path: Path, capsys: pytest.CaptureFixture, make_partial) -> None:
+    content, path = make_content(), tmp_path / "c.h5"
+    make_partial(partial_path(path))
+    before = digest(partial_path(path))
+    _open_writer(path, content).close()
+    aside = list(tmp_path.glob("c.h5.partial.unusable-*"))
+    assert len(aside) == 1 and digest(aside[0]) == before
+    assert "cannot be resumed" in capsys.readouterr().err
+    assert read_attrs(partial_path(path))["format"] == "cmm-feature-cache"
+
+
+def test_write_error_is_one_line_and_the_partial_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    content, path = make_content(), tmp_path / "c.h5"
+    train, test = content["splits"]["train"], content["splits"]["test"]
+    writer = _open_writer(path, content)
+    writer.write_text(content["text_features"])
+    writer.write_rows("train", np.arange(3), train["features"][:3], train["aug_features"][:3])
+    real = h5py.Dataset.__setitem__
+
+    def disk_full(self, key, value):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", disk_full)
+    with pytest.raises(CacheError, match=r"c\.h5\.partial: cannot write it .*free disk space .* rerun") as err:
+        writer.write_rows("train", np.arange(3, 6), train["features"][3:], train["aug_features"][3:])
+    assert "\n" not in str(err.value)
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", real)
+    writer = _open_writer(path, content)
+    assert writer.pending("train").tolist() == [3, 4, 5]
+    writer.write_rows("train", np.arange(3, 6), train["features"][3:], train["aug_features"][3:])
+    writer.write_rows("test", np.arange(4), test["features"])
+    resumed, reference = read_cache(writer.finalize()), read_cache(write_cache(tmp_path / "ref.h5", **content))
+    for name in ("train", "test"):
+        assert resumed.splits[name].features.tobytes() == reference.splits[name].features.tobytes()
+
+
+def test_too_little_space_is_refused_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(CacheError, match=r"c\.h5\.partial: needs 1\.\d MiB of free space, its disk has 0\.0 MiB"):
+        write_cache(tmp_path / "c.h5", **make_content())
+    assert list(tmp_path.iterdir()) == []
+
+
+def _flip_byte(path: Path, dataset: str) -> None:
+    with h5py.File(path, "r") as f:
+        offset = f[dataset].id.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as raw:
+        raw.seek(offset)
+        byte = raw.read(1)
+        raw.seek(offset)
+        raw.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("dataset", ["/splits/train/status", "/splits/test/features", "/text_features"])
+def test_corrupted_bytes_are_reported_with_the_dataset(tmp_path: Path, dataset: str) -> None:
+    path = write_cache(tmp_path / "c.h5", **make_content())
+    assert verify(path) == 10  # text, 5 train and 4 test datasets
+    _flip_byte(path, dataset)
+    with pytest.raises(CacheError, match=f"{dataset} is corrupted") as err:
+        read_cache(path)
+    assert "\n" not in str(err.value)
+    with pytest.raises(CacheError, match=f"{dataset} rows 0-.* is corrupted"):
+        verify(path)
+
+
+def test_cache_without_bad_group_reads(tmp_path: Path) -> None:
+    path = write_cache(tmp_path / "c.h5", **make_content())
+    with h5py.File(path, "r+") as f:
+        del f["bad"]
+    assert read_cache(path).bad_paths == []
+
+
+def test_identity_names_model_classes_and_listing(tmp_path: Path) -> None:
+    content = make_content()
+    path = write_cache(tmp_path / "c.h5", **content)
+    splits = {k: dict(paths=v["paths"], labels=v["labels"]) for k, v in content["splits"].items()}
+    full_attrs = {**content["attrs"], "embed_dim": 8, "aug_views": 2, "feature_dtype": "float32"}
+    assert file_identity(path) == identity(full_attrs, CLASSES, TEMPLATES, splits)
+    moved = splits | {"test": dict(paths=splits["test"]["paths"][::-1], labels=splits["test"]["labels"])}
+    assert identity_diff(file_identity(path), identity(full_attrs, CLASSES, TEMPLATES, moved)) == \
+        "another image listing (paths and labels)"
+    before = digest(path)
+    other = make_content()
+    other["splits"]["test"]["paths"] = [f"elsewhere/{i}.png" for i in range(4)]
+    with pytest.raises(CacheError, match="exists with another image listing .* --overwrite"):
+        write_cache(path, **other)
+    assert digest(path) == before
+    write_cache(path, **other, overwrite=True)
+    assert read_cache(path).splits["test"].paths.tolist() == other["splits"]["test"]["paths"]

@@ -1,18 +1,20 @@
 """`python -m extract`: end to end in a subprocess, and each bad input's one-line error leaving the cache untouched."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 
 from extract.__main__ import build_parser, main
-from data.cache import partial_path, read_cache
+from data.cache import lock_path, partial_path, read_cache
 from helpers_extract import TINY, digest, make_class_folder, make_local_dir, seeded_tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +98,10 @@ def test_bad_inputs_give_one_line_errors_and_leave_the_cache_untouched(tmp_path:
         "empty class": (["--folder", str(empty)], "zebra: class folder holds no image"),
         "unknown model": (["--folder", str(root), "--model", "ViT-Q-99"], "unknown model 'ViT-Q-99'"),
         "template without {}": (["--folder", str(root), "--template", "a photo"], "placeholder '{}'"),
-        "images added": (["--folder", str(corrupt), "--name", "imgs"], "images added and"),
+        "corrupt image": (["--folder", str(corrupt), "--name", "imgs", "--overwrite"],
+                          "img01.png: cannot read image"),
+        "other listing": (["--folder", str(corrupt), "--name", "imgs", "--skip-bad"],
+                          "exists with another image listing"),
         "different model": (["--folder", str(root), "--model-config", str(tmp_path / "deeper.json"),
                              "--model", ""], "refusing to mix"),
         "no dataset": ([], "give exactly one of --folder"),
@@ -112,12 +117,85 @@ def test_bad_inputs_give_one_line_errors_and_leave_the_cache_untouched(tmp_path:
         line = one_error_line(capsys.readouterr().err)
         assert code == 2 and message in line, (what, line)
         assert digest(out) == before, what
-    other = tmp_path / "corrupt.h5"
-    assert main(["run", "--out", str(other), "--folder", str(corrupt), "--name", "imgs", *TINY_ARGS]) == 2
-    assert "img01.png: cannot read image" in one_error_line(capsys.readouterr().err)
-    assert main(["run", "--out", str(other), "--folder", str(corrupt), "--name", "imgs", "--skip-bad",
-                 *TINY_ARGS]) == 0
-    assert read_cache(other).bad_paths == ["dog/img01.png"]
+    assert main(["run", "--out", str(out), "--folder", str(corrupt), "--name", "imgs", "--skip-bad",
+                 "--overwrite", *TINY_ARGS]) == 0
+    assert read_cache(out).bad_paths == ["dog/img01.png"]
+
+
+@pytest.fixture()
+def read_only_dir(tmp_path: Path):
+    """A folder on a read-only mount when this user may mount, else a folder without write permission."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        if os.geteuid() == 0:
+            pytest.skip("root without mount rights: no read-only folder to test with")
+        folder.chmod(0o555)
+    yield folder
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+    else:
+        folder.chmod(0o755)
+
+
+def test_out_in_read_only_folder_is_one_line(tmp_path: Path, read_only_dir: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    root = make_class_folder(tmp_path / "imgs", per_class=2)
+    assert main(["run", "--folder", str(root), "--out", str(read_only_dir / "c.h5"), *TINY_ARGS]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{read_only_dir}: cannot write there" in line and "writable --out" in line
+
+
+def test_out_that_is_a_folder_and_not_utf8_names(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = make_class_folder(tmp_path / "imgs", per_class=2)
+    (tmp_path / "c.h5").mkdir()
+    assert main(["run", "--folder", str(root), "--out", str(tmp_path / "c.h5"), *TINY_ARGS]) == 2
+    assert "c.h5: is a folder, not a cache file" in one_error_line(capsys.readouterr().err)
+    assert main(["info", str(tmp_path / "c.h5")]) == 2
+    assert "c.h5: is a folder, not a cache file" in one_error_line(capsys.readouterr().err)
+    (root / "cat" / "img00.png").rename(root / "cat" / os.fsdecode(b"caf\xe9.png"))
+    assert main(["run", "--folder", str(root), "--out", str(tmp_path / "d.h5"), "--skip-bad", *TINY_ARGS]) == 2
+    assert "file name is not valid UTF-8" in one_error_line(capsys.readouterr().err)
+
+
+def test_info_and_merge_on_files_without_bad_and_info_names_corruption(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    root = make_class_folder(tmp_path / "imgs", per_class=4)
+    shards = [tmp_path / f"c.shard-{i}-of-2.h5" for i in range(2)]
+    for i in range(2):
+        assert main(["run", "--folder", str(root), "--out", str(tmp_path / "c.h5"), "--shard", f"{i}/2",
+                     *TINY_ARGS]) == 0
+    for shard in shards:
+        with h5py.File(shard, "r+") as f:
+            del f["bad"]
+    capsys.readouterr()
+    assert main(["info", str(shards[0])]) == 0
+    out = capsys.readouterr().out
+    assert "bad images: 0" in out and "checksums: 13 datasets verified" in out and "valid: yes" in out
+    assert main(["merge", str(tmp_path / "m.h5"), *map(str, shards), "--no-progress"]) == 0
+    with h5py.File(tmp_path / "m.h5", "r") as f:
+        offset = f["splits/train/status"].id.get_chunk_info(0).byte_offset
+    with open(tmp_path / "m.h5", "r+b") as raw:
+        raw.seek(offset)
+        raw.write(b"\x07")
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "m.h5")]) == 2
+    assert "/splits/train/status rows 0-" in one_error_line(capsys.readouterr().err)
+
+
+def test_info_on_a_partial_being_written_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "c.h5"
+    partial_path(out).write_bytes(b"")
+    lock = os.open(lock_path(out), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        assert main(["info", str(partial_path(out))]) == 2
+    finally:
+        os.close(lock)
+    line = one_error_line(capsys.readouterr().err)
+    assert "an extraction is writing it now; wait for it to finish" in line and "delete" not in line
 
 
 def test_local_dir_model_without_pretrained(tmp_path: Path) -> None:

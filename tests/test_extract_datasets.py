@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,20 @@ def test_templates_order_dedup_and_validation(tmp_path: Path) -> None:
     f.write_text("# mine\nthe {} again\n\nno placeholder\n")
     with pytest.raises(ExtractError, match=r"t\.txt: template 'no placeholder'"):
         read_templates_file(f)
+
+
+def test_class_with_one_image_is_refused_up_front(tmp_path: Path) -> None:
+    root = make_class_folder(tmp_path / "pets", per_class=4)
+    make_images(root / "zebra", 1, seed=9)
+    with pytest.raises(ExtractError, match=r"zebra: 1 image, too few to split by 0\.5,0\.2,0\.3 .* no train image"):
+        datasets.from_folder(root)
+
+
+def test_file_name_not_utf8_is_refused_up_front(tmp_path: Path) -> None:
+    root = make_class_folder(tmp_path / "pets", per_class=3)
+    (root / "cat" / "img00.png").rename(root / "cat" / os.fsdecode(b"caf\xe9.png"))
+    with pytest.raises(ExtractError, match=r"caf\\xe9\.png'?: file name is not valid UTF-8; rename it"):
+        datasets.from_folder(root)
 
 
 def test_unlabelled_folder_takes_another_caches_classes_and_templates(tmp_path: Path) -> None:

@@ -67,6 +67,24 @@ def test_run_all_end_to_end_then_reuses_cache(tmp_path: Path) -> None:
     assert untrained.returncode == 2 and "no 3-shot models (trained: 1, 2)" in untrained.stderr
 
 
+def test_run_all_model_config_alone_and_shots_that_do_not_fit(tmp_path: Path) -> None:
+    folder = _make_folder(tmp_path / "colours")  # 4 train images per class
+    config = tmp_path / "mytiny.json"
+    config.write_text((ROOT / "extract" / "model_configs" / "cmm-tiny-vit.json").read_text())
+    out = tmp_path / "out"
+    run = _run_all("--folder", str(folder), "--model-config", str(config), "--pretrained", "random",
+                   "--shots", "1 8", "--seeds", "1", "--out", str(out),
+                   "--train-args", "--methods zeroshot cmm --grid lr=1e-2 alpha=1 lambda=1 epochs=2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "warning: colours: 8 shots skipped: class 'blue' has only 4 train images" in run.stderr
+    cache = out / "cache" / "mytiny-random" / "colours.h5"
+    from data.cache import read_attrs
+
+    assert read_attrs(cache)["model"] == "mytiny"
+    rows = json.loads((out / "results" / "summary.json").read_text())["summary"]
+    assert {(r["method"], r["shots"]) for r in rows} == {("zeroshot", 1), ("cmm", 1)}
+
+
 def test_run_all_rejects_bad_options(tmp_path: Path) -> None:
     bad = _run_all("--bogus")
     assert bad.returncode == 2 and "unknown option '--bogus'" in bad.stderr

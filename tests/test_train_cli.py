@@ -222,6 +222,36 @@ def test_report_combines_run_dirs(run, tmp_path):
     assert report.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
 
 
+def test_rerun_with_a_cache_of_another_identity_is_refused(run, tmp_path, capsys):
+    world, _, _, _, _ = run
+    cache = write_gap_cache(tmp_path / "c.h5", world, train=4, val=3, test=10)
+    argv = ["--cache", str(cache), "--out", str(tmp_path / "out"), "--shots", "1", "--seeds", "1", "--methods",
+            "zeroshot", "--prompt", "single"]
+    assert main(argv) == 0
+    moved = tmp_path / "moved.h5"
+    cache.rename(moved)  # the same cache elsewhere: still accepted
+    assert main([a if a != str(cache) else str(moved) for a in argv]) == 0
+    with h5py.File(moved, "r+") as f:  # re-extracted with other weights under the same path
+        f.attrs["weights_sha256"] = "0" * 64
+    capsys.readouterr()
+    assert main([*[a if a != str(cache) else str(moved) for a in argv], "--shots", "1", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "results of a cache made with weights_sha256=''" in err and "use another --out" in err
+    assert not (tmp_path / "out" / "shots" / "2shot.json").exists()
+
+
+def test_out_that_is_a_file_or_read_only_is_one_line(run, tmp_path, capsys):
+    _, cache, _, _, _ = run
+    (tmp_path / "file").write_text("x")
+    assert main(["--cache", str(cache), "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert "file: is a file, not a folder" in err and err.count("\n") == 1
+    assert main(["--cache", str(cache), "--out", "/proc/no-such-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: /proc/no-such-run: cannot write there") and err.count("\n") == 1
+
+
 def test_logit_scale_defaults_to_the_caches(run, tmp_path):
     _, cache, _, out, _ = run
     assert json.loads((out / "run_config.json").read_text())["logit_scale"] == 100  # the cache records none

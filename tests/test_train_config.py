@@ -1,5 +1,7 @@
 """Settings, grids parsed from CLI strings, JSON round trips."""
 
+import re
+
 import pytest
 
 from train_jax.config import DEFAULT_GRID, Settings, expand_grid, grid_from_json, grid_to_json, parse_grid
@@ -38,6 +40,18 @@ def test_json_round_trips():
     assert grid_from_json(grid_to_json(DEFAULT_GRID)) == DEFAULT_GRID
     with pytest.raises(TrainError, match="unknown setting"):
         Settings.from_dict({"nope": 1})
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("epochs=1e9", "epochs=1000000000 is out of range (0 to 10000)"),
+    ("margin=inf", "margin=inf is not a finite number"),
+    ("margin=3", "margin=3.0 is out of range (0 to 2, a cosine distance)"),
+    ("alpha=nan", "alpha=nan is not a finite number"),
+    ("s=inf", "logit_scale=inf is not a finite number"),
+])
+def test_settings_no_run_can_finish_are_refused(spec, fragment):
+    with pytest.raises(TrainError, match=re.escape(fragment)):
+        expand_grid(parse_grid([spec]))
 
 
 def test_each_setting_is_described_once_and_everything_derives_from_it():

@@ -9,15 +9,20 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from data.cache import CacheError, cache_identity
+import numpy as np
+
+from data.cache import CacheError, cache_identity, file_identity, identity_diff
 from data.errors import DataError
 from train_jax.config import (ALIASES_OUT, DEFAULT_GRID, Settings, expand_grid, grid_keys_help, grid_to_json,
                               parse_grid)
 from train_jax.errors import TrainError
 from train_jax.evaluate import SELECT_MODES
 from train_jax.methods import DEFAULT_METHODS, METHODS
+
+if TYPE_CHECKING:
+    from train_jax.experiment import Task
 
 _METHODS_HELP = "\n".join(f"  {m.name}: {m.description}" for m in METHODS.values())
 EPILOG = f"""
@@ -30,7 +35,8 @@ Default grid (the paper publishes no settings):
   {' '.join(f"{ALIASES_OUT.get(k, k)}={','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items())}
 Fields outside the grid keep their defaults:
   {Settings().label([f.name for f in dataclasses.fields(Settings)])}
-Settings (grid keys, aliases in brackets):
+Settings (grid keys, aliases in brackets; tip_adapter_f ignores the grid and runs its authors' recipe, README
+"Protocol"):
 {grid_keys_help()}
 Methods:
 {_METHODS_HELP}
@@ -55,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (created; rerunning resumes finished shots)")
     p.add_argument("--shots", nargs="+", type=int, default=[1, 2, 4, 8, 16],
                    help="shots per class (default: %(default)s)")
+    p.add_argument("--fit-shots", action="store_true",
+                   help="skip (with a warning) shots values above the smallest class's train images instead of "
+                        "stopping with an error")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="sampling seeds (default: %(default)s)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(DEFAULT_METHODS),
                    help="methods to train (default: %(default)s)")
@@ -75,21 +84,69 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise TrainError(f"{path}: cannot write it ({e.strerror}); choose a writable --out") from None
+
+
+def _prepare_out(out: Path) -> None:
+    """Create the output folder and its sub-folders; one-line errors for a file in the way or no write access."""
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"{out}: is a file, not a folder; give --out a folder (new or of an earlier run)")
+    try:
+        for folder in (out, out / "shots", out / "params"):
+            folder.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise TrainError(f"{e.filename or out}: cannot write there ({e.strerror}); choose a writable --out") from None
+
+
+PATH_KEYS = ("cache", "eval_caches")  # recorded for information; folders are matched by cache identity
 
 
 def _check_config(out: Path, config: dict[str, Any]) -> None:
-    """Record the run configuration, or check that a resumed folder was made with the same one."""
+    """Record the run configuration, or check that a resumed folder was made with the same one (same settings and
+    caches of the same identity, wherever they are now)."""
     path = out / "run_config.json"
     if path.exists():
         old = json.loads(path.read_text())
-        if old != config:
-            diff = next(k for k in config if old.get(k) != config[k])
-            raise TrainError(f"{path}: this folder holds results with a different {diff} ({old.get(diff)!r}); "
-                             "use another --out")
+        if "caches" not in old:
+            raise TrainError(f"{path}: this folder was made before runs recorded their caches' identity; use "
+                             "another --out")
+        was, now = old["caches"], config["caches"]
+        pairs = [("cache", was["cache"], now["cache"])] + [
+            (f"eval cache {i + 1}", was["eval_caches"][i] if i < len(was["eval_caches"]) else {}, new)
+            for i, new in enumerate(now["eval_caches"])]
+        for role, old_id, new_id in pairs:
+            diff = identity_diff(old_id, new_id)
+            if diff:
+                raise TrainError(f"{path}: this folder holds results of a {role} made with {diff}; mixing them "
+                                 "would put two feature sets in one table: use another --out")
+        for key in config:
+            if key not in PATH_KEYS and old.get(key) != config[key]:
+                raise TrainError(f"{path}: this folder holds results with a different {key} ({old.get(key)!r}); "
+                                 "use another --out")
     else:
         _write_json(path, config)
+
+
+def _fitting_shots(task: Task, shots: list[int]) -> list[int]:
+    """The shots values every class of the training split can give; a warning for each of the others."""
+    counts = np.bincount(task.listings["train"].labels, minlength=len(task.cache.classnames))
+    small = int(counts.argmin())
+    fit = [k for k in shots if k <= counts[small]]
+    for k in shots:
+        if k not in fit:
+            print(f"warning: {task.dataset}: {k} shots skipped: class {task.cache.classnames[small]!r} has only "
+                  f"{counts[small]} train images", file=sys.stderr)
+    if not fit:
+        raise TrainError(f"{task.dataset}: no --shots value fits: class {task.cache.classnames[small]!r} has only "
+                         f"{counts[small]} train images; add images or extract with a larger train split")
+    return fit
 
 
 def model_logit_scale(attrs: dict[str, Any]) -> tuple[float, str]:
@@ -113,19 +170,20 @@ def run(args: argparse.Namespace) -> Path:
     devices = jax.devices()[: args.devices] if args.devices else None
     budget = int(args.memory_gb * 2**30) if args.memory_gb else None
     task = experiment.load_task(args.cache, args.eval_cache, args.prompt)
+    if args.fit_shots:
+        shots = _fitting_shots(task, shots)
     experiment.check_encoded(task, shots, seeds)  # before anything is written to --out
     scale, scale_from = model_logit_scale(task.cache.attrs)
     settings = expand_grid(grid, Settings(logit_scale=scale))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "shots").mkdir(exist_ok=True)
-    (out / "params").mkdir(exist_ok=True)
+    _prepare_out(out)
     config = {
         "cache": str(Path(args.cache).resolve()), "dataset": task.dataset,
         "eval_caches": [str(Path(p).resolve()) for p in args.eval_cache], "seeds": seeds, "methods": methods,
         "grid": json.loads(grid_to_json(grid)), "prompt": task.prompt, "select": args.select,
         "logit_scale": scale, "logit_scale_from": "grid" if "logit_scale" in grid else scale_from,
         "identity": cache_identity(task.cache.attrs, task.cache.classnames, task.cache.templates),
+        "caches": {"cache": file_identity(args.cache), "eval_caches": [file_identity(p) for p in args.eval_cache]},
     }
     _check_config(out, config)
     label_keys = [k for k, vs in grid.items() if len(vs) > 1]
@@ -142,6 +200,8 @@ def run(args: argparse.Namespace) -> Path:
             if r["failed"]:
                 print(f"warning: {r['method']} seed {r['seed']} ({r['setting']}) stopped at step {r['fail_step']} "
                       "by a non-finite loss or update; excluded from selection", file=sys.stderr)
+        for note in sorted({r["note"] for r in result.records if r.get("note")}):
+            print(f"warning: {note}", file=sys.stderr)
         for row in report.summarize(result.records, args.select):
             acc = f"{row['test_mean']:.2f} ± {row['test_std']:.2f}" if "test_mean" in row else "all runs failed"
             print(f"{task.dataset} {k}-shot {row['method']}: {acc}")

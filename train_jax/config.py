@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -23,6 +24,9 @@ def _setting(default: Any, kind: str, help: str, aliases: tuple[str, ...] = (), 
     """A ``Settings`` field with its kind, CLI aliases, help text and the name labels show (default: its own)."""
     return dataclasses.field(default=default, metadata={"kind": kind, "aliases": aliases, "help": help,
                                                         "shown_as": shown_as})
+
+
+MAX_EPOCHS = 10_000  # passes over the K-shot set; LP++ and CLAP train 300, more never finishes a grid in time
 
 
 @dataclass(frozen=True)
@@ -45,23 +49,31 @@ class Settings:
     logit_scale: float = _setting(100.0, RUN, "CLIP logit scale s (default: the model's own, recorded in the "
                                               "cache; 100 for caches without it)", ("s",))
     beta: float = _setting(5.5, RUN, "Tip-Adapter-F sharpness (only used by that method)")
+    c: float = _setting(1.0, RUN, "the linear probe's inverse L2 strength (scikit-learn's C; only used by that "
+                                  "method)", ("C",), "C")
+    adam_eps: float = _setting(1e-8, RUN, "AdamW's epsilon (Tip-Adapter-F's recipe sets 1e-4)")
 
     def __post_init__(self) -> None:
-        checks = {
-            "lr": self.lr > 0 and self.lr < float("inf"),
-            "weight_decay": 0 <= self.weight_decay < float("inf"),
-            "alpha": self.alpha >= 0,
-            "lam": self.lam >= 0,
-            "margin": self.margin >= 0,
-            "epochs": self.epochs >= 0,
-            "warmup": 0 <= self.warmup < 1,
-            "batch_size": self.batch_size >= 1,
-            "logit_scale": self.logit_scale > 0,
-            "beta": self.beta >= 0,
+        checks = {  # setting: (valid?, the valid range in words)
+            "lr": (self.lr > 0, "> 0"),
+            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "alpha": (self.alpha >= 0, ">= 0"),
+            "lam": (self.lam >= 0, ">= 0"),
+            "margin": (0 <= self.margin <= 2, "0 to 2, a cosine distance"),
+            "epochs": (0 <= self.epochs <= MAX_EPOCHS, f"0 to {MAX_EPOCHS}"),
+            "warmup": (0 <= self.warmup < 1, "0 to < 1"),
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+            "logit_scale": (self.logit_scale > 0, "> 0"),
+            "beta": (self.beta >= 0, ">= 0"),
+            "c": (self.c > 0, "> 0"),
+            "adam_eps": (self.adam_eps > 0, "> 0"),
         }
-        for name, ok in checks.items():
+        for name, (ok, valid) in checks.items():
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TrainError(f"setting {name}={value!r} is not a finite number; no run could finish with it")
             if not ok:
-                raise TrainError(f"setting {name}={getattr(self, name)!r} is out of range; see --help for valid values")
+                raise TrainError(f"setting {name}={value!r} is out of range ({valid}); see --help")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of all fields."""
@@ -84,11 +96,12 @@ ALIASES = {alias: name for name, f in FIELDS.items() for alias in f.metadata["al
 ALIASES_OUT = {name: f.metadata["shown_as"] for name, f in FIELDS.items() if f.metadata["shown_as"]}
 
 # Searched on the validation split when no --grid is given: 2 learning rates x 3 alphas x 2 triplet
-# weights = 12 settings (the CE-only ablation collapses the lambda axis to 6, the linear probe keeps the 2 lrs).
+# weights = 12 settings (the CE-only ablation collapses the lambda axis to 6); the linear probe searches C over
+# 1e-6 .. 1e6 in half decades, the range of CoOp's coarse C grid at a step finer than its binary search's first.
 # The CE acts on logits scaled by s = 100 while the triplet loss is in cosine units, so lambda needs to be of
 # order 1-10 for the triplet term to matter (on synthetic modality-gap data lambda = 10 was clearly better).
-DEFAULT_GRID: dict[str, tuple] = {"lr": (1e-2, 1e-3), "alpha": (0.5, 1.0, 2.0), "lam": (1.0, 10.0)}
-
+DEFAULT_GRID: dict[str, tuple] = {"lr": (1e-2, 1e-3), "alpha": (0.5, 1.0, 2.0), "lam": (1.0, 10.0),
+                                  "c": tuple(float(f"{10 ** (k / 2):.6g}") for k in range(-12, 13))}
 
 
 def _field_name(key: str) -> str:

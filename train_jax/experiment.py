@@ -23,6 +23,7 @@ from train_jax.config import Settings
 from train_jax.errors import TrainError
 from train_jax.methods import METHODS
 from train_jax.runner import Pool, Trained, hparam_arrays, predict_runs, score_runs, train_runs
+from train_jax.trainers import Job
 
 TEST_BLOCK_ROWS = 16384  # test rows read and predicted at a time
 # Attributes that must agree between the training cache and a shift cache (same encoder, same feature space).
@@ -116,7 +117,7 @@ def load_task(cache_path: str | Path, eval_paths: Sequence[str | Path] = (), pro
         refuse_unlabelled(other.path, {name: split.labels for name, split in other.splits.items()})
         name = _dataset_name(other)
         test = other.splits["test"]
-        classes = evaluate.class_map(cache.classnames, other.classnames, str(other.path))
+        classes = evaluate.class_map(cache.classnames, other.classnames, str(other.path), dataset, name)
         shift.append(EvalSet(name, _normalize(test.features), test.labels, classes))
     return Task(dataset, cache, listings, text, prompt, tuple(shift))
 
@@ -262,18 +263,28 @@ def run_shots(
     val_acc, val_score, test_acc = np.zeros(len(runs)), np.zeros(len(runs)), np.zeros(len(runs))
     failed, fail_step, loss = np.zeros(len(runs), bool), np.zeros(len(runs), int), np.zeros(len(runs))
     trained_of: dict[int, tuple[tuple, Trained, int]] = {}
+    notes: dict[int, str] = {}
     for key, idx in groups.items():
         head, batch_size, use_aug, _ = key
         group = [runs[i] for i in idx]
         hp = hparam_arrays([r.settings for r in group])
         rows = np.stack([np.searchsorted(pool_rows, picks[r.seed]) for r in group])
         seeds_arr = np.array([r.seed for r in group])
-        desc = f"{task.dataset} {shots}-shot {type(head).__name__}"
-        trained = train_runs(head, hp, rows, seeds_arr, pool, task.text, batch_size=batch_size, use_aug=use_aug,
-                             budget=budget, devices=devices, desc=desc)
+        own = np.stack([members[r.seed] for r in group])
+        fit = METHODS[group[0].method].fit
+        if fit is None:
+            trained = train_runs(head, hp, rows, seeds_arr, pool, task.text, batch_size=batch_size,
+                                 use_aug=use_aug, budget=budget, devices=devices,
+                                 desc=f"{task.dataset} {shots}-shot {type(head).__name__}")
+        else:  # the method's own trainer; it returns the settings its models are used with
+            fitted = fit(Job(head, [r.settings for r in group], task.cache.splits["train"], pool_rows, rows,
+                             seeds_arr, task.text, task.dataset, val_feats, val_labels, own, budget, devices))
+            trained = Trained(fitted.params, fitted.consts, fitted.failed, fitted.fail_step, fitted.final_loss)
+            for i, st in zip(idx, fitted.settings):
+                runs[i], notes[i] = _Run(runs[i].method, runs[i].seed, st), fitted.note
+            hp = hparam_arrays(fitted.settings)
         val_pred, val_logp = score_runs(head, trained, hp, val_feats, val_labels, task.text, budget=budget,
                                         devices=devices, desc="val")
-        own = np.stack([members[r.seed] for r in group])
         val_acc[idx] = evaluate.subset_accuracy(val_pred, val_labels, own)
         val_score[idx] = evaluate.subset_mean(val_logp, own)
         test_pred = np.concatenate([predict_runs(head, trained, hp, feats, task.text, budget=budget, devices=devices,
@@ -296,6 +307,7 @@ def run_shots(
             "failed": bool(failed[i]), "fail_step": int(fail_step[i]) if failed[i] else None,
             "final_loss": float(loss[i]) if math.isfinite(loss[i]) else None,
             "selected": i in selected, "tie_break": tie_break.get(i), "shift": selected.get(i, {}),
+            "note": notes.get(i, ""),
         })
         if i in selected:
             _, trained, j = trained_of[i]

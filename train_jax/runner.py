@@ -23,7 +23,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from train_jax.config import DYNAMIC_FIELDS, Settings
-from train_jax.methods import Head
+
+if TYPE_CHECKING:  # methods imports the baselines, whose trainers use this runner
+    from train_jax.methods import Head
 
 Tree = Any
 EVAL_BLOCK = 1024
@@ -85,10 +87,10 @@ def lr_multiplier(count: jax.Array, total_steps: jax.Array, warmup: jax.Array) -
 
 
 def make_optimizer(hp: Mapping[str, jax.Array], total_steps: jax.Array) -> optax.GradientTransformation:
-    """AdamW with this run's peak lr, weight decay and warm-up + cosine schedule (the state layout does not
-    depend on the values, so one ``init`` serves all runs)."""
+    """AdamW with this run's peak lr, epsilon, weight decay and warm-up + cosine schedule (the state layout does
+    not depend on the values, so one ``init`` serves all runs)."""
     schedule = lambda count: hp["lr"] * lr_multiplier(count, total_steps, hp["warmup"])  # noqa: E731
-    return optax.adamw(schedule, weight_decay=hp["weight_decay"])
+    return optax.adamw(schedule, eps=hp["adam_eps"], weight_decay=hp["weight_decay"])
 
 
 def _all_finite(tree: Tree) -> jax.Array:
