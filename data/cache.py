@@ -507,7 +507,7 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
                             **{key: tuple(g[key].shape) for key in ("features", "aug_features") if key in g}}
         return {"attrs": attrs, "classnames": _decode(_read(f["classnames"], Path(path))),
                 "templates": _decode(_read(f["templates"], Path(path))),
-                "bad": int(f["bad/paths"].shape[0]), "splits": splits}
+                "bad": int(f["bad/paths"].shape[0]) if "bad/paths" in f else 0, "splits": splits}
 
 
 def read_status(path: str | os.PathLike) -> dict[str, np.ndarray]:

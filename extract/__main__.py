@@ -7,7 +7,7 @@ from pathlib import Path
 
 import json
 
-from data.cache import CacheError, inspect, read_cache, verify
+from data.cache import CacheError, inspect, read_attrs, read_cache, verify
 
 EXAMPLES = """examples:
   python -m extract run --folder imgs/ --model ViT-B-32-quickgelu --pretrained ~/weights/ViT-B-32.pt --out c.h5
@@ -254,6 +254,8 @@ def _cpus() -> int:
 def summary(path: Path) -> str:
     """Human-readable summary of a cache or a .partial file: attributes, classes, templates, rows per split; the
     checksums of every dataset are verified (CacheError naming the damaged dataset and rows)."""
+    read_attrs(path)  # one-line errors for a missing file, a folder, a file being written
+    checksummed = verify(path)  # first: names the dataset and rows of a damaged chunk
     info = inspect(path)
     attrs = info["attrs"]
     lines = [f"{path}: {'complete' if attrs.get('complete') else 'INCOMPLETE (resume by rerunning the extraction)'}"]
@@ -262,7 +264,6 @@ def summary(path: Path) -> str:
         lines.append(f"  {key}: {attrs.get(key)!r}")
     lines.append(f"  preprocess: {attrs.get('preprocess')}")
     lines.append(f"  versions: {attrs.get('versions')}")
-    checksummed = verify(path)
     pool = json.loads(attrs.get("pool") or "{}")
     lines.append(f"  train pool: seeds {' '.join(map(str, pool['seeds']))} at <= {pool['shots']} shots"
                  if pool else "  train pool: the whole split")
