@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 
-from data.cache import BAD, OK, UNLABELLED, CacheHead, CacheReader, Listing, open_cache, read_cache
+from data.cache import BAD, OK, UNLABELLED, CacheHead, CacheReader, Listing, Split, open_cache, read_cache
 from data import fewshot
 from data.registry import in_imagenet_family
 from train_jax import evaluate
@@ -215,6 +215,14 @@ def test_rows(task: Task) -> tuple[np.ndarray, np.ndarray]:
     return _normalize(task.cache.read("test", rows)[0]), task.listings["test"].labels[rows]
 
 
+def _pool_split(task: Task, rows: np.ndarray) -> Split:
+    """Train rows [M] read as a Split (features [M,D], aug_features [M,A,D] when the cache has views), for the
+    methods with their own trainer (``Job.split``; its ``pool_rows`` are then 0..M-1)."""
+    features, aug = task.cache.read("train", rows, views=task.cache.has_views("train"))
+    listing = task.listings["train"]
+    return Split(features, listing.labels[rows], listing.paths[rows], aug)
+
+
 def _test_blocks(task: Task) -> Iterator[np.ndarray]:
     """Features [n,D] of the encoded test rows, TEST_BLOCK_ROWS at a time (in row order)."""
     rows = np.flatnonzero(task.listings["test"].status == OK)
@@ -264,6 +272,7 @@ def run_shots(
     failed, fail_step, loss = np.zeros(len(runs), bool), np.zeros(len(runs), int), np.zeros(len(runs))
     trained_of: dict[int, tuple[tuple, Trained, int]] = {}
     notes: dict[int, str] = {}
+    pool_split: Split | None = None  # read once, for the methods with their own trainer
     for key, idx in groups.items():
         head, batch_size, use_aug, _ = key
         group = [runs[i] for i in idx]
@@ -277,7 +286,8 @@ def run_shots(
                                  use_aug=use_aug, budget=budget, devices=devices,
                                  desc=f"{task.dataset} {shots}-shot {type(head).__name__}")
         else:  # the method's own trainer; it returns the settings its models are used with
-            fitted = fit(Job(head, [r.settings for r in group], task.cache.splits["train"], pool_rows, rows,
+            pool_split = pool_split or _pool_split(task, pool_rows)
+            fitted = fit(Job(head, [r.settings for r in group], pool_split, np.arange(len(pool_rows)), rows,
                              seeds_arr, task.text, task.dataset, val_feats, val_labels, own, budget, devices))
             trained = Trained(fitted.params, fitted.consts, fitted.failed, fitted.fail_step, fitted.final_loss)
             for i, st in zip(idx, fitted.settings):
