@@ -13,7 +13,8 @@ import pytest
 
 from helpers_train import GapWorld, write_gap_cache
 from train_jax import compile_cache
-from train_jax.baselines import LinearProbeHead, TipAdapterHead
+from train_jax.baselines import TipAdapterHead
+from train_jax.logreg import LinearProbeHead
 from train_jax.config import Settings
 from train_jax.methods import CMMHead
 from train_jax.runner import Buckets, Pool, hparam_arrays, permutation_prefix, predict_runs, train_runs

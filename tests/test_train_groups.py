@@ -8,7 +8,8 @@ import pytest
 from helpers_train import GapWorld
 from train_jax import runner
 from train_jax.config import Settings
-from train_jax.baselines import LinearProbeHead, TipAdapterHead
+from train_jax.baselines import TipAdapterHead
+from train_jax.logreg import LinearProbeHead
 from train_jax.methods import CMMHead
 from train_jax.runner import Pool, group_size, hparam_arrays, plan_streams, stream_limit, train_runs
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from data.cache import CacheError, cache_identity, file_identity, identity_diff, l2_normalize
+from data.cache import CacheError, cache_identity, file_identity, identity_diff
 from data.errors import DataError
 from train_jax import compile_cache
 from train_jax.config import (ALIASES_OUT, DEFAULT_GRID, Settings, expand_grid, grid_keys_help, grid_to_json,
@@ -36,7 +36,8 @@ Default grid (the paper publishes no settings):
   {' '.join(f"{ALIASES_OUT.get(k, k)}={','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items())}
 Fields outside the grid keep their defaults:
   {Settings().label([f.name for f in dataclasses.fields(Settings)])}
-Settings (grid keys, aliases in brackets):
+Settings (grid keys, aliases in brackets; tip_adapter_f ignores the grid and runs its authors' recipe, README
+"Protocol"):
 {grid_keys_help()}
 Methods:
 {_METHODS_HELP}
@@ -142,7 +143,7 @@ def _check_config(out: Path, config: dict[str, Any]) -> None:
 
 def _fitting_shots(task: Task, shots: list[int]) -> list[int]:
     """The shots values every class of the training split can give; a warning for each of the others."""
-    counts = np.bincount(task.cache.splits["train"].labels, minlength=len(task.cache.classnames))
+    counts = np.bincount(task.listings["train"].labels, minlength=len(task.cache.classnames))
     small = int(counts.argmin())
     fit = [k for k in shots if k <= counts[small]]
     for k in shots:
@@ -180,6 +181,7 @@ def run(args: argparse.Namespace) -> Path:
     task = experiment.load_task(args.cache, args.eval_cache, args.prompt)
     if args.fit_shots:
         shots = _fitting_shots(task, shots)
+    experiment.check_encoded(task, shots, seeds)  # before anything is written to --out
     scale, scale_from = model_logit_scale(task.cache.attrs)
     settings = expand_grid(grid, Settings(logit_scale=scale))
     out = Path(args.out)
@@ -207,13 +209,15 @@ def run(args: argparse.Namespace) -> Path:
             if r["failed"]:
                 print(f"warning: {r['method']} seed {r['seed']} ({r['setting']}) stopped at step {r['fail_step']} "
                       "by a non-finite loss or update; excluded from selection", file=sys.stderr)
+        for note in sorted({r["note"] for r in result.records if r.get("note")}):
+            print(f"warning: {note}", file=sys.stderr)
         for row in report.summarize(result.records, args.select):
             acc = f"{row['test_mean']:.2f} ± {row['test_std']:.2f}" if "test_mean" in row else "all runs failed"
             print(f"{task.dataset} {k}-shot {row['method']}: {acc}")
     records = [r for f in sorted((out / "shots").glob("*shot.json")) for r in json.loads(f.read_text())]
     report.write_run_dir(out, task.dataset, config, records)
-    test = task.cache.splits["test"]
-    gap.write_run(out, task.dataset, l2_normalize(test.features), test.labels, task.text, task.cache.classnames)
+    test_features, test_labels = experiment.test_rows(task)
+    gap.write_run(out, task.dataset, test_features, test_labels, task.text, task.cache.classnames)
     compiled = compile_cache.stats() - compiled_before
     _write_json(out / "compile.json", compiled.to_dict())
     print(f"{task.dataset}: {compiled.line()}")

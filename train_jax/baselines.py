@@ -1,72 +1,121 @@
-"""Baselines trained by the same vmapped runner as CMM: linear probe and Tip-Adapter-F heads, and the rule that
-turns the user's grid into a method's runs (zero-shot = CMM with 0 epochs, CE-only CMM = lam 0).
-
-Heads follow the interface described in ``train_jax.methods``.
+"""Tip-Adapter-F (Zhang et al. 2022) as its authors run it (Tip-Adapter ``main.py``, ``utils.py`` and
+``configs/*.yaml``): cache keys from the augmented views, fine-tuned with AdamW (eps 1e-4, cosine, no warm-up)
+at fixed beta 1 and a per-dataset alpha, then a 200 x 20 search of (beta, alpha) -- here on the validation split.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from train_jax.config import Settings
-from train_jax.losses import cross_entropy, l2_normalize
-
-
-def restrict(grid: Sequence[Settings], used: Sequence[str], forced: Mapping[str, Any]) -> list[Settings]:
-    """Grid settings with every field outside ``used`` reset to its default and ``forced`` applied; duplicates
-    dropped, first occurrence order kept."""
-    default = Settings()
-    unused = {f.name: getattr(default, f.name) for f in dataclasses.fields(Settings) if f.name not in used}
-    return list(dict.fromkeys(dataclasses.replace(s, **{**unused, **forced}) for s in grid))
+from data.cache import l2_normalize
+from train_jax.losses import cross_entropy, l2_normalize as unit_rows
+from train_jax.runner import Pool, hparam_arrays, train_runs
+from train_jax.trainers import Fitted, Job
 
 
-class LinearProbe(nn.Module):
-    """``logits = s * (v W^T + b)`` with W [C,D], b [C] zero-initialised."""
+class Recipe(NamedTuple):
+    """A dataset's Tip-Adapter config: init_alpha, search_scale (beta, alpha) and train_epoch."""
 
-    num_classes: int
-
-    @nn.compact
-    def __call__(self, v: jax.Array, scale: jax.Array) -> jax.Array:
-        """v [B,D] -> logits [B,C]."""
-        return scale * nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros)(v)
+    init_alpha: float
+    scale: tuple[float, float]
+    epochs: int
 
 
-@dataclass(frozen=True)
-class LinearProbeHead:
-    """Linear probe trained with cross-entropy; the text prototypes only fix the number of classes."""
+# Tip-Adapter configs/<dataset>.yaml (d0e2d6f), by this registry's dataset names; lr 1e-3, init_beta 1,
+# search_step [200, 20] and augment_epoch 10 are the same for all.
+RECIPES: dict[str, Recipe] = {
+    "ImageNet": Recipe(1.17, (7, 3), 20), "Caltech101": Recipe(3, (12, 5), 20),
+    "OxfordPets": Recipe(1.17, (7, 3), 20), "StanfordCars": Recipe(3, (20, 10), 20),
+    "Flowers102": Recipe(10, (50, 50), 20), "Food101": Recipe(1.17, (10, 10), 20),
+    "FGVCAircraft": Recipe(5, (30, 30), 20), "SUN397": Recipe(1.17, (12, 10), 20), "DTD": Recipe(2, (13, 13), 20),
+    "EuroSAT": Recipe(2, (12, 10), 100), "UCF101": Recipe(3, (7, 3), 20),
+}
+OTHER = Recipe(2, (12, 10), 20)  # datasets without an upstream config (user folders): a mid-range one
+SEARCH_STEPS = (200, 20)  # beta values x alpha values
+FORCED = {"lr": 1e-3, "weight_decay": 1e-2, "warmup": 0.0, "adam_eps": 1e-4, "beta": 1.0, "batch_size": 256,
+          "logit_scale": 100.0}  # weight decay: torch.optim.AdamW's default, which upstream keeps
+NO_VIEWS = ("tip_adapter_f on {}: the cache has no augmented views, so its cache keys and training use the plain "
+            "(centre-crop) features, not the recipe's 10 augmented views (extract with --aug-views 10)")
 
-    def init(self, feats, labels, text):
-        module = LinearProbe(text.shape[0])
-        return module.init(jax.random.PRNGKey(0), feats[:1], 1.0)["params"], {}
 
-    def logits(self, params, consts, feats, zs_cos, text, hp):
-        return LinearProbe(text.shape[0]).apply({"params": params}, feats, hp["logit_scale"])
+def recipe(dataset: str) -> Recipe:
+    """The upstream config of ``dataset`` (case-insensitive), ``OTHER`` if it has none."""
+    return {k.lower(): r for k, r in RECIPES.items()}.get(dataset.lower(), OTHER)
 
-    def loss(self, params, consts, feats, zs_cos, labels, text, hp):
-        return cross_entropy(self.logits(params, consts, feats, zs_cos, text, hp), labels)
+
+def search_values(scale: float, steps: int) -> np.ndarray:
+    """Upstream ``search_hp``'s list: ``i * (scale - 0.1) / steps + 0.1`` for i < steps."""
+    return np.array([i * (scale - 0.1) / steps + 0.1 for i in range(steps)], np.float32)
 
 
 @dataclass(frozen=True)
 class TipAdapterHead:
-    """Tip-Adapter-F (Zhang et al. 2022): ``s * v T^T + alpha * exp(-beta (1 - v K^T)) L``.
-
-    Keys K [N,D] (trainable) are the training images' features (mean over cached views, normalised); values L
-    [N,C] are their one-hot labels (constant).
-    """
+    """``s * v T^T + alpha * exp(-beta (1 - v K^T)) L``: keys K [N,D] (trainable) start as the training images'
+    features (the runner passes each image's mean over the pool's views, normalised here); values L [N,C] are
+    their one-hot labels (constant)."""
 
     def init(self, feats, labels, text):
-        return {"keys": l2_normalize(feats)}, {"values": jax.nn.one_hot(labels, text.shape[0], dtype=jnp.float32)}
+        return {"keys": unit_rows(feats)}, {"values": jax.nn.one_hot(labels, text.shape[0], dtype=jnp.float32)}
 
     def logits(self, params, consts, feats, zs_cos, text, hp):
-        affinity = feats @ params["keys"].T
-        cache = jnp.exp(-hp["beta"] * (1.0 - affinity)) @ consts["values"]
-        return hp["logit_scale"] * zs_cos + hp["alpha"] * cache
+        return hp["logit_scale"] * zs_cos + hp["alpha"] * _cache_logits(params, consts, feats, hp["beta"])
 
     def loss(self, params, consts, feats, zs_cos, labels, text, hp):
         return cross_entropy(self.logits(params, consts, feats, zs_cos, text, hp), labels)
+
+
+def _cache_logits(params, consts, feats: jax.Array, beta: jax.Array) -> jax.Array:
+    return jnp.exp(-beta * (1.0 - feats @ params["keys"].T)) @ consts["values"]
+
+
+@jax.jit
+def _search_hits(params, consts, feats, labels, zs_logits, betas, alphas) -> jax.Array:
+    """Correct predictions on feats [Nv,D] for every (beta, alpha): -> [B,A] int32."""
+
+    def per_beta(beta):
+        cache = _cache_logits(params, consts, feats, beta)
+        preds = jnp.argmax(zs_logits[None] + alphas[:, None, None] * cache[None], axis=-1)
+        return jnp.sum(preds == labels, axis=-1, dtype=jnp.int32)
+
+    return jax.lax.map(per_beta, betas)
+
+
+def search(params, consts, feats: np.ndarray, labels: np.ndarray, text: np.ndarray, scale: tuple[float, float],
+           logit_scale: float = 100.0) -> tuple[float, float]:
+    """Upstream's post-training search of one trained model on the given (validation) rows feats [Nv,D],
+    labels [Nv]: the (beta, alpha) of the best accuracy, the first in beta-major order on ties."""
+    betas, alphas = (search_values(s, n) for s, n in zip(scale, SEARCH_STEPS))
+    zs_logits = logit_scale * (feats @ text.T)
+    hits = np.asarray(_search_hits(params, consts, feats, labels, zs_logits, betas, alphas))
+    b, a = np.unravel_index(np.argmax(hits), hits.shape)
+    return float(betas[b]), float(alphas[a])
+
+
+def fit(job: Job) -> Fitted:
+    """Tip-Adapter-F's trainer (``methods.Method.fit``): the runner trains the keys with the recipe's settings
+    (alpha and epochs of ``job.dataset``), drawing one cached view per image and epoch; then each run's (beta,
+    alpha) are searched on its own validation rows. Without cached views, the plain features stand in (noted)."""
+    rec = recipe(job.dataset)
+    aug = job.split.aug_features
+    views = aug[job.pool_rows] if aug is not None else job.split.features[job.pool_rows][:, None]
+    pool = Pool(l2_normalize(views), job.split.labels[job.pool_rows].astype(np.int32))
+    settings = [dataclasses.replace(s, **FORCED, alpha=float(rec.init_alpha), epochs=rec.epochs,
+                                    use_aug=aug is not None) for s in job.settings]
+    hp = hparam_arrays(settings)
+    trained = train_runs(job.head, hp, job.rows, job.seeds, pool, job.text, batch_size=settings[0].batch_size,
+                         use_aug=aug is not None, budget=job.budget, devices=job.devices,
+                         desc=f"{job.dataset} Tip-Adapter-F")
+    for i, st in enumerate(settings):
+        own = job.members[i]
+        params, consts = jax.tree.map(lambda x: x[i], (trained.params, trained.consts))
+        beta, alpha = search(params, consts, job.val_feats[own], job.val_labels[own], job.text, rec.scale,
+                             st.logit_scale)
+        settings[i] = dataclasses.replace(st, beta=beta, alpha=alpha)
+    return Fitted(trained.params, trained.consts, trained.failed, trained.fail_step, trained.final_loss, settings,
+                  "" if aug is not None else NO_VIEWS.format(job.dataset))

@@ -49,6 +49,9 @@ class Settings:
     logit_scale: float = _setting(100.0, RUN, "CLIP logit scale s (default: the model's own, recorded in the "
                                               "cache; 100 for caches without it)", ("s",))
     beta: float = _setting(5.5, RUN, "Tip-Adapter-F sharpness (only used by that method)")
+    c: float = _setting(1.0, RUN, "the linear probe's inverse L2 strength (scikit-learn's C; only used by that "
+                                  "method)", ("C",), "C")
+    adam_eps: float = _setting(1e-8, RUN, "AdamW's epsilon (Tip-Adapter-F's recipe sets 1e-4)")
 
     def __post_init__(self) -> None:
         checks = {  # setting: (valid?, the valid range in words)
@@ -62,6 +65,8 @@ class Settings:
             "batch_size": (self.batch_size >= 1, ">= 1"),
             "logit_scale": (self.logit_scale > 0, "> 0"),
             "beta": (self.beta >= 0, ">= 0"),
+            "c": (self.c > 0, "> 0"),
+            "adam_eps": (self.adam_eps > 0, "> 0"),
         }
         for name, (ok, valid) in checks.items():
             value = getattr(self, name)
@@ -91,11 +96,12 @@ ALIASES = {alias: name for name, f in FIELDS.items() for alias in f.metadata["al
 ALIASES_OUT = {name: f.metadata["shown_as"] for name, f in FIELDS.items() if f.metadata["shown_as"]}
 
 # Searched on the validation split when no --grid is given: 2 learning rates x 3 alphas x 2 triplet
-# weights = 12 settings (the CE-only ablation collapses the lambda axis to 6, the linear probe keeps the 2 lrs).
+# weights = 12 settings (the CE-only ablation collapses the lambda axis to 6); the linear probe searches C over
+# 1e-6 .. 1e6 in half decades, the range of CoOp's coarse C grid at a step finer than its binary search's first.
 # The CE acts on logits scaled by s = 100 while the triplet loss is in cosine units, so lambda needs to be of
 # order 1-10 for the triplet term to matter (on synthetic modality-gap data lambda = 10 was clearly better).
-DEFAULT_GRID: dict[str, tuple] = {"lr": (1e-2, 1e-3), "alpha": (0.5, 1.0, 2.0), "lam": (1.0, 10.0)}
-
+DEFAULT_GRID: dict[str, tuple] = {"lr": (1e-2, 1e-3), "alpha": (0.5, 1.0, 2.0), "lam": (1.0, 10.0),
+                                  "c": tuple(float(f"{10 ** (k / 2):.6g}") for k in range(-12, 13))}
 
 
 def _field_name(key: str) -> str:

@@ -2,7 +2,8 @@
 
 A *head* says how one kind of model is initialised, scored and trained for a single run (the runner vmaps it):
 
-- ``init(feats [N,D], labels [N], text [C,D]) -> (params, consts)``: trainable params and per-run constants;
+- ``init(feats [N,D], labels [N], text [C,D]) -> (params, consts)``: trainable params and per-run constants
+  (feats: each training image's mean over the runner pool's views);
 - ``logits(params, consts, feats [B,D], zs_cos [B,C], text [C,D], hp) -> [B,C]``;
 - ``loss(params, consts, feats [B,D], zs_cos [B,C], labels [B], text [C,D], hp) -> scalar`` (mean over B).
 
@@ -12,16 +13,18 @@ A *head* says how one kind of model is initialised, scored and trained for a sin
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from train_jax import baselines
+from train_jax import baselines, logreg
 from train_jax.config import DYNAMIC_FIELDS, Settings
 from train_jax.losses import cmm_logits, cmm_loss
 from train_jax.model import CrossModalMapper
+from train_jax.trainers import Fitted, Job
 
 Params = Any
 
@@ -70,20 +73,30 @@ class CMMHead:
         )
 
 
+def restrict(grid: Sequence[Settings], used: Sequence[str], forced: Mapping[str, Any]) -> list[Settings]:
+    """Grid settings with every field outside ``used`` reset to its default and ``forced`` applied; duplicates
+    dropped, first occurrence order kept."""
+    default = Settings()
+    unused = {f.name: getattr(default, f.name) for f in dataclasses.fields(Settings) if f.name not in used}
+    return list(dict.fromkeys(dataclasses.replace(s, **{**unused, **forced}) for s in grid))
+
+
 @dataclass(frozen=True)
 class Method:
-    """A named method: its head for given settings, the fields it uses and how it turns the grid into runs."""
+    """A named method: its head for given settings, the fields it uses, how it turns the grid into runs, and its
+    own trainer (``fit``; None: the shared AdamW runner with the settings as given)."""
 
     name: str
     head: Callable[[Settings], Head]
     used: tuple[str, ...]
     forced: Mapping[str, Any]
     description: str
+    fit: Callable[[Job], Fitted] | None = None
 
     def settings(self, grid: list[Settings]) -> list[Settings]:
         """This method's runs for the user's grid: unused fields reset to defaults, forced ones set, duplicates
         dropped (order kept)."""
-        return baselines.restrict(grid, self.used, self.forced)
+        return restrict(grid, self.used, self.forced)
 
 
 _TRAINED = ("lr", "weight_decay", "epochs", "warmup", "batch_size", "use_aug", "logit_scale")
@@ -94,8 +107,9 @@ METHODS: dict[str, Method] = {
         Method("zeroshot", lambda s: CMMHead(), ("logit_scale",), {"epochs": 0},
                "zero-shot CLIP (the untrained mapper)"),
         Method(
-            "linear_probe", lambda s: baselines.LinearProbeHead(), _TRAINED, {},
-            "linear classifier on the image features, zero-initialised, CE loss",
+            "linear_probe", lambda s: logreg.LinearProbeHead(), ("c",), {},
+            "CoOp's linear probe: L-BFGS logistic regression on the image features, C chosen on validation",
+            logreg.fit,
         ),
         Method(
             "cmm_ce", lambda s: CMMHead(s.learn_text), _TRAINED + ("alpha", "learn_text"), {"lam": 0.0},
@@ -106,8 +120,9 @@ METHODS: dict[str, Method] = {
             "Cross-Modal Mapping: CE + lambda * hardest-negative triplet",
         ),
         Method(
-            "tip_adapter_f", lambda s: baselines.TipAdapterHead(), _TRAINED + ("alpha", "beta"), {},
-            "Tip-Adapter-F: zero-shot + alpha * fine-tuned cache logits",
+            "tip_adapter_f", lambda s: baselines.TipAdapterHead(), (), baselines.FORCED,
+            "Tip-Adapter-F with its authors' recipe; (beta, alpha) searched on validation after training",
+            baselines.fit,
         ),
     )
 }

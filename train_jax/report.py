@@ -59,7 +59,8 @@ def summarize(records: Sequence[Mapping[str, Any]], select: str = "seed") -> lis
             "dataset": dataset, "method": method, "shots": shots, "seeds": [r["seed"] for r in chosen],
             "failed_seeds": [s for s in seeds if s not in {r["seed"] for r in chosen}],
             "failed_runs": sum(r["failed"] for r in runs), "settings": [r["setting"] for r in chosen],
-            "tie_breaks": [r["tie_break"] for r in chosen], "select": select, "shift": {},
+            "tie_breaks": [r["tie_break"] for r in chosen], "select": select,
+            "notes": sorted({r["note"] for r in runs if r.get("note")}), "shift": {},
         }
         if chosen:
             row["test_mean"], row["test_std"] = mean_std([r["test_acc"] for r in chosen])
@@ -129,6 +130,11 @@ def shift_table(summary: Sequence[Mapping[str, Any]]) -> str:
     return _table(["Source", "Method", "Shots", "Source test", *targets], body)
 
 
+def _notes(summary: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown lines of the runs' notes (a recipe that could not be followed), each once."""
+    return "".join(f"\nNote: {n}\n" for n in sorted({n for r in summary for n in r.get("notes", ())}))
+
+
 def run_markdown(dataset: str, summary: Sequence[Mapping[str, Any]]) -> str:
     """Markdown for one run directory: rows = methods, columns = shots (test accuracy, mean ± std over seeds)."""
     shots = sorted({r["shots"] for r in summary})
@@ -141,6 +147,7 @@ def run_markdown(dataset: str, summary: Sequence[Mapping[str, Any]]) -> str:
     if failed:
         text += "\nRuns stopped by a non-finite loss: " + ", ".join(
             f"{r['method']} {r['shots']}-shot: {r['failed_runs']}" for r in failed) + "\n"
+    text += _notes(summary)
     shift = shift_table(summary)
     return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "")
 
@@ -288,6 +295,7 @@ def combined_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
         rows = ([m, *[_cell(cell.get((d, m, k))) for d in datasets], *([average.get((m, k), "—")] if has_average
                                                                         else [])] for m in methods)
         text += f"\n## {k}-shot\n\n" + _table(header, rows) + "\n"
+    text += _notes(summary)
     shift = shift_table(summary)
     return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "") + _tie_note(summary)
 

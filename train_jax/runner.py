@@ -29,7 +29,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from train_jax.config import DYNAMIC_FIELDS, Settings
-from train_jax.methods import Head
+
+if TYPE_CHECKING:  # methods imports the baselines, whose trainers use this runner
+    from train_jax.methods import Head
 
 Tree = Any
 EVAL_BLOCK = 1024
@@ -91,10 +93,10 @@ def lr_multiplier(count: jax.Array, total_steps: jax.Array, warmup: jax.Array) -
 
 
 def make_optimizer(hp: Mapping[str, jax.Array], total_steps: jax.Array) -> optax.GradientTransformation:
-    """AdamW with this run's peak lr, weight decay and warm-up + cosine schedule (the state layout does not
-    depend on the values, so one ``init`` serves all runs)."""
+    """AdamW with this run's peak lr, epsilon, weight decay and warm-up + cosine schedule (the state layout does
+    not depend on the values, so one ``init`` serves all runs)."""
     schedule = lambda count: hp["lr"] * lr_multiplier(count, total_steps, hp["warmup"])  # noqa: E731
-    return optax.adamw(schedule, weight_decay=hp["weight_decay"])
+    return optax.adamw(schedule, eps=hp["adam_eps"], weight_decay=hp["weight_decay"])
 
 
 def _all_finite(tree: Tree) -> jax.Array:
@@ -130,7 +132,9 @@ def permutation_prefix(key: jax.Array, n: jax.Array, size: int) -> jax.Array:
 
 def _masked_loss(head: Head, params, consts, x, zs, y, valid, text, hp) -> jax.Array:
     """``head.loss`` over the valid rows of a padded batch x [B,D], zs [B,C], y [B], valid [B] bool: a head's loss
-    is a mean over rows, so this is the mean of its one-row losses where valid; padded rows get no gradient."""
+    is a mean over rows (``methods.Head``), so this is the mean of its one-row losses where valid; padded rows get
+    no gradient. A term that is not a row mean is taken at one row (``logreg.LinearProbeHead``'s regulariser
+    ||W||^2 / (2cN) counts with N = 1 here; that head trains with its own L-BFGS solver, the runner only in tests)."""
     one = lambda xi, zi, yi: head.loss(params, consts, xi[None], zi[None], yi[None], text, hp)  # noqa: E731
     per_row = jax.vmap(one)(x, zs, y)
     return jnp.sum(jnp.where(valid, per_row, 0.0)) / jnp.sum(valid)

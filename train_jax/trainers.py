@@ -1,0 +1,53 @@
+"""The interface of a method that trains its runs with its own trainer instead of the shared AdamW runner
+(``methods.Method.fit``): the linear probe's L-BFGS solve, Tip-Adapter-F's recipe and its search on validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from data.cache import Split
+from train_jax.config import Settings
+
+
+@dataclass(frozen=True)
+class Job:
+    """One group of runs (one head) to train.
+
+    settings [S]; split: the training cache's train split (features [M0,D], aug_features [M0,A,D] or None);
+    pool_rows [M]: the split rows any run uses; rows [S,N]: each run's training rows as indices into pool_rows;
+    seeds [S]; text [C,D] prototypes; dataset: the cache's dataset name; val_feats [Nv,D] L2-normalised,
+    val_labels [Nv], members [S,Nv] bool: each run's own validation rows (the only data a trainer may tune on);
+    budget, devices: as ``runner.train_runs`` takes them."""
+
+    head: Any
+    settings: list[Settings]
+    split: Split
+    pool_rows: np.ndarray
+    rows: np.ndarray
+    seeds: np.ndarray
+    text: np.ndarray
+    dataset: str
+    val_feats: np.ndarray
+    val_labels: np.ndarray
+    members: np.ndarray
+    budget: int | None = None
+    devices: Sequence[Any] | None = None
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A trainer's result, per run (leading axis S): params, consts, failed [S] bool, fail_step [S] int (-1: did
+    not fail), final_loss [S]; settings [S]: the settings each model is used with (a trainer may set what it
+    tuned); note: a line for the results when the recipe could not be followed ("" if it was)."""
+
+    params: Any
+    consts: Any
+    failed: np.ndarray
+    fail_step: np.ndarray
+    final_loss: np.ndarray
+    settings: list[Settings]
+    note: str = ""
+
