@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import format_table, machine_lines
-from data.cache import write_cache
 from data.registry import dataset_names, get_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,21 +49,41 @@ rc = main(sys.argv[2:])
 json.dump(tot, open(sys.argv[1], "w"))
 sys.exit(rc)
 """
+# Writes a synthetic cache from an .npz (argv 1) to argv 2 with the data.cache of the tree it runs in.
+CACHE_WRITER = """
+import sys, numpy as np
+from data.cache import write_cache
+a, name = np.load(sys.argv[1]), sys.argv[3]
+splits = {s: {"features": a[s + "_features"], "labels": a[s + "_labels"],
+              "paths": np.array([f"{s}/{i}.png" for i in range(len(a[s + "_labels"]))])}
+          for s in ("train", "val", "test")}
+write_cache(sys.argv[2], attrs={"dataset": name, "model": "synthetic", "embed_dim": a["text"].shape[-1]},
+            classnames=[f"class {c}" for c in range(len(a["text"]))], templates=["a photo of a {}."],
+            text_features=a["text"], splits=splits)
+"""
 
 
-def write_synthetic(path: Path, name: str, classes: int, dim: int, per_split: dict[str, int], seed: int) -> Path:
-    """A cache of ``classes`` prototypes [C,1,D] and per-split images: normalise(prototype + noise)."""
+def write_synthetic(trees: dict[str, Path], folder: Path, name: str, classes: int, dim: int,
+                    per_split: dict[str, int], seed: int) -> dict[str, Path]:
+    """A cache of ``classes`` prototypes [C,1,D] and per-split images normalise(prototype + noise), written by each
+    side's own ``data.cache`` (the format may differ between commits) -> side: its copy, folder/side/name.h5."""
     rng = np.random.default_rng(seed)
     unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
     text = unit(rng.normal(size=(classes, dim)))
-    splits = {}
+    arrays = {"text": text[:, None]}
     for split, per_class in per_split.items():
         labels = np.repeat(np.arange(classes), per_class)
-        splits[split] = {"features": unit(text[labels] + 1.2 * rng.normal(size=(len(labels), dim)) / np.sqrt(dim)),
-                         "labels": labels, "paths": np.array([f"{split}/{i}.png" for i in range(len(labels))])}
-    return write_cache(path, attrs={"dataset": name, "model": "synthetic", "embed_dim": dim},
-                       classnames=[f"class {c}" for c in range(classes)], templates=["a photo of a {}."],
-                       text_features=text[:, None], splits=splits)
+        arrays[f"{split}_features"] = unit(text[labels] + 1.2 * rng.normal(size=(len(labels), dim)) / np.sqrt(dim))
+        arrays[f"{split}_labels"] = labels
+    source = folder / f"{name}.npz"
+    np.savez(source, **arrays)
+    paths = {}
+    for side, tree in trees.items():
+        (folder / side).mkdir(exist_ok=True)
+        paths[side] = folder / side / f"{name}.h5"
+        subprocess.run([sys.executable, "-c", CACHE_WRITER, str(source), str(paths[side]), name], cwd=tree,
+                       env={**os.environ, "PYTHONPATH": str(tree)}, check=True)
+    return paths
 
 
 def run_sweep(tree: Path, caches: list[Path], out: Path, env: dict[str, str], extra: list[str]) -> dict:
@@ -105,17 +124,16 @@ def main(argv: list[str] | None = None) -> int:
         base.mkdir()
         archive = subprocess.run(["git", "archive", args.baseline], cwd=ROOT, capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(base)], input=archive.stdout, check=True)
-        sweeps = {}  # name -> (caches, class counts, extra train_jax arguments)
+        trees = {"baseline": base, "this": ROOT}
+        sweeps = {}  # name -> (side -> caches, class counts, extra train_jax arguments)
         if args.skip != "demo":
-            demo = write_synthetic(tmp / "FashionMNIST.h5", "FashionMNIST", 10, 32,
-                                   {"train": 32, "val": 8, "test": 50}, 0)
-            sweeps["demo"] = ([demo], [10], [])
+            demo = write_synthetic(trees, tmp, "FashionMNIST", 10, 32, {"train": 32, "val": 8, "test": 50}, 0)
+            sweeps["demo"] = ({side: [path] for side, path in demo.items()}, [10], [])
         if args.skip != "sweep":
             classes = [len(get_dataset(name).classnames) for name in args.datasets]
-            sweeps["sweep"] = ([write_synthetic(tmp / f"{name}.h5", name, c, args.dim,
-                                                {"train": 16, "val": 4, "test": args.test}, i)
-                                for i, (name, c) in enumerate(zip(args.datasets, classes))],
-                               classes, ["--grid", *args.grid])
+            caches = [write_synthetic(trees, tmp, name, c, args.dim, {"train": 16, "val": 4, "test": args.test}, i)
+                      for i, (name, c) in enumerate(zip(args.datasets, classes))]
+            sweeps["sweep"] = ({side: [c[side] for c in caches] for side in trees}, classes, ["--grid", *args.grid])
         env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT",
                                                                           "CMM_JAX_CACHE"))}
         env["JAX_PLATFORMS"] = env.get("JAX_PLATFORMS", "cpu")
@@ -123,14 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             for sweep, (caches, _, extra) in sweeps.items():
                 for phase in ("cold", "warm"):
-                    for side, tree in (("baseline", base), ("this", ROOT)):
+                    for side, tree in trees.items():
                         cache_dir = tmp / f"jax-cache-{side}-{sweep}-{r}"
                         side_env = {**env, "CMM_JAX_CACHE": str(cache_dir)} if side == "this" else {
                             **env, "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
                             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
                         out = tmp / f"out-{side}-{sweep}-{phase}-{r}"
-                        res = run_sweep(tree, caches, out, side_env, extra)
+                        res = run_sweep(tree, caches[side], out, side_env, extra)
                         shutil.rmtree(out)
                         results[(sweep, phase, side, r)] = res
                         rows.append([sweep, r, phase, side, f"{res['wall_s']:.1f}", res["programs"],
