@@ -11,13 +11,15 @@ import jax
 import numpy as np
 import pytest
 
+from data.cache import Split
 from helpers_train import GapWorld, write_gap_cache
-from train_jax import compile_cache
+from train_jax import compile_cache, gap, logreg
 from train_jax.baselines import TipAdapterHead
 from train_jax.logreg import LinearProbeHead
 from train_jax.config import Settings
 from train_jax.methods import CMMHead
-from train_jax.runner import Buckets, Pool, hparam_arrays, permutation_prefix, predict_runs, train_runs
+from train_jax.runner import Buckets, Pool, Trained, hparam_arrays, permutation_prefix, predict_runs, train_runs
+from train_jax.trainers import Job
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES, SEEDS = 4, (1, 2)
@@ -87,6 +89,63 @@ def test_second_shot_count_compiles_nothing():
         predict_runs(CMMHead(), trained, hp, test_x[:3], world.text)  # a smaller set: the same program
         compiled.append((compile_cache.stats() - before).programs)
     assert compiled[0] > 0 and compiled[1] == 0, compiled
+
+
+def _fit_probe(shots, buckets=Buckets()):
+    """``logreg.fit`` on the pool of ``_problem(shots)`` (2 C values x 2 seeds) -> (params, val predictions)."""
+    world, pool, rows, test_x = _problem(shots)
+    split = Split(pool.features[:, 0], pool.labels, np.array([f"img{i}.png" for i in range(len(pool.labels))]))
+    settings = [Settings(c=0.1), Settings(c=0.1), Settings(c=10.0), Settings(c=10.0)]
+    fitted = logreg.fit(Job(LinearProbeHead(), settings, split, np.arange(len(pool.labels)), rows,
+                            np.array([1, 2, 1, 2]), world.text, "Synth", test_x, np.zeros(len(test_x), np.int32),
+                            np.ones((4, len(test_x)), bool), buckets=buckets))
+    assert not fitted.failed.any()
+    trained = Trained(fitted.params, fitted.consts, fitted.failed, fitted.fail_step, fitted.final_loss)
+    return fitted, predict_runs(LinearProbeHead(), trained, hparam_arrays(settings), test_x, world.text)
+
+
+def test_linear_probe_padded_equals_unpadded():
+    """The L-BFGS probe padded to 3 shots' rows and pool solves the 2-shot problem: same params, loss and
+    predictions."""
+    (exact, exact_pred), (padded, padded_pred) = _fit_probe(2), _fit_probe(2, Buckets(3 * CLASSES, 6 * CLASSES))
+    for a, b in zip(jax.tree.leaves(exact.params), jax.tree.leaves(padded.params)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(padded.final_loss, exact.final_loss, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(padded_pred, exact_pred)
+
+
+def test_linear_probe_second_shot_count_compiles_nothing():
+    """Shots 1 and 3 in the buckets of 3 shots: the solve and prediction programs are built for the first only."""
+    jax.clear_caches()  # the programs of an earlier test with these shapes
+    buckets = Buckets(3 * CLASSES, 6 * CLASSES)
+    compiled = []
+    for shots in (1, 3):
+        before = compile_cache.stats()
+        _fit_probe(shots, buckets)
+        compiled.append((compile_cache.stats() - before).programs)
+    assert compiled[0] > 0 and compiled[1] == 0, compiled
+
+
+def test_gap_map_compiles_once_for_any_test_set_size():
+    """The mapper of the modality-gap diagnostics on test sets of 5, 1,500 and 40 rows (1 and 2 blocks): one
+    program, compiled for the first, giving the eager map's rows."""
+    jax.clear_caches()
+    world = GapWorld(3, classes=CLASSES, dim=16)
+    settings = Settings(learn_text=True)
+    rng = np.random.default_rng(0)
+    params = {"dW": rng.normal(0, 0.1, (16, 16)).astype(np.float32), "b": rng.normal(0, 0.1, 16).astype(np.float32),
+              "dT": rng.normal(0, 0.1, (CLASSES, 16)).astype(np.float32)}
+    compiled = []
+    for n in (5, 1500, 40):
+        images = world.images(-(-n // CLASSES))[0][:n]
+        before = compile_cache.stats()
+        v, t = gap.mapped(settings, params, images, world.text)
+        compiled.append((compile_cache.stats() - before).programs)
+        eager = gap.CrossModalMapper(True).apply({"params": params}, images, world.text)
+        np.testing.assert_allclose(v, eager[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(t, eager[1], rtol=1e-5, atol=1e-6)
+    assert compiled[0] > 0 and compiled[1:] == [0, 0], compiled
 
 
 def test_cache_dir_choice(monkeypatch, tmp_path):

@@ -294,7 +294,7 @@ def run_shots(
         else:  # the method's own trainer; it returns the settings its models are used with
             pool_split = pool_split or _pool_split(task, pool_rows)
             fitted = fit(Job(head, [r.settings for r in group], pool_split, np.arange(len(pool_rows)), rows,
-                             seeds_arr, task.text, task.dataset, val_feats, val_labels, own, budget, devices))
+                             seeds_arr, task.text, task.dataset, val_feats, val_labels, own, budget, devices, buckets))
             trained = Trained(fitted.params, fitted.consts, fitted.failed, fitted.fail_step, fitted.final_loss)
             for i, st in zip(idx, fitted.settings):
                 runs[i], notes[i] = _Run(runs[i].method, runs[i].seed, st), fitted.note

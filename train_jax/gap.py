@@ -9,14 +9,18 @@ gap.json, gap.md and gap.png of a run folder from its saved params.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from train_jax.methods import METHODS, CMMHead
 from train_jax.model import CrossModalMapper
+from train_jax.runner import EVAL_BLOCK
 
 STATS = ("gap", "cos_own", "cos_other", "margin", "nearest_acc")
 PLOT_CLASSES, PLOT_PER_CLASS = 6, 60
@@ -50,11 +54,23 @@ def has_map(method: str, settings: Any) -> bool:
     return isinstance(METHODS[method].head(settings), CMMHead) and settings.epochs > 0
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _map_block(learn_text: bool, params: Mapping, block: jax.Array, text: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The mapper on one block [EVAL_BLOCK,D] of images -> (mapped [EVAL_BLOCK,D], prototypes [C,D])."""
+    return CrossModalMapper(learn_text).apply({"params": params}, block, text)
+
+
 def mapped(settings: Any, params: Mapping, images: np.ndarray, text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A CMM model's mapped images [N,D] and its prototypes [C,D] (learned ones with learn_text)."""
-    v, t = CrossModalMapper(settings.learn_text).apply({"params": params}, np.asarray(images, np.float32),
-                                                        np.asarray(text, np.float32))
-    return np.asarray(v), np.asarray(t)
+    """A CMM model's mapped images [N,D] and its prototypes [C,D] (learned ones with learn_text); one compiled
+    program per (learn_text, C, D) whatever N: the map is row-wise, applied to ``EVAL_BLOCK``-row blocks, the last
+    padded with zero rows that are dropped."""
+    images = np.asarray(images, np.float32)
+    n, dim = images.shape
+    blocks = np.zeros((math.ceil(max(n, 1) / EVAL_BLOCK) * EVAL_BLOCK, dim), np.float32)
+    blocks[:n] = images
+    text = np.asarray(text, np.float32)
+    outs = [_map_block(bool(settings.learn_text), params, b, text) for b in blocks.reshape(-1, EVAL_BLOCK, dim)]
+    return np.concatenate([np.asarray(v) for v, _ in outs])[:n], np.asarray(outs[0][1])
 
 
 def shot_rows(learned: Mapping[str, Mapping[str, Any]], shots: int, images: np.ndarray, labels: np.ndarray,

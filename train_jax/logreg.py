@@ -27,10 +27,15 @@ MAX_ITER = 1000  # scikit-learn's max_iter as CoOp sets it
 TOL = 1e-4  # scikit-learn's tol: stop when every gradient entry is at most this
 
 
-def objective(params, feats: jax.Array, labels: jax.Array, c: jax.Array) -> jax.Array:
-    """The regularised loss of W [C,D], b [C] on feats [N,D], labels [N]: mean CE + ||W||^2 / (2 c N)."""
+def objective(params, feats: jax.Array, labels: jax.Array, c: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """The regularised loss of W [C,D], b [C] on feats [N,D], labels [N]: mean CE + ||W||^2 / (2 c N). valid [N]
+    bool (default all): only these rows count, as if the others were absent (N = their count; padded rows)."""
     logits = feats @ params["W"].T + params["b"]
-    return cross_entropy(logits, labels) + jnp.sum(params["W"] ** 2) / (2.0 * c * feats.shape[0])
+    if valid is None:
+        return cross_entropy(logits, labels) + jnp.sum(params["W"] ** 2) / (2.0 * c * feats.shape[0])
+    n = jnp.sum(valid).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.sum(jnp.where(valid, ce, 0.0)) / n + jnp.sum(params["W"] ** 2) / (2.0 * c * n)
 
 
 @dataclass(frozen=True)
@@ -49,13 +54,14 @@ class LinearProbeHead:
         return objective(params, feats, labels, hp["c"])
 
 
-def solve(feats: jax.Array, labels: jax.Array, c: jax.Array, classes: int, max_iter: int = MAX_ITER,
+def solve(feats: jax.Array, labels: jax.Array, c: jax.Array, n: jax.Array, classes: int, max_iter: int = MAX_ITER,
           tol: float = TOL) -> tuple[dict, jax.Array, jax.Array]:
-    """Minimise ``objective`` from zeros with L-BFGS (zoom line search: strong Wolfe conditions, as scipy's
-    L-BFGS-B behind scikit-learn) until every gradient entry is <= ``tol`` or ``max_iter`` iterations.
-    feats [N,D], labels [N], c scalar -> (params, final loss, iterations)."""
+    """Minimise ``objective`` on the first n rows from zeros with L-BFGS (zoom line search: strong Wolfe
+    conditions, as scipy's L-BFGS-B behind scikit-learn) until every gradient entry is <= ``tol`` or ``max_iter``
+    iterations. feats [N,D], labels [N], c scalar, n scalar <= N (rows past it pad) -> (params, final loss,
+    iterations)."""
     params = {"W": jnp.zeros((classes, feats.shape[1]), jnp.float32), "b": jnp.zeros((classes,), jnp.float32)}
-    fun = functools.partial(objective, feats=feats, labels=labels, c=c)
+    fun = functools.partial(objective, feats=feats, labels=labels, c=c, valid=jnp.arange(len(labels)) < n)
     solver = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(fun)
 
@@ -76,11 +82,13 @@ def solve(feats: jax.Array, labels: jax.Array, c: jax.Array, classes: int, max_i
 
 
 @functools.partial(jax.jit, static_argnames=("classes", "max_iter", "tol"))
-def solve_runs(feats: jax.Array, labels: jax.Array, rows: jax.Array, c: jax.Array, *, classes: int,
-               max_iter: int = MAX_ITER, tol: float = TOL) -> tuple[dict, jax.Array, jax.Array]:
-    """``solve`` for S runs at once: pool feats [M,D], labels [M], each run's rows [S,N] and c [S] ->
-    (params with leading axis S, final loss [S], iterations [S])."""
-    one = lambda r, cc: solve(feats[r], labels[r], cc, classes, max_iter, tol)  # noqa: E731
+def solve_runs(feats: jax.Array, labels: jax.Array, rows: jax.Array, c: jax.Array, n: jax.Array | None = None, *,
+               classes: int, max_iter: int = MAX_ITER, tol: float = TOL) -> tuple[dict, jax.Array, jax.Array]:
+    """``solve`` for S runs at once: pool feats [M,D], labels [M], each run's rows [S,N] of which the first n
+    (default N; a traced scalar, so one program serves every n) are its own, and c [S] -> (params with leading
+    axis S, final loss [S], iterations [S])."""
+    n = rows.shape[1] if n is None else n
+    one = lambda r, cc: solve(feats[r], labels[r], cc, n, classes, max_iter, tol)  # noqa: E731
     return jax.vmap(one)(rows, c)
 
 
@@ -92,17 +100,23 @@ def run_bytes(n: int, dim: int, classes: int, memory: int = 10) -> int:
 
 def fit(job: Job) -> Fitted:
     """The linear probe's trainer (``methods.Method.fit``): one L-BFGS solve per run on its training images'
-    plain (centre-crop) features, in equal chunks of runs that fit the memory budget (one compiled program); C
-    is chosen among the settings on validation like any other setting."""
+    plain (centre-crop) features, in equal chunks of runs that fit the memory budget; rows per run and the pool
+    are padded to ``job.buckets`` (padded rows masked out of the objective), so one compiled program serves every
+    shot count. C is chosen among the settings on validation like any other setting."""
     feats = l2_normalize(job.split.features[job.pool_rows])
     labels = job.split.labels[job.pool_rows].astype(np.int32)
+    pad = max(0, job.buckets.pool - len(labels))  # zero rows no run's own rows index
+    feats = np.concatenate([feats, np.zeros((pad, feats.shape[1]), np.float32)])
+    labels = np.concatenate([labels, np.zeros(pad, np.int32)])
     c = np.array([s.c for s in job.settings], np.float32)
     runs, (n, classes) = len(c), (job.rows.shape[1], job.text.shape[0])
+    rows = np.pad(job.rows, ((0, 0), (0, max(0, job.buckets.rows - n))))  # padded rows: past n, masked out
     budget = job.budget if job.budget is not None else memory_budget(list(job.devices or jax.devices()))
-    chunks = math.ceil(runs / max(1, budget // run_bytes(n, feats.shape[1], classes)))
+    chunks = math.ceil(runs / max(1, budget // run_bytes(rows.shape[1], feats.shape[1], classes)))
     size = math.ceil(runs / chunks)
     take = np.minimum(np.arange(chunks * size), runs - 1)  # the last chunk padded with copies of the last run
-    outs = [solve_runs(feats, labels, job.rows[idx], c[idx], classes=classes) for idx in take.reshape(chunks, size)]
+    outs = [solve_runs(feats, labels, rows[idx], c[idx], np.int32(n), classes=classes)
+            for idx in take.reshape(chunks, size)]
     params, loss, _ = jax.tree.map(lambda *x: np.concatenate(x)[:runs], *jax.device_get(outs))
     failed = ~np.isfinite(loss) | ~np.all(np.isfinite(params["W"]), axis=(1, 2))
     return Fitted(params, {}, failed, np.where(failed, 0, -1).astype(np.int32), np.asarray(loss, np.float32),

@@ -10,6 +10,7 @@ import numpy as np
 
 from data.cache import Split
 from train_jax.config import Settings
+from train_jax.runner import Buckets
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,8 @@ class Job:
     pool_rows [M]: the split rows any run uses; rows [S,N]: each run's training rows as indices into pool_rows;
     seeds [S]; text [C,D] prototypes; dataset: the cache's dataset name; val_feats [Nv,D] L2-normalised,
     val_labels [Nv], members [S,Nv] bool: each run's own validation rows (the only data a trainer may tune on);
-    budget, devices: as ``runner.train_runs`` takes them."""
+    budget, devices, buckets: as ``runner.train_runs`` takes them (a trainer whose shapes allow it pads to
+    ``buckets`` so that one compiled program serves every shot count)."""
 
     head: Any
     settings: list[Settings]
@@ -35,6 +37,7 @@ class Job:
     members: np.ndarray
     budget: int | None = None
     devices: Sequence[Any] | None = None
+    buckets: Buckets = Buckets()
 
 
 @dataclass(frozen=True)
