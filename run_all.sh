@@ -27,7 +27,9 @@ tiny random-weight CLIP. Its numbers check the pipeline; they are not CLIP accur
   --shots "K ..."        shots per class (default "1 2 4 8 16"); values above a dataset's smallest class are
                          skipped for that dataset with a warning
   --seeds "S ..."        few-shot seeds (default "1 2 3")
-  --aug-views N          augmented views of each train image to extract (default 0)
+  --aug-views N          augmented views of each encoded train image (default 0)
+  --encode-all           encode every train image (default: only those the few-shot draws of --seeds at up
+                         to the largest --shots can use; rerunning with more seeds or shots adds the missing)
   --out DIR              output folder (default outputs/): cache/, runs/, results/
   --device D             auto | cpu | cuda (default auto): extraction device and JAX platform
   --train-args "..."     extra arguments for python -m train_jax (e.g. "--grid lr=1e-3,1e-4")
@@ -43,7 +45,7 @@ EOF
 BENCHMARKS="ImageNet Caltech101 OxfordPets StanfordCars Flowers102 Food101 FGVCAircraft SUN397 DTD EuroSAT UCF101"
 SHIFTS="ImageNetV2 ImageNetSketch ImageNetA ImageNetR"
 DATASETS="" DATA_ROOT="" FOLDER="" NAME="" MODEL="" PRETRAINED="" MODEL_CONFIG=""
-SHOTS="1 2 4 8 16" SEEDS="1 2 3" AUG_VIEWS=0 OUT="outputs" DEVICE="auto" TRAIN_ARGS=""
+SHOTS="1 2 4 8 16" SEEDS="1 2 3" AUG_VIEWS=0 OUT="outputs" DEVICE="auto" TRAIN_ARGS="" ENCODE_ALL=0
 PREDICT="" RUN="" PREDICT_ARGS=""
 PY="${PYTHON:-python}"
 
@@ -51,6 +53,7 @@ die() { echo "run_all.sh: error: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
+    --encode-all) ENCODE_ALL=1; shift ;;
     --datasets|--data-root|--folder|--name|--model|--pretrained|--model-config|--shots|--seeds|--aug-views|\
     --out|--device|--train-args|--predict|--run|--predict-args)
       [ $# -ge 2 ] || die "$1 needs a value (see --help)"
@@ -123,6 +126,9 @@ MODEL_ARGS=(--device "$DEVICE" --aug-views "$AUG_VIEWS")
 [ -z "$MODEL" ] || MODEL_ARGS+=(--model "$MODEL")
 [ -z "$PRETRAINED" ] || MODEL_ARGS+=(--pretrained "$PRETRAINED")
 [ -z "$MODEL_CONFIG" ] || MODEL_ARGS+=(--model-config "$MODEL_CONFIG")
+POOL_ARGS=()  # the train images the draws of these seeds at up to the largest K use (all with --encode-all)
+# shellcheck disable=SC2086  # SEEDS and SHOTS are word lists on purpose
+[ "$ENCODE_ALL" = 1 ] || POOL_ARGS=(--pool-seeds $SEEDS --pool-shots "$(printf '%s\n' $SHOTS | sort -n | tail -1)")
 
 if [ -n "$PREDICT" ]; then  # a folder of new images -> unlabelled cache with the run's classes -> predictions
   [ -d "$PREDICT" ] || die "--predict $PREDICT is not a folder"
@@ -140,14 +146,17 @@ if [ -n "$PREDICT" ]; then  # a folder of new images -> unlabelled cache with th
   exit 0
 fi
 
-extract() {  # extract NAME SOURCE_ARGS...: skip a cache that is already complete
+extract() {  # extract NAME SOURCE_ARGS...: skip a cache that already holds every image this run needs
   local name="$1"; shift
   local cache="$CACHE_DIR/$name.h5"
-  if [ -f "$cache" ]; then
+  local plan=", 1 to encode"  # no cache yet, or a plan that fails: run the extraction (it says why)
+  [ ! -f "$cache" ] || plan="$("$PY" -m extract run "$@" "${MODEL_ARGS[@]}" "${POOL_ARGS[@]}" --out "$cache" \
+    --dry-run)" || plan=", 1 to encode"
+  if ! grep -Eq ", [1-9][0-9]* to encode" <<<"$plan"; then
     echo "== $name: features cached in $cache"
   else
     echo "== $name: extracting features -> $cache"
-    "$PY" -m extract run "$@" "${MODEL_ARGS[@]}" --out "$cache"
+    "$PY" -m extract run "$@" "${MODEL_ARGS[@]}" "${POOL_ARGS[@]}" --out "$cache"
   fi
 }
 

@@ -24,9 +24,12 @@ import numpy as np
 from data.registry import ensemble_templates
 
 FORMAT = "cmm-feature-cache"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SPLITS = ("train", "val", "test")
-PENDING, OK, BAD = 0, 1, 2
+# Row status: PENDING = to encode, OK = encoded, BAD = unreadable image (skipped), ABSENT = listed, not encoded
+# (outside a pooled extraction's rows).
+PENDING, OK, BAD, ABSENT = 0, 1, 2, 3
+READ_BLOCK_BYTES = 64 << 20  # features read from the file at a time
 UNLABELLED = -1  # the label of every row of an unlabelled split (images to classify, never to train or score on)
 # Attributes that say which model and preprocessing made the features: a cache never mixes two of them.
 IDENTITY_ATTRS = ("dataset", "model", "pretrained", "weights_sha256", "model_config", "embed_dim",
@@ -34,7 +37,7 @@ IDENTITY_ATTRS = ("dataset", "model", "pretrained", "weights_sha256", "model_con
 DEFAULT_ATTRS: dict[str, Any] = {
     "dataset": "", "model": "", "pretrained": "", "weights_sha256": "", "model_config": "", "embed_dim": 0,
     "feature_dtype": "float32", "preprocess": "{}", "aug_views": 0, "aug_seed": 0, "aug": "{}", "shard": "",
-    "versions": "{}", "created": "",
+    "versions": "{}", "created": "", "pool": "", "command": "",
     "activation": "", "logit_scale": 0.0, "logit_bias": 0.0,  # the model's own; logit_scale 0: not recorded
 }
 _STR = h5py.string_dtype("utf-8")
@@ -63,16 +66,14 @@ class Split:
 
 
 @dataclass(frozen=True)
-class FeatureCache:
-    """A validated cache in memory."""
+class CacheHead:
+    """What every cache reader holds: attributes, class names, templates and text features of a validated file."""
 
     path: Path
     attrs: dict[str, Any]
     classnames: list[str]
     templates: list[str]
     text_features: np.ndarray  # [C, P, D] float32, L2-normalised
-    splits: dict[str, Split]
-    bad_paths: list[str] = field(default_factory=list)
 
     def prototypes(self, template: str | int = "ensemble") -> np.ndarray:
         """Class prototypes [C, D]: one template (index or text), or "ensemble": the normalised mean over exactly
@@ -91,6 +92,30 @@ class FeatureCache:
         if not 0 <= template < len(self.templates):
             raise CacheError(f"{self.path}: template index {template} out of range [0, {len(self.templates)})")
         return self.text_features[:, template, :]
+
+
+@dataclass(frozen=True)
+class FeatureCache(CacheHead):
+    """A validated cache in memory: the encoded rows of each split (not-encoded and unreadable rows dropped)."""
+
+    splits: dict[str, Split] = field(default_factory=dict)
+    bad_paths: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Every listed row of a split: labels [N] int64, paths [N] (utf-8, numpy bytes), status [N] int8
+    (PENDING..ABSENT)."""
+
+    labels: np.ndarray
+    paths: np.ndarray
+    status: np.ndarray
+
+    def counts(self) -> dict[str, int]:
+        """Rows listed, encoded, skipped (unreadable), pending and not encoded."""
+        return {"listed": len(self.status), **{name: int(np.sum(self.status == code)) for name, code in
+                                                (("encoded", OK), ("skipped", BAD), ("pending", PENDING),
+                                                 ("not encoded", ABSENT))}}
 
 
 def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -245,15 +270,123 @@ def _check(ok: bool, path: Path, what: str) -> None:
         raise CacheError(f"{path}: {what}; the file is not a valid {FORMAT} v{SCHEMA_VERSION}, extract it again")
 
 
-def read_cache(path: str | os.PathLike, *, splits: Iterable[str] | None = None, with_aug: bool = True) -> FeatureCache:
-    """Read and validate a complete cache; rows of unreadable images (status 2) are dropped."""
-    path = Path(path)
+class CacheReader(CacheHead):
+    """A validated complete cache read row by row: listings in memory, features read only for the rows asked.
+
+    Memory is bounded by what is asked for (plus READ_BLOCK_BYTES), not by the file.
+    """
+
+    def split_names(self) -> list[str]:
+        """The splits the file holds."""
+        with _open(self.path, "r") as f:
+            return list(f["splits"].keys())
+
+    def listing(self, split: str) -> Listing:
+        """Labels, paths and status of every listed row of `split` (CacheError if the file lacks it)."""
+        with _open(self.path, "r") as f:
+            g = self._group(f, split)
+            for key in ("labels", "paths", "status", "slot", "features"):
+                _check(key in g, self.path, f"missing /splits/{split}/{key}")
+            labels, status = np.asarray(_read(g["labels"], self.path), np.int64), np.asarray(_read(g["status"], self.path), np.int8)
+            paths = np.asarray(_read(g["paths"], self.path), dtype=bytes)  # fixed-width: half the memory of str objects
+        _check(labels.shape == status.shape == paths.shape, self.path,
+               f"/splits/{split} labels, paths and status differ in length")
+        _check(bool(np.all(status != PENDING)), self.path, f"split {split!r} has rows that were never extracted")
+        if len(labels):
+            n_classes = len(self.classnames)
+            _check(bool(labels.min() >= 0 and labels.max() < n_classes) or bool(np.all(labels == UNLABELLED)),
+                   self.path, f"/splits/{split}/labels outside [0, {n_classes}) (or not all {UNLABELLED}: "
+                   "unlabelled)")
+        return Listing(labels, paths, status)
+
+    def read(self, split: str, rows: np.ndarray, *, views: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Features [n, D] float32 (and augmented views [n, A, D] when views=True) of encoded rows [n] of `split`.
+
+        With views, both are slices of one array [n, 1 + A, D] (plain view first), so `features.base` holds them
+        stacked without a copy. CacheError naming the split if a row is not encoded (ABSENT) or unreadable, or
+        views are asked but absent.
+        """
+        rows = np.asarray(rows, np.int64)
+        with _open(self.path, "r") as f:
+            g = self._group(f, split)
+            status, slot = _read(g["status"], self.path), _read(g["slot"], self.path)
+            missing = rows[status[rows] != OK]
+            if len(missing):
+                what = "not encoded" if status[missing[0]] == ABSENT else "unreadable images (skipped)"
+                raise CacheError(f"{self.path}: {len(missing)} {split} rows asked for are {what}, e.g. "
+                                 f"{_decode(g['paths'][missing[:1]])[0]!r}")
+            dim = int(self.attrs.get("embed_dim", 0))
+            _check(g["features"].shape[1:] == (dim,), self.path, f"/splits/{split}/features rows are not [{dim}]")
+            if views and "aug_features" not in g:
+                raise CacheError(f"{self.path}: split {split!r} has no augmented views; extract it with --aug-views")
+            if views:
+                _check(g["aug_features"].ndim == 3 and g["aug_features"].shape[2] == dim, self.path,
+                       f"/splits/{split}/aug_features rows are not [A, {dim}]")
+            stacked = np.empty((len(rows), 1 + (g["aug_features"].shape[1] if views else 0), dim), np.float32)
+            _read_slots(g["features"], slot[rows], stacked[:, 0], self.path)
+            _check_norms(stacked[:, 0], self.path, f"/splits/{split}/features")
+            if views:
+                _read_slots(g["aug_features"], slot[rows], stacked[:, 1:], self.path)
+        return stacked[:, 0], stacked[:, 1:] if views else None
+
+    def has_views(self, split: str) -> bool:
+        """Whether `split` stores augmented views."""
+        with _open(self.path, "r") as f:
+            return "aug_features" in self._group(f, split)
+
+    def bad(self) -> dict[str, str]:
+        """Path -> error of every image skipped as unreadable."""
+        with _open(self.path, "r") as f:
+            return (dict(zip(_decode(_read(f["bad/paths"], self.path)), _decode(_read(f["bad/errors"], self.path))))
+                    if "bad/paths" in f else {})
+
+    def _group(self, f: h5py.File, split: str) -> h5py.Group:
+        _check(split in f["splits"], self.path, f"missing split {split!r} (it has {list(f['splits'].keys())})")
+        return f["splits"][split]
+
+
+def _read_slots(d: h5py.Dataset, slots: np.ndarray, out: np.ndarray, path: Path) -> None:
+    """out[:] = d[slots] (any order, repeats allowed; out [n, ...] float32), reading spans of at most
+    READ_BLOCK_BYTES at a time; a span whose asked rows are sparse is read row by row instead."""
+    if not len(slots):
+        return
+    order = np.argsort(slots, kind="stable")
+    ordered = slots[order]
+    per_block = max(1, READ_BLOCK_BYTES // max(1, int(np.prod(d.shape[1:])) * d.dtype.itemsize))
+    start = 0
+    while start < len(ordered):
+        stop = int(np.searchsorted(ordered, ordered[start] + per_block))
+        want = ordered[start:stop]
+        if len(want) * 8 >= want[-1] - want[0] + 1:  # dense: one read of the span
+            out[order[start:stop]] = _read(d, path, slice(int(want[0]), int(want[-1]) + 1))[want - want[0]]
+        else:  # sparse: only the rows asked (h5py wants increasing, unique indices)
+            unique, inverse = np.unique(want, return_inverse=True)
+            out[order[start:stop]] = _read(d, path, unique.tolist())[inverse]
+        start = stop
+
+
+def _check_norms(x: np.ndarray, path: Path, what: str) -> None:
+    if len(x):
+        _check(bool(np.all(np.abs(np.linalg.norm(x, axis=-1) - 1) < _NORM_TOL)), path, f"{what} rows are not "
+               "L2-normalised")
+
+
+def _format_attrs(path: str | os.PathLike) -> dict[str, Any]:
+    """Root attributes of a file of this format and schema version (CacheError naming the fix otherwise)."""
     attrs = read_attrs(path)
     if attrs.get("format") != FORMAT:
-        raise CacheError(f"{path}: not a {FORMAT} file (format={attrs.get('format')!r}); make it with `python -m extract`")
+        raise CacheError(f"{path}: not a {FORMAT} file (format={attrs.get('format')!r}); "
+                         "make it with `python -m extract`")
     if attrs.get("schema_version") != SCHEMA_VERSION:
         raise CacheError(f"{path}: cache schema version {attrs.get('schema_version')} but this code reads version "
-                         f"{SCHEMA_VERSION}; re-extract it with this version of `python -m extract`")
+                         f"{SCHEMA_VERSION}; re-extract it with this version of `python -m extract` (same command)")
+    return attrs
+
+
+def open_cache(path: str | os.PathLike) -> CacheReader:
+    """Validate a complete cache's attributes, names and text features; read rows later with its methods."""
+    path = Path(path)
+    attrs = _format_attrs(path)
     if not attrs.get("complete"):
         raise CacheError(f"{path}: the cache is incomplete (an interrupted extraction?); rerun the same "
                          "`python -m extract run` command to resume it")
@@ -263,44 +396,25 @@ def read_cache(path: str | os.PathLike, *, splits: Iterable[str] | None = None, 
         classnames = _decode(_read(f["classnames"], path))
         templates = _decode(_read(f["templates"], path))
         text = np.asarray(_read(f["text_features"], path), dtype=np.float32)
-        n_classes, dim = len(classnames), int(attrs.get("embed_dim", 0))
-        _check(text.shape == (n_classes, len(templates), dim), path,
-               f"/text_features has shape {text.shape}, expected {(n_classes, len(templates), dim)}")
-        _check(bool(np.all(np.abs(np.linalg.norm(text, axis=-1) - 1) < _NORM_TOL)), path,
-               "/text_features rows are not L2-normalised")
-        wanted = list(f["splits"].keys()) if splits is None else list(splits)
-        out: dict[str, Split] = {}
-        for name in wanted:
-            _check(name in f["splits"], path, f"missing split {name!r} (it has {list(f['splits'].keys())})")
-            out[name] = _read_split(f["splits"][name], path, name, n_classes, dim, with_aug)
-        bad = _decode(_read(f["bad/paths"], path)) if "bad/paths" in f else []
-    return FeatureCache(path, attrs, classnames, templates, text, out, bad)
+    n_classes, dim = len(classnames), int(attrs.get("embed_dim", 0))
+    _check(text.shape == (n_classes, len(templates), dim), path,
+           f"/text_features has shape {text.shape}, expected {(n_classes, len(templates), dim)}")
+    _check_norms(text, path, "/text_features")
+    return CacheReader(path, attrs, classnames, templates, text)
 
 
-def _read_split(g: h5py.Group, path: Path, name: str, n_classes: int, dim: int, with_aug: bool) -> Split:
-    for key in ("features", "labels", "paths", "status"):
-        _check(key in g, path, f"missing /splits/{name}/{key}")
-    status = _read(g["status"], path)
-    _check(bool(np.all(status != PENDING)), path, f"split {name!r} has rows that were never extracted")
-    keep = status == OK
-    features = np.asarray(_read(g["features"], path)[keep], dtype=np.float32)
-    labels = np.asarray(_read(g["labels"], path)[keep], dtype=np.int64)
-    paths = np.asarray(_decode(_read(g["paths"], path)[keep]), dtype=object)
-    _check(features.ndim == 2 and features.shape[1] == dim, path,
-           f"/splits/{name}/features has shape {features.shape}, expected [N, {dim}]")
-    _check(labels.shape == (len(features),) and paths.shape == (len(features),), path,
-           f"/splits/{name} features, labels and paths differ in length")
-    if len(labels):
-        _check(bool(labels.min() >= 0 and labels.max() < n_classes) or bool(np.all(labels == UNLABELLED)), path,
-               f"/splits/{name}/labels outside [0, {n_classes}) (or not all {UNLABELLED}: unlabelled)")
-        _check(bool(np.all(np.abs(np.linalg.norm(features, axis=1) - 1) < _NORM_TOL)), path,
-               f"/splits/{name}/features rows are not L2-normalised")
-    aug = None
-    if with_aug and "aug_features" in g:
-        aug = np.asarray(_read(g["aug_features"], path)[keep], dtype=np.float32)
-        _check(aug.ndim == 3 and aug.shape[0] == len(features) and aug.shape[2] == dim, path,
-               f"/splits/{name}/aug_features has shape {aug.shape}, expected [{len(features)}, A, {dim}]")
-    return Split(features, labels, paths, aug)
+def read_cache(path: str | os.PathLike, *, splits: Iterable[str] | None = None, with_aug: bool = True) -> FeatureCache:
+    """Read and validate a complete cache whole: the encoded rows of each split (unreadable and not-encoded rows
+    are dropped)."""
+    reader = open_cache(path)
+    out: dict[str, Split] = {}
+    for name in reader.split_names() if splits is None else list(splits):
+        listing = reader.listing(name)
+        rows = np.flatnonzero(listing.status == OK)
+        features, aug = reader.read(name, rows, views=with_aug and reader.has_views(name))
+        out[name] = Split(features, listing.labels[rows], np.asarray(_decode(listing.paths[rows]), dtype=object), aug)
+    return FeatureCache(reader.path, reader.attrs, reader.classnames, reader.templates, reader.text_features, out,
+                        list(reader.bad()))
 
 
 def _root_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -315,29 +429,32 @@ _CHUNK_ROWS = {"features": 1024, "aug_features": 256}  # rows per chunk; other p
 
 
 def _dataset(g: h5py.Group, name: str, *, shape: tuple[int, ...], dtype: Any, data: Any = None,
-             rows: int = 65536) -> h5py.Dataset:
+             rows: int = 65536, grow: bool = False) -> h5py.Dataset:
     """A chunked dataset of `rows` rows per chunk with a Fletcher-32 checksum per chunk, allocated in full at
-    creation (so filling it never needs more disk space). Strings cannot carry checksums: no filter."""
+    creation (so filling it never needs more disk space). Strings cannot carry checksums: no filter.
+    grow=True: its first axis can grow (`CacheWriter.request`); each growth allocates the new chunks."""
     if np.dtype(dtype) == _STR:
         return g.create_dataset(name, shape=shape, dtype=dtype, data=data)
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    chunks = (min(max(shape[0], 1), rows), *(max(s, 1) for s in shape[1:]))
-    maxshape = (None, *shape[1:]) if 0 in shape else None  # a chunk may not exceed a fixed empty axis
+    chunks = (rows if grow else min(max(shape[0], 1), rows), *(max(s, 1) for s in shape[1:]))
+    maxshape = (None, *shape[1:]) if grow or 0 in shape else None  # a chunk may not exceed a fixed empty axis
     return g.create_dataset(name, shape=shape, dtype=dtype, data=data, chunks=chunks, maxshape=maxshape,
                             fletcher32=True, dcpl=dcpl)
 
 
 def _layout_bytes(classnames: list[str], templates: list[str], splits: Mapping[str, Mapping[str, Any]],
                   embed_dim: int, aug_views: int, dtype: str) -> int:
-    """Size [bytes] of a new cache file (every chunk allocated), with 1 MiB for HDF5's own structures."""
+    """Size [bytes] of a new cache file (every chunk allocated) with its `encode` rows (default all) encoded, with
+    1 MiB for HDF5's own structures."""
     item = np.dtype(dtype).itemsize
     text = sum(len(s.encode("utf-8", "surrogateescape")) + 32 for s in [*classnames, *templates])
     total = 4 * len(classnames) * len(templates) * embed_dim + text + 2**20
     for name, rows in splits.items():
         n = len(rows["labels"])
+        encoded = n if rows.get("encode") is None else len(rows["encode"])
         views = 1 + (aug_views if name == "train" else 0)
-        total += n * (views * embed_dim * item + 8 + 8 + 1 + 32)
+        total += encoded * views * embed_dim * item + n * (8 + 8 + 1 + 32)
         total += sum(len(str(p).encode("utf-8", "surrogateescape")) for p in rows["paths"])
     return total
 
@@ -355,7 +472,8 @@ def _mib(n: int) -> str:
 
 def _create_layout(f: h5py.File, attrs: Mapping[str, Any], classnames: list[str], templates: list[str],
                    splits: Mapping[str, Mapping[str, Any]], embed_dim: int, aug_views: int, dtype: str) -> None:
-    """Write attributes, names and per-split row metadata; allocate feature datasets (status all PENDING)."""
+    """Write attributes, names and every split's listing (status all ABSENT); feature datasets start empty and
+    grow as rows are requested (`CacheWriter.request`)."""
     for key, value in _root_attrs({**attrs, "embed_dim": embed_dim, "aug_views": aug_views,
                                    "feature_dtype": dtype}).items():
         f.attrs[key] = value
@@ -365,17 +483,55 @@ def _create_layout(f: h5py.File, attrs: Mapping[str, Any], classnames: list[str]
     for name, rows in splits.items():
         n = len(rows["labels"])
         g = f.create_group(f"splits/{name}")
-        g.attrs["total_rows"] = int(rows.get("total_rows", n))
         _dataset(g, "labels", shape=(n,), dtype=np.int64, data=np.asarray(rows["labels"], dtype=np.int64))
         g.create_dataset("paths", data=np.asarray([str(p) for p in rows["paths"]], dtype=object), dtype=_STR)
-        _dataset(g, "index", shape=(n,), dtype=np.int64, data=np.asarray(rows.get("index", np.arange(n)),
-                                                                          dtype=np.int64))
-        _dataset(g, "status", shape=(n,), dtype=np.int8, data=np.zeros(n, dtype=np.int8))
-        _dataset(g, "features", shape=(n, embed_dim), dtype=dtype, rows=_CHUNK_ROWS["features"])
+        _dataset(g, "status", shape=(n,), dtype=np.int8, data=np.full(n, ABSENT, dtype=np.int8))
+        _dataset(g, "slot", shape=(n,), dtype=np.int64, data=np.full(n, -1, dtype=np.int64))
+        _dataset(g, "features", shape=(0, embed_dim), dtype=dtype, rows=_CHUNK_ROWS["features"], grow=True)
         if aug_views and name == "train":
-            _dataset(g, "aug_features", shape=(n, aug_views, embed_dim), dtype=dtype, rows=_CHUNK_ROWS["aug_features"])
+            _dataset(g, "aug_features", shape=(0, aug_views, embed_dim), dtype=dtype,
+                     rows=_CHUNK_ROWS["aug_features"], grow=True)
     f.create_dataset("bad/paths", shape=(0,), maxshape=(None,), dtype=_STR)
     f.create_dataset("bad/errors", shape=(0,), maxshape=(None,), dtype=_STR)
+
+
+def inspect(path: str | os.PathLike) -> dict[str, Any]:
+    """What a cache or .partial file holds, without validating it: attrs, classnames, templates, bad image count
+    and per split its row counts (`Listing.counts`) and feature dataset shapes/dtype."""
+    attrs = _format_attrs(path)
+    with _open(Path(path), "r") as f:
+        splits = {}
+        for name, g in f["splits"].items():
+            status = _read(g["status"], Path(path))
+            splits[name] = {**Listing(status, status, status).counts(), "dtype": str(g["features"].dtype),
+                            **{key: tuple(g[key].shape) for key in ("features", "aug_features") if key in g}}
+        return {"attrs": attrs, "classnames": _decode(_read(f["classnames"], Path(path))),
+                "templates": _decode(_read(f["templates"], Path(path))),
+                "bad": int(f["bad/paths"].shape[0]) if "bad/paths" in f else 0, "splits": splits}
+
+
+def read_status(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Each split's row status [N] of a cache or .partial file of this schema ({} for anything else)."""
+    try:
+        if read_attrs(path).get("schema_version") != SCHEMA_VERSION:
+            return {}
+        with _open(Path(path), "r") as f:
+            return {name: _read(g["status"], Path(path)) for name, g in f["splits"].items()}
+    except (CacheError, OSError, KeyError):
+        return {}
+
+
+def listing_diff(path: Path, old_paths: Iterable[Any], old_labels: np.ndarray, paths: Iterable[Any],
+                 labels: np.ndarray) -> str | None:
+    """None when two listings are equal, else one phrase saying how they differ (images added/removed/relabelled)."""
+    old, new = _decode(old_paths), [str(p) for p in paths]
+    if old == new and np.array_equal(np.asarray(old_labels), np.asarray(labels)):
+        return None
+    added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+    if added or removed:
+        example = f"e.g. {added[0]!r} added" if added else f"e.g. {removed[0]!r} removed"
+        return f"{len(added)} images added and {len(removed)} removed since {path} was begun ({example})"
+    return f"the images of {path} are listed in another order or with other labels"
 
 
 def _guard_existing(path: Path, new: Mapping[str, Any]) -> None:
@@ -434,13 +590,38 @@ def _lock(path: Path, wait: float) -> int:
         os.close(fd)
 
 
+def complete_status(path: str | os.PathLike, attrs: Mapping[str, Any], classnames: list[str],
+                    templates: list[str], splits: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray] | None:
+    """Each split's row status [N] when `path` is a complete cache of this identity, names and splits; None when it
+    is absent or made otherwise (the writer then refuses or starts over); CacheError if its listing of a split
+    differs from splits[name] (paths, labels): images were added or removed since."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    old = read_attrs(path)
+    if not old.get("complete") or old.get("schema_version") != SCHEMA_VERSION or _identity(old) != _identity(attrs):
+        return None
+    with _open(path, "r") as f:
+        if (_decode(_read(f["classnames"], path)) != list(classnames)
+                or _decode(_read(f["templates"], path)) != list(templates)
+                or set(f["splits"]) != set(splits)):
+            return None
+        for name, rows in splits.items():
+            diff = listing_diff(path, _read(f["splits"][name]["paths"], path), _read(f["splits"][name]["labels"], path),
+                                rows["paths"], rows["labels"])
+            if diff:
+                raise CacheError(f"{path}: exists with another image listing: {diff} ({name} split); choose "
+                                 "another --out, or pass --overwrite to replace it")
+        return {name: _read(f["splits"][name]["status"], path) for name in splits}
+
+
 def write_cache(path: str | os.PathLike, *, attrs: Mapping[str, Any], classnames: list[str], templates: list[str],
                 text_features: np.ndarray, splits: Mapping[str, Mapping[str, Any]],
                 bad: Mapping[str, list[str]] | None = None, overwrite: bool = False) -> Path:
     """Write a whole cache at once, atomically (overwrite=True: an existing cache of another identity too).
 
-    splits[name] = dict(features [N, D], labels [N], paths [N], optional aug_features [N, A, D], index [N],
-    total_rows); bad = dict(paths=[...], errors=[...]) for images that were skipped.
+    splits[name] = dict(features [N, D], labels [N], paths [N], optional aug_features [N, A, D]): every row
+    encoded; bad = dict(paths=[...], errors=[...]) for images that were skipped.
     """
     text_features = np.asarray(text_features, dtype=np.float32)
     embed_dim = int(text_features.shape[-1])
@@ -510,12 +691,51 @@ class CacheWriter:
                 f = cls._resumable(tmp, new)
             if f is None:
                 f = cls._create(tmp, attrs, classnames, templates, splits, embed_dim, aug_views, feature_dtype, need)
-            return cls(path, f, fd, need)
+            writer = cls(path, f, fd, need)
         except BaseException:
             if not partial_path(path).exists():
                 lock_path(path).unlink(missing_ok=True)
             os.close(fd)
             raise
+        try:
+            return writer._request_all(splits, attrs)
+        except BaseException:
+            writer.close()
+            raise
+
+    def _request_all(self, splits: Mapping[str, Mapping[str, Any]], attrs: Mapping[str, Any]) -> "CacheWriter":
+        """Request each split's `encode` rows (default all) and record the pool; returns self."""
+        for name, rows in splits.items():
+            self.request(name, np.arange(len(rows["labels"])) if rows.get("encode") is None else rows["encode"])
+        pool = str(attrs.get("pool", ""))
+        if _attr(self._f.attrs.get("pool", "")) != pool:  # a resume that adds nothing leaves the file as it was
+            with self._writing():
+                self._f.attrs["pool"] = pool
+                self._f.flush()
+        return self
+
+    def request(self, split: str, rows: np.ndarray) -> None:
+        """Mark listed rows [M] of `split` to be encoded: those not encoded yet become PENDING and get the next
+        free slots of the feature datasets (which grow); encoded rows keep their bytes."""
+        g = self._f[f"splits/{split}"]
+        tmp = partial_path(self.path)
+        status = _read(g["status"], tmp)
+        new = np.unique(np.asarray(rows, np.int64))
+        new = new[status[new] == ABSENT]
+        if not len(new):
+            return
+        slot = _read(g["slot"], tmp)
+        start = g["features"].shape[0]
+        slot[new] = np.arange(start, start + len(new))
+        status[new] = PENDING
+        with self._writing():
+            for key in ("features", "aug_features"):
+                if key in g:
+                    g[key].resize(start + len(new), axis=0)
+            self._f.flush()
+            g["slot"][...] = slot
+            g["status"][...] = status
+            self._f.flush()
 
     @staticmethod
     def _create(tmp: Path, attrs: Mapping[str, Any], classnames: list[str], templates: list[str],
@@ -562,7 +782,8 @@ class CacheWriter:
             layout = (f.attrs.get("format") == FORMAT and f.attrs.get("schema_version") == SCHEMA_VERSION
                       and all(k in f for k in ("classnames", "templates", "text_features", "splits", "bad/paths",
                                                "bad/errors"))
-                      and all(k in g for g in f["splits"].values() for k in ("labels", "paths", "status", "features")))
+                      and all(k in g for g in f["splits"].values()
+                              for k in ("labels", "paths", "status", "slot", "features")))
             diff = identity_diff(_file_identity(f, tmp), new) if layout else ""
         except (CacheError, *_H5_ERRORS) as e:
             layout, why = False, f"unreadable: {str(e).splitlines()[0][:200]}"
@@ -597,21 +818,25 @@ class CacheWriter:
 
     def write_rows(self, split: str, rows: np.ndarray, features: np.ndarray,
                    aug_features: np.ndarray | None = None) -> None:
-        """Store features [n, D] (and aug_features [n, A, D]) of local rows [n], then mark them done.
+        """Store features [n, D] (and aug_features [n, A, D]) of requested rows [n], then mark them done.
 
         The features are flushed before the status says done, so a kill never leaves a done row without them."""
         g = self._f[f"splits/{split}"]
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return
-        order = np.argsort(rows)  # h5py fancy indexing needs increasing indices
-        rows = rows[order]
+        slots = _read(g["slot"], partial_path(self.path))[rows]
+        if np.any(slots < 0):
+            raise CacheError(f"{self.path}: {split} rows {rows[slots < 0][:3].tolist()} were not requested")
         if aug_features is not None and "aug_features" not in g:
             raise CacheError(f"{self.path}: split {split!r} has no aug_features dataset")
+        order = np.argsort(slots)  # h5py fancy indexing needs increasing indices
+        rows, slots = rows[order], slots[order]
+        where = slice(int(slots[0]), int(slots[-1]) + 1) if slots[-1] - slots[0] + 1 == len(slots) else slots.tolist()
         with self._writing():
-            g["features"][rows] = np.asarray(features)[order].astype(g["features"].dtype)
+            g["features"][where] = np.asarray(features)[order].astype(g["features"].dtype)
             if aug_features is not None:
-                g["aug_features"][rows] = np.asarray(aug_features)[order].astype(g["aug_features"].dtype)
+                g["aug_features"][where] = np.asarray(aug_features)[order].astype(g["aug_features"].dtype)
             self._f.flush()
             g["status"][rows] = np.full(len(rows), OK, dtype=np.int8)
             self._f.flush()
@@ -686,3 +911,15 @@ class CacheWriter:
         partial_path(self.path).unlink(missing_ok=True)
         lock_path(self.path).unlink(missing_ok=True)
         self.close()
+
+def reopen_complete(path: str | os.PathLike) -> None:
+    """Copy a complete cache to `X.h5.partial` (marked incomplete) so a writer can add rows to it; `X.h5` stays
+    as it is until the extended file is finalized over it."""
+    path, tmp = Path(path), partial_path(path)
+    if writer_active(path):
+        raise CacheError(f"another extraction is writing {path}; wait for it or stop it")
+    staging = Path(f"{tmp}.copy")
+    shutil.copyfile(path, staging)
+    with h5py.File(staging, "r+") as f:
+        f.attrs["complete"] = False
+    os.replace(staging, tmp)

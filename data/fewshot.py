@@ -1,16 +1,28 @@
-"""CoOp few-shot sampling: K shots per class for training, min(K, 4) per class for validation, by seed.
+"""CoOp few-shot sampling with nested draws: K shots per class for training, min(K, 4) per class for validation.
 
-Draws depend only on (seed, class index, the set of image paths of that class): each class's rows are sorted by
-path before a seeded draw, so reordering the rows of a cache does not change which images are picked.
+For a seed, each class's rows are sorted by image path and put in one seeded order (a permutation drawn from
+(seed, class index)); the K-shot sample is the first K rows of that order, so the 1-shot sample lies inside the
+2-shot one, and so on. Validation rows come from the same rule on the val split (its own order, first min(K, 4));
+without a val split (ImageNet) they are the *last* min(K, 4) rows of the train order, so they never overlap the
+shots and do not depend on which other K a run asks for. A seed's draws for every K <= Kmax therefore lie in
+``pool_rows``: the first Kmax (+ the last 4) rows of each class's order. A class with fewer images than asked
+contributes all it has, with a warning naming it (as Dassl does).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterable, Sequence
+
 import numpy as np
 
-from data.errors import DataError
-
 VAL_SHOTS_MAX = 4
+_SHOTS, _VAL = 0, 1  # generator streams: the train order, the val split's order
+_NAMED = 5  # classes named in a warning before "and N more"
+
+
+class FewClassWarning(UserWarning):
+    """A class has fewer images than the draw asks for; it contributes all it has."""
 
 
 def val_shots(shots: int) -> int:
@@ -18,63 +30,95 @@ def val_shots(shots: int) -> int:
     return min(shots, VAL_SHOTS_MAX)
 
 
-def _class_rows(labels: np.ndarray, paths: np.ndarray, num_classes: int) -> list[np.ndarray]:
-    """Row ids of each class, sorted by image path. labels [N] int, paths [N] str -> C arrays of row ids."""
-    order = np.lexsort((np.asarray(paths).astype(str), labels))  # by label, then path
-    bounds = np.searchsorted(labels[order], np.arange(num_classes + 1))
-    return [order[bounds[c] : bounds[c + 1]] for c in range(num_classes)]
+def _sort_keys(paths: np.ndarray) -> np.ndarray:
+    """Paths [N] (str or utf-8 bytes) as bytes [N]; utf-8 byte order is code-point order, so sorts match str."""
+    paths = np.asarray(paths)
+    if paths.dtype.kind == "S":
+        return paths
+    return np.array([p if isinstance(p, bytes) else str(p).encode("utf-8") for p in paths], dtype=bytes)
 
 
-def _draw(rows: np.ndarray, k: int, seed: int, class_index: int, stream: int) -> np.ndarray:
-    """k distinct entries of ``rows`` from a generator seeded by (seed, class, stream)."""
-    rng = np.random.default_rng([seed, class_index, stream])
-    return rows[np.sort(rng.choice(len(rows), size=k, replace=False))]
+class _Order:
+    """A class's rows sorted by path, rows [n], and its seeded order: positions [n] (a permutation of 0..n-1)."""
+
+    def __init__(self, rows: np.ndarray, seed: int, class_index: int, stream: int):
+        self.rows = rows
+        self.positions = np.random.default_rng([seed, class_index, stream]).permutation(len(rows))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, start: int, stop: int | None = None) -> np.ndarray:
+        """Rows at places [start, stop) of the seeded order, in path order (so the row order of a cache is moot)."""
+        return self.rows[np.sort(self.positions[start:stop])]
 
 
-def sample_shots(
-    labels: np.ndarray, paths: np.ndarray, classnames: list[str], shots: int, seed: int, split: str = "train"
-) -> np.ndarray:
-    """K rows per class of one split. labels [N], paths [N] -> row ids [C*K], class-major.
-
-    Raises DataError naming the first class with fewer than K images.
-    """
-    per_class = _class_rows(labels, paths, len(classnames))
-    for c, rows in enumerate(per_class):
-        if len(rows) < shots:
-            raise DataError(
-                f"{shots} shots requested but class {classnames[c]!r} has only {len(rows)} {split} images; "
-                f"use --shots <= {min(len(r) for r in per_class)}"
-            )
-    return np.concatenate([_draw(rows, shots, seed, c, 0) for c, rows in enumerate(per_class)])
+def class_orders(labels: np.ndarray, paths: np.ndarray, num_classes: int, seed: int, stream: int = _SHOTS
+                 ) -> list[_Order]:
+    """Each class's seeded order of its path-sorted rows. labels [N] int, paths [N] -> C orders."""
+    labels = np.asarray(labels)
+    by_path = np.lexsort((_sort_keys(paths), labels))  # by label, then path
+    bounds = np.searchsorted(labels[by_path], np.arange(num_classes + 1))
+    return [_Order(by_path[bounds[c] : bounds[c + 1]], seed, c, stream) for c in range(num_classes)]
 
 
-def sample_val(labels: np.ndarray, paths: np.ndarray, num_classes: int, shots: int, seed: int) -> np.ndarray:
-    """min(K, 4) rows per class of the validation split (all of a class's rows if it has fewer, as CoOp does).
+def _warn_short(short: list[tuple[str, int]], wanted: int, what: str) -> None:
+    """One warning naming the classes [(name, images)] that have fewer than `wanted` images for `what`."""
+    if not short:
+        return
+    named = ", ".join(f"{name!r} ({n})" for name, n in short[:_NAMED])
+    more = f" and {len(short) - _NAMED} more" if len(short) > _NAMED else ""
+    warnings.warn(f"{len(short)} classes have fewer than {wanted} {what} images and contribute all they have: "
+                  f"{named}{more}", FewClassWarning, stacklevel=4)
 
-    labels [N], paths [N] -> row ids [<= C*min(K,4)].
-    """
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def _first(orders: list[_Order], k: int, classnames: Sequence[str], what: str) -> np.ndarray:
+    """The first min(k, n) rows of each class's order; class-major [<= C*k]."""
+    _warn_short([(classnames[c], len(o)) for c, o in enumerate(orders) if len(o) < k], k, what)
+    return _concat([o.take(0, k) for o in orders])
+
+
+def sample_shots(labels: np.ndarray, paths: np.ndarray, classnames: Sequence[str], shots: int, seed: int
+                 ) -> np.ndarray:
+    """K train rows per class (all of a smaller class's rows). labels [N], paths [N] -> row ids [<= C*K]."""
+    return _first(class_orders(labels, paths, len(classnames), seed), shots, classnames, "train")
+
+
+def sample_val(labels: np.ndarray, paths: np.ndarray, classnames: Sequence[str], shots: int, seed: int
+               ) -> np.ndarray:
+    """min(K, 4) rows per class of the val split. labels [N], paths [N] -> row ids [<= C*min(K,4)]."""
+    orders = class_orders(labels, paths, len(classnames), seed, _VAL)
+    return _first(orders, val_shots(shots), classnames, "val")
+
+
+def sample_val_from_train(labels: np.ndarray, paths: np.ndarray, classnames: Sequence[str], shots: int, seed: int
+                          ) -> np.ndarray:
+    """Validation without a val split: the last min(K, 4) rows of each class's train order that are not among
+    its first K (the shots). labels [N], paths [N] -> row ids [<= C*min(K,4)]."""
     k = val_shots(shots)
-    per_class = _class_rows(labels, paths, num_classes)
-    return np.concatenate([_draw(rows, min(k, len(rows)), seed, c, 1) for c, rows in enumerate(per_class)])
+    orders = class_orders(labels, paths, len(classnames), seed)
+    short = [(classnames[c], max(len(o) - shots, 0)) for c, o in enumerate(orders) if len(o) - shots < k]
+    _warn_short(short, k, f"train (after {shots} shots, for validation)")
+    return _concat([o.take(max(shots, len(o) - k)) for o in orders])
 
 
-def sample_val_from_train(
-    labels: np.ndarray, paths: np.ndarray, classnames: list[str], shots: int, seed: int, train_rows: np.ndarray
-) -> np.ndarray:
-    """Validation for a cache without a ``val`` split (ImageNet): min(K, 4) per class from the train rows that
-    are not among this seed's shots. labels [N], paths [N], train_rows [C*K] -> row ids [C*min(K,4)].
+def pool_rows(labels: np.ndarray, paths: np.ndarray, classnames: Sequence[str], seeds: Iterable[int],
+              max_shots: int, val_from_train: bool) -> np.ndarray:
+    """Sorted train row ids [M] that the seeds' draws at any K <= max_shots can use (the pooled extraction); a
+    class with fewer than max_shots images gives all of them (with a warning).
+
+    val_from_train: the cache has no val split, so validation comes from train (the last 4 rows of each order).
     """
-    k = val_shots(shots)
-    unused = np.ones(len(labels), bool)
-    unused[train_rows] = False
-    per_class = _class_rows(labels, paths, len(classnames))
-    picked = []
-    for c, rows in enumerate(per_class):
-        rows = rows[unused[rows]]
-        if len(rows) < k:
-            raise DataError(
-                f"class {classnames[c]!r} has {len(rows)} train images left after {shots} shots, fewer than the "
-                f"{k} validation images needed (the cache has no val split); use fewer --shots"
-            )
-        picked.append(_draw(rows, k, seed, c, 1))
-    return np.concatenate(picked)
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=len(classnames))
+    _warn_short([(classnames[c], int(n)) for c, n in enumerate(counts) if n < max_shots], max_shots, "train")
+    keep = np.zeros(len(labels), bool)
+    for seed in seeds:
+        for order in class_orders(labels, paths, len(classnames), seed):
+            keep[order.take(0, max_shots)] = True
+            if val_from_train:
+                keep[order.take(max(len(order) - VAL_SHOTS_MAX, 0))] = True
+    return np.flatnonzero(keep)

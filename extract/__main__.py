@@ -5,10 +5,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import h5py
-import numpy as np
+import json
 
-from data.cache import FORMAT, CacheError, read_attrs, read_cache, verify
+from data.cache import CacheError, inspect, read_attrs, read_cache, verify
 
 EXAMPLES = """examples:
   python -m extract run --folder imgs/ --model ViT-B-32-quickgelu --pretrained ~/weights/ViT-B-32.pt --out c.h5
@@ -16,7 +15,9 @@ EXAMPLES = """examples:
   python -m extract run --split-json split_zhou_OxfordPets.json --image-root pets/images --model RN50 \\
       --pretrained openai --aug-views 10 --out pets.h5
   python -m extract run --dataset dtd --data-root ~/data --model ViT-B-16 --pretrained openai --out dtd.h5
-  python -m extract run --folder new_imgs/ --unlabelled --classes-from dtd.h5 --model ViT-B-16 --pretrained openai \
+  python -m extract run --dataset imagenet --data-root ~/data --model RN50 --pretrained openai \\
+      --pool-seeds 1 2 3 --pool-shots 16 --aug-views 10 --out imagenet.h5 --dry-run   # what it would encode
+  python -m extract run --folder new_imgs/ --unlabelled --classes-from dtd.h5 --model ViT-B-16 --pretrained openai \\
       --out new.h5   # images to classify: python -m train_jax predict --cache new.h5 ...
   torchrun --nproc-per-node 4 -m extract run ... --shard auto --out c.h5   # then:
   python -m extract merge c.h5 c.shard-*-of-4.h5
@@ -41,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="extract features of a dataset into a cache",
                               formatter_class=_HelpWithDefaults,
                               description="Extract L2-normalised image features of every split (plus augmented "
-                                          "views of train) and text features of every class x template. Writes "
+                                          "views of train) and text features of every class x template. With "
+                                          "--pool-shots, only the train images that the few-shot draws of "
+                                          "--pool-seeds at up to --pool-shots shots can use are encoded (all are "
+                                          "listed); rerun with more seeds or shots to add the missing ones. Writes "
                                           "OUT.partial and renames it to OUT when done; rerun the same command to "
                                           "resume an interrupted run.")
     src = run.add_argument_group("dataset (give exactly one of --folder, --split-json, --dataset)")
@@ -93,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "(RandomResizedCrop scale 0.5-1 + flip; Tip-Adapter "
                                                                 "uses 10)")
     feats.add_argument("--aug-seed", type=int, default=0, help="seed of the augmented views")
+    feats.add_argument("--pool-shots", type=int, help="encode only the train images that few-shot draws at up to "
+                                                      "this many shots (and their validation, when there is no val "
+                                                      "split) can use; default: the whole train split")
+    feats.add_argument("--pool-seeds", type=int, nargs="+", help="with --pool-shots: the seeds whose draws are "
+                                                                 "encoded (default: 1 2 3)")
     feats.add_argument("--float16", action="store_true", help="store image features as float16 (half the size)")
     feats.add_argument("--skip-bad", action="store_true", help="skip unreadable images and list them in the cache's "
                                                                "/bad (default: stop at the first one)")
@@ -109,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "OUT-stem.shard-i-of-N.h5, for N processes or GPUs; 'auto' reads torchrun's "
                                      "RANK/WORLD_SIZE. Join the shards with `merge`")
     exe.add_argument("--no-progress", action="store_true", help="no progress bar")
+    exe.add_argument("--dry-run", action="store_true", help="print, per split, how many images would be encoded, "
+                                                            "and stop (loads no model)")
     merge = commands.add_parser("merge", help="join shard caches into one cache",
                                 description="Check that the shards come from one extraction (same model and "
                                             "settings, every row exactly once) and write them as one cache.")
@@ -122,14 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 with `error: ...` on bad input, 130 when interrupted)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = ["python", "-m", "extract", *argv]
     from data.errors import DataError
     from extract.errors import ExtractError
 
     try:
         if args.command == "run":
             path = _run(args)
-            print(f"wrote {path}")
+            if path is not None:
+                print(f"wrote {path}")
         elif args.command == "merge":
             from extract.shards import merge_shards
 
@@ -146,13 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> Path:
-    """The `run` command: check every input, load the model, extract."""
+def _run(args: argparse.Namespace) -> Path | None:
+    """The `run` command: check every input, load the model, extract (None for --dry-run, which only plans)."""
     from extract import datasets
     from extract.errors import ExtractError
     from extract.models import load_model, resolve_device
     from extract.prompts import cache_templates, check_template, read_templates_file
-    from extract.run import run_extraction
+    from extract.run import describe_plan, run_extraction
     from extract.shards import parse_shard
 
     given = [n for n, v in (("--folder", args.folder), ("--split-json", args.split_json),
@@ -191,15 +205,33 @@ def _run(args: argparse.Namespace) -> Path:
     templates = list(spec.templates) if args.classes_from else cache_templates(spec.templates, user)
     shard = parse_shard(args.shard) if args.shard else None
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
+    pool = _pool(args.pool_seeds, args.pool_shots)
+    if args.dry_run:
+        print(describe_plan(spec, args.out, splits=splits, pool=pool, aug_views=args.aug_views, shard=shard))
+        return None
     device = resolve_device(args.device)
     if not args.model and args.model_config is None:
         raise ExtractError("--model is required (or --model-config FILE.json for a custom architecture)")
     loaded = load_model(args.model, args.pretrained, model_config=args.model_config, device=device,
                         sha256=args.sha256, cache_dir=args.hub_cache)
-    return run_extraction(spec, loaded, args.out, templates=templates, splits=splits, aug_views=args.aug_views,
-                          aug_seed=args.aug_seed, batch_size=args.batch_size, workers=args.workers,
-                          feature_dtype="float16" if args.float16 else "float32", skip_bad=args.skip_bad,
-                          shard=shard, device=device, progress=not args.no_progress, overwrite=args.overwrite)
+    return run_extraction(spec, loaded, args.out, templates=templates, splits=splits, pool=pool,
+                          aug_views=args.aug_views, aug_seed=args.aug_seed, batch_size=args.batch_size,
+                          workers=args.workers, feature_dtype="float16" if args.float16 else "float32",
+                          skip_bad=args.skip_bad, shard=shard, device=device, progress=not args.no_progress,
+                          command=args.argv, overwrite=args.overwrite)
+
+
+def _pool(seeds: list[int] | None, shots: int | None) -> dict | None:
+    """--pool-seeds/--pool-shots as the extraction's pool (None: the whole train split)."""
+    from extract.errors import ExtractError
+
+    if shots is None:
+        if seeds is not None:
+            raise ExtractError("--pool-seeds needs --pool-shots K (the most shots the seeds will be run with)")
+        return None
+    if shots < 1:
+        raise ExtractError(f"--pool-shots {shots}: use a number of shots >= 1 (or leave it out to encode all)")
+    return {"seeds": sorted(set(seeds or [1, 2, 3])), "shots": shots}
 
 
 def _ratio(text: str) -> tuple[float, float, float]:
@@ -222,31 +254,29 @@ def _cpus() -> int:
 def summary(path: Path) -> str:
     """Human-readable summary of a cache or a .partial file: attributes, classes, templates, rows per split; the
     checksums of every dataset are verified (CacheError naming the damaged dataset and rows)."""
-    attrs = read_attrs(path)
-    if attrs.get("format") != FORMAT:
-        raise CacheError(f"{path}: not a {FORMAT} file (format={attrs.get('format')!r}); "
-                         "make it with `python -m extract`")
+    read_attrs(path)  # one-line errors for a missing file, a folder, a file being written
+    checksummed = verify(path)  # first: names the dataset and rows of a damaged chunk
+    info = inspect(path)
+    attrs = info["attrs"]
     lines = [f"{path}: {'complete' if attrs.get('complete') else 'INCOMPLETE (resume by rerunning the extraction)'}"]
     for key in ("dataset", "model", "pretrained", "weights_sha256", "embed_dim", "activation", "logit_scale",
                 "logit_bias", "feature_dtype", "aug_views", "aug_seed", "shard", "created"):
         lines.append(f"  {key}: {attrs.get(key)!r}")
     lines.append(f"  preprocess: {attrs.get('preprocess')}")
     lines.append(f"  versions: {attrs.get('versions')}")
-    checksummed = verify(path)
-    with h5py.File(path, "r") as f:
-        classnames = list(f["classnames"].asstr()[()])
-        templates = list(f["templates"].asstr()[()])
-        more = ", ..." if len(classnames) > 5 else ""
-        lines.append(f"  classes: {len(classnames)} ({', '.join(classnames[:5])}{more})")
-        lines.append(f"  templates: {len(templates)} (first: {templates[0]!r})" if templates else "  templates: 0")
-        for name, g in f["splits"].items():
-            status = g["status"][()]
-            aug = f", aug_features {g['aug_features'].shape}" if "aug_features" in g else ""
-            features = g["features"]
-            lines.append(f"  {name}: {len(status)} of {g.attrs.get('total_rows', len(status))} rows, "
-                         f"{int(np.sum(status == 1))} done, {int(np.sum(status == 2))} skipped, "
-                         f"{int(np.sum(status == 0))} pending; features {features.shape} {features.dtype}{aug}")
-        lines.append(f"  bad images: {f['bad/paths'].shape[0] if 'bad/paths' in f else 0}")
+    pool = json.loads(attrs.get("pool") or "{}")
+    lines.append(f"  train pool: seeds {' '.join(map(str, pool['seeds']))} at <= {pool['shots']} shots"
+                 if pool else "  train pool: the whole split")
+    classnames, templates = info["classnames"], info["templates"]
+    more = ", ..." if len(classnames) > 5 else ""
+    lines.append(f"  classes: {len(classnames)} ({', '.join(classnames[:5])}{more})")
+    lines.append(f"  templates: {len(templates)} (first: {templates[0]!r})" if templates else "  templates: 0")
+    for name, n in info["splits"].items():
+        aug = f", aug_features {n['aug_features']}" if "aug_features" in n else ""
+        lines.append(f"  {name}: {n['encoded']} encoded of {n['listed']} listed rows, {n['skipped']} skipped, "
+                     f"{n['pending']} pending, {n['not encoded']} not encoded; features {n['features']} "
+                     f"{n['dtype']}{aug}")
+    lines.append(f"  bad images: {info['bad']}")
     lines.append(f"  checksums: {checksummed} datasets verified" if checksummed else
                  "  checksums: none stored (made before they were added)")
     if attrs.get("complete"):

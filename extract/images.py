@@ -24,15 +24,16 @@ def load_rgb(path: Path) -> Image.Image:
 
 
 class ImageRows(torch.utils.data.Dataset):
-    """Rows `rows` (local ids) of a split whose images are `image_root / paths[row]`.
+    """Rows `rows` (row ids of the split) whose images are `image_root / paths[row]`; a row's augmented views are
+    seeded by its row id.
 
-    Item: dict(row=local id, image=[3, H, W], aug=[A, 3, H, W], error=""), or zero tensors and the error message
+    Item: dict(row=row id, image=[3, H, W], aug=[A, 3, H, W], error=""), or zero tensors and the error message
     when the image cannot be read (the caller decides to fail or to skip it).
     """
 
-    def __init__(self, image_root: Path, paths: list[str], rows: list[int], global_index: list[int],
-                 preprocess: Callable, augment: AugmentedViews | None, image_size: tuple[int, int]):
-        self.image_root, self.paths, self.rows, self.global_index = image_root, paths, rows, global_index
+    def __init__(self, image_root: Path, paths: list[str], rows: list[int], preprocess: Callable,
+                 augment: AugmentedViews | None, image_size: tuple[int, int]):
+        self.image_root, self.paths, self.rows = image_root, paths, rows
         self.preprocess, self.augment, self.image_size = preprocess, augment, image_size
 
     def __len__(self) -> int:
@@ -44,7 +45,7 @@ class ImageRows(torch.utils.data.Dataset):
         try:
             image = load_rgb(self.image_root / self.paths[row])
             x = self.preprocess(image)
-            aug = self.augment(image, self.global_index[row]) if self.augment else torch.zeros(0, 3, *self.image_size)
+            aug = self.augment(image, row) if self.augment else torch.zeros(0, 3, *self.image_size)
             error = ""
         except Exception as e:  # any decoder failure is a bad image: reported by path, never a crash in a worker
             x, aug = torch.zeros(3, *self.image_size), torch.zeros(views, 3, *self.image_size)

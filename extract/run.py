@@ -1,7 +1,10 @@
 """Extract a dataset's image and text features into a cache, resumably (see README.md, "Cache schema").
 
-Rows are written batch by batch into `X.h5.partial`; an interrupted run resumes from the rows still pending, and
-only a finished cache is renamed to `X.h5`. Nothing is written before every input has been checked.
+Every image is listed; the rows encoded are the val and test splits whole and, for train, the whole split or only
+the rows the few-shot draws of some seeds at up to K shots can use (a pool, `data.fewshot.pool_rows`). Rows are
+written batch by batch into `X.h5.partial`; an interrupted run resumes from the rows still pending, and only a
+finished cache is renamed to `X.h5`. Rerunning with more seeds or shots encodes only the missing rows (the
+encoded ones are copied byte for byte). Nothing is written before every input has been checked.
 """
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ import torch
 from tqdm import tqdm
 
 from extract.augment import AugmentedViews
-from data.cache import CacheWriter, file_identity, identity, read_attrs
+from data import fewshot
+from data.cache import (ABSENT, BAD, OK, SCHEMA_VERSION, CacheError, CacheWriter, complete_status, partial_path,
+                        read_attrs, read_status, reopen_complete)
 from extract.datasets import DatasetSpec
 from extract.encode import encode_images, encode_texts, make_loader
 from extract.errors import ExtractError
@@ -35,37 +40,39 @@ def package_versions() -> str:
 
 
 def run_extraction(spec: DatasetSpec, loaded: LoadedModel, out: str | Path, *, templates: list[str],
-                   splits: list[str] | None = None, aug_views: int = 0, aug_seed: int = 0, batch_size: int = 64,
-                   workers: int = 0, feature_dtype: str = "float32", skip_bad: bool = False,
-                   shard: Shard | None = None, device: str = "cpu", progress: bool = True,
-                   overwrite: bool = False, on_batch: OnBatch | None = None) -> Path:
+                   splits: list[str] | None = None, pool: dict | None = None, aug_views: int = 0,
+                   aug_seed: int = 0, batch_size: int = 64, workers: int = 0, feature_dtype: str = "float32",
+                   skip_bad: bool = False, shard: Shard | None = None, device: str = "cpu", progress: bool = True,
+                   command: list[str] | None = None, overwrite: bool = False, on_batch: OnBatch | None = None
+                   ) -> Path:
     """Extract `splits` (default: all of the dataset's) of `spec` with `loaded` into `out` (or its shard file).
 
-    templates: the cache's prompt templates (`prompts.cache_templates`). aug_views: augmented views per train image.
-    overwrite: replace a complete cache of another identity at `out` (else refused with an error).
-    on_batch: called after each stored batch (tests use it to simulate an interruption). Returns the cache path.
+    templates: the cache's prompt templates (`prompts.cache_templates`). pool: dict(seeds=[...], shots=K) to encode
+    only the train rows those draws can use (None: the whole split). aug_views: augmented views per encoded train
+    image. command: the argv that ran this (stored, so a train run can say how to add rows). overwrite: replace a
+    complete cache of another identity at `out` (else refused with an error). on_batch: called after each stored
+    batch (tests use it to simulate an interruption). Returns the cache path.
     """
-    names = _split_names(spec, splits)
     if feature_dtype not in FEATURE_DTYPES:
         raise ExtractError(f"feature dtype {feature_dtype!r} not supported; use one of {', '.join(FEATURE_DTYPES)}")
     if aug_views < 0 or batch_size < 1 or workers < 0:
         raise ExtractError(f"--aug-views {aug_views}, --batch-size {batch_size}, --workers {workers}: "
                            "use aug-views >= 0, batch-size >= 1, workers >= 0")
+    names = _split_names(spec, splits)
     augment = AugmentedViews(loaded.preprocess_cfg, aug_views, aug_seed) if aug_views and "train" in names else None
     attrs = {**loaded.attrs, "dataset": spec.name, "feature_dtype": feature_dtype,
              "aug_views": augment.views if augment else 0, "aug_seed": aug_seed if augment else 0,
              "aug": augment.describe() if augment else "{}", "shard": str(shard) if shard else "",
-             "versions": package_versions()}
-    rows = {}
-    for name in names:
-        index = shard_rows(len(spec.splits[name]), shard)
-        rows[name] = {"paths": [spec.splits[name][i][0] for i in index],
-                      "labels": np.array([spec.splits[name][i][1] for i in index], dtype=np.int64),
-                      "index": index, "total_rows": len(spec.splits[name])}
-    target = shard_path(out, shard)
-    if _already_done(target, attrs, list(spec.classnames), templates, rows):
-        print(f"{target}: already complete with this model and these settings; delete it to extract again")
-        return target
+             "versions": package_versions(), "command": json.dumps(list(command or []))}
+    target, rows, pool = plan_rows(spec, names, pool, shard, out)
+    attrs["pool"] = json.dumps(pool) if pool else ""
+    status = None if overwrite else complete_status(target, attrs, list(spec.classnames), templates, rows)
+    if status is not None:
+        if not any(np.any(status[n][r["encode"]] == ABSENT) for n, r in rows.items()):
+            print(f"{target}: already complete with this model and these settings; delete it to extract again")
+            return target
+        if not partial_path(target).exists():
+            reopen_complete(target)  # add the missing rows to a copy; the encoded ones keep their bytes
     writer = CacheWriter.open(target, attrs=attrs, classnames=list(spec.classnames), templates=templates,
                               splits=rows, embed_dim=int(loaded.attrs["embed_dim"]), aug_views=attrs["aug_views"],
                               feature_dtype=feature_dtype, overwrite=overwrite)
@@ -83,6 +90,60 @@ def run_extraction(spec: DatasetSpec, loaded: LoadedModel, out: str | Path, *, t
         return writer.finalize()
     finally:
         writer.close()  # after finalize a no-op; otherwise the .partial stays for a resume
+
+
+def plan_rows(spec: DatasetSpec, names: list[str], pool: dict | None, shard: Shard | None, out: str | Path
+              ) -> tuple[Path, dict[str, dict], dict | None]:
+    """The file to write, each split's listing and rows to encode, and the pool (joined with the one the file
+    already holds: a cache only grows). Returns (target, {split: dict(paths, labels, encode [M])}, pool or None)."""
+    target = shard_path(out, shard)
+    pool = _joined_pool(pool, target)
+    rows = {}
+    for name in names:
+        paths = [p for p, _ in spec.splits[name]]
+        labels = np.array([y for _, y in spec.splits[name]], dtype=np.int64)
+        if name == "train" and pool:
+            encode = fewshot.pool_rows(labels, np.array(paths, dtype=object), spec.classnames, pool["seeds"],
+                                       pool["shots"], val_from_train="val" not in names)
+        else:
+            encode = np.arange(len(paths))
+        rows[name] = {"paths": paths, "labels": labels, "encode": encode[shard_rows(len(encode), shard)]}
+    return target, rows, pool
+
+
+def describe_plan(spec: DatasetSpec, out: str | Path, *, splits: list[str] | None = None, pool: dict | None = None,
+                  aug_views: int = 0, shard: Shard | None = None) -> str:
+    """Per split: images listed, images this run would encode (those `out` does not hold yet) and forwards."""
+    names = _split_names(spec, splits)
+    target, rows, pool = plan_rows(spec, names, pool, shard, out)
+    have = read_status(partial_path(target)) or read_status(target)
+    what = f"seeds {' '.join(map(str, pool['seeds']))} at <= {pool['shots']} shots" if pool else "the whole split"
+    lines = [f"{target}: train rows encoded: {what}"]
+    for name, r in rows.items():
+        encode = r["encode"]
+        if name in have and len(have[name]) == len(r["labels"]):
+            encode = encode[~np.isin(have[name][encode], (OK, BAD))]  # not encoded (or found unreadable) yet
+        views = aug_views if name == "train" else 0
+        lines.append(f"  {name}: {len(r['labels'])} listed, {len(encode)} to encode "
+                     f"({len(r['encode']) - len(encode)} already in the file), "
+                     f"{len(encode) * (1 + views)} image forwards")
+    return "\n".join(lines)
+
+
+def _joined_pool(pool: dict | None, target: Path) -> dict | None:
+    """`pool` joined with the pool of `target` (or of its .partial) when that is a cache of this schema: seeds
+    united, shots the larger; None (the whole train split) when either is whole."""
+    for path in (partial_path(target), target):
+        try:
+            attrs = read_attrs(path) if path.is_file() else {}
+        except CacheError:  # an unreadable partial is started over by the writer
+            attrs = {}
+        if attrs.get("schema_version") == SCHEMA_VERSION:
+            if not pool or not attrs.get("pool"):
+                return None
+            old = json.loads(attrs["pool"])
+            return {"seeds": sorted(set(old["seeds"]) | set(pool["seeds"])), "shots": max(old["shots"], pool["shots"])}
+    return pool
 
 
 def _split_names(spec: DatasetSpec, splits: list[str] | None) -> list[str]:
@@ -105,8 +166,8 @@ def _extract_split(spec: DatasetSpec, loaded: LoadedModel, writer: CacheWriter, 
     """Encode the pending rows of one split batch by batch, storing each batch as it completes."""
     if not len(pending):
         return
-    dataset = ImageRows(spec.image_root, rows["paths"], pending.tolist(), rows["index"].tolist(),
-                        loaded.preprocess, augment, loaded.image_size)
+    dataset = ImageRows(spec.image_root, rows["paths"], pending.tolist(), loaded.preprocess, augment,
+                        loaded.image_size)
     bar.set_postfix_str(name)
     for batch in make_loader(dataset, batch_size, workers, device):
         local = batch["row"].numpy()
@@ -125,10 +186,3 @@ def _extract_split(spec: DatasetSpec, loaded: LoadedModel, writer: CacheWriter, 
         bar.update(len(local))
         if on_batch is not None:
             on_batch(name, local)
-
-
-def _already_done(path: Path, attrs: dict, classnames: list[str], templates: list[str], rows: dict) -> bool:
-    """Whether `path` is a complete cache of exactly this extraction (same `identity`)."""
-    if not path.is_file() or not read_attrs(path).get("complete"):
-        return False
-    return file_identity(path) == identity(attrs, classnames, templates, rows)

@@ -1,8 +1,9 @@
-"""Split an extraction over N processes (`--shard i/N`, contiguous row slices) and merge the shard caches.
+"""Split an extraction over N processes (`--shard i/N`) and merge the shard caches.
 
-A shard cache holds, for every split, the rows [n*i//N, n*(i+1)//N) of the full split with their full-split row
-ids in `/splits/<split>/index`. `merge_shards` checks that the shards were made the same way and cover every row
-exactly once, then writes one cache equal to an unsharded extraction.
+Every shard cache lists all rows of every split; shard i encodes the contiguous slice [m*i//N, m*(i+1)//N) of the
+m rows the extraction encodes (a pooled extraction's train rows, or whole splits). `merge_shards` checks that the
+shards were made the same way, list the same images and encode no row twice, then writes one cache equal to an
+unsharded extraction.
 """
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 from tqdm import tqdm
 
-from data.cache import BAD, DEFAULT_ATTRS, IDENTITY_ATTRS, OK, CacheWriter, read_cache
+from data.cache import BAD, DEFAULT_ATTRS, IDENTITY_ATTRS, OK, CacheWriter, open_cache
 from extract.errors import ExtractError
 
 MERGE_CHUNK = 8192  # rows copied at a time
@@ -47,7 +47,7 @@ def parse_shard(text: str) -> Shard:
 
 
 def shard_rows(n: int, shard: Shard | None) -> np.ndarray:
-    """Full-split row ids [M] of a shard: the contiguous slice [n*i//N, n*(i+1)//N)."""
+    """Positions [M] in a list of n rows to encode that a shard encodes: the contiguous slice [n*i//N, n*(i+1)//N)."""
     if shard is None:
         return np.arange(n)
     return np.arange(n * shard.index // shard.count, n * (shard.index + 1) // shard.count)
@@ -69,7 +69,7 @@ def merge_shards(out: str | Path, shard_paths: list[str | Path], *, progress: bo
     heads = [_shard_head(p) for p in paths]
     first = heads[0]
     _check_same(heads)
-    rows = _full_rows(heads)
+    rows = _encoded_rows(heads)
     attrs = {k: first["attrs"][k] for k in DEFAULT_ATTRS if k not in ("shard", "created") and k in first["attrs"]}
     writer = CacheWriter.open(out, attrs={**attrs, "shard": ""}, classnames=first["classnames"],
                               templates=first["templates"], splits=rows, embed_dim=int(attrs["embed_dim"]),
@@ -77,10 +77,10 @@ def merge_shards(out: str | Path, shard_paths: list[str | Path], *, progress: bo
                               fresh=True)
     try:
         writer.write_text(first["text"])
-        with tqdm(total=sum(len(r["labels"]) for r in rows.values()), unit="row", desc=f"merge {out.name}",
+        with tqdm(total=sum(len(r["encode"]) for r in rows.values()), unit="row", desc=f"merge {out.name}",
                   disable=not progress) as bar:
-            for path in paths:
-                _copy_rows(path, writer, bar)
+            for head in heads:
+                _copy_rows(head, writer, bar)
         return writer.finalize()
     except BaseException:
         writer.discard()
@@ -88,24 +88,21 @@ def merge_shards(out: str | Path, shard_paths: list[str | Path], *, progress: bo
 
 
 def _shard_head(path: Path) -> dict[str, Any]:
-    """Validated attrs, names, text features and per-split row metadata of one shard file."""
-    cache = read_cache(path, with_aug=False)  # checks format, version, completeness, shapes
+    """Validated attrs, names, text features and per-split listings of one shard file."""
+    cache = open_cache(path)  # checks format, version, completeness, shapes
     shard = str(cache.attrs.get("shard", ""))
     if not re.fullmatch(r"\d+/\d+", shard):
         raise ExtractError(f"{path}: not a shard (shard={shard!r}); merge only files made with --shard i/N")
-    with h5py.File(path, "r") as f:
-        splits = {name: {"index": g["index"][()], "total_rows": int(g.attrs["total_rows"]),
-                         "labels": g["labels"][()], "paths": g["paths"].asstr()[()]}
-                  for name, g in f["splits"].items()}
-    return {"path": path, "attrs": cache.attrs, "shard": parse_shard(shard), "classnames": cache.classnames,
-            "templates": cache.templates, "text": cache.text_features, "splits": splits}
+    return {"path": path, "cache": cache, "attrs": cache.attrs, "shard": parse_shard(shard),
+            "classnames": cache.classnames, "templates": cache.templates, "text": cache.text_features,
+            "splits": {name: cache.listing(name) for name in cache.split_names()}}
 
 
 def _check_same(heads: list[dict[str, Any]]) -> None:
     """Same identity (but the shard), names and text features; shards 0..N-1 each exactly once."""
     first = heads[0]
     for head in heads[1:]:
-        for key in IDENTITY_ATTRS:
+        for key in (*IDENTITY_ATTRS, "pool"):
             if key != "shard" and str(head["attrs"].get(key)) != str(first["attrs"].get(key)):
                 raise ExtractError(f"{head['path']}: {key}={head['attrs'].get(key)!r} differs from {first['path']} "
                                    f"({first['attrs'].get(key)!r}); merge shards of one extraction only")
@@ -116,6 +113,11 @@ def _check_same(heads: list[dict[str, Any]]) -> None:
         if set(head["splits"]) != set(first["splits"]):
             raise ExtractError(f"{head['path']}: splits {sorted(head['splits'])} differ from {first['path']}'s "
                                f"{sorted(first['splits'])}; merge shards of one extraction only")
+        for name, listing in head["splits"].items():
+            other = first["splits"][name]
+            if not (np.array_equal(listing.paths, other.paths) and np.array_equal(listing.labels, other.labels)):
+                raise ExtractError(f"{head['path']}: lists other {name} images than {first['path']}; "
+                                   "merge shards of one extraction only")
         if not np.allclose(head["text"], first["text"], atol=1e-3):
             raise ExtractError(f"{head['path']}: its text features differ from {first['path']}'s; "
                                "merge shards of one extraction only")
@@ -127,37 +129,32 @@ def _check_same(heads: list[dict[str, Any]]) -> None:
                            "pass every shard file once")
 
 
-def _full_rows(heads: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per split, the full row list (paths, labels in full-split order); every row must come from one shard."""
+def _encoded_rows(heads: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per split, the listing and the rows some shard encoded (or found unreadable); no row may come from two."""
     rows = {}
-    for name in heads[0]["splits"]:
-        parts = [h["splits"][name] for h in heads]
-        total = parts[0]["total_rows"]
-        index = np.concatenate([p["index"] for p in parts])
-        counts = np.bincount(index, minlength=total) if len(index) else np.zeros(total, dtype=np.int64)
-        if any(p["total_rows"] != total for p in parts) or len(counts) != total or not np.all(counts == 1):
-            missing = np.flatnonzero(counts[:total] == 0)
-            what = f"row {missing[0]} is missing" if len(missing) else "some rows occur twice or out of range"
-            raise ExtractError(f"split {name!r}: the shards do not cover its {total} rows exactly once ({what}); "
-                               "pass every shard of one extraction once")
-        order = np.argsort(index)
-        rows[name] = {"paths": list(np.concatenate([p["paths"] for p in parts])[order]),
-                      "labels": np.concatenate([p["labels"] for p in parts])[order],
-                      "index": np.arange(total), "total_rows": total}
+    for name, listing in heads[0]["splits"].items():
+        done = [np.flatnonzero(np.isin(h["splits"][name].status, (OK, BAD))) for h in heads]
+        encode = np.concatenate(done)
+        if len(np.unique(encode)) != len(encode):
+            raise ExtractError(f"split {name!r}: some rows are encoded by two shards; pass every shard of one "
+                               "extraction once")
+        rows[name] = {"paths": [str(p, "utf-8") for p in listing.paths], "labels": listing.labels,
+                      "encode": np.sort(encode)}
     return rows
 
 
-def _copy_rows(path: Path, writer: CacheWriter, bar: tqdm) -> None:
-    """Copy one shard's features (ok rows) and skipped rows (with their errors) into the merged cache."""
-    with h5py.File(path, "r") as f:
-        errors = dict(zip(f["bad/paths"].asstr()[()], f["bad/errors"].asstr()[()])) if "bad/errors" in f else {}
-        for name, g in f["splits"].items():
-            index, status, paths = g["index"][()], g["status"][()], g["paths"].asstr()[()]
-            for start in range(0, len(index), MERGE_CHUNK):
-                sl = slice(start, start + MERGE_CHUNK)
-                ok, bad = status[sl] == OK, status[sl] == BAD
-                aug = g["aug_features"][sl][ok] if "aug_features" in g else None
-                writer.write_rows(name, index[sl][ok], g["features"][sl][ok], aug)
-                if bad.any():
-                    writer.mark_bad(name, index[sl][bad], [errors.get(p, "") for p in paths[sl][bad]])
-                bar.update(len(index[sl]))
+def _copy_rows(head: dict[str, Any], writer: CacheWriter, bar: tqdm) -> None:
+    """Copy one shard's encoded rows and skipped rows (with their errors) into the merged cache."""
+    cache, errors = head["cache"], head["cache"].bad()
+    for name, listing in head["splits"].items():
+        views = cache.has_views(name)
+        ok = np.flatnonzero(listing.status == OK)
+        for start in range(0, len(ok), MERGE_CHUNK):
+            rows = ok[start : start + MERGE_CHUNK]
+            features, aug = cache.read(name, rows, views=views)
+            writer.write_rows(name, rows, features, aug)
+            bar.update(len(rows))
+        bad = np.flatnonzero(listing.status == BAD)
+        if len(bad):
+            writer.mark_bad(name, bad, [errors.get(str(p, "utf-8"), "") for p in listing.paths[bad]])
+            bar.update(len(bad))

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import bench_cache_io, bench_extract
+from bench import bench_cache_io, bench_extract, bench_pooled
 from data.cache import read_cache
 from extract.models import BUNDLED_CONFIGS
 
@@ -35,6 +35,16 @@ def test_bench_cache_io_runs_and_writes_both_dtypes(tmp_path: Path, capsys: pyte
         assert cache.attrs["feature_dtype"] == dtype and cache.text_features.shape == (5, 2, 16)
         assert cache.splits["train"].features.shape == (40, 16) and len(cache.splits["test"].labels) == 30
         np.testing.assert_allclose(np.linalg.norm(cache.splits["test"].features, axis=1), 1, atol=2e-3)
+
+
+def test_bench_pooled_counts_and_rss_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert bench_pooled.main(["counts", "--views", "0"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("pooled (seeds 1 2 3, 16 shots): ") and "on ImageNet" in last
+    argv = ["rss", "--train-rows", "1500", "--classes", "10", "--views", "1", "--test", "40", "--dim", "16",
+            "--dir", str(tmp_path)]
+    assert bench_pooled.main(argv) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("train_jax peak RSS ")
 
 
 @pytest.mark.parametrize("main, argv", [(bench_extract.main, ["--images", "0"]),

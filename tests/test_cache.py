@@ -197,6 +197,41 @@ def test_bad_rows_dropped_and_recorded(tmp_path: Path) -> None:
     assert read_attrs(path)["complete"]
 
 
+def test_a_partial_file_of_schema_1_is_started_over(tmp_path: Path) -> None:
+    content = make_content()
+    path = tmp_path / "c.h5"
+    writer = _open_writer(path, content)
+    writer.close()
+    with h5py.File(partial_path(path), "r+") as f:  # as an interrupted extraction of the previous schema left it
+        f.attrs["schema_version"] = 1
+        del f["splits/train/slot"]
+    writer = _open_writer(path, content)
+    assert writer.pending("train").tolist() == list(range(6))
+    writer.discard()
+
+
+def test_pooled_rows_stay_listed_and_requested_rows_grow_the_file(tmp_path: Path) -> None:
+    content = make_content()
+    train = content["splits"]["train"]
+    splits = {k: dict(paths=v["paths"], labels=v["labels"]) for k, v in content["splits"].items()}
+    splits["train"]["encode"] = np.array([4, 1])
+    writer = CacheWriter.open(tmp_path / "c.h5", attrs=content["attrs"], classnames=CLASSES, templates=TEMPLATES,
+                              splits=splits, embed_dim=8, aug_views=2)
+    writer.write_text(content["text_features"])
+    assert writer.pending("train").tolist() == [1, 4]
+    writer.write_rows("train", np.array([4, 1]), train["features"][[4, 1]], train["aug_features"][[4, 1]])
+    writer.request("train", np.array([1, 2]))  # row 1 is encoded already: only row 2 is added
+    assert writer.pending("train").tolist() == [2]
+    writer.write_rows("train", np.array([2]), train["features"][[2]], train["aug_features"][[2]])
+    writer.write_rows("test", np.arange(4), content["splits"]["test"]["features"])
+    path = writer.finalize()
+    cache = read_cache(path)
+    assert cache.splits["train"].paths.tolist() == ["train/1.png", "train/2.png", "train/4.png"]
+    assert cache.splits["train"].features.tobytes() == train["features"][[1, 2, 4]].astype(np.float32).tobytes()
+    with h5py.File(path, "r") as f:
+        assert f["splits/train/status"][()].tolist() == [3, 1, 1, 3, 1, 3] and f["splits/train/features"].shape[0] == 3
+
+
 def _half_written(path: Path, content: dict) -> str:
     """A partial file with text and two train rows done (an interrupted run); returns its digest."""
     train = content["splits"]["train"]

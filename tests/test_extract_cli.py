@@ -39,7 +39,7 @@ def test_cli_end_to_end_in_a_subprocess(tmp_path: Path) -> None:
     info = subprocess.run([sys.executable, "-m", "extract", "info", str(out)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert info.returncode == 0 and "complete" in info.stdout and "valid: yes" in info.stdout
-    assert "train: 6 of 6 rows, 6 done" in info.stdout
+    assert "train: 6 encoded of 6 listed rows" in info.stdout
 
 
 def test_help_explains_every_option() -> None:
@@ -208,3 +208,15 @@ def test_local_dir_model_without_pretrained(tmp_path: Path) -> None:
     assert attrs["model"] == f"local-dir:{(tmp_path / 'model').resolve()}" and attrs["activation"] == "gelu"
     assert json.loads(attrs["model_config"])["model_cfg"]["embed_dim"] == 32
     assert attrs["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-6) and attrs["logit_bias"] == 0.0
+
+
+def test_dry_run_plans_a_pooled_extraction_without_a_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = make_class_folder(tmp_path / "imgs", per_class=6)
+    out = tmp_path / "c.h5"
+    argv = ["run", "--folder", str(root), "--out", str(out), "--model", "no-such-model", "--pretrained", "random"]
+    assert main([*argv, "--pool-seeds", "1", "--pool-shots", "1", "--aug-views", "2", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "train rows encoded: seeds 1 at <= 1 shots" in text and "train: 9 listed, 3 to encode" in text
+    assert "9 image forwards" in text and not out.exists() and not partial_path(out).exists()  # 3 x (1 + 2 views)
+    assert main([*argv, "--pool-seeds", "1", "--dry-run"]) == 2
+    assert "--pool-seeds needs --pool-shots" in one_error_line(capsys.readouterr().err)

@@ -34,7 +34,7 @@ def _files(folder: Path) -> dict[str, str]:
 def test_transparent_modes_give_the_features_of_the_visible_picture(tmp_path: Path) -> None:
     files = _files(tmp_path)
     loaded = tiny_model()
-    rows = ImageRows(tmp_path, list(files.values()), list(range(len(files))), list(range(len(files))),
+    rows = ImageRows(tmp_path, list(files.values()), list(range(len(files))),
                      loaded.preprocess, None, loaded.image_size)
     items = [rows[i] for i in range(len(files))]
     assert all(item["error"] == "" for item in items)

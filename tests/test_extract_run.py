@@ -1,15 +1,18 @@
 """Extraction into a cache: round trip against plain loops, seeded views, resume, shards + merge, bad images."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
 from extract import datasets
-from data.cache import CacheError, partial_path, read_attrs, read_cache
+from data.cache import ABSENT, OK, CacheError, open_cache, partial_path, read_attrs, read_cache
+from data.fewshot import FewClassWarning, pool_rows
 from extract.errors import ExtractError
-from extract.run import run_extraction
+from extract.run import describe_plan, run_extraction
 from extract.shards import Shard, merge_shards, parse_shard, shard_path, shard_rows
 from helpers_extract import digest, make_class_folder, plain_image_features, plain_text_features, templates, tiny_model
 
@@ -175,3 +178,75 @@ def test_different_model_is_refused_and_leaves_the_cache_untouched(spec: dataset
 def test_unknown_split_is_an_error(spec: datasets.DatasetSpec, tmp_path: Path) -> None:
     with pytest.raises(ExtractError, match="split 'valid' is not in dataset"):
         extract(spec, tmp_path / "c.h5", splits=["valid"])
+
+
+def _train_listing(spec: datasets.DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    rows = spec.splits["train"]
+    return np.array([y for _, y in rows]), np.array([p for p, _ in rows], dtype=object)
+
+
+def test_pooled_extraction_encodes_the_draws_only_and_grows_without_touching_encoded_rows(
+        spec: datasets.DatasetSpec, tmp_path: Path) -> None:
+    labels, paths = _train_listing(spec)
+    full = open_cache(extract(spec, tmp_path / "full.h5"))
+    out = tmp_path / "p.h5"
+    extract(spec, out, pool={"seeds": [1], "shots": 1})
+    first = pool_rows(labels, paths, spec.classnames, [1], 1, val_from_train=False)
+    reader = open_cache(out)
+    status = reader.listing("train").status
+    assert np.flatnonzero(status == OK).tolist() == first.tolist() and np.all(np.delete(status, first) == ABSENT)
+    assert len(reader.listing("train").labels) == len(labels)  # every row is listed
+    feats, aug = reader.read("train", first, views=True)
+    full_feats, full_aug = full.read("train", first, views=True)
+    np.testing.assert_allclose(feats, full_feats, atol=1e-6)
+    np.testing.assert_allclose(aug, full_aug, atol=1e-6)  # views seeded by the row id: same as a whole extraction
+    with h5py.File(out, "r") as f:
+        assert f["splits/train/aug_features"].shape[0] == len(first)  # views only for the encoded rows
+    for name in ("val", "test"):
+        assert np.all(reader.listing(name).status == OK)
+    with pytest.raises(CacheError, match="not encoded"):
+        reader.read("train", np.delete(np.arange(len(labels)), first)[:1])
+
+    done: list[int] = []
+    extract(spec, out, pool={"seeds": [2], "shots": 2}, on_batch=lambda split, rows: done.extend(rows))
+    grown = pool_rows(labels, paths, spec.classnames, [1, 2], 2, val_from_train=False)
+    reader = open_cache(out)
+    assert json.loads(reader.attrs["pool"]) == {"seeds": [1, 2], "shots": 2}
+    assert np.flatnonzero(reader.listing("train").status == OK).tolist() == grown.tolist()
+    assert sorted(done) == sorted(set(grown.tolist()) - set(first.tolist()))  # only the missing rows
+    again = reader.read("train", first, views=True)
+    assert again[0].tobytes() == feats.tobytes() and again[1].tobytes() == aug.tobytes()
+    before = digest(out)
+    extract(spec, out, pool={"seeds": [1, 2], "shots": 1}, on_batch=lambda split, rows: done.append(-1))
+    assert digest(out) == before and -1 not in done  # a smaller pool is already there
+
+
+def test_sharded_pooled_extraction_merged_equals_unsharded(spec: datasets.DatasetSpec, tmp_path: Path) -> None:
+    pool = {"seeds": [1, 2], "shots": 2}
+    ref = read_cache(extract(spec, tmp_path / "ref.h5", pool=pool))
+    out = tmp_path / "c.h5"
+    paths = [extract(spec, out, shard=Shard(i, 2), pool=pool, batch_size=3) for i in (0, 1)]
+    halves = [open_cache(p).listing("train").status == OK for p in paths]
+    assert not np.any(halves[0] & halves[1]) and abs(int(halves[0].sum()) - int(halves[1].sum())) <= 1
+    merged = read_cache(merge_shards(out, paths, progress=False))
+    assert merged.attrs["pool"] == ref.attrs["pool"]
+    for name, split in ref.splits.items():
+        got = merged.splits[name]
+        assert got.paths.tolist() == split.paths.tolist() and np.array_equal(got.labels, split.labels)
+        np.testing.assert_allclose(got.features, split.features, atol=1e-6)
+    np.testing.assert_allclose(merged.splits["train"].aug_features, ref.splits["train"].aug_features, atol=1e-6)
+    assert np.array_equal(open_cache(out).listing("train").status,
+                          open_cache(tmp_path / "ref.h5").listing("train").status)
+
+
+def test_plan_counts_what_would_be_encoded(spec: datasets.DatasetSpec, tmp_path: Path) -> None:
+    labels, paths = _train_listing(spec)
+    pooled = len(pool_rows(labels, paths, spec.classnames, [1], 1, val_from_train=False))
+    text = describe_plan(spec, tmp_path / "p.h5", pool={"seeds": [1], "shots": 1}, aug_views=2)
+    assert (f"train: {len(labels)} listed, {pooled} to encode (0 already in the file), {3 * pooled} image "
+            "forwards") in text
+    extract(spec, tmp_path / "p.h5", pool={"seeds": [1], "shots": 1})
+    text = describe_plan(spec, tmp_path / "p.h5", pool={"seeds": [1], "shots": 1}, aug_views=2)
+    assert f"{pooled} already in the file" in text and f"test: {len(spec.splits['test'])} listed, 0 to encode" in text
+    with pytest.warns(FewClassWarning, match="fewer than 9 train images"):
+        describe_plan(spec, tmp_path / "q.h5", pool={"seeds": [1], "shots": 9})  # a class gives all it has

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from data.cache import Split
+from data.cache import Split, read_cache
 from helpers_train import GapWorld, write_gap_cache
 from train_jax import baselines, experiment, logreg, report
 from train_jax.baselines import search, search_values
@@ -66,7 +66,7 @@ def _run_tip(tmp_path, aug_views, dataset="EuroSAT"):
 def test_tip_adapter_keys_are_the_upstream_formula_on_the_cached_views(tmp_path, monkeypatch):
     monkeypatch.setattr(baselines, "recipe", lambda dataset: baselines.Recipe(2, (12, 10), 0))  # keys untrained
     task, result = _run_tip(tmp_path, aug_views=5)
-    train = task.cache.splits["train"]
+    train = read_cache(task.cache.path).splits["train"]
     views = train.aug_features  # [N, A, D], unit-norm as the cache stores them
     upstream = views.mean(axis=1)
     upstream /= np.linalg.norm(upstream, axis=-1, keepdims=True)  # the mean over the views, normalised once
@@ -100,7 +100,7 @@ def test_tip_adapter_recipe_and_search_on_validation(tmp_path, monkeypatch):
     real = baselines.search
     monkeypatch.setattr(baselines, "search", lambda *a, **k: seen.append(a[2:4]) or real(*a, **k))
     task, result = _run_tip(tmp_path, aug_views=3)
-    val = task.cache.splits["val"]
+    val = read_cache(task.cache.path).splits["val"]
     val_set = {tuple(np.round(v, 5)) for v in val.features}
     for feats, labels in seen:  # each run searched on 2-shot validation rows (min(K, 4) per class), never test
         assert len(feats) == 8 and {tuple(np.round(v, 5)) for v in feats} <= val_set

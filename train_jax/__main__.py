@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from data.cache import CacheError, cache_identity, file_identity, identity_diff, l2_normalize
+from data.cache import CacheError, cache_identity, file_identity, identity_diff
 from data.errors import DataError
 from train_jax.config import (ALIASES_OUT, DEFAULT_GRID, Settings, expand_grid, grid_keys_help, grid_to_json,
                               parse_grid)
@@ -137,7 +137,7 @@ def _check_config(out: Path, config: dict[str, Any]) -> None:
 
 def _fitting_shots(task: Task, shots: list[int]) -> list[int]:
     """The shots values every class of the training split can give; a warning for each of the others."""
-    counts = np.bincount(task.cache.splits["train"].labels, minlength=len(task.cache.classnames))
+    counts = np.bincount(task.listings["train"].labels, minlength=len(task.cache.classnames))
     small = int(counts.argmin())
     fit = [k for k in shots if k <= counts[small]]
     for k in shots:
@@ -173,6 +173,7 @@ def run(args: argparse.Namespace) -> Path:
     task = experiment.load_task(args.cache, args.eval_cache, args.prompt)
     if args.fit_shots:
         shots = _fitting_shots(task, shots)
+    experiment.check_encoded(task, shots, seeds)  # before anything is written to --out
     scale, scale_from = model_logit_scale(task.cache.attrs)
     settings = expand_grid(grid, Settings(logit_scale=scale))
     out = Path(args.out)
@@ -207,8 +208,8 @@ def run(args: argparse.Namespace) -> Path:
             print(f"{task.dataset} {k}-shot {row['method']}: {acc}")
     records = [r for f in sorted((out / "shots").glob("*shot.json")) for r in read_records(f)]
     report.write_run_dir(out, task.dataset, config, records)
-    test = task.cache.splits["test"]
-    gap.write_run(out, task.dataset, l2_normalize(test.features), test.labels, task.text, task.cache.classnames)
+    test_features, test_labels = experiment.test_rows(task)
+    gap.write_run(out, task.dataset, test_features, test_labels, task.text, task.cache.classnames)
     return out
 
 

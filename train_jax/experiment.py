@@ -4,15 +4,18 @@ the selected models on shift sets."""
 
 from __future__ import annotations
 
+import json
 import math
+import shlex
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
 
-from data.cache import UNLABELLED, FeatureCache, read_cache
+from data.cache import BAD, OK, UNLABELLED, CacheHead, CacheReader, Listing, Split, open_cache, read_cache
 from data import fewshot
 from data.registry import in_imagenet_family
 from train_jax import evaluate
@@ -23,6 +26,7 @@ from train_jax.records import Learned, RunRecord
 from train_jax.runner import Pool, Trained, hparam_arrays, predict_runs, score_runs, train_runs
 from train_jax.trainers import Job
 
+TEST_BLOCK_ROWS = 16384  # test rows read and predicted at a time
 # Attributes that must agree between the training cache and a shift cache (same encoder, same feature space).
 MODEL_ATTRS = ("model", "pretrained", "weights_sha256", "model_config", "embed_dim", "activation")
 
@@ -45,10 +49,12 @@ class EvalSet:
 
 @dataclass(frozen=True)
 class Task:
-    """What every shots value of one experiment shares: the training cache, its prototypes [C,D], shift sets."""
+    """What every shots value of one experiment shares: the training cache (read row by row), the listings of its
+    splits, its prototypes [C,D], shift sets."""
 
     dataset: str
-    cache: FeatureCache
+    cache: CacheReader
+    listings: dict[str, Listing]
     text: np.ndarray
     prompt: str
     shift: tuple[EvalSet, ...] = ()
@@ -69,31 +75,34 @@ def default_prompt(dataset: str) -> str:
     return "ensemble" if in_imagenet_family(dataset) else "single"
 
 
-def _dataset_name(cache: FeatureCache) -> str:
+def _dataset_name(cache: CacheHead) -> str:
     return str(cache.attrs.get("dataset") or Path(cache.path).stem)
 
 
-def prototypes(cache: FeatureCache, prompt: str) -> np.ndarray:
+def prototypes(cache: CacheHead, prompt: str) -> np.ndarray:
     """Class prototypes [C,D] of a prompt choice: ``ensemble`` (normalised mean over the templates) or the
     dataset's own template (``single``)."""
     return _normalize(cache.prototypes("ensemble" if prompt == "ensemble" else 0))
 
 
-def refuse_unlabelled(cache: FeatureCache) -> None:
-    """TrainError if a split of the cache holds unlabelled images: they can be classified, not trained or scored on."""
-    for name, split in cache.splits.items():
-        if not split.labelled:
-            raise TrainError(f"{cache.path}: split {name!r} holds unlabelled images (label {UNLABELLED}); train and "
+def refuse_unlabelled(path: Path, labels: dict[str, np.ndarray]) -> None:
+    """TrainError if a split of the cache at `path` (its labels [N] by split) holds unlabelled images: they can be
+    classified, not trained or scored on."""
+    for name, split_labels in labels.items():
+        if np.any(split_labels == UNLABELLED):
+            raise TrainError(f"{path}: split {name!r} holds unlabelled images (label {UNLABELLED}); train and "
                              "score on a labelled cache, classify these with `python -m train_jax predict`")
 
 
 def load_task(cache_path: str | Path, eval_paths: Sequence[str | Path] = (), prompt: str | None = None) -> Task:
-    """Read the training cache (needs train and test splits) and the shift caches (their test split)."""
-    cache = read_cache(cache_path)
+    """Open the training cache (needs train and test rows; features are read later, only the rows runs use) and
+    read the shift caches (their test split)."""
+    cache = open_cache(cache_path)
+    listings = {name: cache.listing(name) for name in cache.split_names()}
     for split in ("train", "test"):
-        if split not in cache.splits or len(cache.splits[split].labels) == 0:
+        if split not in listings or not np.any(listings[split].status == OK):
             raise TrainError(f"{cache.path}: the cache has no {split!r} rows; extract its {split} split")
-    refuse_unlabelled(cache)
+    refuse_unlabelled(cache.path, {name: listing.labels for name, listing in listings.items()})
     dataset = _dataset_name(cache)
     prompt = prompt or default_prompt(dataset)
     text = prototypes(cache, prompt)
@@ -106,12 +115,12 @@ def load_task(cache_path: str | Path, eval_paths: Sequence[str | Path] = (), pro
                     f"{other.path}: {key}={other.attrs.get(key)!r} differs from the training cache's "
                     f"{cache.attrs.get(key)!r}; extract both with the same model"
                 )
-        refuse_unlabelled(other)
+        refuse_unlabelled(other.path, {name: split.labels for name, split in other.splits.items()})
         name = _dataset_name(other)
         test = other.splits["test"]
         classes = evaluate.class_map(cache.classnames, other.classnames, str(other.path), dataset, name)
         shift.append(EvalSet(name, _normalize(test.features), test.labels, classes))
-    return Task(dataset, cache, text, prompt, tuple(shift))
+    return Task(dataset, cache, listings, text, prompt, tuple(shift))
 
 
 @dataclass(frozen=True)
@@ -121,31 +130,105 @@ class _Run:
     settings: Settings
 
 
-def _sample(task: Task, shots: int, seeds: Sequence[int]) -> tuple[dict[int, np.ndarray], Any, dict[int, np.ndarray]]:
-    """Train rows and validation rows of every seed; the validation split (the train split if there is none)."""
-    cache = task.cache
-    train, names = cache.splits["train"], cache.classnames
+def _val_split(task: Task) -> str:
+    """The split validation rows come from: val, or train when the cache has no val rows (ImageNet)."""
+    return "val" if "val" in task.listings and len(task.listings["val"].labels) else "train"
+
+
+def _draw(task: Task, shots: int, seeds: Sequence[int]) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """The few-shot draw (``data.fewshot``) over every listed row: train rows and validation rows of each seed."""
+    train, names = task.listings["train"], task.cache.classnames
     picks = {s: fewshot.sample_shots(train.labels, train.paths, names, shots, s) for s in seeds}
-    val = cache.splits.get("val")
-    if val is not None and len(val.labels):
-        return picks, val, {s: fewshot.sample_val(val.labels, val.paths, len(names), shots, s) for s in seeds}
-    return picks, train, {
-        s: fewshot.sample_val_from_train(train.labels, train.paths, names, shots, s, picks[s]) for s in seeds
-    }
+    if _val_split(task) == "val":
+        val = task.listings["val"]
+        return picks, {s: fewshot.sample_val(val.labels, val.paths, names, shots, s) for s in seeds}
+    return picks, {s: fewshot.sample_val_from_train(train.labels, train.paths, names, shots, s) for s in seeds}
+
+
+def check_encoded(task: Task, shots: Sequence[int], seeds: Sequence[int]) -> None:
+    """TrainError (one line with the `extract` command that adds them) if a draw needs rows the cache does not
+    encode (a pooled cache asked for more seeds or shots than it holds)."""
+    for k in sorted(shots, reverse=True):
+        _check_draw(task, *_draw(task, k, seeds), k, seeds, max(shots))
+
+
+def _check_draw(task: Task, picks: dict[int, np.ndarray], val_rows: dict[int, np.ndarray], shots: int,
+                seeds: Sequence[int], max_shots: int) -> None:
+    """TrainError if a drawn row (train or validation) is listed but not encoded; see ``check_encoded``."""
+    for split, rows in (("train", picks), (_val_split(task), val_rows)):
+        status = task.listings[split].status[np.unique(np.concatenate(list(rows.values())))]
+        missing = int(np.sum((status != OK) & (status != BAD)))
+        if missing:
+            raise TrainError(_extend_hint(task, split, missing, shots, seeds, max_shots))
+
+
+def _extend_hint(task: Task, split: str, missing: int, shots: int, seeds: Sequence[int], max_shots: int) -> str:
+    """The one-line error for rows a run needs that the cache does not encode, with the command adding them: the
+    stored `extract` argv with the pool widened to the cache's and the run's seeds and shots."""
+    pool = json.loads(task.cache.attrs.get("pool") or "{}")
+    all_seeds = " ".join(map(str, sorted(set(pool.get("seeds", [])) | set(seeds))))
+    max_shots = max(int(pool.get("shots", 0)), max_shots)
+    argv = json.loads(task.cache.attrs.get("command") or "[]")
+    kept, skip = [], False
+    for word in argv:
+        skip = (skip and not word.startswith("--")) or word in ("--pool-seeds", "--pool-shots", "--shard")
+        if not skip:
+            kept.append(word)
+    base = shlex.join(kept) if kept else f"python -m extract run <the options that made {task.cache.path}>"
+    holds = f"seeds {' '.join(map(str, pool['seeds']))} at <= {pool['shots']} shots" if pool else "other rows"
+    return (f"{task.cache.path}: {shots}-shot draws of seeds {' '.join(map(str, seeds))} need {missing} {split} "
+            f"rows that are not encoded (the cache pools {holds}); add them with `{base} --pool-seeds {all_seeds} "
+            f"--pool-shots {max_shots}` (encodes only the missing rows)")
+
+
+def _sample(task: Task, shots: int, seeds: Sequence[int]) -> tuple[dict[int, np.ndarray], str, dict[int, np.ndarray]]:
+    """Train rows and validation rows of every seed and the validation split's name; drawn images that were
+    unreadable at extraction (skipped) are left out, with a warning."""
+    picks, val_rows = _draw(task, shots, seeds)
+    _check_draw(task, picks, val_rows, shots, seeds, shots)
+    val_split = _val_split(task)
+    for split, rows in (("train", picks), (val_split, val_rows)):
+        ok = task.listings[split].status == OK
+        dropped = sum(int(np.sum(~ok[r])) for r in rows.values())
+        if dropped:
+            warnings.warn(f"{task.cache.path}: {dropped} drawn {split} images were unreadable at extraction "
+                          f"(skipped) and are left out of the {shots}-shot sample", stacklevel=2)
+            rows.update({s: r[ok[r]] for s, r in rows.items()})
+    return picks, val_split, val_rows
 
 
 def _pool(task: Task, rows: np.ndarray, use_aug: bool) -> Pool:
-    """Features [M,V,D] of the given train rows: the plain view, then the cached augmented views if needed."""
-    train = task.cache.splits["train"]
-    feats = train.features[rows][:, None]
-    if use_aug:
-        if train.aug_features is None:
-            raise TrainError(
-                f"{task.cache.path}: use_aug=1 needs augmented views in the cache; extract it with augmented views "
-                "or drop use_aug from --grid"
-            )
-        feats = np.concatenate([feats, train.aug_features[rows]], axis=1)
-    return Pool(_normalize(feats), train.labels[rows].astype(np.int32))
+    """Features [M,V,D] of the given train rows, read from the cache: the plain view, then the cached augmented
+    views if needed."""
+    if use_aug and not task.cache.has_views("train"):
+        raise TrainError(
+            f"{task.cache.path}: use_aug=1 needs augmented views in the cache; extract it with augmented views "
+            "or drop use_aug from --grid"
+        )
+    stacked = task.cache.read("train", rows, views=use_aug)[0].base  # [M, V, D], one array: no copies
+    stacked /= np.maximum(np.linalg.norm(stacked, axis=-1, keepdims=True), 1e-12)  # as _normalize, in place
+    return Pool(stacked, task.listings["train"].labels[rows].astype(np.int32))
+
+
+def test_rows(task: Task) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised features [N,D] and labels [N] of every encoded test row (the diagnostics read them whole)."""
+    rows = np.flatnonzero(task.listings["test"].status == OK)
+    return _normalize(task.cache.read("test", rows)[0]), task.listings["test"].labels[rows]
+
+
+def _pool_split(task: Task, rows: np.ndarray) -> Split:
+    """Train rows [M] read as a Split (features [M,D], aug_features [M,A,D] when the cache has views), for the
+    methods with their own trainer (``Job.split``; its ``pool_rows`` are then 0..M-1)."""
+    features, aug = task.cache.read("train", rows, views=task.cache.has_views("train"))
+    listing = task.listings["train"]
+    return Split(features, listing.labels[rows], listing.paths[rows], aug)
+
+
+def _test_blocks(task: Task) -> Iterator[np.ndarray]:
+    """Features [n,D] of the encoded test rows, TEST_BLOCK_ROWS at a time (in row order)."""
+    rows = np.flatnonzero(task.listings["test"].status == OK)
+    for start in range(0, len(rows), TEST_BLOCK_ROWS):
+        yield _normalize(task.cache.read("test", rows[start : start + TEST_BLOCK_ROWS])[0])
 
 
 def _take(trained: Trained, idx: np.ndarray) -> Trained:
@@ -154,11 +237,12 @@ def _take(trained: Trained, idx: np.ndarray) -> Trained:
                    trained.final_loss[idx])
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Data:
     """The rows every run of one shots value draws on: the seeds' train rows pooled (``pool_rows`` [M] sorted,
     ``picks``: seed -> its rows), the union of their validation rows ([V,D], [V]; ``members``: seed -> [V] bool,
-    its own), and the test split ([N,D], [N])."""
+    its own), the labels [N] of the encoded test rows (their features are read in blocks, ``_test_blocks``), and
+    the pooled rows as a Split for the methods with their own trainer (read on first use, ``_pool_split``)."""
 
     pool_rows: np.ndarray
     pool: Pool
@@ -166,8 +250,8 @@ class _Data:
     val_feats: np.ndarray
     val_labels: np.ndarray
     members: dict[int, np.ndarray]
-    test_feats: np.ndarray
     test_labels: np.ndarray
+    pool_split: Split | None = None
 
 
 @dataclass
@@ -230,10 +314,11 @@ def _prepare(task: Task, shots: int, seeds: Sequence[int], use_aug: bool) -> _Da
     picks, val_split, val_rows = _sample(task, shots, seeds)
     pool_rows = np.unique(np.concatenate(list(picks.values())))
     val_union = np.unique(np.concatenate(list(val_rows.values())))
-    test = task.cache.splits["test"]
-    return _Data(pool_rows, _pool(task, pool_rows, use_aug), picks, _normalize(val_split.features[val_union]),
-                 val_split.labels[val_union], {s: np.isin(val_union, val_rows[s]) for s in seeds},
-                 _normalize(test.features), test.labels)
+    val_feats = _normalize(task.cache.read(val_split, val_union)[0])
+    test = task.listings["test"]
+    return _Data(pool_rows, _pool(task, pool_rows, use_aug), picks, val_feats,
+                 task.listings[val_split].labels[val_union], {s: np.isin(val_union, val_rows[s]) for s in seeds},
+                 test.labels[test.status == OK])
 
 
 def _groups(runs: Sequence[_Run]) -> dict[tuple, list[int]]:
@@ -260,7 +345,9 @@ def _train_group(task: Task, shots: int, key: tuple, group: Sequence[_Run], data
         return trained, settings, ""
     # the method's own trainer; it returns the settings its models are used with
     own = np.stack([data.members[r.seed] for r in group])
-    fitted = fit(Job(head, settings, task.cache.splits["train"], data.pool_rows, rows, seeds_arr, task.text,
+    if data.pool_split is None:
+        data.pool_split = _pool_split(task, data.pool_rows)
+    fitted = fit(Job(head, settings, data.pool_split, np.arange(len(data.pool_rows)), rows, seeds_arr, task.text,
                      task.dataset, data.val_feats, data.val_labels, own, budget, devices))
     trained = Trained(fitted.params, fitted.consts, fitted.failed, fitted.fail_step, fitted.final_loss)
     return trained, list(fitted.settings), fitted.note
@@ -276,8 +363,8 @@ def _score_group(task: Task, key: tuple, idx: list[int], seeds: Sequence[int], t
                                     devices=devices, desc="val")
     out.val_acc[idx] = evaluate.subset_accuracy(val_pred, data.val_labels, own)
     out.val_score[idx] = evaluate.subset_mean(val_logp, own)
-    test_pred = predict_runs(head, trained, hp, data.test_feats, task.text, budget=budget, devices=devices,
-                             desc="test")
+    test_pred = np.concatenate([predict_runs(head, trained, hp, feats, task.text, budget=budget, devices=devices,
+                                             desc="test") for feats in _test_blocks(task)], axis=-1)
     out.test_acc[idx] = evaluate.accuracy(test_pred, data.test_labels)
     out.failed[idx], out.fail_step[idx], out.loss[idx] = trained.failed, trained.fail_step, trained.final_loss
     for j, i in enumerate(idx):
