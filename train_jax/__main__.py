@@ -15,6 +15,7 @@ import numpy as np
 
 from data.cache import CacheError, cache_identity, file_identity, identity_diff
 from data.errors import DataError
+from train_jax import compile_cache
 from train_jax.config import (ALIASES_OUT, DEFAULT_GRID, Settings, expand_grid, grid_keys_help, grid_to_json,
                               parse_grid)
 from train_jax.errors import TrainError
@@ -43,7 +44,8 @@ Methods:
 {_METHODS_HELP}
 Outputs in --out: results.json, results.csv, results.md, accuracy_vs_shots.png, params/<K>shot.npz
 (train_jax.report.load_params), shots/<K>shot.json (finished shots, skipped when rerun), gap.md, gap.json,
-gap.png (modality gap before/after the map, train_jax.gap).
+gap.png (modality gap before/after the map, train_jax.gap), compile.json (programs compiled by the last
+invocation and seconds spent compiling).
 Classify new images with a run: python -m train_jax predict --run DIR --cache NEW.h5 --out preds.csv
 """
 
@@ -80,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory for the run axis; more runs are cut into chunks (default: half the free memory)")
     p.add_argument("--devices", type=int, default=None,
                    help="use the first N JAX devices to shard the run axis (default: all)")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help=f"JAX's persistent compilation cache (default: ${compile_cache.ENV}, else "
+                        "$XDG_CACHE_HOME/cmm/jax or ~/.cache/cmm/jax): a rerun compiles nothing")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help=f"compile without the persistent cache (as {compile_cache.ENV}=off)")
     return p
 
 
@@ -162,6 +169,8 @@ def run(args: argparse.Namespace) -> Path:
 
     from train_jax import experiment, gap, report
 
+    compile_cache.enable(compile_cache.cache_dir(args.compile_cache, args.no_compile_cache))
+    compiled_before = compile_cache.stats()
     grid = parse_grid(args.grid) if args.grid else dict(DEFAULT_GRID)
     shots, seeds, methods = sorted(set(args.shots)), list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.methods))
     if min(shots) < 1:
@@ -194,7 +203,7 @@ def run(args: argparse.Namespace) -> Path:
             print(f"{task.dataset} {k}-shot: already in {done}, skipped")
             continue
         result = experiment.run_shots(task, k, seeds, methods, settings, label_keys, select=args.select,
-                                      budget=budget, devices=devices)
+                                      budget=budget, devices=devices, max_shots=max(shots))
         report.save_params(out / "params" / f"{k}shot.npz", result.learned)
         _write_json(done, records_to_json(result.records))
         for r in result.records:
@@ -210,6 +219,9 @@ def run(args: argparse.Namespace) -> Path:
     report.write_run_dir(out, task.dataset, config, records)
     test_features, test_labels = experiment.test_rows(task)
     gap.write_run(out, task.dataset, test_features, test_labels, task.text, task.cache.classnames)
+    compiled = compile_cache.stats() - compiled_before
+    _write_json(out / "compile.json", compiled.to_dict())
+    print(f"{task.dataset}: {compiled.line()}")
     return out
 
 

@@ -23,7 +23,8 @@ from train_jax.config import Settings
 from train_jax.errors import TrainError
 from train_jax.methods import METHODS
 from train_jax.records import Learned, RunRecord
-from train_jax.runner import Pool, Trained, hparam_arrays, predict_runs, score_runs, train_runs
+from train_jax.runner import (Buckets, Pool, Trained, hparam_arrays, predict_runs, score_runs, shot_buckets,
+                              train_runs)
 from train_jax.trainers import Job
 
 TEST_BLOCK_ROWS = 16384  # test rows read and predicted at a time
@@ -284,18 +285,23 @@ def run_shots(
     select: str = "seed",
     budget: int | None = None,
     devices: Sequence[jax.Device] | None = None,
+    max_shots: int | None = None,
 ) -> ShotResult:
     """Train and evaluate every (method, seed, setting) run for K = ``shots``; ``grid`` is the user's settings
     list (each method restricts it, see ``Method.settings``); ``label_keys`` name the fields shown as ``setting``;
-    ``select``: one of ``evaluate.SELECT_MODES`` (see ``_select``). Steps: sample -> train -> score (per group of
-    runs sharing one program) -> select -> shift-evaluate -> records."""
+    ``max_shots`` (default ``shots``): the largest K of the sweep, whose shapes the programs are compiled for, so
+    that every K up to it reuses them; ``select``: one of ``evaluate.SELECT_MODES`` (see ``_select``).
+    Steps: sample -> train -> score (per group of runs sharing one program) -> select -> shift-evaluate -> records."""
     if select not in evaluate.SELECT_MODES:
         raise TrainError(f"select={select!r}: use one of {', '.join(evaluate.SELECT_MODES)}")
     runs = [_Run(m, s, st) for m in methods for s in seeds for st in METHODS[m].settings(list(grid))]
     data = _prepare(task, shots, seeds, any(r.settings.use_aug for r in runs))
+    buckets = shot_buckets(max(shots, max_shots or shots), len(task.text), len(seeds),
+                           len(task.listings["train"].labels))
     out = _Outcome.empty(len(runs))
     for key, idx in _groups(runs).items():
-        trained, settings, note = _train_group(task, shots, key, [runs[i] for i in idx], data, budget, devices)
+        trained, settings, note = _train_group(task, shots, key, [runs[i] for i in idx], data, buckets, budget,
+                                               devices)
         for i, st in zip(idx, settings):
             runs[i] = _Run(runs[i].method, runs[i].seed, st)
             if note:
@@ -322,25 +328,27 @@ def _prepare(task: Task, shots: int, seeds: Sequence[int], use_aug: bool) -> _Da
 
 
 def _groups(runs: Sequence[_Run]) -> dict[tuple, list[int]]:
-    """(head, batch size, use_aug, untrained) -> the runs that share one compiled program, in run order."""
+    """(head, batch size, use_aug) -> the runs that share one compiled program, in run order."""
     groups: dict[tuple, list[int]] = {}
     for i, run in enumerate(runs):
         st = run.settings
-        groups.setdefault((METHODS[run.method].head(st), st.batch_size, st.use_aug, st.epochs == 0), []).append(i)
+        # zero-shot runs (0 epochs) ride along with the trained runs of their head: no program of their own
+        groups.setdefault((METHODS[run.method].head(st), st.batch_size, st.use_aug), []).append(i)
     return groups
 
 
-def _train_group(task: Task, shots: int, key: tuple, group: Sequence[_Run], data: _Data, budget: int | None,
-                 devices) -> tuple[Trained, list[Settings], str]:
-    """Train one group's runs: (their Trained, the settings their models are used with, the trainer's note)."""
-    head, batch_size, use_aug, _ = key
+def _train_group(task: Task, shots: int, key: tuple, group: Sequence[_Run], data: _Data, buckets: Buckets,
+                 budget: int | None, devices) -> tuple[Trained, list[Settings], str]:
+    """Train one group's runs (programs compiled for ``buckets``' shapes): (their Trained, the settings their
+    models are used with, the trainer's note)."""
+    head, batch_size, use_aug = key
     rows = np.stack([np.searchsorted(data.pool_rows, data.picks[r.seed]) for r in group])
     seeds_arr = np.array([r.seed for r in group])
     settings = [r.settings for r in group]
     fit = METHODS[group[0].method].fit
     if fit is None:
         trained = train_runs(head, hparam_arrays(settings), rows, seeds_arr, data.pool, task.text,
-                             batch_size=batch_size, use_aug=use_aug, budget=budget, devices=devices,
+                             batch_size=batch_size, use_aug=use_aug, buckets=buckets, budget=budget, devices=devices,
                              desc=f"{task.dataset} {shots}-shot {type(head).__name__}")
         return trained, settings, ""
     # the method's own trainer; it returns the settings its models are used with

@@ -15,6 +15,12 @@ On an accelerator a device trains all its streams in one vmapped step. On a CPU,
 pool, so batching them buys no arithmetic efficiency, while their stacked parameters and Adam moments outgrow the
 caches: there a device trains its streams in groups whose state fits in ``CPU_GROUP_BYTES``, one group after
 another inside the same program.
+
+A program's shapes do not depend on the shot count: ``train_runs`` pads rows per run and the pool to ``Buckets``
+(e.g. those of a sweep's largest shot count, ``shot_buckets``); the real row count n is an argument of the program,
+which draws jax's permutation of the first n rows, runs ceil(n / batch) steps an epoch and masks padded rows out of
+the loss. Predictions take one ``EVAL_BLOCK`` of rows per call. So one compiled program serves every shot count of
+a method, and every dataset of the same class count and dim.
 """
 
 from __future__ import annotations
@@ -99,12 +105,6 @@ def _all_finite(tree: Tree) -> jax.Array:
     return jnp.isfinite(sum(jnp.sum(x * 0.0) for x in jax.tree.leaves(tree)))
 
 
-@jax.jit
-def _zero_shot_cos(pool_x: jax.Array, text: jax.Array) -> jax.Array:
-    """Zero-shot cosines of the pool's plain view: pool_x [M,V,D], text [C,D] -> [M,C]."""
-    return pool_x[:, 0] @ text.T
-
-
 def _over_runs(k: int, fn: Callable, in_axes: tuple) -> Callable:
     """``fn`` of one run applied to a stream's k runs: vmapped (``in_axes``: 0 per run, None shared) for k > 1;
     for k = 1 ``fn`` itself, which the caller gives the run's arrays without their size-1 axis (a size-1 vmap axis
@@ -112,28 +112,60 @@ def _over_runs(k: int, fn: Callable, in_axes: tuple) -> Callable:
     return jax.vmap(fn, in_axes=in_axes) if k > 1 else fn
 
 
-def _train_stream(rows, seed, hp, pool_x, pool_y, zs_pool, text, *, head: Head, batch: int, max_epochs: int):
+def _shuffle_rounds(n: int | np.ndarray) -> int | np.ndarray:
+    """Sorting rounds of ``jax.random.permutation`` for n elements (jax's static rule, here as numpy)."""
+    return np.ceil(3 * np.log(np.maximum(1, n)) / np.log(np.iinfo(np.uint32).max)).astype(int)
+
+
+def permutation_prefix(key: jax.Array, n: jax.Array, size: int) -> jax.Array:
+    """``jax.random.permutation(key, n)`` for a traced n <= size, padded to [size] (positions n.. hold n..size-1):
+    jax's own draws (rounds of stable sorts by random 32-bit keys, as many rounds as jax takes for n), with the
+    keys of padded positions set to the largest value so that they sort last and leave the first n as they were."""
+    rounds = _shuffle_rounds(np.arange(size + 1))
+    x = pos = jnp.arange(size)
+    for r in range(int(rounds[-1])):
+        key, sub = jax.random.split(key)
+        keys = jnp.where(pos < n, jax.random.bits(sub, (size,), jnp.uint32), jnp.uint32(0xFFFFFFFF))
+        x = jnp.where(n >= int(np.argmax(rounds > r)), jax.lax.sort_key_val(keys, x)[1], x)
+    return x
+
+
+def _masked_loss(head: Head, params, consts, x, zs, y, valid, text, hp) -> jax.Array:
+    """``head.loss`` over the valid rows of a padded batch x [B,D], zs [B,C], y [B], valid [B] bool: a head's loss
+    is a mean over rows (``methods.Head``), so this is the mean of its one-row losses where valid; padded rows get
+    no gradient. A term that is not a row mean is taken at one row (``logreg.LinearProbeHead``'s regulariser
+    ||W||^2 / (2cN) counts with N = 1 here; that head trains with its own L-BFGS solver, the runner only in tests)."""
+    one = lambda xi, zi, yi: head.loss(params, consts, xi[None], zi[None], yi[None], text, hp)  # noqa: E731
+    per_row = jax.vmap(one)(x, zs, y)
+    return jnp.sum(jnp.where(valid, per_row, 0.0)) / jnp.sum(valid)
+
+
+def _train_stream(rows, seed, hp, n, pool_x, pool_y, zs_pool, text, *, head: Head, batch: int, max_epochs: int):
     """Initialise and train the k runs of one stream -> (params, consts, failed, fail_step, last loss), leading
-    axis k. rows [N] into the pool and seed (batch order, view draws) are the stream's, hp: field -> [k]. Every
-    step draws one batch for all k runs. pool_x [M,V,D]; zs_pool [M,C] (= pool_x[:,0] T^T) or None when V > 1
-    (then the zero-shot cosine of the drawn view is computed per step). Each run's AdamW state starts (zeros) and
-    ends here: nothing outside needs it."""
+    axis k. rows [N] into the pool and seed (batch order, view draws) are the stream's, hp: field -> [k]; only the
+    first n (a traced scalar, shared by all streams) of the N rows are the run's, the rest pad it to the program's
+    shape: they draw in no batch order, and rows of a batch past n are masked out of the loss. Every step draws one
+    batch for all k runs; an epoch has ceil(n / batch) steps, the last one possibly of fewer valid rows; steps of
+    the N rows' epoch beyond that are skipped. pool_x [M,V,D]; zs_pool [M,C] (= pool_x[:,0] T^T) or None when
+    V > 1 (then the zero-shot cosine of the drawn view is computed per step). Each run's AdamW state starts (zeros)
+    and ends here: nothing outside needs it."""
     k = hp["lr"].shape[0]
     hp = hp if k > 1 else jax.tree.map(lambda x: x[0], hp)
-    n, views = rows.shape[0], pool_x.shape[1]
-    full, rest = divmod(n, batch)  # full batches per epoch, and the size of a smaller last one (0: none)
-    steps_per_epoch = full + (rest > 0)
+    size, views = rows.shape[0], pool_x.shape[1]
+    max_steps = math.ceil(size / batch)
+    steps_per_epoch = (n + batch - 1) // batch
     params0, consts = head.init(jnp.mean(pool_x[rows], axis=1), pool_y[rows], text)  # the same for all k runs
     optimizer = lambda h: make_optimizer(h, (h["epochs"] * steps_per_epoch).astype(jnp.float32))  # noqa: E731
 
     def run_init(h):
         return params0, optimizer(h).init(params0), jnp.bool_(False), jnp.int32(-1), jnp.float32(jnp.nan)
 
-    def run_step(state, h, x, zs, y, e, b):
-        """One optimiser step of one run on the stream's batch x [B,D], zs [B,C], y [B]."""
+    def run_step(state, h, x, zs, y, valid, e, b):
+        """One optimiser step of one run on the stream's batch x [B,D], zs [B,C], y [B] (valid [B]: real rows)."""
         params, opt_state, failed, fail_step, last_loss = state
         opt = optimizer(h)
-        loss, grads = jax.value_and_grad(head.loss)(params, consts, x, zs, y, text, h)
+        loss, grads = jax.value_and_grad(functools.partial(_masked_loss, head))(params, consts, x, zs, y, valid,
+                                                                                 text, h)
         updates, new_opt = opt.update(grads, opt_state, params)
         # finite params, grads, lr and weight decay give finite AdamW updates: checking them before the update
         # lets the update and the keep-or-skip choice be one pass over the params
@@ -149,25 +181,27 @@ def _train_stream(rows, seed, hp, pool_x, pool_y, zs_pool, text, *, head: Head, 
             jnp.where(take, loss, last_loss),
         )
 
-    step_runs = _over_runs(k, run_step, (0, 0) + (None,) * 5)
+    step_runs = _over_runs(k, run_step, (0, 0) + (None,) * 6)
     key = jax.random.PRNGKey(seed)
 
     def epoch(state, e):
         k_perm, k_view = jax.random.split(jax.random.fold_in(key, e))
-        order = jax.random.permutation(k_perm, n) if steps_per_epoch > 1 else jnp.arange(n)
-        view = jax.random.randint(k_view, (n,), 0, views) if views > 1 else jnp.zeros(n, jnp.int32)
+        order = jnp.where(steps_per_epoch > 1, permutation_prefix(k_perm, n, size), jnp.arange(size))
+        view = jax.random.randint(k_view, (size,), 0, views) if views > 1 else jnp.zeros(size, jnp.int32)
+        order = jnp.pad(order, (0, max_steps * batch - size))  # equal batches; the padding is masked out
 
         def step(state, b, idx):
             r = rows[idx]
             x = pool_x[r, view[idx]]
             zs = zs_pool[r] if zs_pool is not None else x @ text.T
-            return step_runs(state, hp, x, zs, pool_y[r], e, b)
+            valid = b * batch + jnp.arange(batch) < n
+            return step_runs(state, hp, x, zs, pool_y[r], valid, e, b)
 
-        batches = (jnp.arange(full), order[: full * batch].reshape(full, batch))
-        state = jax.lax.scan(lambda s, a: (step(s, *a), None), state, batches)[0]
-        if rest:  # the last batch of the epoch is smaller: a step of its own shape, no padding rows to compute
-            state = step(state, full, order[full * batch:])
-        return state, None
+        def maybe_step(state, a):  # n is shared by all streams and runs: a real branch, not a select
+            return jax.lax.cond(a[0] < steps_per_epoch, lambda s: step(s, *a), lambda s: s, state), None
+
+        batches = (jnp.arange(max_steps), order.reshape(max_steps, batch))
+        return jax.lax.scan(maybe_step, state, batches)[0], None
 
     state, _ = jax.lax.scan(epoch, _over_runs(k, run_init, (0,))(hp), jnp.arange(max_epochs))
     params, _, failed, fail_step, last_loss = state
@@ -189,25 +223,24 @@ def target_log_prob(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def _predict_one(params, consts, hp, blocks, targets, classes, text, *, head: Head):
-    """blocks [nb, EVAL_BLOCK, D] -> predictions [nb*EVAL_BLOCK] int32 over the class subset ``classes``; with
-    targets [nb, EVAL_BLOCK] (true classes, indices into ``classes``; None: predictions only) also the
-    log-probability of the target under the softmax of the logits over ``classes`` [nb*EVAL_BLOCK]."""
+    """blocks [nb, EVAL_BLOCK, D], targets [nb, EVAL_BLOCK] (true classes, indices into ``classes``) ->
+    predictions [nb*EVAL_BLOCK] int32 over the class subset ``classes`` and the log-probability of the target under
+    the softmax of the logits over ``classes`` [nb*EVAL_BLOCK]."""
 
     def block(_, xt):
         x, t = xt
         logits = head.logits(params, consts, x, x @ text.T, text, hp)[:, classes]
-        preds = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        if t is None:
-            return None, preds
-        return None, (preds, target_log_prob(logits, t))
+        return None, (jnp.argmax(logits, axis=-1).astype(jnp.int32), target_log_prob(logits, t))
 
     return jax.tree.map(lambda a: a.reshape(-1), jax.lax.scan(block, None, (blocks, targets))[1])
 
 
-def _train_local(rows, seeds, hp, pool_x, pool_y, zs_pool, text, *, one: Callable, group: int):
+def _train_local(rows, seeds, hp, n, pool_x, pool_y, text, *, one: Callable, group: int):
     """Train one device's streams (leading axis R of the first three arguments), ``group`` at a time: one by one
-    (a scan), all at once (vmap), or in vmapped groups of ``group`` (R a multiple of it)."""
-    train = lambda a: one(*a, pool_x, pool_y, zs_pool, text)  # noqa: E731
+    (a scan), all at once (vmap), or in vmapped groups of ``group`` (R a multiple of it). A pool of one view
+    [M,1,D] gets its zero-shot cosines [M,C] computed once here, not per step."""
+    zs_pool = pool_x[:, 0] @ text.T if pool_x.shape[1] == 1 else None
+    train = lambda a: one(*a, n, pool_x, pool_y, zs_pool, text)  # noqa: E731
     per_stream = (rows, seeds, hp)
     if group > 1 and group >= len(seeds):
         return jax.vmap(train)(per_stream)
@@ -341,6 +374,31 @@ def _plan(devices, units: int, per_unit: int, budget: int | None) -> tuple[_Plac
     return _Placement(devices), chunk
 
 
+@dataclass(frozen=True)
+class Buckets:
+    """Sizes a training program is compiled for, so that one program serves every shot count: rows per run
+    (padded rows are masked out; heads whose parameters' shapes depend on the rows, Tip-Adapter's keys, keep
+    their own) and pool rows (padded with zero rows no run indexes). Sizes below the actual ones are ignored."""
+
+    rows: int = 0
+    pool: int = 0
+
+
+def shot_buckets(max_shots: int, classes: int, seeds: int, train_rows: int) -> Buckets:
+    """Buckets serving every shot count up to ``max_shots``: rows per run max_shots * classes; pool rows: the
+    most the seeds' draws can cover, min(train_rows, seeds * max_shots * classes)."""
+    return Buckets(max_shots * classes, min(train_rows, seeds * max_shots * classes))
+
+
+def _rows_shape_free(head: Head, n: int, dim: int, text: np.ndarray) -> bool:
+    """Whether ``head.init``'s outputs have the same shapes for n and n + 1 training rows."""
+    def shapes(m):
+        feats, labels = jax.ShapeDtypeStruct((m, dim), jnp.float32), jax.ShapeDtypeStruct((m,), jnp.int32)
+        return jax.tree.map(lambda x: x.shape, jax.eval_shape(head.init, feats, labels, text))
+
+    return shapes(n) == shapes(n + 1)
+
+
 def train_runs(
     head: Head,
     hp: Mapping[str, np.ndarray],
@@ -351,6 +409,7 @@ def train_runs(
     *,
     batch_size: int,
     use_aug: bool,
+    buckets: Buckets = Buckets(),
     budget: int | None = None,
     devices: Sequence[jax.Device] | None = None,
     max_stream: int | None = None,
@@ -358,35 +417,43 @@ def train_runs(
 ) -> Trained:
     """Train S runs of ``head``. hp: field -> [S] (see ``hparam_arrays``); rows [S,N] int indices into the pool
     (N equal for all runs); seeds [S] int (batch order, view draws); text [C,D] prototypes. Without ``use_aug``
-    only view 0 of the pool is used and the zero-shot cosines are precomputed once for the whole pool.
+    only view 0 of the pool is used and the zero-shot cosines are computed once for the whole pool.
+    ``buckets``: padded sizes to compile for (default: the actual ones; the runs' results do not depend on them);
     ``budget``: bytes for the run axis (default ``memory_budget``); ``devices``: default all JAX devices;
     ``max_stream``: most runs per stream (default ``stream_limit``).
     """
     runs, n = rows.shape
-    batch = min(batch_size, n)
+    dim = pool.features.shape[2]
+    size = max(n, buckets.rows) if _rows_shape_free(head, n, dim, text) else n
+    batch = min(batch_size, size)
     max_epochs = int(np.max(hp["epochs"]))
-    pool_x = pool.features if use_aug else pool.features[:, :1]
-    shapes = jax.eval_shape(lambda: head.init(pool_x[: n, 0], pool.labels[:n], text))
+    shapes = jax.eval_shape(head.init, jax.ShapeDtypeStruct((size, dim), jnp.float32),
+                            jax.ShapeDtypeStruct((size,), jnp.int32), text)
     n_params, n_consts = (sum(x.size for x in jax.tree.leaves(t)) for t in shapes)
     devices = list(devices or jax.devices())
     platform = devices[0].platform
     limit = stream_limit(n_params, batch, platform) if max_stream is None else max_stream
-    streams = plan_streams(np.asarray(rows, np.int32), np.asarray(seeds, np.int32), limit)
+    rows = np.asarray(rows, np.int32)
+    rows = np.concatenate([rows, np.repeat(rows[:, :1], size - n, axis=1)], axis=1)  # pads repeat a run's row
+    streams = plan_streams(rows, np.asarray(seeds, np.int32), limit)
     n_streams, k = streams.index.shape
-    per_stream = k * estimate_run_bytes(n_params, n_consts, batch, text.shape[1], text.shape[0], n)
+    per_stream = k * estimate_run_bytes(n_params, n_consts, batch, dim, text.shape[0], size)
     placement, chunk = _plan(devices, n_streams, per_stream, budget)
     n_devices = placement.runs.mesh.size
     group = group_size(chunk // n_devices, per_stream, platform)
     chunk = math.ceil(chunk // n_devices / group) * group * n_devices  # equal groups (padded like the last chunk)
     train = _train_program(head, batch, max_epochs, placement.runs, group)
 
-    pool_x, pool_y, text_d = placement.replicate((pool_x, pool.labels.astype(np.int32), text))
-    zs_pool = None if use_aug else _zero_shot_cos(pool_x, text_d)
+    pad = max(0, buckets.pool - len(pool.labels))
+    pool_x = pool.features if use_aug else pool.features[:, :1]
+    pool_x = np.concatenate([pool_x, np.zeros((pad,) + pool_x.shape[1:], np.float32)])
+    pool_y = np.concatenate([pool.labels, np.zeros(pad, pool.labels.dtype)]).astype(np.int32)
+    n_d, pool_x, pool_y, text_d = placement.replicate((np.int32(n), pool_x, pool_y, text))
     stream_args = (streams.rows, streams.seeds, {f: np.asarray(v)[streams.index] for f, v in hp.items()})
     outputs = []
     for start in tqdm(range(0, n_streams, chunk), desc=desc, unit="chunk", leave=False):
         rows_c, seeds_c, hp_c = placement.split(stream_args, start, chunk)
-        outputs.append(jax.device_get(train(rows_c, seeds_c, hp_c, pool_x, pool_y, zs_pool, text_d)))
+        outputs.append(jax.device_get(train(rows_c, seeds_c, hp_c, n_d, pool_x, pool_y, text_d)))
     per_run = jax.tree.map(lambda x: x.reshape(n_streams * k, *x.shape[2:])[streams.slot], _gather(outputs, n_streams))
     params, consts, failed, fail_step, loss = per_run
     return Trained(params, consts, failed, fail_step, loss)
@@ -429,7 +496,9 @@ def score_runs(
 def _predict(head: Head, trained: Trained, hp: Mapping[str, np.ndarray], feats: np.ndarray, labels: np.ndarray | None,
              text: np.ndarray, classes: np.ndarray | None, budget: int | None,
              devices: Sequence[jax.Device] | None, desc: str) -> Tree:
-    """``predict_runs`` (labels None: predictions [S,Ne]) and ``score_runs`` (labels [Ne]: a pair of [S,Ne])."""
+    """``predict_runs`` (labels None: predictions [S,Ne]) and ``score_runs`` (labels [Ne]: a pair of [S,Ne]). One
+    program call per ``EVAL_BLOCK`` rows, so that sets of any size share one compiled program; predictions alone
+    run the scoring program too (on targets 0, scores dropped): one program per head, not two."""
     runs = len(trained.failed)
     classes = np.arange(text.shape[0]) if classes is None else np.asarray(classes)
     n_params = sum(np.asarray(x)[0].size for x in jax.tree.leaves((trained.params, trained.consts)))
@@ -441,15 +510,15 @@ def _predict(head: Head, trained: Trained, hp: Mapping[str, np.ndarray], feats: 
     padded = math.ceil(max(n, 1) / EVAL_BLOCK) * EVAL_BLOCK
     blocks = np.zeros((padded, feats.shape[1]), np.float32)
     blocks[:n] = feats
-    targets = None
-    if labels is not None:
-        targets = np.zeros(padded, np.int32)
-        targets[:n] = labels
-        targets = targets.reshape(-1, EVAL_BLOCK)
-    shared = placement.replicate((blocks.reshape(-1, EVAL_BLOCK, feats.shape[1]), targets, classes.astype(np.int32),
-                                  text))
+    targets = np.zeros(padded, np.int32)
+    targets[:n] = 0 if labels is None else labels
+    per_block = [placement.replicate(xt) for xt in zip(blocks.reshape(-1, 1, EVAL_BLOCK, feats.shape[1]),
+                                                        targets.reshape(-1, 1, EVAL_BLOCK))]
+    shared = placement.replicate((classes.astype(np.int32), text))
     outputs = []
     for start in tqdm(range(0, runs, chunk), desc=desc, unit="chunk", leave=False):
         params, consts, hp_c = placement.split((trained.params, trained.consts, dict(hp)), start, chunk)
-        outputs.append(jax.device_get(predict(params, consts, hp_c, *shared)))
-    return jax.tree.map(lambda x: x[:, :n], _gather(outputs, runs))
+        parts = [predict(params, consts, hp_c, x, t, *shared) for x, t in per_block]  # dispatched before a wait
+        outputs.append(jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *jax.device_get(parts)))
+    preds, logp = jax.tree.map(lambda x: x[:, :n], _gather(outputs, runs))
+    return preds if labels is None else (preds, logp)
