@@ -17,7 +17,8 @@ from train_jax.baselines import TipAdapterHead
 from train_jax.logreg import LinearProbeHead
 from train_jax.config import Settings
 from train_jax.methods import CMMHead
-from train_jax.runner import Buckets, Pool, hparam_arrays, permutation_prefix, predict_runs, train_runs
+from train_jax.runner import Buckets, Pool, hparam_arrays, predict_runs, train_runs
+from train_jax.step import permutation_prefix
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES, SEEDS = 4, (1, 2)
