@@ -43,6 +43,8 @@ def test_layouts_equal_all_at_once(group_bytes, max_stream):
     for a, b in zip(jax.tree.leaves(together.params), jax.tree.leaves(grouped.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(grouped.final_loss, together.final_loss, rtol=1e-5)
+    np.testing.assert_allclose(grouped.loss_curve, together.loss_curve, rtol=1e-5)
+    assert grouped.loss_curve.shape == (4, 3) and np.isnan(grouped.loss_curve[1]).all()  # run 1 took no step
     assert not np.allclose(grouped.params["dW"][0], grouped.params["dW"][2])  # other lr, other result
 
 
@@ -104,4 +106,20 @@ def test_folded_stream_equals_each_setting_alone(head, use_aug):
         # the loss of a near-perfect fit is ~1e-3: its float32 rounding is absolute (~1 ulp of the logits'
         # log-sum-exp), so it gets the params' absolute tolerance too
         np.testing.assert_allclose(folded.final_loss[i], alone.final_loss[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(folded.loss_curve[i, :grid[i].epochs], alone.loss_curve[0], rtol=1e-5, atol=1e-6)
+    assert np.isnan(folded.loss_curve[2, 2])  # the 2-epoch setting has no third epoch
     assert not np.allclose(jax.tree.leaves(folded.params)[0][0], jax.tree.leaves(folded.params)[0][1])
+
+
+def test_loss_curve_is_the_epoch_mean_of_the_step_losses():
+    """With one step per epoch (the batch holds every row) each epoch's mean is that step's loss: the last one is
+    the final loss, and a run that fits its rows lowers it."""
+    world = GapWorld(2, classes=4, dim=16)
+    split = world.split("train", 3)
+    hp = hparam_arrays([Settings(epochs=4, lr=1e-2, batch_size=12)])
+    trained = train_runs(CMMHead(), hp, np.arange(12)[None], np.array([0]),
+                         Pool(split["features"][:, None], split["labels"].astype(np.int32)), world.text,
+                         batch_size=12, use_aug=False)
+    assert trained.loss_curve.shape == (1, 4) and np.isfinite(trained.loss_curve).all()
+    assert trained.loss_curve[0, -1] == trained.final_loss[0]
+    assert trained.loss_curve[0, -1] < trained.loss_curve[0, 0]

@@ -234,7 +234,7 @@ def _test_blocks(task: Task) -> Iterator[np.ndarray]:
 def _take(trained: Trained, idx: np.ndarray) -> Trained:
     pick = lambda tree: jax.tree.map(lambda x: np.asarray(x)[idx], tree)  # noqa: E731
     return Trained(pick(trained.params), pick(trained.consts), trained.failed[idx], trained.fail_step[idx],
-                   trained.final_loss[idx])
+                   trained.final_loss[idx], trained.loss_curve[idx])
 
 
 def run_shots(
@@ -276,6 +276,7 @@ def run_shots(
 
     val_acc, val_score, test_acc = np.zeros(len(runs)), np.zeros(len(runs)), np.zeros(len(runs))
     failed, fail_step, loss = np.zeros(len(runs), bool), np.zeros(len(runs), int), np.zeros(len(runs))
+    curves: dict[int, np.ndarray] = {}
     trained_of: dict[int, tuple[tuple, Trained, int]] = {}
     notes: dict[int, str] = {}
     pool_split: Split | None = None  # read once, for the methods with their own trainer
@@ -295,7 +296,8 @@ def run_shots(
             pool_split = pool_split or _pool_split(task, pool_rows)
             fitted = fit(Job(head, [r.settings for r in group], pool_split, np.arange(len(pool_rows)), rows,
                              seeds_arr, task.text, task.dataset, val_feats, val_labels, own, budget, devices))
-            trained = Trained(fitted.params, fitted.consts, fitted.failed, fitted.fail_step, fitted.final_loss)
+            trained = Trained(fitted.params, fitted.consts, fitted.failed, fitted.fail_step, fitted.final_loss,
+                              np.zeros((len(idx), 0), np.float32))  # no per-epoch curve
             for i, st in zip(idx, fitted.settings):
                 runs[i], notes[i] = _Run(runs[i].method, runs[i].seed, st), fitted.note
             hp = hparam_arrays(fitted.settings)
@@ -307,6 +309,7 @@ def run_shots(
                                                  desc="test") for feats in _test_blocks(task)], axis=-1)
         test_acc[idx] = evaluate.accuracy(test_pred, test_labels)
         failed[idx], fail_step[idx], loss[idx] = trained.failed, trained.fail_step, trained.final_loss
+        curves.update(zip(idx, trained.loss_curve))
         for j, i in enumerate(idx):
             trained_of[i] = (key, trained, j)
 
@@ -322,6 +325,7 @@ def run_shots(
             "val_score": float(val_score[i]) if math.isfinite(val_score[i]) else None, "test_acc": float(test_acc[i]),
             "failed": bool(failed[i]), "fail_step": int(fail_step[i]) if failed[i] else None,
             "final_loss": float(loss[i]) if math.isfinite(loss[i]) else None,
+            "loss_curve": [float(v) if math.isfinite(v) else None for v in curves[i]],
             "selected": i in selected, "tie_break": tie_break.get(i), "shift": selected.get(i, {}),
             "note": notes.get(i, ""),
         })

@@ -52,7 +52,9 @@ class Trained:
     """Outputs of ``train_runs``; every leaf is a numpy array with leading axis S.
 
     failed [S] bool: a non-finite loss or gradient stopped the run (params are those before that step);
-    fail_step [S] int32: the step at which it stopped (-1 if it did not); final_loss [S]: last finite loss.
+    fail_step [S] int32: the step at which it stopped (-1 if it did not); final_loss [S]: last finite loss;
+    loss_curve [S,E] float32: each epoch's mean training loss (NaN past a run's epochs or failure; E = 0 for runs
+    of a method's own trainer).
     """
 
     params: Tree
@@ -60,6 +62,7 @@ class Trained:
     failed: np.ndarray
     fail_step: np.ndarray
     final_loss: np.ndarray
+    loss_curve: np.ndarray
 
 
 def hparam_arrays(settings: Sequence[Settings]) -> dict[str, np.ndarray]:
@@ -250,8 +253,7 @@ def train_runs(
         rows_c, seeds_c, hp_c = placement.split(stream_args, start, chunk)
         outputs.append(jax.device_get(train(rows_c, seeds_c, hp_c, n_d, pool_x, pool_y, text_d)))
     per_run = jax.tree.map(lambda x: x.reshape(n_streams * k, *x.shape[2:])[streams.slot], _gather(outputs, n_streams))
-    params, consts, failed, fail_step, loss = per_run
-    return Trained(params, consts, failed, fail_step, loss)
+    return Trained(*per_run)
 
 
 def predict_runs(

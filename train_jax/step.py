@@ -27,13 +27,16 @@ Tree = Any
 
 class RunState(NamedTuple):
     """One run's training state: params, AdamW state, failed (a non-finite loss or gradient stopped the run),
-    fail_step (the step at which it stopped, -1 if it did not), loss (the last finite loss; NaN before any)."""
+    fail_step (the step at which it stopped, -1 if it did not), loss (the last finite loss; NaN before any),
+    loss_sum and taken: the sum of the losses of the steps taken this epoch and their count."""
 
     params: Tree
     opt_state: Tree
     failed: jax.Array
     fail_step: jax.Array
     loss: jax.Array
+    loss_sum: jax.Array
+    taken: jax.Array
 
 
 class Batch(NamedTuple):
@@ -107,14 +110,14 @@ def masked_loss(head: Head, params, consts, x, zs, y, valid, text, hp) -> jax.Ar
 def init(params: Tree, hp: Mapping[str, jax.Array], steps_per_epoch: jax.Array) -> RunState:
     """A run's state before its first step: the head's initial params, zero AdamW moments, not failed."""
     return RunState(params, _optimizer(hp, steps_per_epoch).init(params), jnp.bool_(False), jnp.int32(-1),
-                    jnp.float32(jnp.nan))
+                    jnp.float32(jnp.nan), jnp.float32(0.0), jnp.int32(0))
 
 
 def train_step(state: RunState, hp: Mapping[str, jax.Array], batch: Batch, *, head: Head, consts: Tree,
                text: jax.Array, steps_per_epoch: jax.Array) -> RunState:
     """One AdamW step of one run (hp: field -> scalar) on ``batch``; a run past its epochs or failed keeps its
     state, a non-finite loss or gradient fails it. consts: the head's untrained arrays; text [C,D] prototypes."""
-    params, opt_state, failed, fail_step, last_loss = state
+    params, opt_state, failed, fail_step, last_loss, loss_sum, taken = state
     loss, grads = jax.value_and_grad(functools.partial(masked_loss, head))(params, consts, batch.x, batch.zs,
                                                                             batch.y, batch.valid, text, hp)
     updates, new_opt = _optimizer(hp, steps_per_epoch).update(grads, opt_state, params)
@@ -130,7 +133,16 @@ def train_step(state: RunState, hp: Mapping[str, jax.Array], batch: Batch, *, he
         failed | newly_failed,
         jnp.where(newly_failed, batch.epoch * steps_per_epoch + batch.step, fail_step),
         jnp.where(take, loss, last_loss),
+        jnp.where(take, loss_sum + loss, loss_sum),
+        taken + take,
     )
+
+
+def end_epoch(state: RunState) -> tuple[RunState, jax.Array]:
+    """The state for the next epoch (sums reset) and this epoch's mean training loss over its taken steps (each
+    a batch mean; NaN if the run took none: its epochs were over or it had failed)."""
+    mean = jnp.where(state.taken > 0, state.loss_sum / jnp.maximum(state.taken, 1), jnp.nan)
+    return state._replace(loss_sum=jnp.zeros_like(state.loss_sum), taken=jnp.zeros_like(state.taken)), mean
 
 
 def _over_runs(k: int, fn: Callable, in_axes: tuple) -> Callable:
@@ -141,8 +153,8 @@ def _over_runs(k: int, fn: Callable, in_axes: tuple) -> Callable:
 
 
 def train_run(rows, seed, hp, n, pool_x, pool_y, zs_pool, text, *, head: Head, batch: int, max_epochs: int):
-    """Initialise and train the k runs of one stream -> (params, consts, failed, fail_step, last loss), leading
-    axis k. rows [N] into the pool and seed (batch order, view draws) are the stream's, hp: field -> [k]; only the
+    """Initialise and train the k runs of one stream -> (params, consts, failed, fail_step, last loss, curve),
+    leading axis k; curve [k, max_epochs]: each epoch's mean training loss (``end_epoch``). rows [N] into the pool and seed (batch order, view draws) are the stream's, hp: field -> [k]; only the
     first n (a traced scalar, shared by all streams) of the N rows are the run's, the rest pad it to the program's
     shape: they draw in no batch order, and rows of a batch past n are masked out of the loss. Every step draws one
     batch for all k runs; an epoch has ceil(n / batch) steps, the last one possibly of fewer valid rows; steps of
@@ -176,12 +188,14 @@ def train_run(rows, seed, hp, n, pool_x, pool_y, zs_pool, text, *, head: Head, b
             return jax.lax.cond(a[0] < steps_per_epoch, lambda s: step(s, *a), lambda s: s, state), None
 
         batches = (jnp.arange(max_steps), order.reshape(max_steps, batch))
-        return jax.lax.scan(maybe_step, state, batches)[0], None
+        return _over_runs(k, end_epoch, (0,))(jax.lax.scan(maybe_step, state, batches)[0])
 
     run_init = functools.partial(init, params0, steps_per_epoch=steps_per_epoch)
-    state, _ = jax.lax.scan(epoch, _over_runs(k, run_init, (0,))(hp), jnp.arange(max_epochs))
-    params, _, failed, fail_step, last_loss = state
+    state, curve = jax.lax.scan(epoch, _over_runs(k, run_init, (0,))(hp), jnp.arange(max_epochs))
+    params, failed, fail_step, last_loss = state.params, state.failed, state.fail_step, state.loss
+    curve = curve.T if k > 1 else curve
     if k == 1:
-        params, failed, fail_step, last_loss = jax.tree.map(lambda x: x[None], (params, failed, fail_step, last_loss))
+        params, failed, fail_step, last_loss, curve = jax.tree.map(lambda x: x[None],
+                                                                   (params, failed, fail_step, last_loss, curve))
     consts = jax.tree.map(lambda x: jnp.broadcast_to(x, (k,) + x.shape), consts)
-    return params, consts, failed, fail_step, last_loss
+    return params, consts, failed, fail_step, last_loss, curve
