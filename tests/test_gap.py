@@ -5,6 +5,7 @@ import pytest
 
 from train_jax import gap
 from train_jax.config import Settings
+from train_jax.records import Learned
 from train_jax.report import gap_line
 
 C, D = 4, 8
@@ -53,9 +54,8 @@ def test_a_map_that_removes_the_offset_closes_the_gap():
     """dW = -g g^T / |g|^2 (b = 0) sends normalise(T_y + g) to T_y: gap 0, own cosine 1, margin 1."""
     text, g, labels, images = _world(1.5)
     params = {"dW": -np.outer(g, g) / (g @ g), "b": np.zeros(D, np.float32)}
-    learned = {"cmm/seed3": {"settings": Settings(), "params": params, "consts": {}},
-               "zeroshot/seed3": {"settings": Settings(epochs=0), "params": params, "consts": {}},
-               "linear_probe/seed3": {"settings": Settings(), "params": {}, "consts": {}}}
+    learned = {"cmm/seed3": Learned(Settings(), params, {}), "zeroshot/seed3": Learned(Settings(epochs=0), params, {}),
+               "linear_probe/seed3": Learned(Settings(), {}, {})}
     rows = gap.shot_rows(learned, 4, images, labels, text)
     assert [(r["method"], r["shots"], r["seeds"]) for r in rows] == [("cmm", 4, [3])]  # only trained maps
     after = rows[0]["mean"]
@@ -74,7 +74,7 @@ def test_mean_over_seeds():
     text, g, labels, images = _world(1.0)
     full = {"dW": -np.outer(g, g) / (g @ g), "b": np.zeros(D, np.float32)}
     none = {"dW": np.zeros((D, D), np.float32), "b": np.zeros(D, np.float32)}
-    learned = {f"cmm/seed{s}": {"settings": Settings(), "params": p, "consts": {}} for s, p in ((1, full), (2, none))}
+    learned = {f"cmm/seed{s}": Learned(Settings(), p, {}) for s, p in ((1, full), (2, none))}
     (row,) = gap.shot_rows(learned, 1, images, labels, text)
     before = gap.stats(images, labels, text)
     assert row["seeds"] == [1, 2]

@@ -47,7 +47,7 @@ def test_csv_equals_the_selected_models_argmax(run, tmp_path, capsys):
     learned = report.load_params(out / "params" / "2shot.npz")
     for method, seed in (("cmm", 2), ("linear_probe", 1)):
         item = learned[f"{method}/seed{seed}"]
-        expected = np.asarray(predict(method, item["settings"], item["params"], item["consts"], test.features, text))
+        expected = np.asarray(predict(method, item.settings, item.params, item.consts, test.features, text))
         assert _predict(out, cache, tmp_path / "one.csv", "--method", method, "--seed", str(seed)) == 0
         rows = _rows(tmp_path / "one.csv")
         assert [r["path"] for r in rows] == list(test.paths)
@@ -57,7 +57,7 @@ def test_csv_equals_the_selected_models_argmax(run, tmp_path, capsys):
 
     assert _predict(out, cache, tmp_path / "ens.csv") == 0  # default: cmm, largest shots, ensemble of seeds
     assert "cmm 2-shot (ensemble of seeds 1, 2)" in capsys.readouterr().out
-    mean = np.mean([np.asarray(logits("cmm", learned[f"cmm/seed{s}"]["settings"], learned[f"cmm/seed{s}"]["params"],
+    mean = np.mean([np.asarray(logits("cmm", learned[f"cmm/seed{s}"].settings, learned[f"cmm/seed{s}"].params,
                                       {}, l2_normalize(test.features), prototypes(data, "single")))
                     for s in (1, 2)], axis=0)
     rows = _rows(tmp_path / "ens.csv")

@@ -2,7 +2,6 @@
 solve), Tip-Adapter-F's keys (upstream formula on the cached views), recipe and (beta, alpha) search on the
 validation rows only."""
 
-import dataclasses
 
 import jax
 import numpy as np
@@ -72,7 +71,7 @@ def test_tip_adapter_keys_are_the_upstream_formula_on_the_cached_views(tmp_path,
     upstream = views.mean(axis=1)
     upstream /= np.linalg.norm(upstream, axis=-1, keepdims=True)  # the mean over the views, normalised once
     for seed in (1, 2):
-        keys = result.learned[f"tip_adapter_f/seed{seed}"]["params"]["keys"]
+        keys = result.learned[f"tip_adapter_f/seed{seed}"].params["keys"]
         nearest = np.argmin(np.linalg.norm(keys[:, None] - upstream[None], axis=-1), axis=1)
         np.testing.assert_allclose(keys, upstream[nearest], rtol=1e-5, atol=1e-6)
         assert len(set(nearest.tolist())) == len(keys) == 8  # 2 shots x 4 classes, each its own image
@@ -109,20 +108,20 @@ def test_tip_adapter_recipe_and_search_on_validation(tmp_path, monkeypatch):
     rec = baselines.recipe("eurosat")
     betas, alphas = search_values(rec.scale[0], 200), search_values(rec.scale[1], 20)
     for r in result.records:
-        s = r["settings"]
-        assert (s["epochs"], s["lr"], s["warmup"], s["adam_eps"], s["use_aug"]) == (100, 1e-3, 0.0, 1e-4, True)
-        assert np.isclose(betas, s["beta"]).any() and np.isclose(alphas, s["alpha"]).any()
-        assert r["note"] == "" and r["selected"]
+        s = r.settings
+        assert (s.epochs, s.lr, s.warmup, s.adam_eps, s.use_aug) == (100, 1e-3, 0.0, 1e-4, True)
+        assert np.isclose(betas, s.beta).any() and np.isclose(alphas, s.alpha).any()
+        assert r.note == "" and r.selected
     learned = result.learned["tip_adapter_f/seed1"]
-    assert dataclasses.asdict(learned["settings"]) == result.records[0]["settings"]
+    assert learned.settings == result.records[0].settings
 
 
 def test_tip_adapter_without_views_says_so(tmp_path):
     _, result = _run_tip(tmp_path, aug_views=0, dataset="MyFolder")
-    assert all(r["note"] == baselines.NO_VIEWS.format("MyFolder") for r in result.records)
+    assert all(r.note == baselines.NO_VIEWS.format("MyFolder") for r in result.records)
     assert "Note: " + baselines.NO_VIEWS.format("MyFolder") in report.run_markdown("MyFolder",
                                                                                   report.summarize(result.records))
-    assert all(r["settings"]["epochs"] == baselines.OTHER.epochs and not r["settings"]["use_aug"]
+    assert all(r.settings.epochs == baselines.OTHER.epochs and not r.settings.use_aug
                for r in result.records)
 
 

@@ -3,6 +3,7 @@ resuming, clear errors; and the report's combine mode."""
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -14,6 +15,7 @@ from data.fewshot import FewClassWarning
 from train_jax import report
 from train_jax.__main__ import main
 from train_jax.methods import predict
+from train_jax.records import SCHEMA_VERSION
 
 SHIFT_CLASSES = [4, 0, 2]
 ARGS = ["--shots", "1", "2", "--seeds", "1", "2", "--methods", "zeroshot", "linear_probe", "cmm_ce", "cmm",
@@ -82,12 +84,12 @@ def test_params_reload_and_reproduce_accuracy(run):
     for name in ("cmm/seed2", "linear_probe/seed1"):
         item = learned[name]
         method, seed = name.split("/seed")
-        preds = np.asarray(predict(method, item["settings"], item["params"], item["consts"], test.features, text))
+        preds = np.asarray(predict(method, item.settings, item.params, item.consts, test.features, text))
         record = next(r for r in _results(out)["runs"] if r["method"] == method and r["seed"] == int(seed)
                       and r["shots"] == 2 and r["selected"])
-        assert record["settings"] == item["settings"].to_dict()
+        assert record["settings"] == item.settings.to_dict()
         assert 100.0 * np.mean(preds == test.labels) == pytest.approx(record["test_acc"], abs=1e-9)
-    assert not np.all(learned["cmm/seed1"]["params"]["dW"] == 0)
+    assert not np.all(learned["cmm/seed1"].params["dW"] == 0)
 
 
 def test_shift_evaluated_on_mapped_class_subset(run):
@@ -112,6 +114,24 @@ def test_rerun_resumes_and_config_change_is_refused(run, capsys):
     changed = [a if a != "alpha=1,2" else "alpha=3" for a in argv]
     assert main(changed) == 2
     assert "different grid" in capsys.readouterr().err
+
+
+def test_results_carry_the_schema_version_and_old_records_files_resume(run, tmp_path, capsys):
+    *_, out, argv = run
+    results = _results(out)
+    assert results["schema_version"] == SCHEMA_VERSION
+    files = [json.loads((out / "shots" / f"{k}shot.json").read_text()) for k in (1, 2)]
+    assert all(f["schema_version"] == SCHEMA_VERSION for f in files)
+    assert [r for f in files for r in f["records"]] == results["runs"]
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    (old / "shots" / "1shot.json").write_text(json.dumps(files[0]["records"]))  # schema 1: a plain list
+    assert main([*argv[: argv.index("--out") + 1], str(old), *argv[argv.index("--out") + 2:]]) == 0
+    assert _results(old)["runs"] == results["runs"]
+    (old / "shots" / "1shot.json").write_text(json.dumps({"schema_version": 99, "records": []}))
+    assert main([*argv[: argv.index("--out") + 1], str(old), *argv[argv.index("--out") + 2:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "1shot.json" in err[0] and "99" in err[0]
 
 
 def test_bad_inputs_are_one_line_errors(run, tmp_path, capsys):
@@ -162,9 +182,9 @@ def test_results_do_not_depend_on_the_cache_row_order(run, tmp_path):
                            templates=data.templates, text_features=data.text_features, splits=splits)
     grid = [Settings(epochs=3, lr=1e-2, batch_size=4)]
     a, b = (run_shots(load_task(path, prompt="single"), 2, [1, 2], ["cmm"], grid, []) for path in (cache, shuffled))
-    assert [(r["val_acc"], r["test_acc"]) for r in a.records] == [(r["val_acc"], r["test_acc"]) for r in b.records]
+    assert [(r.val_acc, r.test_acc) for r in a.records] == [(r.val_acc, r.test_acc) for r in b.records]
     for key in a.learned:
-        np.testing.assert_allclose(a.learned[key]["params"]["dW"], b.learned[key]["params"]["dW"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.learned[key].params["dW"], b.learned[key].params["dW"], rtol=1e-5, atol=1e-6)
 
 
 def test_default_prompt_is_ensemble_for_the_imagenet_family():
@@ -320,7 +340,7 @@ def test_pooled_cache_gives_the_results_and_params_of_the_full_cache(tmp_path, v
         assert a.records == b.records
         assert a.learned.keys() == b.learned.keys()
         for key in a.learned:
-            for x, y in zip(jax.tree.leaves(a.learned[key]["params"]), jax.tree.leaves(b.learned[key]["params"])):
+            for x, y in zip(jax.tree.leaves(a.learned[key].params), jax.tree.leaves(b.learned[key].params)):
                 np.testing.assert_array_equal(x, y)
 
     out = tmp_path / "more"

@@ -21,6 +21,7 @@ from train_jax.config import (ALIASES_OUT, DEFAULT_GRID, Settings, expand_grid, 
 from train_jax.errors import TrainError
 from train_jax.evaluate import SELECT_MODES
 from train_jax.methods import DEFAULT_METHODS, METHODS
+from train_jax.records import read_records, records_to_json
 
 if TYPE_CHECKING:
     from train_jax.experiment import Task
@@ -204,17 +205,17 @@ def run(args: argparse.Namespace) -> Path:
         result = experiment.run_shots(task, k, seeds, methods, settings, label_keys, select=args.select,
                                       budget=budget, devices=devices, max_shots=max(shots))
         report.save_params(out / "params" / f"{k}shot.npz", result.learned)
-        _write_json(done, result.records)
+        _write_json(done, records_to_json(result.records))
         for r in result.records:
-            if r["failed"]:
-                print(f"warning: {r['method']} seed {r['seed']} ({r['setting']}) stopped at step {r['fail_step']} "
+            if r.failed:
+                print(f"warning: {r.method} seed {r.seed} ({r.setting}) stopped at step {r.fail_step} "
                       "by a non-finite loss or update; excluded from selection", file=sys.stderr)
-        for note in sorted({r["note"] for r in result.records if r.get("note")}):
+        for note in sorted({r.note for r in result.records if r.note}):
             print(f"warning: {note}", file=sys.stderr)
         for row in report.summarize(result.records, args.select):
             acc = f"{row['test_mean']:.2f} ± {row['test_std']:.2f}" if "test_mean" in row else "all runs failed"
             print(f"{task.dataset} {k}-shot {row['method']}: {acc}")
-    records = [r for f in sorted((out / "shots").glob("*shot.json")) for r in json.loads(f.read_text())]
+    records = [r for f in sorted((out / "shots").glob("*shot.json")) for r in read_records(f)]
     report.write_run_dir(out, task.dataset, config, records)
     test_features, test_labels = experiment.test_rows(task)
     gap.write_run(out, task.dataset, test_features, test_labels, task.text, task.cache.classnames)

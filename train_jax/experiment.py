@@ -10,7 +10,7 @@ import shlex
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -22,7 +22,8 @@ from train_jax import evaluate
 from train_jax.config import Settings
 from train_jax.errors import TrainError
 from train_jax.methods import METHODS
-from train_jax.runner import (Pool, Trained, hparam_arrays, predict_runs, score_runs, shot_buckets,
+from train_jax.records import Learned, RunRecord
+from train_jax.runner import (Buckets, Pool, Trained, hparam_arrays, predict_runs, score_runs, shot_buckets,
                               train_runs)
 from train_jax.trainers import Job
 
@@ -62,11 +63,11 @@ class Task:
 
 @dataclass
 class ShotResult:
-    """records: one dict per run (see ``_record``); learned: "method/seed<k>" -> settings, params, consts of the
-    run selected for that method and seed."""
+    """records: one RunRecord per run; learned: "method/seed<k>" -> the model of the run selected for that method
+    and seed."""
 
-    records: list[dict[str, Any]] = field(default_factory=list)
-    learned: dict[str, dict[str, Any]] = field(default_factory=dict)
+    records: list[RunRecord] = field(default_factory=list)
+    learned: dict[str, Learned] = field(default_factory=dict)
 
 
 def default_prompt(dataset: str) -> str:
@@ -237,6 +238,43 @@ def _take(trained: Trained, idx: np.ndarray) -> Trained:
                    trained.final_loss[idx], trained.loss_curve[idx])
 
 
+@dataclass
+class _Data:
+    """The rows every run of one shots value draws on: the seeds' train rows pooled (``pool_rows`` [M] sorted,
+    ``picks``: seed -> its rows), the union of their validation rows ([V,D], [V]; ``members``: seed -> [V] bool,
+    its own), the labels [N] of the encoded test rows (their features are read in blocks, ``_test_blocks``), and
+    the pooled rows as a Split for the methods with their own trainer (read on first use, ``_pool_split``)."""
+
+    pool_rows: np.ndarray
+    pool: Pool
+    picks: dict[int, np.ndarray]
+    val_feats: np.ndarray
+    val_labels: np.ndarray
+    members: dict[int, np.ndarray]
+    test_labels: np.ndarray
+    pool_split: Split | None = None
+
+
+@dataclass
+class _Outcome:
+    """Per run [R]: validation/test scores and failure; ``curves``: run -> its loss per epoch; ``trained_of``: run -> (its group's key, the group's
+    Trained, its index there); ``notes``: run -> its trainer's remark."""
+
+    val_acc: np.ndarray
+    val_score: np.ndarray
+    test_acc: np.ndarray
+    failed: np.ndarray
+    fail_step: np.ndarray
+    loss: np.ndarray
+    curves: dict[int, np.ndarray] = field(default_factory=dict)
+    trained_of: dict[int, tuple[tuple, Trained, int]] = field(default_factory=dict)
+    notes: dict[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, n: int) -> "_Outcome":
+        return cls(np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n, bool), np.zeros(n, int), np.zeros(n))
+
+
 def run_shots(
     task: Task,
     shots: int,
@@ -253,90 +291,124 @@ def run_shots(
     """Train and evaluate every (method, seed, setting) run for K = ``shots``; ``grid`` is the user's settings
     list (each method restricts it, see ``Method.settings``); ``label_keys`` name the fields shown as ``setting``;
     ``max_shots`` (default ``shots``): the largest K of the sweep, whose shapes the programs are compiled for, so
-    that every K up to it reuses them; ``select``: one of ``evaluate.SELECT_MODES`` (see ``_select``)."""
+    that every K up to it reuses them; ``select``: one of ``evaluate.SELECT_MODES`` (see ``_select``).
+    Steps: sample -> train -> score (per group of runs sharing one program) -> select -> shift-evaluate -> records."""
     if select not in evaluate.SELECT_MODES:
         raise TrainError(f"select={select!r}: use one of {', '.join(evaluate.SELECT_MODES)}")
     runs = [_Run(m, s, st) for m in methods for s in seeds for st in METHODS[m].settings(list(grid))]
-    picks, val_split, val_rows = _sample(task, shots, seeds)
-    pool_rows = np.unique(np.concatenate(list(picks.values())))
-    pool = _pool(task, pool_rows, any(r.settings.use_aug for r in runs))
-    val_union = np.unique(np.concatenate(list(val_rows.values())))
-    val_feats = _normalize(task.cache.read(val_split, val_union)[0])
-    val_labels = task.listings[val_split].labels[val_union]
-    members = {s: np.isin(val_union, val_rows[s]) for s in seeds}
-    test_labels = task.listings["test"].labels[task.listings["test"].status == OK]
+    data = _prepare(task, shots, seeds, any(r.settings.use_aug for r in runs))
     buckets = shot_buckets(max(shots, max_shots or shots), len(task.text), len(seeds),
                            len(task.listings["train"].labels))
+    out = _Outcome.empty(len(runs))
+    for key, idx in _groups(runs).items():
+        trained, settings, note = _train_group(task, shots, key, [runs[i] for i in idx], data, buckets, budget,
+                                               devices)
+        for i, st in zip(idx, settings):
+            runs[i] = _Run(runs[i].method, runs[i].seed, st)
+            if note:
+                out.notes[i] = note
+        _score_group(task, key, idx, [runs[i].seed for i in idx], trained, hparam_arrays(settings), data, out,
+                     budget, devices)
+    tie_break = _select(runs, out.val_acc, out.val_score, out.failed, select)
+    selected: dict[int, dict[str, float]] = {i: {} for i in tie_break}
+    _evaluate_shift(task, runs, selected, out.trained_of, budget, devices)
+    return ShotResult(_records(task.dataset, shots, runs, label_keys, out, tie_break, selected),
+                      _learned(runs, selected, out.trained_of))
 
+
+def _prepare(task: Task, shots: int, seeds: Sequence[int], use_aug: bool) -> _Data:
+    """Sample every seed's shots and validation rows; pool the train rows (with augmented views if ``use_aug``)."""
+    picks, val_split, val_rows = _sample(task, shots, seeds)
+    pool_rows = np.unique(np.concatenate(list(picks.values())))
+    val_union = np.unique(np.concatenate(list(val_rows.values())))
+    val_feats = _normalize(task.cache.read(val_split, val_union)[0])
+    test = task.listings["test"]
+    return _Data(pool_rows, _pool(task, pool_rows, use_aug), picks, val_feats,
+                 task.listings[val_split].labels[val_union], {s: np.isin(val_union, val_rows[s]) for s in seeds},
+                 test.labels[test.status == OK])
+
+
+def _groups(runs: Sequence[_Run]) -> dict[tuple, list[int]]:
+    """(head, batch size, use_aug) -> the runs that share one compiled program, in run order."""
     groups: dict[tuple, list[int]] = {}
     for i, run in enumerate(runs):
         st = run.settings
         # zero-shot runs (0 epochs) ride along with the trained runs of their head: no program of their own
         groups.setdefault((METHODS[run.method].head(st), st.batch_size, st.use_aug), []).append(i)
+    return groups
 
-    val_acc, val_score, test_acc = np.zeros(len(runs)), np.zeros(len(runs)), np.zeros(len(runs))
-    failed, fail_step, loss = np.zeros(len(runs), bool), np.zeros(len(runs), int), np.zeros(len(runs))
-    curves: dict[int, np.ndarray] = {}
-    trained_of: dict[int, tuple[tuple, Trained, int]] = {}
-    notes: dict[int, str] = {}
-    pool_split: Split | None = None  # read once, for the methods with their own trainer
-    for key, idx in groups.items():
-        head, batch_size, use_aug = key
-        group = [runs[i] for i in idx]
-        hp = hparam_arrays([r.settings for r in group])
-        rows = np.stack([np.searchsorted(pool_rows, picks[r.seed]) for r in group])
-        seeds_arr = np.array([r.seed for r in group])
-        own = np.stack([members[r.seed] for r in group])
-        fit = METHODS[group[0].method].fit
-        if fit is None:
-            trained = train_runs(head, hp, rows, seeds_arr, pool, task.text, batch_size=batch_size,
-                                 use_aug=use_aug, buckets=buckets, budget=budget, devices=devices,
-                                 desc=f"{task.dataset} {shots}-shot {type(head).__name__}")
-        else:  # the method's own trainer; it returns the settings its models are used with
-            pool_split = pool_split or _pool_split(task, pool_rows)
-            fitted = fit(Job(head, [r.settings for r in group], pool_split, np.arange(len(pool_rows)), rows,
-                             seeds_arr, task.text, task.dataset, val_feats, val_labels, own, budget, devices))
-            trained = Trained(fitted.params, fitted.consts, fitted.failed, fitted.fail_step, fitted.final_loss,
-                              np.zeros((len(idx), 0), np.float32))  # no per-epoch curve
-            for i, st in zip(idx, fitted.settings):
-                runs[i], notes[i] = _Run(runs[i].method, runs[i].seed, st), fitted.note
-            hp = hparam_arrays(fitted.settings)
-        val_pred, val_logp = score_runs(head, trained, hp, val_feats, val_labels, task.text, budget=budget,
-                                        devices=devices, desc="val")
-        val_acc[idx] = evaluate.subset_accuracy(val_pred, val_labels, own)
-        val_score[idx] = evaluate.subset_mean(val_logp, own)
-        test_pred = np.concatenate([predict_runs(head, trained, hp, feats, task.text, budget=budget, devices=devices,
-                                                 desc="test") for feats in _test_blocks(task)], axis=-1)
-        test_acc[idx] = evaluate.accuracy(test_pred, test_labels)
-        failed[idx], fail_step[idx], loss[idx] = trained.failed, trained.fail_step, trained.final_loss
-        curves.update(zip(idx, trained.loss_curve))
-        for j, i in enumerate(idx):
-            trained_of[i] = (key, trained, j)
 
-    result = ShotResult()
-    tie_break = _select(runs, val_acc, val_score, failed, select)
-    selected: dict[int, dict[str, float]] = {i: {} for i in tie_break}
-    _evaluate_shift(task, runs, selected, trained_of, budget, devices)
-    for i, run in enumerate(runs):
-        result.records.append({
-            "dataset": task.dataset, "shots": shots, "method": run.method, "seed": run.seed,
-            "setting": run.settings.label([k for k in label_keys if k in METHODS[run.method].used]) or "-",
-            "settings": run.settings.to_dict(), "val_acc": float(val_acc[i]),
-            "val_score": float(val_score[i]) if math.isfinite(val_score[i]) else None, "test_acc": float(test_acc[i]),
-            "failed": bool(failed[i]), "fail_step": int(fail_step[i]) if failed[i] else None,
-            "final_loss": float(loss[i]) if math.isfinite(loss[i]) else None,
-            "loss_curve": [float(v) if math.isfinite(v) else None for v in curves[i]],
-            "selected": i in selected, "tie_break": tie_break.get(i), "shift": selected.get(i, {}),
-            "note": notes.get(i, ""),
-        })
-        if i in selected:
-            _, trained, j = trained_of[i]
-            one = _take(trained, np.array([j]))
-            result.learned[f"{run.method}/seed{run.seed}"] = {
-                "settings": run.settings, "params": jax.tree.map(lambda x: x[0], one.params),
-                "consts": jax.tree.map(lambda x: x[0], one.consts),
-            }
-    return result
+def _train_group(task: Task, shots: int, key: tuple, group: Sequence[_Run], data: _Data, buckets: Buckets,
+                 budget: int | None, devices) -> tuple[Trained, list[Settings], str]:
+    """Train one group's runs (programs compiled for ``buckets``' shapes): (their Trained, the settings their
+    models are used with, the trainer's note)."""
+    head, batch_size, use_aug = key
+    rows = np.stack([np.searchsorted(data.pool_rows, data.picks[r.seed]) for r in group])
+    seeds_arr = np.array([r.seed for r in group])
+    settings = [r.settings for r in group]
+    fit = METHODS[group[0].method].fit
+    if fit is None:
+        trained = train_runs(head, hparam_arrays(settings), rows, seeds_arr, data.pool, task.text,
+                             batch_size=batch_size, use_aug=use_aug, buckets=buckets, budget=budget, devices=devices,
+                             desc=f"{task.dataset} {shots}-shot {type(head).__name__}")
+        return trained, settings, ""
+    # the method's own trainer; it returns the settings its models are used with
+    own = np.stack([data.members[r.seed] for r in group])
+    if data.pool_split is None:
+        data.pool_split = _pool_split(task, data.pool_rows)
+    fitted = fit(Job(head, settings, data.pool_split, np.arange(len(data.pool_rows)), rows, seeds_arr, task.text,
+                     task.dataset, data.val_feats, data.val_labels, own, budget, devices))
+    trained = Trained(fitted.params, fitted.consts, fitted.failed, fitted.fail_step, fitted.final_loss,
+                      np.zeros((len(group), 0), np.float32))  # no per-epoch curve
+    return trained, list(fitted.settings), fitted.note
+
+
+def _score_group(task: Task, key: tuple, idx: list[int], seeds: Sequence[int], trained: Trained, hp: Any,
+                 data: _Data, out: _Outcome, budget: int | None, devices) -> None:
+    """Fill ``out`` at ``idx`` (one group's runs, of ``seeds``): accuracy and score on each run's own validation
+    rows, test accuracy, failure, final loss, loss curve, and where each run's model is."""
+    head = key[0]
+    own = np.stack([data.members[s] for s in seeds])
+    val_pred, val_logp = score_runs(head, trained, hp, data.val_feats, data.val_labels, task.text, budget=budget,
+                                    devices=devices, desc="val")
+    out.val_acc[idx] = evaluate.subset_accuracy(val_pred, data.val_labels, own)
+    out.val_score[idx] = evaluate.subset_mean(val_logp, own)
+    test_pred = np.concatenate([predict_runs(head, trained, hp, feats, task.text, budget=budget, devices=devices,
+                                             desc="test") for feats in _test_blocks(task)], axis=-1)
+    out.test_acc[idx] = evaluate.accuracy(test_pred, data.test_labels)
+    out.failed[idx], out.fail_step[idx], out.loss[idx] = trained.failed, trained.fail_step, trained.final_loss
+    out.curves.update(zip(idx, trained.loss_curve))
+    for j, i in enumerate(idx):
+        out.trained_of[i] = (key, trained, j)
+
+
+def _records(dataset: str, shots: int, runs: Sequence[_Run], label_keys: Sequence[str], out: _Outcome,
+             tie_break: dict[int, str | None], selected: dict[int, dict[str, float]]) -> list[RunRecord]:
+    """One RunRecord per run, in run order; ``selected``: selected run -> its shift accuracies."""
+    def finite(x: float) -> float | None:
+        return float(x) if math.isfinite(x) else None
+
+    return [RunRecord(
+        dataset=dataset, shots=shots, method=run.method, seed=run.seed,
+        setting=run.settings.label([k for k in label_keys if k in METHODS[run.method].used]) or "-",
+        settings=run.settings, val_acc=float(out.val_acc[i]), val_score=finite(out.val_score[i]),
+        test_acc=float(out.test_acc[i]), failed=bool(out.failed[i]),
+        fail_step=int(out.fail_step[i]) if out.failed[i] else None, final_loss=finite(out.loss[i]),
+        loss_curve=[finite(v) for v in out.curves[i]],
+        selected=i in selected, tie_break=tie_break.get(i), shift=selected.get(i, {}), note=out.notes.get(i, ""),
+    ) for i, run in enumerate(runs)]
+
+
+def _learned(runs: Sequence[_Run], selected: Mapping[int, Any],
+             trained_of: dict[int, tuple[tuple, Trained, int]]) -> dict[str, Learned]:
+    """"method/seed<k>" -> the model of the run selected for that method and seed."""
+    learned = {}
+    for i in sorted(selected):
+        run, (_, trained, j) = runs[i], trained_of[i]
+        one = _take(trained, np.array([j]))
+        learned[f"{run.method}/seed{run.seed}"] = Learned(run.settings, jax.tree.map(lambda x: x[0], one.params),
+                                                          jax.tree.map(lambda x: x[0], one.consts))
+    return learned
 
 
 def _select(runs: list[_Run], val_acc: np.ndarray, val_score: np.ndarray, failed: np.ndarray,

@@ -17,6 +17,7 @@ import numpy as np
 
 from train_jax.methods import METHODS, CMMHead
 from train_jax.model import CrossModalMapper
+from train_jax.records import Learned
 
 STATS = ("gap", "cos_own", "cos_other", "margin", "nearest_acc")
 PLOT_CLASSES, PLOT_PER_CLASS = 6, 60
@@ -57,15 +58,15 @@ def mapped(settings: Any, params: Mapping, images: np.ndarray, text: np.ndarray)
     return np.asarray(v), np.asarray(t)
 
 
-def shot_rows(learned: Mapping[str, Mapping[str, Any]], shots: int, images: np.ndarray, labels: np.ndarray,
+def shot_rows(learned: Mapping[str, Learned], shots: int, images: np.ndarray, labels: np.ndarray,
               text: np.ndarray) -> list[dict[str, Any]]:
     """Per method with a map: the after-``STATS`` of each seed's selected model and their mean over seeds.
-    learned: ``"method/seedK" -> {settings, params, consts}`` (``report.load_params``)."""
+    learned: ``"method/seedK" -> Learned`` (``report.load_params``)."""
     by_method: dict[str, list[tuple[int, dict[str, float]]]] = {}
     for run, item in sorted(learned.items()):
         method, seed = run.split("/")
-        if has_map(method, item["settings"]):
-            v, t = mapped(item["settings"], item["params"], images, text)
+        if has_map(method, item.settings):
+            v, t = mapped(item.settings, item.params, images, text)
             by_method.setdefault(method, []).append((int(seed.removeprefix("seed")), stats(v, labels, t)))
     return [{"method": m, "shots": shots, "seeds": [s for s, _ in rs], "per_seed": [st for _, st in rs],
              "mean": {k: float(np.mean([st[k] for _, st in rs])) for k in STATS},
@@ -148,7 +149,7 @@ def write_run(out: Path, dataset: str, images: np.ndarray, labels: np.ndarray, t
     (out / "gap.md").write_text(markdown(dataset, before, after))
     if figure is not None:
         item, row = figure
-        v, t = mapped(item["settings"], item["params"], images, text)
+        v, t = mapped(item.settings, item.params, images, text)
         plot(out / "gap.png", images, labels, text, v, t, classnames,
              f"{dataset}: {row['method']} {row['shots']}-shot, seed {row['seeds'][0]}")
     return after

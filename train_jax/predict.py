@@ -21,6 +21,7 @@ import numpy as np
 from data.cache import CacheError, FeatureCache, cache_identity, l2_normalize, read_cache
 from data.errors import DataError
 from train_jax.errors import TrainError
+from train_jax.records import Learned
 
 TOP_K = 5
 
@@ -59,8 +60,8 @@ def load_config(run: Path) -> dict[str, Any]:
     return config
 
 
-def load_models(run: Path, shots: int | None, method: str, seed: int | None) -> tuple[int, dict[int, Any]]:
-    """(K, {seed: {settings, params, consts}}) of ``method``'s selected models in RUN/params/<K>shot.npz."""
+def load_models(run: Path, shots: int | None, method: str, seed: int | None) -> tuple[int, dict[int, Learned]]:
+    """(K, {seed: Learned}) of ``method``'s selected models in RUN/params/<K>shot.npz."""
     from train_jax.report import load_params
 
     trained = sorted(int(p.name.removesuffix("shot.npz")) for p in (run / "params").glob("*shot.npz"))
@@ -100,11 +101,11 @@ def check_identity(config: Mapping[str, Any], cache: FeatureCache) -> None:
                          f"images with the model and weights that made {config['cache']}")
 
 
-def mean_logits(method: str, models: Mapping[int, Any], feats: np.ndarray, text: np.ndarray) -> np.ndarray:
+def mean_logits(method: str, models: Mapping[int, Learned], feats: np.ndarray, text: np.ndarray) -> np.ndarray:
     """Mean over the models of their logits. feats [N,D], text [C,D] -> [N,C] float32."""
     from train_jax.methods import logits
 
-    return np.mean([np.asarray(logits(method, m["settings"], m["params"], m["consts"], feats, text))
+    return np.mean([np.asarray(logits(method, m.settings, m.params, m.consts, feats, text))
                     for m in models.values()], axis=0)
 
 

@@ -24,6 +24,7 @@ from data.registry import dataset_names
 from train_jax.config import Settings
 from train_jax.errors import TrainError
 from train_jax.evaluate import mean_std
+from train_jax.records import SCHEMA_VERSION, Learned, RunRecord
 
 BENCHMARK = tuple(dataset_names("benchmark"))
 _ALIASES = {"oxfordflowers": "flowers102", "describabletextures": "dtd"}
@@ -45,31 +46,31 @@ def _method_sort(methods: Iterable[str]) -> list[str]:
     return sorted(set(methods), key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else 99, m))
 
 
-def summarize(records: Sequence[Mapping[str, Any]], select: str = "seed") -> list[dict[str, Any]]:
+def summarize(records: Sequence[RunRecord], select: str = "seed") -> list[dict[str, Any]]:
     """Per (dataset, method, shots): test accuracy of the validation-selected setting, mean +- std over seeds,
     and the same for every shift set. Seeds whose runs all failed count in ``failed_seeds``; ``tie_breaks``
     (per selected seed: None, "score" or "order") say what decided a selection; ``select`` is the --select mode."""
     out = []
-    rank = {m: i for i, m in enumerate(_method_sort(r["method"] for r in records))}
-    keys = sorted({(r["dataset"], r["method"], r["shots"]) for r in records}, key=lambda k: (k[0], k[2], rank[k[1]]))
+    rank = {m: i for i, m in enumerate(_method_sort(r.method for r in records))}
+    keys = sorted({(r.dataset, r.method, r.shots) for r in records}, key=lambda k: (k[0], k[2], rank[k[1]]))
     for dataset, method, shots in keys:
-        runs = [r for r in records if (r["dataset"], r["method"], r["shots"]) == (dataset, method, shots)]
-        chosen = sorted((r for r in runs if r["selected"]), key=lambda r: r["seed"])
-        seeds = sorted({r["seed"] for r in runs})
+        runs = [r for r in records if (r.dataset, r.method, r.shots) == (dataset, method, shots)]
+        chosen = sorted((r for r in runs if r.selected), key=lambda r: r.seed)
+        seeds = sorted({r.seed for r in runs})
         row: dict[str, Any] = {
-            "dataset": dataset, "method": method, "shots": shots, "seeds": [r["seed"] for r in chosen],
-            "failed_seeds": [s for s in seeds if s not in {r["seed"] for r in chosen}],
-            "failed_runs": sum(r["failed"] for r in runs), "settings": [r["setting"] for r in chosen],
-            "tie_breaks": [r["tie_break"] for r in chosen], "select": select,
-            "notes": sorted({r["note"] for r in runs if r.get("note")}), "shift": {},
+            "dataset": dataset, "method": method, "shots": shots, "seeds": [r.seed for r in chosen],
+            "failed_seeds": [s for s in seeds if s not in {r.seed for r in chosen}],
+            "failed_runs": sum(r.failed for r in runs), "settings": [r.setting for r in chosen],
+            "tie_breaks": [r.tie_break for r in chosen], "select": select,
+            "notes": sorted({r.note for r in runs if r.note}), "shift": {},
         }
         if chosen:
-            row["test_mean"], row["test_std"] = mean_std([r["test_acc"] for r in chosen])
-            row["val_mean"], _ = mean_std([r["val_acc"] for r in chosen])
-            for target in chosen[0]["shift"]:
-                mean, std = mean_std([r["shift"][target] for r in chosen])
+            row["test_mean"], row["test_std"] = mean_std([r.test_acc for r in chosen])
+            row["val_mean"], _ = mean_std([r.val_acc for r in chosen])
+            for target in chosen[0].shift:
+                mean, std = mean_std([r.shift[target] for r in chosen])
                 row["shift"][target] = {"mean": mean, "std": std}
-            curve = curve_stats([r.get("loss_curve") or [] for r in chosen])
+            curve = curve_stats([r.loss_curve for r in chosen])
             if curve is not None:
                 row["loss_mean"], row["loss_std"] = curve
                 row["loss_still_falling"] = still_falling(row["loss_mean"])
@@ -104,15 +105,15 @@ def still_falling(mean: Sequence[float | None]) -> bool:
     return start - points[-1] > STILL_FALLING * abs(start)
 
 
-def write_csv(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+def write_csv(path: Path, records: Sequence[RunRecord]) -> None:
     """One row per run: ``CSV_FIELDS``."""
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for r in records:
-            score = "" if r["val_score"] is None else f"{r['val_score']:.6f}"
-            writer.writerow({**r, "val_acc": f"{r['val_acc']:.2f}", "val_score": score,
-                             "test_acc": f"{r['test_acc']:.2f}", "tie_break": r["tie_break"] or ""})
+            score = "" if r.val_score is None else f"{r.val_score:.6f}"
+            writer.writerow({**r.to_json(), "val_acc": f"{r.val_acc:.2f}", "val_score": score,
+                             "test_acc": f"{r.test_acc:.2f}", "tie_break": r.tie_break or ""})
 
 
 def _cell(row: Mapping[str, Any] | None) -> str:
@@ -256,25 +257,24 @@ def _flatten(tree: Mapping[str, Any], prefix: str) -> dict[str, np.ndarray]:
     return out
 
 
-def save_params(path: Path, learned: Mapping[str, Mapping[str, Any]]) -> None:
-    """Write ``{"method/seedK": {"settings", "params", "consts"}}`` to an .npz (keys ``method/seedK/params/...``,
-    ``.../consts/...`` and ``.../settings`` as JSON text); read it back with ``load_params``."""
+def save_params(path: Path, learned: Mapping[str, Learned]) -> None:
+    """Write ``{"method/seedK": Learned}`` to an .npz (keys ``method/seedK/params/...``, ``.../consts/...`` and
+    ``.../settings`` as JSON text); read it back with ``load_params``."""
     arrays: dict[str, np.ndarray] = {}
     for run, item in learned.items():
-        arrays[f"{run}/settings"] = np.array(json.dumps(item["settings"].to_dict()))
-        arrays.update(_flatten(item["params"], f"{run}/params"))
-        arrays.update(_flatten(item["consts"], f"{run}/consts"))
+        arrays[f"{run}/settings"] = np.array(json.dumps(item.settings.to_dict()))
+        arrays.update(_flatten(item.params, f"{run}/params"))
+        arrays.update(_flatten(item.consts, f"{run}/consts"))
     np.savez(path, **arrays)
 
 
-def load_params(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Inverse of ``save_params``: ``{"method/seedK": {"settings": Settings, "params": {...}, "consts": {...}}}``;
-    use with ``train_jax.methods.predict``."""
-    out: dict[str, dict[str, Any]] = {}
+def load_params(path: str | Path) -> dict[str, Learned]:
+    """Inverse of ``save_params``: ``{"method/seedK": Learned}``; use with ``train_jax.methods.logits``."""
+    trees: dict[str, dict[str, Any]] = {}
     with np.load(path, allow_pickle=False) as data:
         for key in data.files:
             method, seed, kind, *rest = key.split("/")
-            item = out.setdefault(f"{method}/{seed}", {"params": {}, "consts": {}})
+            item = trees.setdefault(f"{method}/{seed}", {"params": {}, "consts": {}})
             if kind == "settings":
                 item["settings"] = Settings.from_dict(json.loads(str(data[key])))
                 continue
@@ -282,7 +282,7 @@ def load_params(path: str | Path) -> dict[str, dict[str, Any]]:
             for part in rest[:-1]:
                 node = node.setdefault(part, {})
             node[rest[-1]] = data[key]
-    return out
+    return {run: Learned(t["settings"], t["params"], t["consts"]) for run, t in trees.items()}
 
 
 def plot_curves(path: Path, summary: Sequence[Mapping[str, Any]], title: str = "") -> None:
@@ -319,10 +319,12 @@ def plot_curves(path: Path, summary: Sequence[Mapping[str, Any]], title: str = "
     plt.close(fig)
 
 
-def write_run_dir(out: Path, dataset: str, config: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> None:
-    """results.json, results.csv, results.md, accuracy_vs_shots.png and loss_curves.png of one run directory."""
+def write_run_dir(out: Path, dataset: str, config: Mapping[str, Any], records: Sequence[RunRecord]) -> None:
+    """results.json (``schema_version``, dataset, config, summary, ``runs``: the records' JSON), results.csv,
+    results.md, accuracy_vs_shots.png and loss_curves.png of one run directory."""
     summary = summarize(records, config["select"])
-    payload = {"dataset": dataset, "config": dict(config), "summary": summary, "runs": list(records)}
+    payload = {"schema_version": SCHEMA_VERSION, "dataset": dataset, "config": dict(config), "summary": summary,
+               "runs": [r.to_json() for r in records]}
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     write_csv(out / "results.csv", records)
     (out / "results.md").write_text(run_markdown(dataset, summary) + scale_line(config))

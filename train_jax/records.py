@@ -1,0 +1,99 @@
+"""The results format: one ``RunRecord`` per trained (method, seed, setting) run, one ``Learned`` per selected model,
+and the versioned JSON files the records live in (``shots/<K>shot.json``, the ``runs`` of ``results.json``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from train_jax.config import Settings
+from train_jax.errors import TrainError
+
+# 1: a plain JSON list of record dicts (no version); 2: {"schema_version": 2, "records": [...]} of RunRecord.to_json;
+# 3: as 2, records with ``loss_curve`` (absent in 2: read as no curve).
+SCHEMA_VERSION = 3
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run's results. ``setting``: the label of the grid fields it varies ("-" if none); accuracies in %;
+    ``val_score``: mean log-probability of the true class on its validation rows (None if not finite);
+    ``fail_step``: the step a non-finite loss or update stopped it (None unless ``failed``); ``final_loss``: None if
+    not finite; ``loss_curve``: its mean training loss per epoch of the program (None: an epoch past its own or its
+    failure; empty for a method with its own trainer); ``selected``: chosen on validation; ``tie_break``: what decided that choice (None, "score",
+    "order"); ``shift``: shift set name -> accuracy (selected runs only); ``note``: its trainer's remark."""
+
+    dataset: str
+    shots: int
+    method: str
+    seed: int
+    setting: str
+    settings: Settings
+    val_acc: float
+    val_score: float | None
+    test_acc: float
+    failed: bool
+    fail_step: int | None
+    final_loss: float | None
+    selected: bool
+    tie_break: str | None
+    shift: Mapping[str, float]
+    note: str = ""
+    loss_curve: Sequence[float | None] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict, one key per field (``settings`` as ``Settings.to_dict``)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**out, "settings": self.settings.to_dict(), "shift": dict(self.shift), "loss_curve": list(self.loss_curve)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "RunRecord":
+        """Inverse of ``to_json``; TrainError naming the missing or unknown keys."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        if not isinstance(data, Mapping) or not required <= set(data) or not set(data) <= names:
+            keys = set(data) if isinstance(data, Mapping) else set()
+            raise TrainError(f"a run record with missing keys {sorted(required - keys)} or unknown keys "
+                             f"{sorted(keys - names)}")
+        return cls(**{**data, "settings": Settings.from_dict(data["settings"]), "shift": dict(data["shift"])})
+
+
+@dataclass(frozen=True)
+class Learned:
+    """A selected model: its settings and parameter/constant trees (see ``train_jax.methods.logits``)."""
+
+    settings: Settings
+    params: Mapping[str, Any]
+    consts: Mapping[str, Any]
+
+
+def records_to_json(records: Sequence[RunRecord]) -> dict[str, Any]:
+    """``{"schema_version": SCHEMA_VERSION, "records": [...]}``."""
+    return {"schema_version": SCHEMA_VERSION, "records": [r.to_json() for r in records]}
+
+
+def records_from_json(data: Any, source: str | Path) -> list[RunRecord]:
+    """Inverse of ``records_to_json``; also reads versions 1 (a plain list) and 2 (no loss curves). TrainError naming
+    ``source`` for anything else."""
+    if isinstance(data, Mapping) and data.get("schema_version") in (2, SCHEMA_VERSION):
+        data = data.get("records")
+    if not isinstance(data, list):
+        version = data.get("schema_version") if isinstance(data, Mapping) else None
+        raise TrainError(f"{source}: not a run-records file of schema version 1 to {SCHEMA_VERSION} (found "
+                         f"{version!r}); train into a new --out")
+    try:
+        return [RunRecord.from_json(r) for r in data]
+    except (TrainError, TypeError, ValueError) as e:
+        raise TrainError(f"{source}: {e}; train into a new --out") from None
+
+
+def read_records(path: Path) -> list[RunRecord]:
+    """The records of a ``shots/<K>shot.json``; TrainError if it is not readable JSON of a known schema."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TrainError(f"{path}: unreadable ({e}); delete it to train that shot count again") from None
+    return records_from_json(data, path)
