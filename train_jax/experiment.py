@@ -394,7 +394,7 @@ def _records(dataset: str, shots: int, runs: Sequence[_Run], label_keys: Sequenc
         settings=run.settings, val_acc=float(out.val_acc[i]), val_score=finite(out.val_score[i]),
         test_acc=float(out.test_acc[i]), failed=bool(out.failed[i]),
         fail_step=int(out.fail_step[i]) if out.failed[i] else None, final_loss=finite(out.loss[i]),
-        loss_curve=[finite(v) for v in out.curves[i]],
+        loss_curve=tuple(finite(v) for v in out.curves[i]),
         selected=i in selected, tie_break=tie_break.get(i), shift=selected.get(i, {}), note=out.notes.get(i, ""),
     ) for i, run in enumerate(runs)]
 

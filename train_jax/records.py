@@ -42,7 +42,7 @@ class RunRecord:
     tie_break: str | None
     shift: Mapping[str, float]
     note: str = ""
-    loss_curve: Sequence[float | None] = ()
+    loss_curve: tuple[float | None, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict, one key per field (``settings`` as ``Settings.to_dict``)."""
@@ -58,7 +58,8 @@ class RunRecord:
             keys = set(data) if isinstance(data, Mapping) else set()
             raise TrainError(f"a run record with missing keys {sorted(required - keys)} or unknown keys "
                              f"{sorted(keys - names)}")
-        return cls(**{**data, "settings": Settings.from_dict(data["settings"]), "shift": dict(data["shift"])})
+        return cls(**{**data, "settings": Settings.from_dict(data["settings"]), "shift": dict(data["shift"]),
+                      "loss_curve": tuple(data.get("loss_curve", ()))})
 
 
 @dataclass(frozen=True)
