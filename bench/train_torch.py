@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 
 def lr_multiplier(count: int, total_steps: int, warmup: float) -> float:
-    """As ``train_jax.runner.lr_multiplier``: linear warm-up over floor(warmup * total) steps, cosine to 0."""
+    """As ``train_jax.step.lr_multiplier``: linear warm-up over floor(warmup * total) steps, cosine to 0."""
     warm = math.floor(warmup * total_steps)
     if count < warm:
         return (count + 1) / max(warm, 1)

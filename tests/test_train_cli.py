@@ -65,6 +65,12 @@ def test_outputs_written(run):
     assert summary["cmm", 2]["test_std"] == pytest.approx(np.std(cmm))
     md = (out / "results.md").read_text()
     assert "| cmm |" in md and "2-shot" in md and "Distribution shift" in md
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curves = [r["loss_curve"] for r in runs if r["method"] == "cmm" and r["shots"] == 2 and r["selected"]]
+    assert all(len(c) == 5 and None not in c for c in curves)  # epochs=5: each epoch's mean training loss
+    np.testing.assert_allclose(summary["cmm", 2]["loss_mean"], np.mean(curves, axis=0))
+    np.testing.assert_allclose(summary["cmm", 2]["loss_std"], np.std(curves, axis=0), atol=1e-12)
+    assert "loss_mean" not in summary["zeroshot", 1] and "loss_mean" not in summary["linear_probe", 1]
 
 
 def test_params_reload_and_reproduce_accuracy(run):

@@ -18,7 +18,8 @@ from train_jax.baselines import TipAdapterHead
 from train_jax.logreg import LinearProbeHead
 from train_jax.config import Settings
 from train_jax.methods import CMMHead
-from train_jax.runner import Buckets, Pool, Trained, hparam_arrays, permutation_prefix, predict_runs, train_runs
+from train_jax.runner import Buckets, Pool, Trained, hparam_arrays, predict_runs, train_runs
+from train_jax.step import permutation_prefix
 from train_jax.trainers import Job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +101,8 @@ def _fit_probe(shots, buckets=Buckets()):
                             np.array([1, 2, 1, 2]), world.text, "Synth", test_x, np.zeros(len(test_x), np.int32),
                             np.ones((4, len(test_x)), bool), buckets=buckets))
     assert not fitted.failed.any()
-    trained = Trained(fitted.params, fitted.consts, fitted.failed, fitted.fail_step, fitted.final_loss)
+    trained = Trained(fitted.params, fitted.consts, fitted.failed, fitted.fail_step, fitted.final_loss,
+                      np.zeros((4, 0), np.float32))
     return fitted, predict_runs(LinearProbeHead(), trained, hparam_arrays(settings), test_x, world.text)
 
 

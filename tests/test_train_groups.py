@@ -6,18 +6,17 @@ import numpy as np
 import pytest
 
 from helpers_train import GapWorld
-from train_jax import runner
 from train_jax.config import Settings
 from train_jax.baselines import TipAdapterHead
 from train_jax.logreg import LinearProbeHead
 from train_jax.methods import CMMHead
-from train_jax.runner import Pool, group_size, hparam_arrays, plan_streams, stream_limit, train_runs
+from train_jax.layout import LayoutPolicy, estimate_run_bytes, group_size, plan_streams, stream_limit
+from train_jax.runner import Pool, hparam_arrays, train_runs
 
 SETTINGS = Settings(epochs=3, lr=1e-2, batch_size=6)  # 2 mini-batches per epoch, the last one padded
 
 
-def _train(monkeypatch, group_bytes, max_stream=1):
-    monkeypatch.setattr(runner, "CPU_GROUP_BYTES", group_bytes)
+def _train(group_bytes, max_stream=1):
     world = GapWorld(0, classes=4, dim=16)
     split = world.split("train", 6)
     per_class = np.argsort(split["labels"], kind="stable").reshape(4, -1)
@@ -27,32 +26,35 @@ def _train(monkeypatch, group_bytes, max_stream=1):
     hp["lr"][2] = 3e-2
     return train_runs(CMMHead(learn_text=True), hp, rows, np.array([1, 2, 1, 2]),
                       Pool(split["features"][:, None], split["labels"].astype(np.int32)), world.text,
-                      batch_size=SETTINGS.batch_size, use_aug=False, max_stream=max_stream)
+                      batch_size=SETTINGS.batch_size, use_aug=False, max_stream=max_stream,
+                      policy=LayoutPolicy(cpu_group_bytes=group_bytes))
 
 
 @pytest.mark.parametrize("group_bytes, max_stream", [(1, 1), ("two", 1), (1, 2), (1 << 40, 2)],
                          ids=["one_by_one", "groups_of_two", "streams_one_by_one", "streams_all_at_once"])
-def test_layouts_equal_all_at_once(monkeypatch, group_bytes, max_stream):
+def test_layouts_equal_all_at_once(group_bytes, max_stream):
     """Runs 0 and 2 (seed 1, the same rows) and runs 1 and 3 form streams of two; run 1 fails, its stream mate
     3 does not."""
-    together = _train(monkeypatch, 1 << 40)
-    per_run = runner.estimate_run_bytes(16 * 16 + 16 + 4 * 16, 0, 6, 16, 4, 12)
-    grouped = _train(monkeypatch, 2 * per_run if group_bytes == "two" else group_bytes, max_stream)
+    together = _train(1 << 40)
+    per_run = estimate_run_bytes(16 * 16 + 16 + 4 * 16, 0, 6, 16, 4, 12)
+    grouped = _train(2 * per_run if group_bytes == "two" else group_bytes, max_stream)
     assert together.failed.tolist() == grouped.failed.tolist() == [False, True, False, False]
     assert grouped.fail_step.tolist() == together.fail_step.tolist()
     for a, b in zip(jax.tree.leaves(together.params), jax.tree.leaves(grouped.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(grouped.final_loss, together.final_loss, rtol=1e-5)
+    np.testing.assert_allclose(grouped.loss_curve, together.loss_curve, rtol=1e-5)
+    assert grouped.loss_curve.shape == (4, 3) and np.isnan(grouped.loss_curve[1]).all()  # run 1 took no step
     assert not np.allclose(grouped.params["dW"][0], grouped.params["dW"][2])  # other lr, other result
 
 
-def test_group_size(monkeypatch):
-    monkeypatch.setattr(runner, "CPU_GROUP_BYTES", 400)
-    assert group_size(10, 100, "cpu") == 4  # 4 fit: groups of 4, 4, 2 -> evened out to 4, 4, 4 (2 padded)
-    assert group_size(10, 120, "cpu") == 3  # 3 fit: 4 groups of 3 (2 padded)
-    assert group_size(10, 1000, "cpu") == 1
-    assert group_size(3, 1, "cpu") == 3
-    assert group_size(10, 1000, "gpu") == 10
+def test_group_size():
+    policy = LayoutPolicy(cpu_group_bytes=400)
+    assert group_size(10, 100, "cpu", policy) == 4  # 4 fit: groups of 4, 4, 2 -> evened out to 4, 4, 4 (2 padded)
+    assert group_size(10, 120, "cpu", policy) == 3  # 3 fit: 4 groups of 3 (2 padded)
+    assert group_size(10, 1000, "cpu", policy) == 1
+    assert group_size(3, 1, "cpu", policy) == 3
+    assert group_size(10, 1000, "gpu", policy) == 10
 
 
 def test_plan_streams():
@@ -69,12 +71,12 @@ def test_plan_streams():
     assert grid.index.shape == (5, 6) and sorted(grid.index.reshape(-1).tolist()) == list(range(30))
 
 
-def test_stream_limit(monkeypatch):
-    monkeypatch.setattr(runner, "CPU_STREAM_BYTES", 1600)
-    assert stream_limit(10, 256, "cpu") == 10  # 16 bytes of state per parameter and run
-    assert stream_limit(200, 256, "cpu") == 1
-    assert stream_limit(10, 16, "cpu") == 1  # a small batch: no folding on a CPU
-    assert stream_limit(10**9, 16, "gpu") is None
+def test_stream_limit():
+    policy = LayoutPolicy(cpu_stream_bytes=1600)
+    assert stream_limit(10, 256, "cpu", policy) == 10  # 16 bytes of state per parameter and run
+    assert stream_limit(200, 256, "cpu", policy) == 1
+    assert stream_limit(10, 16, "cpu", policy) == 1  # a small batch: no folding on a CPU
+    assert stream_limit(10**9, 16, "gpu", policy) is None
 
 
 @pytest.mark.parametrize("head, use_aug", [(CMMHead(), False), (LinearProbeHead(), False),
@@ -104,4 +106,20 @@ def test_folded_stream_equals_each_setting_alone(head, use_aug):
         # the loss of a near-perfect fit is ~1e-3: its float32 rounding is absolute (~1 ulp of the logits'
         # log-sum-exp), so it gets the params' absolute tolerance too
         np.testing.assert_allclose(folded.final_loss[i], alone.final_loss[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(folded.loss_curve[i, :grid[i].epochs], alone.loss_curve[0], rtol=1e-5, atol=1e-6)
+    assert np.isnan(folded.loss_curve[2, 2])  # the 2-epoch setting has no third epoch
     assert not np.allclose(jax.tree.leaves(folded.params)[0][0], jax.tree.leaves(folded.params)[0][1])
+
+
+def test_loss_curve_is_the_epoch_mean_of_the_step_losses():
+    """With one step per epoch (the batch holds every row) each epoch's mean is that step's loss: the last one is
+    the final loss, and a run that fits its rows lowers it."""
+    world = GapWorld(2, classes=4, dim=16)
+    split = world.split("train", 3)
+    hp = hparam_arrays([Settings(epochs=4, lr=1e-2, batch_size=12)])
+    trained = train_runs(CMMHead(), hp, np.arange(12)[None], np.array([0]),
+                         Pool(split["features"][:, None], split["labels"].astype(np.int32)), world.text,
+                         batch_size=12, use_aug=False)
+    assert trained.loss_curve.shape == (1, 4) and np.isfinite(trained.loss_curve).all()
+    assert trained.loss_curve[0, -1] == trained.final_loss[0]
+    assert trained.loss_curve[0, -1] < trained.loss_curve[0, 0]

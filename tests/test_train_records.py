@@ -1,6 +1,7 @@
-"""The results schema: a RunRecord survives JSON byte for byte; records files of schema 1 (a plain list) and 2 read,
-others are one-line errors."""
+"""The results schema: a RunRecord survives JSON byte for byte; records files of schema 1 (a plain list) and 2 (no
+curves) read, others are one-line errors."""
 
+import dataclasses
 import json
 
 import pytest
@@ -15,7 +16,7 @@ def _records() -> list[RunRecord]:
     return [
         RunRecord(**common, seed=1, settings=Settings(lr=1e-2, use_aug=True), val_score=-0.6931471805599453,
                   failed=False, fail_step=None, final_loss=0.123456789, selected=True, tie_break="score",
-                  shift={"ToyShift": 12.5}, note="a remark"),
+                  shift={"ToyShift": 12.5}, note="a remark", loss_curve=(0.75, 0.5, None)),
         RunRecord(**common, seed=2, settings=Settings(lr=1e-2), val_score=None, failed=True, fail_step=7,
                   final_loss=None, selected=False, tie_break=None, shift={}),
     ]
@@ -34,6 +35,13 @@ def test_schema_1_plain_list_reads(tmp_path):
     path = tmp_path / "2shot.json"
     path.write_text(json.dumps([r.to_json() for r in _records()]))
     assert read_records(path) == _records()
+
+
+def test_schema_2_reads_without_curves(tmp_path):
+    path = tmp_path / "2shot.json"
+    old = [{k: v for k, v in r.to_json().items() if k != "loss_curve"} for r in _records()]
+    path.write_text(json.dumps({"schema_version": 2, "records": old}))
+    assert read_records(path) == [dataclasses.replace(r, loss_curve=()) for r in _records()]
 
 
 @pytest.mark.parametrize("data, says", [

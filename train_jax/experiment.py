@@ -235,7 +235,7 @@ def _test_blocks(task: Task) -> Iterator[np.ndarray]:
 def _take(trained: Trained, idx: np.ndarray) -> Trained:
     pick = lambda tree: jax.tree.map(lambda x: np.asarray(x)[idx], tree)  # noqa: E731
     return Trained(pick(trained.params), pick(trained.consts), trained.failed[idx], trained.fail_step[idx],
-                   trained.final_loss[idx])
+                   trained.final_loss[idx], trained.loss_curve[idx])
 
 
 @dataclass
@@ -257,7 +257,7 @@ class _Data:
 
 @dataclass
 class _Outcome:
-    """Per run [R]: validation/test scores and failure; ``trained_of``: run -> (its group's key, the group's
+    """Per run [R]: validation/test scores and failure; ``curves``: run -> its loss per epoch; ``trained_of``: run -> (its group's key, the group's
     Trained, its index there); ``notes``: run -> its trainer's remark."""
 
     val_acc: np.ndarray
@@ -266,6 +266,7 @@ class _Outcome:
     failed: np.ndarray
     fail_step: np.ndarray
     loss: np.ndarray
+    curves: dict[int, np.ndarray] = field(default_factory=dict)
     trained_of: dict[int, tuple[tuple, Trained, int]] = field(default_factory=dict)
     notes: dict[int, str] = field(default_factory=dict)
 
@@ -357,14 +358,15 @@ def _train_group(task: Task, shots: int, key: tuple, group: Sequence[_Run], data
         data.pool_split = _pool_split(task, data.pool_rows)
     fitted = fit(Job(head, settings, data.pool_split, np.arange(len(data.pool_rows)), rows, seeds_arr, task.text,
                      task.dataset, data.val_feats, data.val_labels, own, budget, devices, buckets))
-    trained = Trained(fitted.params, fitted.consts, fitted.failed, fitted.fail_step, fitted.final_loss)
+    trained = Trained(fitted.params, fitted.consts, fitted.failed, fitted.fail_step, fitted.final_loss,
+                      np.zeros((len(group), 0), np.float32))  # no per-epoch curve
     return trained, list(fitted.settings), fitted.note
 
 
 def _score_group(task: Task, key: tuple, idx: list[int], seeds: Sequence[int], trained: Trained, hp: Any,
                  data: _Data, out: _Outcome, budget: int | None, devices) -> None:
     """Fill ``out`` at ``idx`` (one group's runs, of ``seeds``): accuracy and score on each run's own validation
-    rows, test accuracy, failure, final loss, and where each run's model is."""
+    rows, test accuracy, failure, final loss, loss curve, and where each run's model is."""
     head = key[0]
     own = np.stack([data.members[s] for s in seeds])
     val_pred, val_logp = score_runs(head, trained, hp, data.val_feats, data.val_labels, task.text, budget=budget,
@@ -375,6 +377,7 @@ def _score_group(task: Task, key: tuple, idx: list[int], seeds: Sequence[int], t
                                              desc="test") for feats in _test_blocks(task)], axis=-1)
     out.test_acc[idx] = evaluate.accuracy(test_pred, data.test_labels)
     out.failed[idx], out.fail_step[idx], out.loss[idx] = trained.failed, trained.fail_step, trained.final_loss
+    out.curves.update(zip(idx, trained.loss_curve))
     for j, i in enumerate(idx):
         out.trained_of[i] = (key, trained, j)
 
@@ -391,6 +394,7 @@ def _records(dataset: str, shots: int, runs: Sequence[_Run], label_keys: Sequenc
         settings=run.settings, val_acc=float(out.val_acc[i]), val_score=finite(out.val_score[i]),
         test_acc=float(out.test_acc[i]), failed=bool(out.failed[i]),
         fail_step=int(out.fail_step[i]) if out.failed[i] else None, final_loss=finite(out.loss[i]),
+        loss_curve=tuple(finite(v) for v in out.curves[i]),
         selected=i in selected, tie_break=tie_break.get(i), shift=selected.get(i, {}), note=out.notes.get(i, ""),
     ) for i, run in enumerate(runs)]
 

@@ -12,8 +12,9 @@ from typing import Any, Mapping, Sequence
 from train_jax.config import Settings
 from train_jax.errors import TrainError
 
-# 1: a plain JSON list of record dicts (no version); 2: {"schema_version": 2, "records": [...]} of RunRecord.to_json.
-SCHEMA_VERSION = 2
+# 1: a plain JSON list of record dicts (no version); 2: {"schema_version": 2, "records": [...]} of RunRecord.to_json;
+# 3: as 2, records with ``loss_curve`` (absent in 2: read as no curve).
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,8 @@ class RunRecord:
     """One run's results. ``setting``: the label of the grid fields it varies ("-" if none); accuracies in %;
     ``val_score``: mean log-probability of the true class on its validation rows (None if not finite);
     ``fail_step``: the step a non-finite loss or update stopped it (None unless ``failed``); ``final_loss``: None if
-    not finite; ``selected``: chosen on validation; ``tie_break``: what decided that choice (None, "score",
+    not finite; ``loss_curve``: its mean training loss per epoch of the program (None: an epoch past its own or its
+    failure; empty for a method with its own trainer); ``selected``: chosen on validation; ``tie_break``: what decided that choice (None, "score",
     "order"); ``shift``: shift set name -> accuracy (selected runs only); ``note``: its trainer's remark."""
 
     dataset: str
@@ -40,11 +42,12 @@ class RunRecord:
     tie_break: str | None
     shift: Mapping[str, float]
     note: str = ""
+    loss_curve: tuple[float | None, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict, one key per field (``settings`` as ``Settings.to_dict``)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {**out, "settings": self.settings.to_dict(), "shift": dict(self.shift)}
+        return {**out, "settings": self.settings.to_dict(), "shift": dict(self.shift), "loss_curve": list(self.loss_curve)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "RunRecord":
@@ -55,7 +58,8 @@ class RunRecord:
             keys = set(data) if isinstance(data, Mapping) else set()
             raise TrainError(f"a run record with missing keys {sorted(required - keys)} or unknown keys "
                              f"{sorted(keys - names)}")
-        return cls(**{**data, "settings": Settings.from_dict(data["settings"]), "shift": dict(data["shift"])})
+        return cls(**{**data, "settings": Settings.from_dict(data["settings"]), "shift": dict(data["shift"]),
+                      "loss_curve": tuple(data.get("loss_curve", ()))})
 
 
 @dataclass(frozen=True)
@@ -73,13 +77,13 @@ def records_to_json(records: Sequence[RunRecord]) -> dict[str, Any]:
 
 
 def records_from_json(data: Any, source: str | Path) -> list[RunRecord]:
-    """Inverse of ``records_to_json``; also reads version 1 (a plain list). TrainError naming ``source`` for
-    anything else."""
-    if isinstance(data, Mapping) and data.get("schema_version") == SCHEMA_VERSION:
+    """Inverse of ``records_to_json``; also reads versions 1 (a plain list) and 2 (no loss curves). TrainError naming
+    ``source`` for anything else."""
+    if isinstance(data, Mapping) and data.get("schema_version") in (2, SCHEMA_VERSION):
         data = data.get("records")
     if not isinstance(data, list):
         version = data.get("schema_version") if isinstance(data, Mapping) else None
-        raise TrainError(f"{source}: not a run-records file of schema version 1 or {SCHEMA_VERSION} (found "
+        raise TrainError(f"{source}: not a run-records file of schema version 1 to {SCHEMA_VERSION} (found "
                          f"{version!r}); train into a new --out")
     try:
         return [RunRecord.from_json(r) for r in data]

@@ -1,11 +1,11 @@
-"""Results files: JSON, CSV, Markdown tables, learned parameters (.npz, see ``load_params``) and accuracy-vs-shots
-plots; plus a combine mode over run directories:
+"""Results files: JSON, CSV, Markdown tables, learned parameters (.npz, see ``load_params``), accuracy-vs-shots
+and training-loss plots; plus a combine mode over run directories:
 
     python -m train_jax.report RUN_DIR [RUN_DIR ...] --out DIR
 
 writes DIR/summary.md (the average over the benchmark datasets present, one table per shot count with rows =
-methods and columns = datasets, a distribution-shift table, a modality-gap line), DIR/summary.json and
-DIR/accuracy_vs_shots.png.
+methods and columns = datasets, a distribution-shift table, a modality-gap line), DIR/summary.json,
+DIR/accuracy_vs_shots.png and DIR/loss_curves.png.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ TIE_MARK = "†"  # results.md / summary.md: a cell whose setting was chosen by 
 _SELECTION = {"seed": "setting selected per seed on validation",
               "mean": "one setting per method selected on the mean validation accuracy over seeds"}
 METHOD_ORDER = ("zeroshot", "linear_probe", "tip_adapter_f", "cmm_ce", "cmm")
+STILL_FALLING = 0.05  # a mean loss curve whose last quarter of epochs (at least 2) lowers it by more is flagged
 
 
 def _key(name: str) -> str:
@@ -69,8 +70,39 @@ def summarize(records: Sequence[RunRecord], select: str = "seed") -> list[dict[s
             for target in chosen[0].shift:
                 mean, std = mean_std([r.shift[target] for r in chosen])
                 row["shift"][target] = {"mean": mean, "std": std}
+            curve = curve_stats([r.loss_curve for r in chosen])
+            if curve is not None:
+                row["loss_mean"], row["loss_std"] = curve
+                row["loss_still_falling"] = still_falling(row["loss_mean"])
         out.append(row)
     return out
+
+
+def curve_stats(curves: Sequence[Sequence[float | None]]) -> tuple[list[float | None], list[float | None]] | None:
+    """Per-epoch mean and population std (as ``evaluate.mean_std``) over seeds of loss curves (None: no such
+    epoch), padded to the longest; None when no curve has a point (methods with their own trainer record none)."""
+    length = max((len(c) for c in curves), default=0)
+    grid = np.full((len(curves), length), np.nan)
+    for i, c in enumerate(curves):
+        grid[i, :len(c)] = [np.nan if v is None else v for v in c]
+    seen = np.isfinite(grid)
+    if not seen.any():
+        return None
+    count = np.maximum(seen.sum(axis=0), 1)
+    mean = np.nansum(grid, axis=0) / count
+    std = np.sqrt(np.nansum((grid - mean) ** 2, axis=0) / count)
+    full = lambda x: [float(v) if ok else None for v, ok in zip(x, seen.any(axis=0))]  # noqa: E731
+    return full(mean), full(std)
+
+
+def still_falling(mean: Sequence[float | None]) -> bool:
+    """Whether a loss curve (None: no point) still drops by more than ``STILL_FALLING`` of its value over its last
+    quarter of epochs (at least 2 points): an under-trained setting rather than a converged one."""
+    points = [v for v in mean if v is not None]
+    if len(points) < 2:
+        return False
+    start = points[-max(2, len(points) // 4)]
+    return start - points[-1] > STILL_FALLING * abs(start)
 
 
 def write_csv(path: Path, records: Sequence[RunRecord]) -> None:
@@ -136,6 +168,15 @@ def _notes(summary: Sequence[Mapping[str, Any]]) -> str:
     return "".join(f"\nNote: {n}\n" for n in sorted({n for r in summary for n in r.get("notes", ())}))
 
 
+def _falling_note(summary: Sequence[Mapping[str, Any]]) -> str:
+    """The line naming the selected settings whose training loss was still falling fast at the end."""
+    falling = [r for r in summary if r.get("loss_still_falling")]
+    if not falling:
+        return ""
+    return ("\nTraining loss of the selected setting still falling fast at the end (see loss_curves.png): "
+            + ", ".join(f"{r['dataset']} {r['method']} {r['shots']}-shot" for r in falling) + "\n")
+
+
 def run_markdown(dataset: str, summary: Sequence[Mapping[str, Any]]) -> str:
     """Markdown for one run directory: rows = methods, columns = shots (test accuracy, mean ± std over seeds)."""
     shots = sorted({r["shots"] for r in summary})
@@ -149,6 +190,7 @@ def run_markdown(dataset: str, summary: Sequence[Mapping[str, Any]]) -> str:
         text += "\nRuns stopped by a non-finite loss: " + ", ".join(
             f"{r['method']} {r['shots']}-shot: {r['failed_runs']}" for r in failed) + "\n"
     text += _notes(summary)
+    text += _falling_note(summary)
     shift = shift_table(summary)
     return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "")
 
@@ -243,9 +285,43 @@ def load_params(path: str | Path) -> dict[str, Learned]:
     return {run: Learned(t["settings"], t["params"], t["consts"]) for run, t in trees.items()}
 
 
+def plot_curves(path: Path, summary: Sequence[Mapping[str, Any]], title: str = "") -> None:
+    """PNG of training loss vs epoch of each method's selected setting (mean ± std over seeds), one panel per
+    (dataset, shots); a method whose loss was still falling fast at the end is marked "(still falling)"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows_of = [r for r in summary if "loss_mean" in r]
+    keys = list(dict.fromkeys((r["dataset"], r["shots"]) for r in rows_of)) or [(title, 0)]
+    cols = min(4, len(keys))
+    nrows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
+    for ax, (dataset, shots) in zip(axes.flat, keys):
+        for r in (r for r in rows_of if (r["dataset"], r["shots"]) == (dataset, shots)):
+            mean = np.array([np.nan if v is None else v for v in r["loss_mean"]])
+            std = np.array([np.nan if v is None else v for v in r["loss_std"]])
+            epochs = np.arange(1, len(mean) + 1)
+            label = r["method"] + (" (still falling)" if r["loss_still_falling"] else "")
+            ax.plot(epochs, mean, label=label)
+            ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+        ax.set_title(f"{dataset} {shots}-shot" if shots else dataset)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("mean training loss")
+        ax.grid(alpha=0.3)
+        if rows_of:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_run_dir(out: Path, dataset: str, config: Mapping[str, Any], records: Sequence[RunRecord]) -> None:
     """results.json (``schema_version``, dataset, config, summary, ``runs``: the records' JSON), results.csv,
-    results.md and accuracy_vs_shots.png of one run directory."""
+    results.md, accuracy_vs_shots.png and loss_curves.png of one run directory."""
     summary = summarize(records, config["select"])
     payload = {"schema_version": SCHEMA_VERSION, "dataset": dataset, "config": dict(config), "summary": summary,
                "runs": [r.to_json() for r in records]}
@@ -253,6 +329,7 @@ def write_run_dir(out: Path, dataset: str, config: Mapping[str, Any], records: S
     write_csv(out / "results.csv", records)
     (out / "results.md").write_text(run_markdown(dataset, summary) + scale_line(config))
     plot(out / "accuracy_vs_shots.png", summary, dataset)
+    plot_curves(out / "loss_curves.png", summary, dataset)
 
 
 def _average_rows(summary: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -298,6 +375,7 @@ def combined_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
                                                                         else [])] for m in methods)
         text += f"\n## {k}-shot\n\n" + _table(header, rows) + "\n"
     text += _notes(summary)
+    text += _falling_note(summary)
     shift = shift_table(summary)
     return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "") + _tie_note(summary)
 
@@ -324,7 +402,8 @@ def gap_line(gaps: Sequence[Mapping[str, Any]]) -> str:
 
 
 def combine(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
-    """Merge the results.json of several run directories into ``out`` (summary.md/.json, accuracy_vs_shots.png)."""
+    """Merge the results.json of several run directories into ``out`` (summary.md/.json, accuracy_vs_shots.png,
+    loss_curves.png)."""
     summary: list[dict[str, Any]] = []
     gaps = [json.loads(p.read_text()) for p in (Path(d) / "gap.json" for d in run_dirs) if p.is_file()]
     for run_dir in run_dirs:
@@ -339,6 +418,7 @@ def combine(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     (out / "summary.md").write_text(combined_markdown(summary) + (f"\n{line}" if line else ""))
     (out / "summary.json").write_text(json.dumps({"summary": summary, "average": _average_rows(summary)}, indent=1))
     plot(out / "accuracy_vs_shots.png", summary)
+    plot_curves(out / "loss_curves.png", summary)
     return out
 
 
