@@ -51,3 +51,11 @@ def cmm_loss(
     """CE on the CMM logits + lam * hardest-negative triplet. sims, zs_cos [B,C], labels [B] -> scalar."""
     ce = cross_entropy(cmm_logits(sims, zs_cos, alpha, scale), labels)
     return ce + lam * hardest_negative_triplet(sims, labels, margin)
+
+
+def cmm_loss_parts(sims: jax.Array, zs_cos: jax.Array, labels: jax.Array, *, alpha: jax.Array, scale: jax.Array,
+                   margin: jax.Array) -> jax.Array:
+    """The two terms of ``cmm_loss``, [2]: (CE on the CMM logits, hardest-negative triplet); the loss is
+    ``ce + lam * triplet``. sims, zs_cos [B,C], labels [B]."""
+    return jnp.stack([cross_entropy(cmm_logits(sims, zs_cos, alpha, scale), labels),
+                      hardest_negative_triplet(sims, labels, margin)])
