@@ -29,7 +29,7 @@ class RunState(NamedTuple):
     """One run's training state: params, AdamW state, failed (a non-finite loss or gradient stopped the run),
     fail_step (the step at which it stopped, -1 if it did not), loss (the last finite loss; NaN before any),
     loss_sum and taken: the sum of the losses of the steps taken this epoch and their count; parts_sum [P]: the
-    sum of their loss parts (``masked_parts``)."""
+    sum of their loss parts (``masked_loss``)."""
 
     params: Tree
     opt_state: Tree
@@ -99,24 +99,22 @@ def permutation_prefix(key: jax.Array, n: jax.Array, size: int) -> jax.Array:
     return x
 
 
-def masked_loss(head: Head, params, consts, x, zs, y, valid, text, hp) -> jax.Array:
-    """``head.loss`` over the valid rows of a padded batch x [B,D], zs [B,C], y [B], valid [B] bool: a head's loss
-    is a mean over rows (``methods.Head``), so this is the mean of its one-row losses where valid; padded rows get
-    no gradient. A term that is not a row mean is taken at one row (``logreg.LinearProbeHead``'s regulariser
-    ||W||^2 / (2cN) counts with N = 1 here; that head trains with its own L-BFGS solver, the runner only in tests)."""
-    one = lambda xi, zi, yi: head.loss(params, consts, xi[None], zi[None], yi[None], text, hp)  # noqa: E731
-    per_row = jax.vmap(one)(x, zs, y)
-    return jnp.sum(jnp.where(valid, per_row, 0.0)) / jnp.sum(valid)
+def masked_loss(head: Head, params, consts, x, zs, y, valid, text, hp) -> tuple[jax.Array, jax.Array]:
+    """``head.loss`` over the valid rows of a padded batch x [B,D], zs [B,C], y [B], valid [B] bool, and its named
+    parts [P] (P = len(head.part_names), 0 if it names none). A head's loss is a mean over rows
+    (``methods.Head``), so this is the mean of its one-row losses where valid; padded rows get no gradient. A head
+    with parts is computed once, as its parts' row means combined (``combine_parts``), so recording them costs no
+    second forward pass. A term that is not a row mean is taken at one row (``logreg.LinearProbeHead``'s
+    regulariser ||W||^2 / (2cN) counts with N = 1 here; that head trains with its own L-BFGS solver, the runner
+    only in tests)."""
+    def rows(fn: Callable) -> Callable:  # fn of the head's loss arguments, applied to each row alone
+        return jax.vmap(lambda xi, zi, yi: fn(params, consts, xi[None], zi[None], yi[None], text, hp))
 
-
-def masked_parts(head: Head, params, consts, x, zs, y, valid, text, hp) -> jax.Array:
-    """The head's loss parts ([P], P = len(head.part_names), 0 if it names none) over the valid rows of a padded
-    batch, each the mean of its one-row values as in ``masked_loss``."""
-    if not getattr(head, "part_names", ()):
-        return jnp.zeros(0, jnp.float32)
-    one = lambda xi, zi, yi: head.loss_parts(params, consts, xi[None], zi[None], yi[None], text, hp)  # noqa: E731
-    per_row = jax.vmap(one)(x, zs, y)
-    return jnp.sum(jnp.where(valid[:, None], per_row, 0.0), axis=0) / jnp.sum(valid)
+    n = jnp.sum(valid)
+    if getattr(head, "part_names", ()):
+        parts = jnp.sum(jnp.where(valid[:, None], rows(head.loss_parts)(x, zs, y), 0.0), axis=0) / n
+        return head.combine_parts(parts, hp), parts
+    return jnp.sum(jnp.where(valid, rows(head.loss)(x, zs, y), 0.0)) / n, jnp.zeros(0, jnp.float32)
 
 
 def init(params: Tree, hp: Mapping[str, jax.Array], steps_per_epoch: jax.Array, *, head: Head) -> RunState:
@@ -131,9 +129,8 @@ def train_step(state: RunState, hp: Mapping[str, jax.Array], batch: Batch, *, he
     """One AdamW step of one run (hp: field -> scalar) on ``batch``; a run past its epochs or failed keeps its
     state, a non-finite loss or gradient fails it. consts: the head's untrained arrays; text [C,D] prototypes."""
     params, opt_state, failed, fail_step, last_loss, loss_sum, taken, parts_sum = state
-    args = (params, consts, batch.x, batch.zs, batch.y, batch.valid, text, hp)
-    loss, grads = jax.value_and_grad(functools.partial(masked_loss, head))(*args)
-    parts = masked_parts(head, *args)
+    (loss, parts), grads = jax.value_and_grad(functools.partial(masked_loss, head), has_aux=True)(
+        params, consts, batch.x, batch.zs, batch.y, batch.valid, text, hp)
     updates, new_opt = _optimizer(hp, steps_per_epoch).update(grads, opt_state, params)
     # finite params, grads, lr and weight decay give finite AdamW updates: checking them before the update lets
     # the update and the keep-or-skip choice be one pass over the params
