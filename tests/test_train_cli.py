@@ -71,6 +71,13 @@ def test_outputs_written(run):
     np.testing.assert_allclose(summary["cmm", 2]["loss_mean"], np.mean(curves, axis=0))
     np.testing.assert_allclose(summary["cmm", 2]["loss_std"], np.std(curves, axis=0), atol=1e-12)
     assert "loss_mean" not in summary["zeroshot", 1] and "loss_mean" not in summary["linear_probe", 1]
+    for r in (r for r in runs if r["method"] == "cmm"):  # each epoch's mean loss = mean CE + lam * mean triplet
+        parts = r["loss_parts"]
+        assert set(parts) == {"ce", "triplet"} and len(parts["ce"]) == len(r["loss_curve"])
+        total = np.array(parts["ce"], float) + r["settings"]["lam"] * np.array(parts["triplet"], float)
+        np.testing.assert_allclose(total, np.array(r["loss_curve"], float), rtol=1e-5, atol=1e-6)
+    assert all(r["loss_parts"] == {} for r in runs if r["method"] == "linear_probe")  # its own trainer: no parts
+    assert {"ce", "triplet"} == set(summary["cmm", 2]["loss_parts_mean"])
 
 
 def test_params_reload_and_reproduce_accuracy(run):

@@ -1,5 +1,5 @@
-"""The results schema: a RunRecord survives JSON byte for byte; records files of schema 1 (a plain list) and 2 (no
-curves) read, others are one-line errors."""
+"""The results schema: a RunRecord survives JSON byte for byte; records files of schema 1 (a plain list), 2 (no
+curves) and 3 (no loss parts) read, others are one-line errors."""
 
 import dataclasses
 import json
@@ -16,7 +16,8 @@ def _records() -> list[RunRecord]:
     return [
         RunRecord(**common, seed=1, settings=Settings(lr=1e-2, use_aug=True), val_score=-0.6931471805599453,
                   failed=False, fail_step=None, final_loss=0.123456789, selected=True, tie_break="score",
-                  shift={"ToyShift": 12.5}, note="a remark", loss_curve=(0.75, 0.5, None)),
+                  shift={"ToyShift": 12.5}, note="a remark", loss_curve=(0.75, 0.5, None),
+                  loss_parts={"ce": (0.5, 0.25, None), "triplet": (0.125, 0.0625, None)}),
         RunRecord(**common, seed=2, settings=Settings(lr=1e-2), val_score=None, failed=True, fail_step=7,
                   final_loss=None, selected=False, tie_break=None, shift={}),
     ]
@@ -39,9 +40,17 @@ def test_schema_1_plain_list_reads(tmp_path):
 
 def test_schema_2_reads_without_curves(tmp_path):
     path = tmp_path / "2shot.json"
-    old = [{k: v for k, v in r.to_json().items() if k != "loss_curve"} for r in _records()]
+    old = [{k: v for k, v in r.to_json().items() if k not in ("loss_curve", "loss_parts")} for r in _records()]
     path.write_text(json.dumps({"schema_version": 2, "records": old}))
-    assert read_records(path) == [dataclasses.replace(r, loss_curve=()) for r in _records()]
+    assert read_records(path) == [dataclasses.replace(r, loss_curve=(), loss_parts={}) for r in _records()]
+
+
+def test_schema_3_reads_without_loss_parts(tmp_path):
+    path = tmp_path / "2shot.json"
+    old = [{k: v for k, v in r.to_json().items() if k != "loss_parts"} for r in _records()]
+    path.write_text(json.dumps({"schema_version": 3, "records": old}))
+    assert read_records(path) == [dataclasses.replace(r, loss_parts={}) for r in _records()]
+    assert _records()[0].loss_parts  # the round trip above keeps them
 
 
 @pytest.mark.parametrize("data, says", [

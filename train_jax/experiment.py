@@ -235,7 +235,8 @@ def _test_blocks(task: Task) -> Iterator[np.ndarray]:
 def _take(trained: Trained, idx: np.ndarray) -> Trained:
     pick = lambda tree: jax.tree.map(lambda x: np.asarray(x)[idx], tree)  # noqa: E731
     return Trained(pick(trained.params), pick(trained.consts), trained.failed[idx], trained.fail_step[idx],
-                   trained.final_loss[idx], trained.loss_curve[idx])
+                   trained.final_loss[idx], trained.loss_curve[idx],
+                   None if trained.loss_parts is None else trained.loss_parts[idx])
 
 
 @dataclass
@@ -257,7 +258,7 @@ class _Data:
 
 @dataclass
 class _Outcome:
-    """Per run [R]: validation/test scores and failure; ``curves``: run -> its loss per epoch; ``trained_of``: run -> (its group's key, the group's
+    """Per run [R]: validation/test scores and failure; ``curves``: run -> its loss per epoch; ``parts``: run -> loss part name -> its mean per epoch; ``trained_of``: run -> (its group's key, the group's
     Trained, its index there); ``notes``: run -> its trainer's remark."""
 
     val_acc: np.ndarray
@@ -267,6 +268,7 @@ class _Outcome:
     fail_step: np.ndarray
     loss: np.ndarray
     curves: dict[int, np.ndarray] = field(default_factory=dict)
+    parts: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     trained_of: dict[int, tuple[tuple, Trained, int]] = field(default_factory=dict)
     notes: dict[int, str] = field(default_factory=dict)
 
@@ -378,6 +380,9 @@ def _score_group(task: Task, key: tuple, idx: list[int], seeds: Sequence[int], t
     out.test_acc[idx] = evaluate.accuracy(test_pred, data.test_labels)
     out.failed[idx], out.fail_step[idx], out.loss[idx] = trained.failed, trained.fail_step, trained.final_loss
     out.curves.update(zip(idx, trained.loss_curve))
+    if trained.loss_parts is not None:
+        names = getattr(head, "part_names", ())
+        out.parts.update((i, dict(zip(names, parts.T))) for i, parts in zip(idx, trained.loss_parts))
     for j, i in enumerate(idx):
         out.trained_of[i] = (key, trained, j)
 
@@ -395,6 +400,7 @@ def _records(dataset: str, shots: int, runs: Sequence[_Run], label_keys: Sequenc
         test_acc=float(out.test_acc[i]), failed=bool(out.failed[i]),
         fail_step=int(out.fail_step[i]) if out.failed[i] else None, final_loss=finite(out.loss[i]),
         loss_curve=tuple(finite(v) for v in out.curves[i]),
+        loss_parts={name: tuple(finite(v) for v in c) for name, c in out.parts.get(i, {}).items()},
         selected=i in selected, tie_break=tie_break.get(i), shift=selected.get(i, {}), note=out.notes.get(i, ""),
     ) for i, run in enumerate(runs)]
 

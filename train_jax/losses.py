@@ -38,6 +38,19 @@ def hardest_negative_triplet(sims: jax.Array, labels: jax.Array, margin: jax.Arr
     return jnp.mean(jax.nn.relu(neg - pos + margin))
 
 
+def cmm_loss_parts(sims: jax.Array, zs_cos: jax.Array, labels: jax.Array, *, alpha: jax.Array, scale: jax.Array,
+                   margin: jax.Array) -> jax.Array:
+    """The two terms of the CMM loss, [2]: (CE on the CMM logits, hardest-negative triplet). sims, zs_cos [B,C],
+    labels [B]."""
+    return jnp.stack([cross_entropy(cmm_logits(sims, zs_cos, alpha, scale), labels),
+                      hardest_negative_triplet(sims, labels, margin)])
+
+
+def combine_cmm_parts(parts: jax.Array, lam: jax.Array) -> jax.Array:
+    """The CMM loss from its parts [2] (``cmm_loss_parts``): ce + lam * triplet."""
+    return parts[0] + lam * parts[1]
+
+
 def cmm_loss(
     sims: jax.Array,
     zs_cos: jax.Array,
@@ -49,5 +62,4 @@ def cmm_loss(
     margin: jax.Array,
 ) -> jax.Array:
     """CE on the CMM logits + lam * hardest-negative triplet. sims, zs_cos [B,C], labels [B] -> scalar."""
-    ce = cross_entropy(cmm_logits(sims, zs_cos, alpha, scale), labels)
-    return ce + lam * hardest_negative_triplet(sims, labels, margin)
+    return combine_cmm_parts(cmm_loss_parts(sims, zs_cos, labels, alpha=alpha, scale=scale, margin=margin), lam)

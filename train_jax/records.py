@@ -13,8 +13,9 @@ from train_jax.config import Settings
 from train_jax.errors import TrainError
 
 # 1: a plain JSON list of record dicts (no version); 2: {"schema_version": 2, "records": [...]} of RunRecord.to_json;
-# 3: as 2, records with ``loss_curve`` (absent in 2: read as no curve).
-SCHEMA_VERSION = 3
+# 3: as 2, records with ``loss_curve`` (absent in 2: read as no curve); 4: as 3, records with ``loss_parts``
+# (absent in 2 and 3: read as none).
+SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,8 @@ class RunRecord:
     ``val_score``: mean log-probability of the true class on its validation rows (None if not finite);
     ``fail_step``: the step a non-finite loss or update stopped it (None unless ``failed``); ``final_loss``: None if
     not finite; ``loss_curve``: its mean training loss per epoch of the program (None: an epoch past its own or its
-    failure; empty for a method with its own trainer); ``selected``: chosen on validation; ``tie_break``: what decided that choice (None, "score",
+    failure; empty for a method with its own trainer); ``loss_parts``: part name (``Head.part_names``, e.g. CMM's "ce"
+    and "triplet") -> its mean per epoch as ``loss_curve`` (empty for a head without parts); ``selected``: chosen on validation; ``tie_break``: what decided that choice (None, "score",
     "order"); ``shift``: shift set name -> accuracy (selected runs only); ``note``: its trainer's remark."""
 
     dataset: str
@@ -43,23 +45,27 @@ class RunRecord:
     shift: Mapping[str, float]
     note: str = ""
     loss_curve: tuple[float | None, ...] = ()
+    loss_parts: Mapping[str, tuple[float | None, ...]] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict, one key per field (``settings`` as ``Settings.to_dict``)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {**out, "settings": self.settings.to_dict(), "shift": dict(self.shift), "loss_curve": list(self.loss_curve)}
+        return {**out, "settings": self.settings.to_dict(), "shift": dict(self.shift), "loss_curve": list(self.loss_curve),
+                "loss_parts": {k: list(v) for k, v in self.loss_parts.items()}}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "RunRecord":
         """Inverse of ``to_json``; TrainError naming the missing or unknown keys."""
         names = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
         if not isinstance(data, Mapping) or not required <= set(data) or not set(data) <= names:
             keys = set(data) if isinstance(data, Mapping) else set()
             raise TrainError(f"a run record with missing keys {sorted(required - keys)} or unknown keys "
                              f"{sorted(keys - names)}")
         return cls(**{**data, "settings": Settings.from_dict(data["settings"]), "shift": dict(data["shift"]),
-                      "loss_curve": tuple(data.get("loss_curve", ()))})
+                      "loss_curve": tuple(data.get("loss_curve", ())),
+                      "loss_parts": {k: tuple(v) for k, v in dict(data.get("loss_parts", {})).items()}})
 
 
 @dataclass(frozen=True)
@@ -77,9 +83,9 @@ def records_to_json(records: Sequence[RunRecord]) -> dict[str, Any]:
 
 
 def records_from_json(data: Any, source: str | Path) -> list[RunRecord]:
-    """Inverse of ``records_to_json``; also reads versions 1 (a plain list) and 2 (no loss curves). TrainError naming
+    """Inverse of ``records_to_json``; also reads versions 1 (a plain list), 2 (no loss curves) and 3 (no loss parts). TrainError naming
     ``source`` for anything else."""
-    if isinstance(data, Mapping) and data.get("schema_version") in (2, SCHEMA_VERSION):
+    if isinstance(data, Mapping) and data.get("schema_version") in (2, 3, SCHEMA_VERSION):
         data = data.get("records")
     if not isinstance(data, list):
         version = data.get("schema_version") if isinstance(data, Mapping) else None

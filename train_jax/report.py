@@ -74,6 +74,9 @@ def summarize(records: Sequence[RunRecord], select: str = "seed") -> list[dict[s
             if curve is not None:
                 row["loss_mean"], row["loss_std"] = curve
                 row["loss_still_falling"] = still_falling(row["loss_mean"])
+                parts = {name: curve_stats([r.loss_parts.get(name, ()) for r in chosen])
+                         for name in chosen[0].loss_parts}
+                row["loss_parts_mean"] = {name: stats[0] for name, stats in parts.items() if stats is not None}
         out.append(row)
     return out
 
@@ -287,7 +290,8 @@ def load_params(path: str | Path) -> dict[str, Learned]:
 
 def plot_curves(path: Path, summary: Sequence[Mapping[str, Any]], title: str = "") -> None:
     """PNG of training loss vs epoch of each method's selected setting (mean ± std over seeds), one panel per
-    (dataset, shots); a method whose loss was still falling fast at the end is marked "(still falling)"."""
+    (dataset, shots); a method whose loss was still falling fast at the end is marked "(still falling)"; the mean
+    curves of its loss parts (CMM's CE and triplet), if any, are dashed lines of the same colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -304,8 +308,11 @@ def plot_curves(path: Path, summary: Sequence[Mapping[str, Any]], title: str = "
             std = np.array([np.nan if v is None else v for v in r["loss_std"]])
             epochs = np.arange(1, len(mean) + 1)
             label = r["method"] + (" (still falling)" if r["loss_still_falling"] else "")
-            ax.plot(epochs, mean, label=label)
+            (line,) = ax.plot(epochs, mean, label=label)
             ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+            for style, (name, part) in zip(("--", ":"), r.get("loss_parts_mean", {}).items()):
+                ax.plot(epochs, [np.nan if v is None else v for v in part], style, color=line.get_color(),
+                        label=f"{r['method']} {name}")
         ax.set_title(f"{dataset} {shots}-shot" if shots else dataset)
         ax.set_xlabel("epoch")
         ax.set_ylabel("mean training loss")

@@ -54,7 +54,8 @@ class Trained:
     failed [S] bool: a non-finite loss or gradient stopped the run (params are those before that step);
     fail_step [S] int32: the step at which it stopped (-1 if it did not); final_loss [S]: last finite loss;
     loss_curve [S,E] float32: each epoch's mean training loss (NaN past a run's epochs or failure; E = 0 for runs
-    of a method's own trainer).
+    of a method's own trainer); loss_parts [S,E,P] float32: each epoch's mean of the head's loss parts
+    (``Head.part_names``, P = 0 if it names none; None for runs of a method's own trainer).
     """
 
     params: Tree
@@ -63,6 +64,7 @@ class Trained:
     fail_step: np.ndarray
     final_loss: np.ndarray
     loss_curve: np.ndarray
+    loss_parts: np.ndarray | None = None
 
 
 def hparam_arrays(settings: Sequence[Settings]) -> dict[str, np.ndarray]:

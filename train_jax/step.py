@@ -28,7 +28,8 @@ Tree = Any
 class RunState(NamedTuple):
     """One run's training state: params, AdamW state, failed (a non-finite loss or gradient stopped the run),
     fail_step (the step at which it stopped, -1 if it did not), loss (the last finite loss; NaN before any),
-    loss_sum and taken: the sum of the losses of the steps taken this epoch and their count."""
+    loss_sum and taken: the sum of the losses of the steps taken this epoch and their count; parts_sum [P]: the
+    sum of their loss parts (``masked_loss``)."""
 
     params: Tree
     opt_state: Tree
@@ -37,6 +38,7 @@ class RunState(NamedTuple):
     loss: jax.Array
     loss_sum: jax.Array
     taken: jax.Array
+    parts_sum: jax.Array
 
 
 class Batch(NamedTuple):
@@ -97,29 +99,38 @@ def permutation_prefix(key: jax.Array, n: jax.Array, size: int) -> jax.Array:
     return x
 
 
-def masked_loss(head: Head, params, consts, x, zs, y, valid, text, hp) -> jax.Array:
-    """``head.loss`` over the valid rows of a padded batch x [B,D], zs [B,C], y [B], valid [B] bool: a head's loss
-    is a mean over rows (``methods.Head``), so this is the mean of its one-row losses where valid; padded rows get
-    no gradient. A term that is not a row mean is taken at one row (``logreg.LinearProbeHead``'s regulariser
-    ||W||^2 / (2cN) counts with N = 1 here; that head trains with its own L-BFGS solver, the runner only in tests)."""
-    one = lambda xi, zi, yi: head.loss(params, consts, xi[None], zi[None], yi[None], text, hp)  # noqa: E731
-    per_row = jax.vmap(one)(x, zs, y)
-    return jnp.sum(jnp.where(valid, per_row, 0.0)) / jnp.sum(valid)
+def masked_loss(head: Head, params, consts, x, zs, y, valid, text, hp) -> tuple[jax.Array, jax.Array]:
+    """``head.loss`` over the valid rows of a padded batch x [B,D], zs [B,C], y [B], valid [B] bool, and its named
+    parts [P] (P = len(head.part_names), 0 if it names none). A head's loss is a mean over rows
+    (``methods.Head``), so this is the mean of its one-row losses where valid; padded rows get no gradient. A head
+    with parts is computed once, as its parts' row means combined (``combine_parts``), so recording them costs no
+    second forward pass. A term that is not a row mean is taken at one row (``logreg.LinearProbeHead``'s
+    regulariser ||W||^2 / (2cN) counts with N = 1 here; that head trains with its own L-BFGS solver, the runner
+    only in tests)."""
+    def rows(fn: Callable) -> Callable:  # fn of the head's loss arguments, applied to each row alone
+        return jax.vmap(lambda xi, zi, yi: fn(params, consts, xi[None], zi[None], yi[None], text, hp))
+
+    n = jnp.sum(valid)
+    if getattr(head, "part_names", ()):
+        parts = jnp.sum(jnp.where(valid[:, None], rows(head.loss_parts)(x, zs, y), 0.0), axis=0) / n
+        return head.combine_parts(parts, hp), parts
+    return jnp.sum(jnp.where(valid, rows(head.loss)(x, zs, y), 0.0)) / n, jnp.zeros(0, jnp.float32)
 
 
-def init(params: Tree, hp: Mapping[str, jax.Array], steps_per_epoch: jax.Array) -> RunState:
+def init(params: Tree, hp: Mapping[str, jax.Array], steps_per_epoch: jax.Array, *, head: Head) -> RunState:
     """A run's state before its first step: the head's initial params, zero AdamW moments, not failed."""
     return RunState(params, _optimizer(hp, steps_per_epoch).init(params), jnp.bool_(False), jnp.int32(-1),
-                    jnp.float32(jnp.nan), jnp.float32(0.0), jnp.int32(0))
+                    jnp.float32(jnp.nan), jnp.float32(0.0), jnp.int32(0),
+                    jnp.zeros(len(getattr(head, "part_names", ())), jnp.float32))
 
 
 def train_step(state: RunState, hp: Mapping[str, jax.Array], batch: Batch, *, head: Head, consts: Tree,
                text: jax.Array, steps_per_epoch: jax.Array) -> RunState:
     """One AdamW step of one run (hp: field -> scalar) on ``batch``; a run past its epochs or failed keeps its
     state, a non-finite loss or gradient fails it. consts: the head's untrained arrays; text [C,D] prototypes."""
-    params, opt_state, failed, fail_step, last_loss, loss_sum, taken = state
-    loss, grads = jax.value_and_grad(functools.partial(masked_loss, head))(params, consts, batch.x, batch.zs,
-                                                                            batch.y, batch.valid, text, hp)
+    params, opt_state, failed, fail_step, last_loss, loss_sum, taken, parts_sum = state
+    (loss, parts), grads = jax.value_and_grad(functools.partial(masked_loss, head), has_aux=True)(
+        params, consts, batch.x, batch.zs, batch.y, batch.valid, text, hp)
     updates, new_opt = _optimizer(hp, steps_per_epoch).update(grads, opt_state, params)
     # finite params, grads, lr and weight decay give finite AdamW updates: checking them before the update lets
     # the update and the keep-or-skip choice be one pass over the params
@@ -135,14 +146,17 @@ def train_step(state: RunState, hp: Mapping[str, jax.Array], batch: Batch, *, he
         jnp.where(take, loss, last_loss),
         jnp.where(take, loss_sum + loss, loss_sum),
         taken + take,
+        jnp.where(take, parts_sum + parts, parts_sum),
     )
 
 
-def end_epoch(state: RunState) -> tuple[RunState, jax.Array]:
-    """The state for the next epoch (sums reset) and this epoch's mean training loss over its taken steps (each
-    a batch mean; NaN if the run took none: its epochs were over or it had failed)."""
-    mean = jnp.where(state.taken > 0, state.loss_sum / jnp.maximum(state.taken, 1), jnp.nan)
-    return state._replace(loss_sum=jnp.zeros_like(state.loss_sum), taken=jnp.zeros_like(state.taken)), mean
+def end_epoch(state: RunState) -> tuple[RunState, tuple[jax.Array, jax.Array]]:
+    """The state for the next epoch (sums reset) and this epoch's mean training loss and loss parts [P] over its
+    taken steps (each a batch mean; NaN if the run took none: its epochs were over or it had failed)."""
+    per_step = lambda total: jnp.where(state.taken > 0, total / jnp.maximum(state.taken, 1), jnp.nan)  # noqa: E731
+    reset = state._replace(loss_sum=jnp.zeros_like(state.loss_sum), taken=jnp.zeros_like(state.taken),
+                           parts_sum=jnp.zeros_like(state.parts_sum))
+    return reset, (per_step(state.loss_sum), per_step(state.parts_sum))
 
 
 def _over_runs(k: int, fn: Callable, in_axes: tuple) -> Callable:
@@ -153,8 +167,9 @@ def _over_runs(k: int, fn: Callable, in_axes: tuple) -> Callable:
 
 
 def train_run(rows, seed, hp, n, pool_x, pool_y, zs_pool, text, *, head: Head, batch: int, max_epochs: int):
-    """Initialise and train the k runs of one stream -> (params, consts, failed, fail_step, last loss, curve),
-    leading axis k; curve [k, max_epochs]: each epoch's mean training loss (``end_epoch``). rows [N] into the pool and seed (batch order, view draws) are the stream's, hp: field -> [k]; only the
+    """Initialise and train the k runs of one stream -> (params, consts, failed, fail_step, last loss, curve,
+    parts), leading axis k; curve [k, max_epochs]: each epoch's mean training loss, parts [k, max_epochs, P]: its
+    mean loss parts (``end_epoch``). rows [N] into the pool and seed (batch order, view draws) are the stream's, hp: field -> [k]; only the
     first n (a traced scalar, shared by all streams) of the N rows are the run's, the rest pad it to the program's
     shape: they draw in no batch order, and rows of a batch past n are masked out of the loss. Every step draws one
     batch for all k runs; an epoch has ceil(n / batch) steps, the last one possibly of fewer valid rows; steps of
@@ -190,12 +205,12 @@ def train_run(rows, seed, hp, n, pool_x, pool_y, zs_pool, text, *, head: Head, b
         batches = (jnp.arange(max_steps), order.reshape(max_steps, batch))
         return _over_runs(k, end_epoch, (0,))(jax.lax.scan(maybe_step, state, batches)[0])
 
-    run_init = functools.partial(init, params0, steps_per_epoch=steps_per_epoch)
-    state, curve = jax.lax.scan(epoch, _over_runs(k, run_init, (0,))(hp), jnp.arange(max_epochs))
+    run_init = functools.partial(init, params0, steps_per_epoch=steps_per_epoch, head=head)
+    state, (curve, parts) = jax.lax.scan(epoch, _over_runs(k, run_init, (0,))(hp), jnp.arange(max_epochs))
     params, failed, fail_step, last_loss = state.params, state.failed, state.fail_step, state.loss
-    curve = curve.T if k > 1 else curve
+    curve, parts = (curve.T, jnp.swapaxes(parts, 0, 1)) if k > 1 else (curve, parts)
     if k == 1:
-        params, failed, fail_step, last_loss, curve = jax.tree.map(lambda x: x[None],
-                                                                   (params, failed, fail_step, last_loss, curve))
+        params, failed, fail_step, last_loss, curve, parts = jax.tree.map(
+            lambda x: x[None], (params, failed, fail_step, last_loss, curve, parts))
     consts = jax.tree.map(lambda x: jnp.broadcast_to(x, (k,) + x.shape), consts)
-    return params, consts, failed, fail_step, last_loss, curve
+    return params, consts, failed, fail_step, last_loss, curve, parts
