@@ -112,6 +112,7 @@ def test_tip_adapter_recipe_and_search_on_validation(tmp_path, monkeypatch):
         assert (s.epochs, s.lr, s.warmup, s.adam_eps, s.use_aug) == (100, 1e-3, 0.0, 1e-4, True)
         assert np.isclose(betas, s.beta).any() and np.isclose(alphas, s.alpha).any()
         assert r.note == "" and r.selected
+        assert len(r.loss_curve) == 100 and all(v is not None for v in r.loss_curve)  # its 100 epochs' losses
     learned = result.learned["tip_adapter_f/seed1"]
     assert learned.settings == result.records[0].settings
 

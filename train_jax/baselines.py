@@ -118,4 +118,4 @@ def fit(job: Job) -> Fitted:
                              st.logit_scale)
         settings[i] = dataclasses.replace(st, beta=beta, alpha=alpha)
     return Fitted(trained.params, trained.consts, trained.failed, trained.fail_step, trained.final_loss, settings,
-                  "" if aug is not None else NO_VIEWS.format(job.dataset))
+                  "" if aug is not None else NO_VIEWS.format(job.dataset), trained.loss_curve)

@@ -360,8 +360,9 @@ def _train_group(task: Task, shots: int, key: tuple, group: Sequence[_Run], data
         data.pool_split = _pool_split(task, data.pool_rows)
     fitted = fit(Job(head, settings, data.pool_split, np.arange(len(data.pool_rows)), rows, seeds_arr, task.text,
                      task.dataset, data.val_feats, data.val_labels, own, budget, devices, buckets))
+    no_epochs = np.zeros((len(group), 0), np.float32)
     trained = Trained(fitted.params, fitted.consts, fitted.failed, fitted.fail_step, fitted.final_loss,
-                      np.zeros((len(group), 0), np.float32))  # no per-epoch curve
+                      no_epochs if fitted.loss_curve is None else fitted.loss_curve)
     return trained, list(fitted.settings), fitted.note
 
 

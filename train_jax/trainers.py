@@ -44,7 +44,8 @@ class Job:
 class Fitted:
     """A trainer's result, per run (leading axis S): params, consts, failed [S] bool, fail_step [S] int (-1: did
     not fail), final_loss [S]; settings [S]: the settings each model is used with (a trainer may set what it
-    tuned); note: a line for the results when the recipe could not be followed ("" if it was)."""
+    tuned); note: a line for the results when the recipe could not be followed ("" if it was); loss_curve [S,E]:
+    each epoch's mean training loss, for a trainer that has epochs (None: it has none, e.g. L-BFGS)."""
 
     params: Any
     consts: Any
@@ -53,4 +54,5 @@ class Fitted:
     final_loss: np.ndarray
     settings: list[Settings]
     note: str = ""
+    loss_curve: np.ndarray | None = None
 
