@@ -34,6 +34,8 @@ UNLABELLED = -1  # the label of every row of an unlabelled split (images to clas
 # Attributes that say which model and preprocessing made the features: a cache never mixes two of them.
 IDENTITY_ATTRS = ("dataset", "model", "pretrained", "weights_sha256", "model_config", "embed_dim",
                   "feature_dtype", "preprocess", "aug_views", "aug_seed", "aug", "shard", "activation")
+# Attributes that say which encoder made the features (same feature space): a shift cache must share them.
+MODEL_ATTRS = ("model", "pretrained", "weights_sha256", "model_config", "activation", "embed_dim")
 DEFAULT_ATTRS: dict[str, Any] = {
     "dataset": "", "model": "", "pretrained": "", "weights_sha256": "", "model_config": "", "embed_dim": 0,
     "feature_dtype": "float32", "preprocess": "{}", "aug_views": 0, "aug_seed": 0, "aug": "{}", "shard": "",
@@ -143,8 +145,7 @@ def cache_identity(attrs: Mapping[str, Any], classnames: Iterable[str], template
     and the class and template lists (as sha256 of their JSON); not the dataset or its images."""
     full = _identity(attrs)
     digest = lambda names: hashlib.sha256(json.dumps(list(names)).encode()).hexdigest()  # noqa: E731
-    return {**{k: full[k] for k in ("model", "pretrained", "weights_sha256", "model_config", "activation",
-                                    "embed_dim", "preprocess")},
+    return {**{k: full[k] for k in (*MODEL_ATTRS, "preprocess")},
             "classnames_sha256": digest(classnames), "templates_sha256": digest(templates)}
 
 

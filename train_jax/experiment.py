@@ -15,8 +15,9 @@ from typing import Any, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 
-from data.cache import BAD, OK, UNLABELLED, CacheHead, CacheReader, Listing, Split, open_cache, read_cache
 from data import fewshot
+from data.cache import (BAD, MODEL_ATTRS, OK, UNLABELLED, CacheHead, CacheReader, Listing, Split, l2_normalize,
+                        open_cache, read_cache)
 from data.registry import in_imagenet_family
 from train_jax import evaluate
 from train_jax.config import Settings
@@ -28,14 +29,6 @@ from train_jax.runner import (Buckets, Pool, Trained, hparam_arrays, predict_run
 from train_jax.trainers import Job
 
 TEST_BLOCK_ROWS = 16384  # test rows read and predicted at a time
-# Attributes that must agree between the training cache and a shift cache (same encoder, same feature space).
-MODEL_ATTRS = ("model", "pretrained", "weights_sha256", "model_config", "embed_dim", "activation")
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    """Rows of x [..., D] to unit norm in float32 (features may have been stored as float16)."""
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 @dataclass(frozen=True)
@@ -83,7 +76,7 @@ def _dataset_name(cache: CacheHead) -> str:
 def prototypes(cache: CacheHead, prompt: str) -> np.ndarray:
     """Class prototypes [C,D] of a prompt choice: ``ensemble`` (normalised mean over the templates) or the
     dataset's own template (``single``)."""
-    return _normalize(cache.prototypes("ensemble" if prompt == "ensemble" else 0))
+    return l2_normalize(cache.prototypes("ensemble" if prompt == "ensemble" else 0))
 
 
 def refuse_unlabelled(path: Path, labels: dict[str, np.ndarray]) -> None:
@@ -120,7 +113,7 @@ def load_task(cache_path: str | Path, eval_paths: Sequence[str | Path] = (), pro
         name = _dataset_name(other)
         test = other.splits["test"]
         classes = evaluate.class_map(cache.classnames, other.classnames, str(other.path), dataset, name)
-        shift.append(EvalSet(name, _normalize(test.features), test.labels, classes))
+        shift.append(EvalSet(name, l2_normalize(test.features), test.labels, classes))
     return Task(dataset, cache, listings, text, prompt, tuple(shift))
 
 
@@ -207,14 +200,14 @@ def _pool(task: Task, rows: np.ndarray, use_aug: bool) -> Pool:
             "or drop use_aug from --grid"
         )
     stacked = task.cache.read("train", rows, views=use_aug)[0].base  # [M, V, D], one array: no copies
-    stacked /= np.maximum(np.linalg.norm(stacked, axis=-1, keepdims=True), 1e-12)  # as _normalize, in place
+    stacked /= np.maximum(np.linalg.norm(stacked, axis=-1, keepdims=True), 1e-12)  # as l2_normalize, in place
     return Pool(stacked, task.listings["train"].labels[rows].astype(np.int32))
 
 
 def test_rows(task: Task) -> tuple[np.ndarray, np.ndarray]:
     """Normalised features [N,D] and labels [N] of every encoded test row (the diagnostics read them whole)."""
     rows = np.flatnonzero(task.listings["test"].status == OK)
-    return _normalize(task.cache.read("test", rows)[0]), task.listings["test"].labels[rows]
+    return l2_normalize(task.cache.read("test", rows)[0]), task.listings["test"].labels[rows]
 
 
 def _pool_split(task: Task, rows: np.ndarray) -> Split:
@@ -229,7 +222,7 @@ def _test_blocks(task: Task) -> Iterator[np.ndarray]:
     """Features [n,D] of the encoded test rows, TEST_BLOCK_ROWS at a time (in row order)."""
     rows = np.flatnonzero(task.listings["test"].status == OK)
     for start in range(0, len(rows), TEST_BLOCK_ROWS):
-        yield _normalize(task.cache.read("test", rows[start : start + TEST_BLOCK_ROWS])[0])
+        yield l2_normalize(task.cache.read("test", rows[start : start + TEST_BLOCK_ROWS])[0])
 
 
 def _take(trained: Trained, idx: np.ndarray) -> Trained:
@@ -323,7 +316,7 @@ def _prepare(task: Task, shots: int, seeds: Sequence[int], use_aug: bool) -> _Da
     picks, val_split, val_rows = _sample(task, shots, seeds)
     pool_rows = np.unique(np.concatenate(list(picks.values())))
     val_union = np.unique(np.concatenate(list(val_rows.values())))
-    val_feats = _normalize(task.cache.read(val_split, val_union)[0])
+    val_feats = l2_normalize(task.cache.read(val_split, val_union)[0])
     test = task.listings["test"]
     return _Data(pool_rows, _pool(task, pool_rows, use_aug), picks, val_feats,
                  task.listings[val_split].labels[val_union], {s: np.isin(val_union, val_rows[s]) for s in seeds},
