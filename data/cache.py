@@ -24,7 +24,7 @@ import numpy as np
 from data.registry import ensemble_templates
 
 FORMAT = "cmm-feature-cache"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: norms, aug_norms (each encoded feature's norm before L2-normalisation)
 SPLITS = ("train", "val", "test")
 # Row status: PENDING = to encode, OK = encoded, BAD = unreadable image (skipped), ABSENT = listed, not encoded
 # (outside a pooled extraction's rows).
@@ -54,12 +54,16 @@ class CacheError(Exception):
 
 @dataclass(frozen=True)
 class Split:
-    """One split of a cache: features [N, D] float32, labels [N] int64, paths [N] str, aug_features [N, A, D]."""
+    """One split of a cache: features [N, D] float32, labels [N] int64, paths [N] str, aug_features [N, A, D];
+    norms [N] and aug_norms [N, A]: each feature's norm before L2-normalisation (raw = norm * unit feature; None:
+    not given, norm 1)."""
 
     features: np.ndarray
     labels: np.ndarray
     paths: np.ndarray
     aug_features: np.ndarray | None = None
+    norms: np.ndarray | None = None
+    aug_norms: np.ndarray | None = None
 
     @property
     def labelled(self) -> bool:
@@ -330,6 +334,24 @@ class CacheReader(CacheHead):
                 _read_slots(g["aug_features"], slot[rows], stacked[:, 1:], self.path)
         return stacked[:, 0], stacked[:, 1:] if views else None
 
+    def norms(self, split: str, rows: np.ndarray, *, views: bool = False) -> np.ndarray:
+        """Norms before L2-normalisation [n] of the features of encoded rows [n] of `split` (views=True: [n, 1 + A],
+        the plain view first, as ``read`` stacks them)."""
+        rows = np.asarray(rows, np.int64)
+        with _open(self.path, "r") as f:
+            g = self._group(f, split)
+            status, slot = _read(g["status"], self.path), _read(g["slot"], self.path)
+            _check(bool(np.all(status[rows] == OK)), self.path, f"norms asked of {split} rows that are not encoded")
+            keys = ("norms", "aug_norms") if views else ("norms",)
+            for key in keys:
+                _check(key in g and g[key].shape[0] == g["features"].shape[0], self.path,
+                       f"/splits/{split}/{key} missing or not one per feature row")
+            out = np.empty((len(rows), 1 + (g["aug_norms"].shape[1] if views else 0)), np.float32)
+            _read_slots(g["norms"], slot[rows], out[:, 0], self.path)
+            if views:
+                _read_slots(g["aug_norms"], slot[rows], out[:, 1:], self.path)
+        return out if views else out[:, 0]
+
     def has_views(self, split: str) -> bool:
         """Whether `split` stores augmented views."""
         with _open(self.path, "r") as f:
@@ -412,8 +434,11 @@ def read_cache(path: str | os.PathLike, *, splits: Iterable[str] | None = None, 
     for name in reader.split_names() if splits is None else list(splits):
         listing = reader.listing(name)
         rows = np.flatnonzero(listing.status == OK)
-        features, aug = reader.read(name, rows, views=with_aug and reader.has_views(name))
-        out[name] = Split(features, listing.labels[rows], np.asarray(_decode(listing.paths[rows]), dtype=object), aug)
+        views = with_aug and reader.has_views(name)
+        features, aug = reader.read(name, rows, views=views)
+        norms = reader.norms(name, rows, views=views)
+        out[name] = Split(features, listing.labels[rows], np.asarray(_decode(listing.paths[rows]), dtype=object), aug,
+                          norms[:, 0] if views else norms, norms[:, 1:] if views else None)
     return FeatureCache(reader.path, reader.attrs, reader.classnames, reader.templates, reader.text_features, out,
                         list(reader.bad()))
 
@@ -455,7 +480,7 @@ def _layout_bytes(classnames: list[str], templates: list[str], splits: Mapping[s
         n = len(rows["labels"])
         encoded = n if rows.get("encode") is None else len(rows["encode"])
         views = 1 + (aug_views if name == "train" else 0)
-        total += encoded * views * embed_dim * item + n * (8 + 8 + 1 + 32)
+        total += encoded * views * (embed_dim * item + 4) + n * (8 + 8 + 1 + 32)
         total += sum(len(str(p).encode("utf-8", "surrogateescape")) for p in rows["paths"])
     return total
 
@@ -489,9 +514,12 @@ def _create_layout(f: h5py.File, attrs: Mapping[str, Any], classnames: list[str]
         _dataset(g, "status", shape=(n,), dtype=np.int8, data=np.full(n, ABSENT, dtype=np.int8))
         _dataset(g, "slot", shape=(n,), dtype=np.int64, data=np.full(n, -1, dtype=np.int64))
         _dataset(g, "features", shape=(0, embed_dim), dtype=dtype, rows=_CHUNK_ROWS["features"], grow=True)
+        _dataset(g, "norms", shape=(0,), dtype="float32", rows=_CHUNK_ROWS["features"], grow=True)
         if aug_views and name == "train":
             _dataset(g, "aug_features", shape=(0, aug_views, embed_dim), dtype=dtype,
                      rows=_CHUNK_ROWS["aug_features"], grow=True)
+            _dataset(g, "aug_norms", shape=(0, aug_views), dtype="float32", rows=_CHUNK_ROWS["aug_features"],
+                     grow=True)
     f.create_dataset("bad/paths", shape=(0,), maxshape=(None,), dtype=_STR)
     f.create_dataset("bad/errors", shape=(0,), maxshape=(None,), dtype=_STR)
 
@@ -621,8 +649,9 @@ def write_cache(path: str | os.PathLike, *, attrs: Mapping[str, Any], classnames
                 bad: Mapping[str, list[str]] | None = None, overwrite: bool = False) -> Path:
     """Write a whole cache at once, atomically (overwrite=True: an existing cache of another identity too).
 
-    splits[name] = dict(features [N, D], labels [N], paths [N], optional aug_features [N, A, D]): every row
-    encoded; bad = dict(paths=[...], errors=[...]) for images that were skipped.
+    splits[name] = dict(features [N, D], labels [N], paths [N], optional aug_features [N, A, D], optional norms
+    [N] and aug_norms [N, A] (default 1: the features are their own raw features)): every row encoded;
+    bad = dict(paths=[...], errors=[...]) for images that were skipped.
     """
     text_features = np.asarray(text_features, dtype=np.float32)
     embed_dim = int(text_features.shape[-1])
@@ -636,7 +665,8 @@ def write_cache(path: str | os.PathLike, *, attrs: Mapping[str, Any], classnames
         writer.write_text(text_features)
         for name, rows in splits.items():
             n = len(rows["labels"])
-            writer.write_rows(name, np.arange(n), rows["features"], rows.get("aug_features"))
+            writer.write_rows(name, np.arange(n), rows["features"], rows.get("aug_features"), rows.get("norms"),
+                              rows.get("aug_norms"))
         if bad and len(bad.get("paths", [])):
             writer.record_bad(list(bad["paths"]), list(bad["errors"]))
         return writer.finalize()
@@ -730,7 +760,7 @@ class CacheWriter:
         slot[new] = np.arange(start, start + len(new))
         status[new] = PENDING
         with self._writing():
-            for key in ("features", "aug_features"):
+            for key in ("features", "aug_features", "norms", "aug_norms"):
                 if key in g:
                     g[key].resize(start + len(new), axis=0)
             self._f.flush()
@@ -817,9 +847,10 @@ class CacheWriter:
         """Local row ids [M] of `split` that are not extracted yet."""
         return np.flatnonzero(_read(self._f[f"splits/{split}/status"], partial_path(self.path)) == PENDING)
 
-    def write_rows(self, split: str, rows: np.ndarray, features: np.ndarray,
-                   aug_features: np.ndarray | None = None) -> None:
-        """Store features [n, D] (and aug_features [n, A, D]) of requested rows [n], then mark them done.
+    def write_rows(self, split: str, rows: np.ndarray, features: np.ndarray, aug_features: np.ndarray | None = None,
+                   norms: np.ndarray | None = None, aug_norms: np.ndarray | None = None) -> None:
+        """Store features [n, D] (and aug_features [n, A, D]) of requested rows [n], and their norms before
+        L2-normalisation [n] (and [n, A]; default 1), then mark them done.
 
         The features are flushed before the status says done, so a kill never leaves a done row without them."""
         g = self._f[f"splits/{split}"]
@@ -836,8 +867,11 @@ class CacheWriter:
         where = slice(int(slots[0]), int(slots[-1]) + 1) if slots[-1] - slots[0] + 1 == len(slots) else slots.tolist()
         with self._writing():
             g["features"][where] = np.asarray(features)[order].astype(g["features"].dtype)
+            g["norms"][where] = np.ones(len(rows), np.float32) if norms is None else np.asarray(norms, np.float32)[order]
             if aug_features is not None:
                 g["aug_features"][where] = np.asarray(aug_features)[order].astype(g["aug_features"].dtype)
+                g["aug_norms"][where] = (np.ones((len(rows), g["aug_norms"].shape[1]), np.float32)
+                                         if aug_norms is None else np.asarray(aug_norms, np.float32)[order])
             self._f.flush()
             g["status"][rows] = np.full(len(rows), OK, dtype=np.int8)
             self._f.flush()

@@ -22,7 +22,7 @@ from data.registry import in_imagenet_family
 from train_jax import evaluate
 from train_jax.config import Settings
 from train_jax.errors import TrainError
-from train_jax.methods import METHODS
+from train_jax.methods import METHODS, head_inputs
 from train_jax.records import Learned, RunRecord
 from train_jax.runner import (Buckets, Pool, Trained, hparam_arrays, predict_runs, score_runs, shot_buckets,
                               train_runs)
@@ -33,12 +33,14 @@ TEST_BLOCK_ROWS = 16384  # test rows read and predicted at a time
 
 @dataclass(frozen=True)
 class EvalSet:
-    """A shift test set: features [N,D], labels [N] (its own class ids), classes [Ce] (their training ids)."""
+    """A shift test set: features [N,D], labels [N] (its own class ids), classes [Ce] (their training ids), norms
+    [N] (the features' norms before normalisation)."""
 
     name: str
     features: np.ndarray
     labels: np.ndarray
     classes: np.ndarray
+    norms: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def load_task(cache_path: str | Path, eval_paths: Sequence[str | Path] = (), pro
         name = _dataset_name(other)
         test = other.splits["test"]
         classes = evaluate.class_map(cache.classnames, other.classnames, str(other.path), dataset, name)
-        shift.append(EvalSet(name, l2_normalize(test.features), test.labels, classes))
+        shift.append(EvalSet(name, l2_normalize(test.features), test.labels, classes, test.norms))
     return Task(dataset, cache, listings, text, prompt, tuple(shift))
 
 
@@ -213,16 +215,21 @@ def test_rows(task: Task) -> tuple[np.ndarray, np.ndarray]:
 def _pool_split(task: Task, rows: np.ndarray) -> Split:
     """Train rows [M] read as a Split (features [M,D], aug_features [M,A,D] when the cache has views), for the
     methods with their own trainer (``Job.split``; its ``pool_rows`` are then 0..M-1)."""
-    features, aug = task.cache.read("train", rows, views=task.cache.has_views("train"))
+    views = task.cache.has_views("train")
+    features, aug = task.cache.read("train", rows, views=views)
+    norms = task.cache.norms("train", rows, views=views)
     listing = task.listings["train"]
-    return Split(features, listing.labels[rows], listing.paths[rows], aug)
+    return Split(features, listing.labels[rows], listing.paths[rows], aug, norms[:, 0] if views else norms,
+                 norms[:, 1:] if views else None)
 
 
-def _test_blocks(task: Task) -> Iterator[np.ndarray]:
-    """Features [n,D] of the encoded test rows, TEST_BLOCK_ROWS at a time (in row order)."""
+def _test_blocks(task: Task) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Features [n,D] of the encoded test rows and their norms before normalisation [n], TEST_BLOCK_ROWS at a time
+    (in row order)."""
     rows = np.flatnonzero(task.listings["test"].status == OK)
     for start in range(0, len(rows), TEST_BLOCK_ROWS):
-        yield l2_normalize(task.cache.read("test", rows[start : start + TEST_BLOCK_ROWS])[0])
+        block = rows[start : start + TEST_BLOCK_ROWS]
+        yield l2_normalize(task.cache.read("test", block)[0]), task.cache.norms("test", block)
 
 
 def _take(trained: Trained, idx: np.ndarray) -> Trained:
@@ -236,7 +243,7 @@ def _take(trained: Trained, idx: np.ndarray) -> Trained:
 class _Data:
     """The rows every run of one shots value draws on: the seeds' train rows pooled (``pool_rows`` [M] sorted,
     ``picks``: seed -> its rows), the union of their validation rows ([V,D], [V]; ``members``: seed -> [V] bool,
-    its own), the labels [N] of the encoded test rows (their features are read in blocks, ``_test_blocks``), and
+    its own; ``val_norms`` [V]: their norms before normalisation), the labels [N] of the encoded test rows (their features are read in blocks, ``_test_blocks``), and
     the pooled rows as a Split for the methods with their own trainer (read on first use, ``_pool_split``)."""
 
     pool_rows: np.ndarray
@@ -246,6 +253,7 @@ class _Data:
     val_labels: np.ndarray
     members: dict[int, np.ndarray]
     test_labels: np.ndarray
+    val_norms: np.ndarray
     pool_split: Split | None = None
 
 
@@ -320,7 +328,7 @@ def _prepare(task: Task, shots: int, seeds: Sequence[int], use_aug: bool) -> _Da
     test = task.listings["test"]
     return _Data(pool_rows, _pool(task, pool_rows, use_aug), picks, val_feats,
                  task.listings[val_split].labels[val_union], {s: np.isin(val_union, val_rows[s]) for s in seeds},
-                 test.labels[test.status == OK])
+                 test.labels[test.status == OK], task.cache.norms(val_split, val_union))
 
 
 def _groups(runs: Sequence[_Run]) -> dict[tuple, list[int]]:
@@ -365,12 +373,13 @@ def _score_group(task: Task, key: tuple, idx: list[int], seeds: Sequence[int], t
     rows, test accuracy, failure, final loss, loss curve, and where each run's model is."""
     head = key[0]
     own = np.stack([data.members[s] for s in seeds])
-    val_pred, val_logp = score_runs(head, trained, hp, data.val_feats, data.val_labels, task.text, budget=budget,
-                                    devices=devices, desc="val")
+    val_pred, val_logp = score_runs(head, trained, hp, head_inputs(head, data.val_feats, data.val_norms),
+                                    data.val_labels, task.text, budget=budget, devices=devices, desc="val")
     out.val_acc[idx] = evaluate.subset_accuracy(val_pred, data.val_labels, own)
     out.val_score[idx] = evaluate.subset_mean(val_logp, own)
-    test_pred = np.concatenate([predict_runs(head, trained, hp, feats, task.text, budget=budget, devices=devices,
-                                             desc="test") for feats in _test_blocks(task)], axis=-1)
+    test_pred = np.concatenate([predict_runs(head, trained, hp, head_inputs(head, feats, norms), task.text,
+                                             budget=budget, devices=devices, desc="test")
+                                for feats, norms in _test_blocks(task)], axis=-1)
     out.test_acc[idx] = evaluate.accuracy(test_pred, data.test_labels)
     out.failed[idx], out.fail_step[idx], out.loss[idx] = trained.failed, trained.fail_step, trained.final_loss
     out.curves.update(zip(idx, trained.loss_curve))
@@ -443,7 +452,7 @@ def _evaluate_shift(task: Task, runs: list[_Run], selected: dict[int, dict[str, 
         trained = _take(trained_of[idx[0]][1], np.array([trained_of[i][2] for i in idx]))
         hp = hparam_arrays([runs[i].settings for i in idx])
         for ev in task.shift:
-            preds = predict_runs(key[0], trained, hp, ev.features, task.text, ev.classes, budget=budget,
-                                 devices=devices, desc=ev.name)
+            preds = predict_runs(key[0], trained, hp, head_inputs(key[0], ev.features, ev.norms), task.text,
+                                 ev.classes, budget=budget, devices=devices, desc=ev.name)
             for i, acc in zip(idx, evaluate.accuracy(preds, ev.labels)):
                 selected[i][ev.name] = float(acc)

@@ -37,8 +37,11 @@ def objective(params, feats: jax.Array, labels: jax.Array, c: jax.Array, valid: 
 
 @dataclass(frozen=True)
 class LinearProbeHead:
-    """The probe's linear classifier ``v W^T + b`` (W [C,D], b [C], zero-initialised); its loss is ``objective``
-    on the batch with ``hp["c"]`` (the runner can train it too, as the layout tests do)."""
+    """The probe's linear classifier ``x W^T + b`` (W [C,D], b [C], zero-initialised) on raw features x (norm *
+    unit feature, as CoOp's lpclip: ``raw_features``; ``methods.head_inputs``); its loss is ``objective`` on the
+    batch with ``hp["c"]`` (the runner can train it too, as the layout tests do)."""
+
+    raw_features = True
 
     def init(self, feats, labels, text):
         classes, dim = text.shape
@@ -83,12 +86,14 @@ def _paths(rows: np.ndarray, cs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
 
 
 def fit(job: Job) -> Fitted:
-    """The linear probe's trainer (``methods.Method.fit``): L-BFGS on the training images' plain (centre-crop)
-    features, one path of C values per seed (its runs' C values, ascending, each solve warm-started from the
+    """The linear probe's trainer (``methods.Method.fit``): L-BFGS on the training images' plain (centre-crop) raw
+    features (norm * unit feature, as CoOp's lpclip), one path of C values per seed (its runs' C values, ascending, each solve warm-started from the
     previous), in equal chunks of paths that fit the memory budget; rows per run and the pool are padded to
     ``job.buckets`` (padded rows skipped by the objective), so one compiled program serves every shot count. C is
     chosen among the settings on validation like any other setting."""
     feats = l2_normalize(job.split.features[job.pool_rows])
+    if job.split.norms is not None:  # raw features (a Split made without norms: unit ones)
+        feats *= job.split.norms[job.pool_rows][:, None]
     labels = job.split.labels[job.pool_rows].astype(np.int32)
     pad = max(0, job.buckets.pool - len(labels))  # zero rows no run's own rows index
     feats = np.concatenate([feats, np.zeros((pad, feats.shape[1]), np.float32)])

@@ -140,14 +140,25 @@ METHODS: dict[str, Method] = {
 DEFAULT_METHODS = ("zeroshot", "linear_probe", "cmm_ce", "cmm")
 
 
-def logits(method: str, settings: Settings, params: Params, consts: Params, feats, text) -> jax.Array:
-    """Class logits of one learned model. feats [N,D] L2-normalised, text [C,D] prototypes -> [N,C] float32."""
+def head_inputs(head: Head, feats, norms):
+    """The image features a head reads: for a head with ``raw_features`` (the linear probe, on raw features as
+    CoOp's) norms [N] * feats [N,D], else the L2-normalised feats [N,D] themselves."""
+    if not getattr(head, "raw_features", False):
+        return feats
+    if norms is None:
+        raise ValueError(f"{type(head).__name__} reads raw features: pass the features' norms")
+    return feats * norms[:, None]
+
+
+def logits(method: str, settings: Settings, params: Params, consts: Params, feats, text, norms=None) -> jax.Array:
+    """Class logits of one learned model. feats [N,D] L2-normalised, text [C,D] prototypes, norms [N]: the
+    features' norms before normalisation (needed by the heads that read raw features) -> [N,C] float32."""
     hp = {k: jnp.asarray(getattr(settings, k), jnp.float32) for k in DYNAMIC_FIELDS}
     feats, text = jnp.asarray(feats, jnp.float32), jnp.asarray(text, jnp.float32)
     head = METHODS[method].head(settings)
-    return head.logits(params, consts, feats, feats @ text.T, text, hp)
+    return head.logits(params, consts, head_inputs(head, feats, norms), feats @ text.T, text, hp)
 
 
-def predict(method: str, settings: Settings, params: Params, consts: Params, feats, text) -> jax.Array:
-    """Class predictions of one learned model. feats [N,D] L2-normalised, text [C,D] prototypes -> [N] int."""
-    return jnp.argmax(logits(method, settings, params, consts, feats, text), axis=-1)
+def predict(method: str, settings: Settings, params: Params, consts: Params, feats, text, norms=None) -> jax.Array:
+    """Class predictions of one learned model; arguments as ``logits`` -> [N] int."""
+    return jnp.argmax(logits(method, settings, params, consts, feats, text, norms), axis=-1)
