@@ -15,6 +15,11 @@ test where float32 cannot resolve the decrease; the objective is convex, so ever
 curvature pair). Paths are solved in vmapped groups (on a CPU one at a time: there every path costs its own
 iterations only).
 
+Each path's features are centred on its rows' mean before solving: exact, since the intercept is free
+(``x W^T + b = (x - m) W^T + (b + W m)``, the penalty does not change), and far better conditioned (image features
+share a large common component; on the offline demo's raw features this cut the iterations ~6x); the stopping rule
+is tested on the gradient in the uncentred parameters, as scikit-learn's, and b is returned uncentred.
+
 Rows: a path's training rows are its first ``n`` of N (the rest pad, so that one compiled program serves every
 row count up to N); the objective runs over blocks of ``block`` rows and only over the ``ceil(n / block)`` blocks
 that hold real rows, so a padded program costs what the real rows need, up to one block.
@@ -131,6 +136,9 @@ def _solve_paths(feats, labels, rows, cs, n, *, classes, max_iter, tol, block, m
 
     def path(r, c_path):
         x, y = feats[r], labels[r]
+        real = (jnp.arange(x.shape[0]) < n)[:, None]
+        mean = jnp.sum(jnp.where(real, x, 0.0), axis=0) / n.astype(jnp.float32)
+        x = x - mean  # exact: the intercept is free (b = b' - W mean); far better conditioned
         inv_cn = 1.0 / (c_path * n.astype(jnp.float32))  # [L]
 
         def direction(st):
@@ -147,7 +155,9 @@ def _solve_paths(feats, labels, rows, cs, n, *, classes, max_iter, tol, block, m
         def going(st):
             """The stopping rule of scikit-learn's lbfgs, or the line search stalled; never before the first
             evaluation (it = -1)."""
-            done = (jnp.max(jnp.abs(st.g)) <= tol) | (st.it >= max_iter) | st.halt | ~jnp.isfinite(st.f)
+            # scikit-learn's rule on the gradient in the uncentred parameters: dW = dW' + db mean^T, db = db'
+            g = st.g.at[:, :dim].add(st.g[:, dim:] * mean)
+            done = (jnp.max(jnp.abs(g)) <= tol) | (st.it >= max_iter) | st.halt | ~jnp.isfinite(st.f)
             return (st.it < 0) | ~done
 
         def solve_one(st, inv):
@@ -191,7 +201,8 @@ def _solve_paths(feats, labels, rows, cs, n, *, classes, max_iter, tol, block, m
         # the first evaluation is a step of length 0 from zero, accepted (f = inf): it sets f and g, iteration 0
         st = _State(zeros, jnp.float32(jnp.inf), zeros, zeros, jnp.float32(0.0), jnp.zeros((memory,) + shape),
                     jnp.zeros((memory,) + shape), jnp.int32(-1), jnp.bool_(False), jnp.bool_(False))
-        return jax.lax.scan(per_c, st, jnp.arange(length))[1]
+        theta, value, iters = jax.lax.scan(per_c, st, jnp.arange(length))[1]
+        return theta.at[..., dim].add(-theta[..., :dim] @ mean), value, iters
 
     theta, value, iters = jax.lax.map(lambda a: path(*a), (rows, cs), batch_size=group)
     return {"W": theta[..., :dim], "b": theta[..., dim]}, value, iters

@@ -72,17 +72,19 @@ def run_bytes(n: int, dim: int, classes: int, length: int = 1) -> int:
     return 4 * (n * (dim + 1) + (2 * MEMORY + 10 + length) * params + 4 * block_rows(n, dim, classes) * classes)
 
 
-def _paths(rows: np.ndarray, cs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Runs (rows [S,N], C values [S]) as paths: one per distinct row set, its distinct C values ascending (padded
-    with its largest, a repeat that costs nothing) -> (path rows [P,N], path C values [P,L], each run's path [S]
-    and place on it [S])."""
-    keys, path_of = np.unique(rows, axis=0, return_inverse=True)
+def _paths(seeds: np.ndarray, rows: np.ndarray, cs: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Runs (seeds [S], rows [S,N], C values [S]) as paths: one per seed and row set (a seed's draw: so that the
+    path count, a compiled shape, stays the seed count even where two seeds draw the same rows), its distinct C
+    values ascending (padded with its largest, a repeat that costs nothing) -> (path rows [P,N], path C values
+    [P,L], each run's path [S] and place on it [S])."""
+    keys, path_of = np.unique(np.column_stack([seeds, rows]), axis=0, return_inverse=True)
     path_of = path_of.reshape(-1)
     values = [np.unique(cs[path_of == p]) for p in range(len(keys))]
     length = max(len(v) for v in values)
     path_cs = np.stack([np.pad(v, (0, length - len(v)), mode="edge") for v in values]).astype(np.float32)
     place = np.array([np.searchsorted(values[p], c) for p, c in zip(path_of, cs)])
-    return keys, path_cs, path_of, place
+    return keys[:, 1:], path_cs, path_of, place
 
 
 def fit(job: Job) -> Fitted:
@@ -100,7 +102,7 @@ def fit(job: Job) -> Fitted:
     labels = np.concatenate([labels, np.zeros(pad, np.int32)])
     c = np.array([s.c for s in job.settings], np.float32)
     runs, (n, classes) = len(c), (job.rows.shape[1], job.text.shape[0])
-    path_rows, path_cs, path_of, place = _paths(job.rows, c)
+    path_rows, path_cs, path_of, place = _paths(np.asarray(job.seeds), job.rows, c)
     path_rows = np.pad(path_rows, ((0, 0), (0, max(0, job.buckets.rows - n))))  # padded rows: past n, skipped
     paths, length = path_cs.shape
     budget = job.budget if job.budget is not None else memory_budget(list(job.devices or jax.devices()))
