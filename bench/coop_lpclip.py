@@ -1,4 +1,4 @@
-"""CoOp's linear-probe search, transcribed for the side-by-side bench (``bench.bench_peers``).
+"""CoOp's linear-probe search, transcribed for the side-by-side bench (``bench.bench_upstream``).
 
 Source: KaiyangZhou/CoOp at ff61507c790454bce7c5052c3ac39e60772f1f89, ``lpclip/linear_probe.py``: for one few-shot
 draw, scikit-learn's ``LogisticRegression(solver="lbfgs", max_iter=1000, penalty="l2", C=c)`` is fitted on the raw

@@ -1,4 +1,4 @@
-"""Tip-Adapter-F's upstream loop, transcribed in PyTorch for the side-by-side bench (``bench.bench_peers``).
+"""Tip-Adapter-F's upstream loop, transcribed in PyTorch for the side-by-side bench (``bench.bench_upstream``).
 
 Source: gaopengcuhk/Tip-Adapter at d0e2d6f8c5feb8b6ce937b757810761f7155d4d5: ``utils.py`` ``build_cache_model``
 (keys = the mean over the augmentation epochs of the raw image features, normalised once; values = one-hot labels)

@@ -17,8 +17,8 @@ make scikit-learn and torch several times slower; 1 thread is their best case th
 in percent, mean over seeds: of the validation-selected run (probe, Tip-Adapter-F), of every run (CMM: both sides
 train the whole grid). "others' CPU %" is the share of the machine's CPU other processes took meanwhile.
 
-    python -m bench.bench_peers                               # 40 classes, dim 256, shots 1 4 16, seeds 1 2 3
-    python -m bench.bench_peers --cache outputs/cache/x.h5 --pairs probe --plain   # a real cache, the probe only
+    python -m bench.bench_upstream                               # 40 classes, dim 256, shots 1 4 16, seeds 1 2 3
+    python -m bench.bench_upstream --cache outputs/cache/x.h5 --pairs probe --plain   # a real cache, the probe only
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def _peer_threads(n: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.bench_peers", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.bench_upstream", description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, help="a cache to run on (default: a synthetic one, the options below)")
     p.add_argument("--classes", type=int, default=40, help="synthetic cache: classes (default %(default)s)")
     p.add_argument("--dim", type=int, default=256, help="synthetic cache: feature dim (default %(default)s)")
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("probe pair skipped: scikit-learn is not installed (pip install scikit-learn)")
             pairs.remove("probe")
-    with tempfile.TemporaryDirectory(prefix="bench_peers_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench_upstream_") as tmp:
         cache = args.cache or write_peer_cache(Path(tmp) / "peers.h5", args.classes, args.dim,
                                                {"train": args.train, "val": 4, "test": args.test}, args.views)
         rows, totals = _run(cache, pairs, args)
@@ -243,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(HEADERS, rows))
     print()
     for pair, t in totals.items():
+        if args.rounds > 1:  # rounds after the first: this side compiles nothing more in the process
+            per_round = len(args.shots)
+            this_w, peer_w = sum(t["this"][per_round:]), sum(t["peer"][per_round:])
+            print(f"{pair}, rounds 1-{args.rounds - 1} (this side warm in the process): peer / this = "
+                  f"{peer_w / this_w:.2f}x ({peer_w:.1f} s / {this_w:.1f} s)")
         this, peer = sum(t["this"]), sum(t["peer"])
         gaps = [abs(a - b) for a, b in zip(t["this_acc"], t["peer_acc"]) if np.isfinite(b)]
         compiled = sum(t["compile"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import bench_peers, coop_lpclip, tip_adapter_torch
+from bench import bench_upstream, coop_lpclip, tip_adapter_torch
 from train_jax.baselines import search
 
 
@@ -50,12 +50,12 @@ def test_tip_adapter_transcription_searches_as_this_project():
     assert ours == pytest.approx(upstream, rel=1e-5)
 
 
-def test_bench_peers_runs_every_pair(capsys):
+def test_bench_upstream_runs_every_pair(capsys):
     argv = ["--classes", "4", "--dim", "8", "--train", "3", "--test", "3", "--views", "2", "--shots", "1", "2",
             "--seeds", "1"]
-    assert bench_peers.main(argv) == 0
+    assert bench_upstream.main(argv) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert [line.split(":")[0] for line in out[-3:]] == ["probe", "cmm", "tip"]
     assert "targets: >= 10x CoOp's search" in out[-3]
-    rows = [line for line in out if line.startswith("|") and line.split("|")[3].strip() in bench_peers.PAIRS]
+    rows = [line for line in out if line.startswith("|") and line.split("|")[3].strip() in bench_upstream.PAIRS]
     assert len(rows) == 2 * 3 * 2  # (shots x pairs), printed as measured and in the final table
