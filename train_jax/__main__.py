@@ -16,11 +16,11 @@ import numpy as np
 from data.cache import CacheError, cache_identity, file_identity, identity_diff
 from data.errors import DataError
 from train_jax import compile_cache
-from train_jax.config import (ALIASES_OUT, DEFAULT_GRID, Settings, expand_grid, grid_keys_help, grid_to_json,
-                              parse_grid)
+from train_jax.config import (ALIASES_OUT, DEFAULT_GRID, VIEWS_GRID, Settings, default_grid, expand_grid,
+                              grid_keys_help, grid_to_json, parse_grid)
 from train_jax.errors import TrainError
 from train_jax.evaluate import SELECT_MODES
-from train_jax.methods import DEFAULT_METHODS, METHODS
+from train_jax.methods import DEFAULT_METHODS, METHODS, VIEW_METHODS, default_methods
 from train_jax.records import read_records, records_to_json
 
 if TYPE_CHECKING:
@@ -35,6 +35,8 @@ Selection (on the validation split, never on test): the setting with the best va
   accuracy and score averaged over the seeds (settings that failed for fewer seeds first).
 Default grid (the paper publishes no settings):
   {' '.join(f"{ALIASES_OUT.get(k, k)}={','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items())}
+  and, when the training cache holds augmented views, {' '.join(f"{k}={','.join(f'{v:g}' for v in vs)}"
+                                                              for k, vs in VIEWS_GRID.items())}
 Fields outside the grid keep their defaults:
   {Settings().label([f.name for f in dataclasses.fields(Settings)])}
 Settings (grid keys, aliases in brackets; tip_adapter_f ignores the grid and runs its authors' recipe, README
@@ -68,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip (with a warning) shots values above the smallest class's train images instead of "
                         "stopping with an error")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="sampling seeds (default: %(default)s)")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(DEFAULT_METHODS),
-                   help="methods to train (default: %(default)s)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
+                   help=f"methods to train (default: {' '.join(DEFAULT_METHODS)}, and {' '.join(VIEW_METHODS)} "
+                        "when the training cache holds augmented views)")
     p.add_argument("--grid", nargs="+", action="extend", default=None, metavar="KEY=V1,V2",
                    help="settings grid, e.g. lr=1e-3,1e-4 alpha=1,2 (default: see below; may be repeated)")
     p.add_argument("--select", choices=SELECT_MODES, default=SELECT_MODES[0],
@@ -167,12 +170,12 @@ def run(args: argparse.Namespace) -> Path:
     """Train and evaluate every requested shots value not yet in ``args.out``; write the results files."""
     import jax
 
-    from train_jax import experiment, gap, report
+    from train_jax import experiment, gap, published, report
 
     compile_cache.enable(compile_cache.cache_dir(args.compile_cache, args.no_compile_cache))
     compiled_before = compile_cache.stats()
-    grid = parse_grid(args.grid) if args.grid else dict(DEFAULT_GRID)
-    shots, seeds, methods = sorted(set(args.shots)), list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.methods))
+    grid = parse_grid(args.grid) if args.grid else None
+    shots, seeds = sorted(set(args.shots)), list(dict.fromkeys(args.seeds))
     if min(shots) < 1:
         raise TrainError(f"--shots must be >= 1, got {args.shots}")
     if args.devices is not None and not 1 <= args.devices <= len(jax.devices()):
@@ -180,6 +183,9 @@ def run(args: argparse.Namespace) -> Path:
     devices = jax.devices()[: args.devices] if args.devices else None
     budget = int(args.memory_gb * 2**30) if args.memory_gb else None
     task = experiment.load_task(args.cache, args.eval_cache, args.prompt)
+    views = task.cache.has_views("train")  # the defaults add what augmented views allow
+    grid = grid if grid is not None else default_grid(views)
+    methods = list(dict.fromkeys(args.methods or default_methods(views)))
     if args.fit_shots:
         shots = _fitting_shots(task, shots)
     experiment.check_encoded(task, shots, seeds)  # before anything is written to --out
@@ -216,7 +222,8 @@ def run(args: argparse.Namespace) -> Path:
             acc = f"{row['test_mean']:.2f} ± {row['test_std']:.2f}" if "test_mean" in row else "all runs failed"
             print(f"{task.dataset} {k}-shot {row['method']}: {acc}")
     records = [r for f in sorted((out / "shots").glob("*shot.json")) for r in read_records(f)]
-    report.write_run_dir(out, task.dataset, config, records)
+    for line in published.warnings(report.write_run_dir(out, task.dataset, config, records)):
+        print(f"warning: {line}", file=sys.stderr)
     test_features, test_labels = experiment.test_rows(task)
     gap.write_run(out, task.dataset, test_features, test_labels, task.text, task.cache.classnames)
     compiled = compile_cache.stats() - compiled_before

@@ -138,6 +138,14 @@ METHODS: dict[str, Method] = {
     )
 }
 DEFAULT_METHODS = ("zeroshot", "linear_probe", "cmm_ce", "cmm")
+VIEW_METHODS = ("tip_adapter_f",)  # also run by default when the training cache holds augmented views
+
+
+def default_methods(views: bool) -> list[str]:
+    """The methods a run trains when --methods is not given, in ``METHODS`` order: ``DEFAULT_METHODS``, plus
+    ``VIEW_METHODS`` (whose recipes need augmented views) when the training cache holds views."""
+    chosen = set(DEFAULT_METHODS) | (set(VIEW_METHODS) if views else set())
+    return [m for m in METHODS if m in chosen]
 
 
 def logits(method: str, settings: Settings, params: Params, consts: Params, feats, text) -> jax.Array:

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from data.registry import dataset_names
+from train_jax import choices, published
 from train_jax.config import Settings
 from train_jax.errors import TrainError
 from train_jax.evaluate import mean_std
@@ -62,7 +63,7 @@ def summarize(records: Sequence[RunRecord], select: str = "seed") -> list[dict[s
             "failed_seeds": [s for s in seeds if s not in {r.seed for r in chosen}],
             "failed_runs": sum(r.failed for r in runs), "settings": [r.setting for r in chosen],
             "tie_breaks": [r.tie_break for r in chosen], "select": select,
-            "notes": sorted({r.note for r in runs if r.note}), "shift": {},
+            "notes": sorted({r.note for r in runs if r.note}), "shift": {}, "chose": choices.chosen_on(runs),
         }
         if chosen:
             row["test_mean"], row["test_std"] = mean_std([r.test_acc for r in chosen])
@@ -194,6 +195,7 @@ def run_markdown(dataset: str, summary: Sequence[Mapping[str, Any]]) -> str:
             f"{r['method']} {r['shots']}-shot: {r['failed_runs']}" for r in failed) + "\n"
     text += _notes(summary)
     text += _falling_note(summary)
+    text += choices.markdown(summary) + published.markdown(summary)
     shift = shift_table(summary)
     return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "")
 
@@ -326,10 +328,12 @@ def plot_curves(path: Path, summary: Sequence[Mapping[str, Any]], title: str = "
     plt.close(fig)
 
 
-def write_run_dir(out: Path, dataset: str, config: Mapping[str, Any], records: Sequence[RunRecord]) -> None:
+def write_run_dir(out: Path, dataset: str, config: Mapping[str, Any],
+                  records: Sequence[RunRecord]) -> list[dict[str, Any]]:
     """results.json (``schema_version``, dataset, config, summary, ``runs``: the records' JSON), results.csv,
-    results.md, accuracy_vs_shots.png and loss_curves.png of one run directory."""
+    results.md, accuracy_vs_shots.png and loss_curves.png of one run directory; returns the summary."""
     summary = summarize(records, config["select"])
+    published.annotate(summary, config.get("identity", {}), config.get("prompt", ""))
     payload = {"schema_version": SCHEMA_VERSION, "dataset": dataset, "config": dict(config), "summary": summary,
                "runs": [r.to_json() for r in records]}
     (out / "results.json").write_text(json.dumps(payload, indent=1))
@@ -337,6 +341,7 @@ def write_run_dir(out: Path, dataset: str, config: Mapping[str, Any], records: S
     (out / "results.md").write_text(run_markdown(dataset, summary) + scale_line(config))
     plot(out / "accuracy_vs_shots.png", summary, dataset)
     plot_curves(out / "loss_curves.png", summary, dataset)
+    return summary
 
 
 def _average_rows(summary: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -383,6 +388,7 @@ def combined_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
         text += f"\n## {k}-shot\n\n" + _table(header, rows) + "\n"
     text += _notes(summary)
     text += _falling_note(summary)
+    text += choices.markdown(summary) + published.markdown(summary)
     shift = shift_table(summary)
     return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "") + _tie_note(summary)
 
