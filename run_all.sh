@@ -27,7 +27,8 @@ tiny random-weight CLIP. Its numbers check the pipeline; they are not CLIP accur
   --shots "K ..."        shots per class (default "1 2 4 8 16"); values above a dataset's smallest class are
                          skipped for that dataset with a warning
   --seeds "S ..."        few-shot seeds (default "1 2 3")
-  --aug-views N          augmented views of each encoded train image (default 0)
+  --aug-views N          augmented views of each encoded train image (default 10, Tip-Adapter's: train_jax then
+                         also runs tip_adapter_f and searches CMM's use_aug; 0 for neither)
   --encode-all           encode every train image (default: only those the few-shot draws of --seeds at up
                          to the largest --shots can use; rerunning with more seeds or shots adds the missing)
   --out DIR              output folder (default outputs/): cache/, runs/, results/
@@ -45,7 +46,7 @@ EOF
 BENCHMARKS="ImageNet Caltech101 OxfordPets StanfordCars Flowers102 Food101 FGVCAircraft SUN397 DTD EuroSAT UCF101"
 SHIFTS="ImageNetV2 ImageNetSketch ImageNetA ImageNetR"
 DATASETS="" DATA_ROOT="" FOLDER="" NAME="" MODEL="" PRETRAINED="" MODEL_CONFIG=""
-SHOTS="1 2 4 8 16" SEEDS="1 2 3" AUG_VIEWS=0 OUT="outputs" DEVICE="auto" TRAIN_ARGS="" ENCODE_ALL=0
+SHOTS="1 2 4 8 16" SEEDS="1 2 3" AUG_VIEWS=10 OUT="outputs" DEVICE="auto" TRAIN_ARGS="" ENCODE_ALL=0
 PREDICT="" RUN="" PREDICT_ARGS=""
 PY="${PYTHON:-python}"
 
