@@ -117,7 +117,8 @@ def settle_line(rows: Sequence[Comparison]) -> str:
     if rest:
         counts.append(f"more than {SETTLE_CAP} seeds or no difference seen: {rest}")
     return (f"\nOpen at {'/'.join(map(str, seeds))} seeds (seed interval includes 0): {len(open_)} of {len(rows)} "
-            f"comparisons; seeds that would likely settle them: {'; '.join(counts)} (each: compare.csv).\n")
+            f"per-dataset comparisons; seeds that would likely settle them: {'; '.join(counts)} (each: "
+            "compare.csv).\n")
 
 
 def _interval_json(interval: Interval | None) -> dict[str, Any] | None:
