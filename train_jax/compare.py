@@ -6,7 +6,7 @@ For a method m and a reference r at one dataset and shot count, with S seeds bot
 - the interval *over seeds*: a t interval (S - 1 degrees of freedom) of the mean of d_s. It says whether the
   difference would hold for other few-shot draws, on this test set;
 - the interval *over test images*: a t interval (N - 1 degrees of freedom) of the mean over the N test images of
-  e_i = mean over seeds of (correct_m,s,i - correct_r,s,i). Images are the resampled unit, each with all its
+  e_i = mean over seeds of (correct_m,s,i - correct_r,s,i). Images are the independent unit, each with all its
   seeds, because an image's outcomes are correlated across seeds (a hard image stays hard). It says whether, with
   these draws' models, the difference is more than test-image noise; it needs the per-image correctness
   (``train_jax.records.read_correct``) and works from one seed;
