@@ -90,7 +90,7 @@ def _search_hits(params, consts, feats, labels, valid, zs_logits, betas, alphas)
 _search_hits_runs = jax.jit(jax.vmap(_search_hits, in_axes=(0,) * 6 + (None,) * 2))
 
 
-def own_rows(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _own_rows(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each run's own rows of a shared set, members [S,Nv] bool -> (indices [S,n] into the set, valid [S,n] bool),
     n the most rows a run owns; a run with fewer repeats its first (or row 0) where valid is False."""
     n = int(members.sum(axis=1).max(initial=0))
@@ -108,7 +108,7 @@ def search_runs(params, consts, feats: np.ndarray, labels: np.ndarray, members: 
     rows (members [S,Nv] bool) of the shared validation set feats [Nv,D], labels [Nv]: the (beta, alpha) of the
     best accuracy, the first in beta-major order on ties (upstream's strict ">") -> betas [S], alphas [S]."""
     betas, alphas = (search_values(s, n) for s, n in zip(scale, SEARCH_STEPS))
-    idx, valid = own_rows(np.asarray(members, bool))
+    idx, valid = _own_rows(np.asarray(members, bool))
     own_feats = np.asarray(feats, np.float32)[idx]
     zs_logits = logit_scale * (own_feats @ np.asarray(text, np.float32).T)
     hits = np.asarray(_search_hits_runs(params, consts, own_feats, np.asarray(labels)[idx], valid, zs_logits,
