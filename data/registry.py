@@ -7,11 +7,11 @@ go into prompts, and `{split: [(relpath, label), ...]}`. Layout kinds (the `layo
 - `fgvc_variants`: FGVC-Aircraft's own `images_variant_{train,val,test}.txt` lists, as CoOp reads them.
 - `imagenet`: `images/train/<wnid>/` and `images/val/<wnid>/`; as in CoOp, val is returned as the `test` split.
 - `imagenet_shift`: one folder per class under `image_dir` (wnids, or `0`..`999` for ImageNet-V2); `test` only.
+- `split_folders`: `<split>/<class folder>/` image trees (the offline Fashion-MNIST demo).
 
 A dataset may also accept the folder its archive unpacks to (`archive_dirs`, e.g. ImageNet-Sketch's `sketch/`) in
-place of `image_dir`. Names are matched ignoring case, '-' and '_', and by their `aliases` (CoOp's own class names
-of the datasets, e.g. `DescribableTextures`); `resolve_names` turns what a user typed into registry entries.
-- `split_folders`: `<split>/<class folder>/` image trees (the offline Fashion-MNIST demo).
+place of `image_dir`. Names are matched ignoring case, '-' and '_', and by their `aliases` (the names CoOp's code
+gives the datasets, e.g. `DescribableTextures`); `resolve_names` turns what a user typed into registry entries.
 """
 from __future__ import annotations
 
@@ -191,6 +191,7 @@ def display_order(names: Iterable[str]) -> list[str]:
     """`names` once each, in registry order (the 11 benchmarks, the 4 shift sets, the demo), then the others
     alphabetically: the one order of datasets in tables and plots."""
     rank = {name: i for i, name in enumerate(_registry())}
+
     def key(name: str) -> tuple[int, str]:
         info = find_dataset(name)
         return (rank[info.name] if info else len(rank), name)
