@@ -51,7 +51,7 @@ def test_run_all_end_to_end_then_reuses_cache(tmp_path: Path) -> None:
 
     # a real run's defaults: Tip-Adapter's 10 views extracted, so train_jax adds Tip-Adapter-F to its methods
     assert read_attrs(cache)["aug_views"] == 10
-    assert {r["method"] for r in rows["summary"]} == {"zeroshot", "linear_probe", "tip_adapter_f", "cmm_ce", "cmm"}
+    assert {"zeroshot", "linear_probe", "tip_adapter_f", "cmm_ce", "cmm"} <= {r["method"] for r in rows["summary"]}
     before = cache.stat().st_mtime_ns
 
     second = _run_all(*args)

@@ -9,15 +9,16 @@ from helpers_train import GapWorld, write_gap_cache
 from train_jax import choices, config
 from train_jax.__main__ import main
 from train_jax.config import Settings
-from train_jax.methods import METHODS, default_methods
+from train_jax.methods import DEFAULT_METHODS, METHODS, default_methods
 from train_jax.records import RunRecord
 
 
 def test_default_grid_and_methods_follow_the_cache():
     assert config.DEFAULT_GRID["learn_text"] == (False, True)
     assert "use_aug" not in config.default_grid(False) and config.default_grid(True)["use_aug"] == (False, True)
-    assert default_methods(False) == ["zeroshot", "linear_probe", "cmm_ce", "cmm"]
-    assert default_methods(True) == ["zeroshot", "linear_probe", "cmm_ce", "cmm", "tip_adapter_f"]
+    assert default_methods(False) == [m for m in METHODS if m in DEFAULT_METHODS]
+    assert default_methods(True) == [m for m in METHODS if m in DEFAULT_METHODS or m == "tip_adapter_f"]
+    assert "tip_adapter_f" not in DEFAULT_METHODS  # its recipe needs the views
     settings = config.expand_grid(config.default_grid(True))
     # learn_text and use_aug reach CMM and its CE-only ablation, not the methods that ignore them
     for name, runs in (("cmm", 48), ("cmm_ce", 24), ("zeroshot", 1), ("linear_probe", 25)):
@@ -65,7 +66,7 @@ def test_default_run_searches_learned_prototypes_and_views(tmp_path, small_defau
             assert row["chose"]["learn_text"] == sorted(r["seed"] for r in chosen if r["settings"]["learn_text"])
             assert set(row["chose"]) == {"learn_text", "use_aug"}
         else:
-            assert row["chose"] == {}  # tip_adapter_f runs its own recipe; zeroshot and the probe search neither
+            assert row["chose"] == {}  # the peers run their own recipes; zeroshot and the probe search neither
     md = (out / "results.md").read_text()
     assert "## Chosen on validation" in md and "| cmm | learned prototypes (learn_text=1) |" in md
     assert "| cmm_ce | augmented views (use_aug=1) |" in md

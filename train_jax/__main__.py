@@ -39,8 +39,8 @@ Default grid (the paper publishes no settings):
                                                               for k, vs in VIEWS_GRID.items())}
 Fields outside the grid keep their defaults:
   {Settings().label([f.name for f in dataclasses.fields(Settings)])}
-Settings (grid keys, aliases in brackets; tip_adapter_f ignores the grid and runs its authors' recipe, README
-"Protocol"):
+Settings (grid keys, aliases in brackets; tip_adapter_f, tip_adapter and gda ignore the grid and run their
+authors' recipes, README "Protocol"):
 {grid_keys_help()}
 Methods:
 {_METHODS_HELP}
