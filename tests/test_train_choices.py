@@ -70,3 +70,11 @@ def test_default_run_searches_learned_prototypes_and_views(tmp_path, small_defau
     md = (out / "results.md").read_text()
     assert "## Chosen on validation" in md and "| cmm | learned prototypes (learn_text=1) |" in md
     assert "| cmm_ce | augmented views (use_aug=1) |" in md
+
+
+def test_given_methods_are_kept_on_a_cache_with_views(tmp_path):
+    cache = write_gap_cache(tmp_path / "c.h5", GapWorld(0, classes=3, dim=8), train=2, val=1, test=2, aug_views=2)
+    out = tmp_path / "run"
+    assert main(["--cache", str(cache), "--out", str(out), "--shots", "1", "--seeds", "1", "--methods", "zeroshot",
+                 "linear_probe", "cmm_ce", "cmm", "tip_adapter", "gda", "--grid", "epochs=1", "--prompt", "single"]) == 0
+    assert "tip_adapter_f" not in json.loads((out / "run_config.json").read_text())["methods"]

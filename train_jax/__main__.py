@@ -26,6 +26,7 @@ from train_jax.records import correct_path, read_records, records_to_json, write
 if TYPE_CHECKING:
     from train_jax.experiment import Task
 
+UNGIVEN_METHODS = list(DEFAULT_METHODS)  # --methods' default; by identity: not given, so views may add methods
 _METHODS_HELP = "\n".join(f"  {m.name}: {m.description}" for m in METHODS.values())
 EPILOG = f"""
 Selection (on the validation split, never on test): the setting with the best validation accuracy; ties go to
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip (with a warning) shots values above the smallest class's train images instead of "
                         "stopping with an error")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="sampling seeds (default: %(default)s)")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=UNGIVEN_METHODS,
                    help=f"methods to train (default: {' '.join(DEFAULT_METHODS)}, and {' '.join(VIEW_METHODS)} "
                         "when the training cache holds augmented views)")
     p.add_argument("--grid", nargs="+", action="extend", default=None, metavar="KEY=V1,V2",
@@ -190,7 +191,7 @@ def run(args: argparse.Namespace) -> Path:
     task = experiment.load_task(args.cache, args.eval_cache, args.prompt)
     views = task.cache.has_views("train")  # the defaults add what augmented views allow
     grid = grid if grid is not None else default_grid(views)
-    methods = list(dict.fromkeys(args.methods or default_methods(views)))
+    methods = list(dict.fromkeys(default_methods(views) if args.methods is UNGIVEN_METHODS else args.methods))
     if args.fit_shots:
         shots = _fitting_shots(task, shots)
     experiment.check_encoded(task, shots, seeds)  # before anything is written to --out
