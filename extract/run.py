@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from extract.augment import AugmentedViews
 from data import fewshot
-from data.cache import (ABSENT, BAD, OK, SCHEMA_VERSION, CacheError, CacheWriter, complete_status, partial_path,
-                        read_attrs, read_status, reopen_complete)
+from data.cache import ABSENT, BAD, OK, SCHEMA_VERSION, CacheError, partial_path, read_attrs, read_status
+from data.cache_writer import CacheWriter, complete_status, reopen_complete
 from extract.datasets import DatasetSpec
 from extract.encode import encode_images, encode_texts, make_loader
 from extract.errors import ExtractError

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from data.cache import BAD, DEFAULT_ATTRS, IDENTITY_ATTRS, OK, CacheWriter, open_cache
+from data.cache import BAD, DEFAULT_ATTRS, IDENTITY_ATTRS, OK, open_cache
+from data.cache_writer import CacheWriter
 from extract.errors import ExtractError
 
 MERGE_CHUNK = 8192  # rows copied at a time
