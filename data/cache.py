@@ -1,8 +1,8 @@
 """Reading the HDF5 feature cache (the contract between `extract` and `train_jax`; schema: ``data.cache_schema``).
 
 ``open_cache`` validates a complete file and reads listings, then only the rows asked for (``CacheReader.read``);
-``read_cache`` reads every encoded row. ``train_jax`` only reads; ``extract`` writes through ``data.cache_writer``
-(its names are importable from here too). numpy + h5py only.
+``read_cache`` reads every encoded row. ``train_jax`` only reads; ``extract`` writes through ``data.cache_writer``.
+numpy + h5py only.
 """
 from __future__ import annotations
 
@@ -29,20 +29,10 @@ __all__ = [  # the reader API, the schema names and l2_normalize (re-exported: o
     "identity_diff", "inspect", "l2_normalize", "lock_path", "open_cache", "partial_path", "read_attrs",
     "read_cache", "read_status", "verify", "writer_active",
 ]
-# The writer's names, importable from here without loading the writer until one is used (``__getattr__``).
-_WRITER_NAMES = ("CacheWriter", "write_cache", "reopen_complete", "complete_status", "listing_diff")
 
 READ_BLOCK_BYTES = 64 << 20  # features read from the file at a time
 _NORM_TOL = 1e-2  # float16 storage keeps norms within ~1e-3
 H5_ERRORS = (OSError, ValueError, RuntimeError)  # what h5py raises when the file system refuses a read or write
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WRITER_NAMES:
-        from data import cache_writer
-
-        return getattr(cache_writer, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)

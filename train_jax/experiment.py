@@ -23,9 +23,9 @@ from train_jax import evaluate
 from train_jax.config import Settings
 from train_jax.errors import TrainError
 from train_jax.methods import METHODS
+from train_jax.layout import Buckets, shot_buckets
 from train_jax.records import Learned, RunRecord
-from train_jax.runner import (Buckets, Pool, Trained, hparam_arrays, predict_runs, score_runs, shot_buckets,
-                              train_runs)
+from train_jax.runner import Pool, Trained, hparam_arrays, predict_runs, score_runs, train_runs
 from train_jax.trainers import Job
 
 TEST_BLOCK_ROWS = 16384  # test rows read and predicted at a time
