@@ -49,6 +49,7 @@ class Method:
 
 _TRAINED = ("lr", "weight_decay", "epochs", "warmup", "batch_size", "use_aug", "logit_scale")
 
+# The registry, in the order tables, plots and summaries list methods (``records.method_rank``).
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -60,17 +61,17 @@ METHODS: dict[str, Method] = {
             logreg.fit,
         ),
         Method(
+            "tip_adapter_f", lambda s: baselines.TipAdapterHead(), (), baselines.FORCED,
+            "Tip-Adapter-F with its authors' recipe; (beta, alpha) searched on validation after training",
+            baselines.fit,
+        ),
+        Method(
             "cmm_ce", lambda s: CMMHead(s.learn_text), _TRAINED + ("alpha", "learn_text"), {"lam": 0.0},
             "CMM without the triplet loss (ablation)",
         ),
         Method(
             "cmm", lambda s: CMMHead(s.learn_text), _TRAINED + ("alpha", "lam", "margin", "learn_text"), {},
             "Cross-Modal Mapping: CE + lambda * hardest-negative triplet",
-        ),
-        Method(
-            "tip_adapter_f", lambda s: baselines.TipAdapterHead(), (), baselines.FORCED,
-            "Tip-Adapter-F with its authors' recipe; (beta, alpha) searched on validation after training",
-            baselines.fit,
         ),
     )
 }
