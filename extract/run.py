@@ -131,7 +131,14 @@ def plan(spec: DatasetSpec, out: str | Path, *, splits: list[str] | None = None,
             "to_encode": sum(s["to_encode"] for s in per_split.values())}
 
 
-def describe_plan(planned: dict) -> str:
+def describe_plan(spec: DatasetSpec, out: str | Path, *, splits: list[str] | None = None, pool: dict | None = None,
+                  aug_views: int = 0, shard: Shard | None = None) -> str:
+    """Per split: images listed, images this run would encode (those `out` does not hold yet) and forwards
+    (``plan_text`` of ``plan``)."""
+    return plan_text(plan(spec, out, splits=splits, pool=pool, aug_views=aug_views, shard=shard))
+
+
+def plan_text(planned: dict) -> str:
     """``plan``'s result in words: per split, images listed, to encode, already in the file, and forwards."""
     pool = planned["pool"]
     what = f"seeds {' '.join(map(str, pool['seeds']))} at <= {pool['shots']} shots" if pool else "the whole split"
