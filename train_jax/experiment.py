@@ -56,10 +56,12 @@ class Task:
 @dataclass(frozen=True)
 class ShotResult:
     """One shot count's results: records, one RunRecord per run (in run order); learned: "method/seed<k>" -> the
-    model of the run selected for that method and seed."""
+    model of the run selected for that method and seed; correct: "method/seed<k>" -> bool [N_test], which test
+    images that selected run classified correctly (for the paired comparisons, ``train_jax.compare``)."""
 
     records: list[RunRecord] = field(default_factory=list)
     learned: dict[str, Learned] = field(default_factory=dict)
+    correct: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,8 @@ class _Run:
 class GroupResult:
     """One trained group of a shot count, scored: runs [S] (indices into the shot count's run list), the trained
     group (its settings: those the models are used with), the trainer's note, and per run accuracy (%) and score on
-    its own validation rows and test accuracy (%), each [S]."""
+    its own validation rows and test accuracy (%), each [S], and which test images it classified correctly
+    [S, N_test] bool."""
 
     key: tuple
     runs: tuple[int, ...]
@@ -256,6 +259,7 @@ class GroupResult:
     val_acc: np.ndarray
     val_score: np.ndarray
     test_acc: np.ndarray
+    test_correct: np.ndarray
 
 
 def _take(trained: Trained, idx: np.ndarray) -> Trained:
@@ -326,7 +330,9 @@ def run_shots(
                         per_run(lambda g: g.group.trained.failed), select)
     shift = _evaluate_shift(task, list(tie_break), where, place)
     return ShotResult(_records(task.dataset, shots, runs, label_keys, where, tie_break, shift),
-                      _learned(runs, tie_break, where))
+                      _learned(runs, tie_break, where),
+                      {f"{runs[i].method}/seed{runs[i].seed}": where[i][0].test_correct[where[i][1]]
+                       for i in sorted(tie_break)})
 
 
 def _prepare(task: Task, shots: int, seeds: Sequence[int], use_aug: bool) -> _Data:
@@ -384,8 +390,8 @@ def _score(task: Task, key: tuple, runs: tuple[int, ...], own: np.ndarray, group
     """A trained group's accuracy and score on each run's own validation rows (own [S,V] bool), and its test
     accuracy."""
     val_acc, val_score = evaluators.on_validation(group, data.val_feats, data.val_labels, own, task.text, place)
-    test_acc = evaluators.on_test(group, _test_blocks(task), data.test_labels, task.text, place)
-    return GroupResult(key, runs, group, note, val_acc, val_score, test_acc)
+    test_acc, test_correct = evaluators.on_test(group, _test_blocks(task), data.test_labels, task.text, place)
+    return GroupResult(key, runs, group, note, val_acc, val_score, test_acc, test_correct)
 
 
 def _records(dataset: str, shots: int, runs: Sequence[_Run], label_keys: Sequence[str],
@@ -544,7 +550,7 @@ def train_and_evaluate(config: RunConfig, out: str | Path, *, say: Callable[[str
             continue
         result = run_shots(task, k, seeds, methods, settings, label_keys, select=config.select,
                            budget=config.budget, devices=devices, max_shots=max(shots))
-        records.write_shot(out, k, result.records, result.learned)
+        records.write_shot(out, k, result.records, result.learned, result.correct)
         for r in result.records:
             if r.failed:
                 warn(f"{r.method} seed {r.seed} ({r.setting}) stopped at step {r.fail_step} "
@@ -557,7 +563,7 @@ def train_and_evaluate(config: RunConfig, out: str | Path, *, say: Callable[[str
     from train_jax import report  # the renderers (matplotlib) load only when there is something to render
 
     every = records.read_shots(out)
-    summary = report.write_run_dir(out, task.dataset, recorded.to_json(), every)
+    summary = report.write_run_dir(out, task.dataset, recorded.to_json(), every, compare_to=config.compare_to)
     test_features, test_labels = test_rows(task)
     gap.write_run(out, task.dataset, test_features, test_labels, task.text, task.cache.classnames)
     compiled = compile_cache.stats() - compiled_before

@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from train_jax import baselines, logreg
+from train_jax import baselines, logreg, training_free
 from train_jax.config import DYNAMIC_FIELDS, Settings
 from train_jax.heads import CMMHead, Head, Params
 from train_jax.trainers import Fitted, Job
@@ -61,9 +61,20 @@ METHODS: dict[str, Method] = {
             logreg.fit,
         ),
         Method(
+            "tip_adapter", lambda s: training_free.TipCacheHead(), (), training_free.FORCED,
+            "training-free Tip-Adapter: a cache of the shots' features; (beta, alpha) searched on validation",
+            training_free.tip_adapter_fit,
+        ),
+        Method(
             "tip_adapter_f", lambda s: baselines.TipAdapterHead(), (), baselines.FORCED,
             "Tip-Adapter-F with its authors' recipe; (beta, alpha) searched on validation after training",
             baselines.fit,
+        ),
+        Method(
+            "gda", lambda s: training_free.GDAHead(), (), training_free.FORCED,
+            "training-free GDA: the linear classifier of the class means and one shared covariance, added to "
+            "zero-shot with its weight chosen on validation",
+            training_free.gda_fit,
         ),
         Method(
             "cmm_ce", lambda s: CMMHead(s.learn_text), _TRAINED + ("alpha", "learn_text"), {"lam": 0.0},
@@ -75,7 +86,7 @@ METHODS: dict[str, Method] = {
         ),
     )
 }
-DEFAULT_METHODS = ("zeroshot", "linear_probe", "cmm_ce", "cmm")
+DEFAULT_METHODS = ("zeroshot", "linear_probe", "tip_adapter", "gda", "cmm_ce", "cmm")
 
 
 def logits(method: str, settings: Settings, params: Params, consts: Params, feats, text) -> jax.Array:
