@@ -290,7 +290,8 @@ def run_shots(
     Steps: sample -> train -> score (per group of runs sharing one program) -> select -> shift-evaluate -> records."""
     if select not in evaluate.SELECT_MODES:
         raise TrainError(f"select={select!r}: use one of {', '.join(evaluate.SELECT_MODES)}")
-    runs = [_Run(m, s, st) for m in methods for s in seeds for st in METHODS[m].settings(list(grid))]
+    runs = [_Run(m, s, st) for m in methods for s in seeds
+            for st in METHODS[m].settings(list(grid), len(task.text))]
     data = _prepare(task, shots, seeds, any(r.settings.use_aug for r in runs))
     buckets = shot_buckets(max(shots, max_shots or shots), len(task.text), len(seeds),
                            len(task.listings["train"].labels))
@@ -389,7 +390,7 @@ def _records(dataset: str, shots: int, runs: Sequence[_Run], label_keys: Sequenc
 
     return [RunRecord(
         dataset=dataset, shots=shots, method=run.method, seed=run.seed,
-        setting=run.settings.label([k for k in label_keys if k in METHODS[run.method].used]) or "-",
+        setting=run.settings.label(METHODS[run.method].label_keys(label_keys)) or "-",
         settings=run.settings, val_acc=float(out.val_acc[i]), val_score=finite(out.val_score[i]),
         test_acc=float(out.test_acc[i]), failed=bool(out.failed[i]),
         fail_step=int(out.fail_step[i]) if out.failed[i] else None, final_loss=finite(out.loss[i]),

@@ -23,8 +23,9 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 
-from train_jax import baselines, logreg
-from train_jax.config import DYNAMIC_FIELDS, Settings
+from train_jax import baselines, clap, cross_modal, logreg, lpp
+from train_jax.config import DYNAMIC_FIELDS, Settings, expand_grid
+from train_jax.errors import TrainError
 from train_jax.losses import cmm_logits, cmm_loss, cmm_loss_parts, combine_cmm_parts
 from train_jax.model import CrossModalMapper
 from train_jax.trainers import Fitted, Job
@@ -95,7 +96,9 @@ def restrict(grid: Sequence[Settings], used: Sequence[str], forced: Mapping[str,
 @dataclass(frozen=True)
 class Method:
     """A named method: its head for given settings, the fields it uses, how it turns the grid into runs, and its
-    own trainer (``fit``; None: the shared AdamW runner with the settings as given)."""
+    own trainer (``fit``; None: the shared AdamW runner with the settings as given). ``grid``: the authors' own
+    grid, searched instead of the user's (None: the user's grid restricted to ``used``); ``admits(settings,
+    classes)``: whether a setting runs on a dataset of that many classes (None: all do)."""
 
     name: str
     head: Callable[[Settings], Head]
@@ -103,11 +106,30 @@ class Method:
     forced: Mapping[str, Any]
     description: str
     fit: Callable[[Job], Fitted] | None = None
+    grid: Mapping[str, tuple] | None = None
+    admits: Callable[[Settings, int], bool] | None = None
 
-    def settings(self, grid: list[Settings]) -> list[Settings]:
+    def settings(self, grid: list[Settings], classes: int | None = None) -> list[Settings]:
         """This method's runs for the user's grid: unused fields reset to defaults, forced ones set, duplicates
-        dropped (order kept)."""
-        return restrict(grid, self.used, self.forced)
+        dropped (order kept); or its own grid over the defaults and forced fields. With ``classes``, only the
+        settings it ``admits`` for that many classes (TrainError if none)."""
+        if self.grid is not None:
+            runs = expand_grid(self.grid, dataclasses.replace(Settings(), **self.forced))
+        else:
+            runs = restrict(grid, self.used, self.forced)
+        if classes is None or self.admits is None:
+            return runs
+        kept = [s for s in runs if self.admits(s, classes)]
+        if not kept:
+            raise TrainError(f"{self.name}: none of its settings runs on {classes} classes ({self.description})")
+        return kept
+
+    def label_keys(self, keys: Sequence[str]) -> list[str]:
+        """The fields a run's ``setting`` label shows: those of ``keys`` (the user's varied grid keys) it uses, or
+        its own grid's varied keys."""
+        if self.grid is not None:
+            return [k for k, vs in self.grid.items() if len(vs) > 1]
+        return [k for k in keys if k in self.used]
 
 
 _TRAINED = ("lr", "weight_decay", "epochs", "warmup", "batch_size", "use_aug", "logit_scale")
@@ -134,6 +156,22 @@ METHODS: dict[str, Method] = {
             "tip_adapter_f", lambda s: baselines.TipAdapterHead(), (), baselines.FORCED,
             "Tip-Adapter-F with its authors' recipe; (beta, alpha) searched on validation after training",
             baselines.fit,
+        ),
+        Method(
+            "clap", lambda s: clap.ClapHead(), ("logit_scale",), clap.FORCED,
+            "CLAP: zero-shot-initialised linear probe with its class-adaptive penalty, its authors' fixed recipe "
+            "(no validation)", clap.fit,
+        ),
+        Method(
+            "lp_plus_plus", lambda s: lpp.LPPHead(), (), lpp.FORCED,
+            "LP++: linear probe plus class-wise weighted text logits, its authors' step sizes; epoch chosen on "
+            "validation", lpp.fit,
+        ),
+        Method(
+            "cross_modal_lp", lambda s: cross_modal.CrossModalHead(), (), cross_modal.FORCED,
+            "cross-modal linear probe: text embeddings as extra training samples, its authors' 12-setting grid and "
+            "checkpoint chosen on validation", cross_modal.fit, cross_modal.GRID,
+            lambda s, classes: cross_modal.admits(s.batch_size, classes),
         ),
     )
 }
