@@ -116,6 +116,7 @@ class _State(NamedTuple):
 def train_run(rows, seed, scale, views, labels, text, *, n: int, batch: int, steps: int, epochs: int):
     """One CLAP run: rows [n] into the pool views [M,A,D] (labels [M]), seed (shuffles), scale (logit scale) ->
     (params {"W": [C,D]}, consts {"mult": [C]}, failed, fail_step, last loss, loss per epoch [epochs])."""
+    views, labels, text = jnp.asarray(views), jnp.asarray(labels), jnp.asarray(text, jnp.float32)
     classes, per_shot = text.shape[0], views.shape[1]
     pad = -n % ROW_BLOCK
     padded = jnp.concatenate([rows, jnp.zeros(pad, rows.dtype)])

@@ -107,6 +107,7 @@ def train_run(image_idx, text_idx, lr, wd, members, images, image_y, text, val_x
     text [C,D] (sample c is class c), per iteration; peak lr and weight decay; its validation rows ``members`` [V]
     of val_x [V,D], val_y [V] -> (W of the kept checkpoint, failed, fail_step, mean loss per EVAL_EVERY iterations
     [ceil(I / EVAL_EVERY)]). A run without validation rows keeps its last iterate."""
+    images, image_y, text = jnp.asarray(images), jnp.asarray(image_y), jnp.asarray(text, jnp.float32)
     grad = jax.value_and_grad(lambda w, x, y: cross_entropy(head_logits(w, x), y))
     no_val = ~jnp.any(members)
 
