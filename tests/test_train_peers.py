@@ -195,7 +195,7 @@ def test_lpp_matches_upstream_step_for_step(val_is_train):
     val_y_all = np.concatenate([val_y, np.zeros(6, np.int64)]).astype(np.int32)
     epochs = 35
     best, failed, _, curve, kept = jax.device_get(jax.jit(lambda *a: lpp.train_run(*a, epochs=epochs))(
-        x, valid, y, bias, ~other, np.float32(len(feats)), world.text, val_all, val_y_all))
+        x, valid, y, bias, lpp.top_eigenvalue(feats), ~other, np.float32(len(feats)), world.text, val_all, val_y_all))
     w, b, alpha, epoch = lpp_reference(feats, labels, world.text, 3, bias, val_x, val_y, epochs)
     assert not failed and np.all(np.isfinite(curve)) and kept == epoch
     # on its own training rows validation saturates, so ">=" keeps the last epoch: the whole trajectory, three
@@ -212,7 +212,8 @@ def test_lpp_without_validation_rows_keeps_the_last_epoch():
     world = GapWorld(13, classes=3, dim=8)
     feats, labels = world.images(2)
     run = jax.jit(lambda m: lpp.train_run(feats, np.ones(6, bool), labels.astype(np.int32), np.zeros(3, np.float32),
-                                          m, np.float32(6), world.text, feats, labels.astype(np.int32), epochs=12))
+                                          lpp.top_eigenvalue(feats), m, np.float32(6), world.text, feats,
+                                          labels.astype(np.int32), epochs=12))
     assert int(run(np.zeros(6, bool))[4]) == 11
 
 
@@ -359,3 +360,11 @@ def test_help_lists_the_peers(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     assert all(m in text for m in ("clap", "lp_plus_plus", "cross_modal_lp"))
+
+
+def test_bench_peers_runs(capsys):
+    from bench import bench_peers
+
+    bench_peers.main(["--classes", "6", "--dim", "8", "--views", "2", "--seeds", "1", "--fraction", "0.001"])
+    out = capsys.readouterr().out
+    assert "| total" in out and "all three, 11 datasets: here" in out
