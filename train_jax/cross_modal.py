@@ -168,9 +168,13 @@ def image_samples(job: Job) -> tuple[np.ndarray, np.ndarray, bool]:
 def fit(job: Job, iters: int = ITERS) -> Fitted:
     """Cross-modal adaptation's trainer (``methods.Method.fit``) for one group of runs of one batch size: every
     run (seed x lr x weight decay) at once; batches drawn on the host by each run's seed (the same order for every
-    setting of a seed); the checkpoint best on the run's own validation rows."""
+    setting of a seed); the checkpoint best on the run's own validation rows. The image pool is padded to
+    ``job.buckets`` and the validation rows to a power of two, so that one program serves every shot count."""
     images, image_y, has_views = image_samples(job)
     per_row = len(images) // len(job.pool_rows)
+    pad = max(0, job.buckets.pool - len(job.pool_rows)) * per_row  # zero rows no run indexes: one program for all K
+    images = np.concatenate([images, np.zeros((pad, images.shape[1]), np.float32)])
+    image_y = np.concatenate([image_y, np.zeros(pad, image_y.dtype)]).astype(np.int32)
     runs, n = job.rows.shape
     classes, dim = job.text.shape
     batch = {s.batch_size for s in job.settings}

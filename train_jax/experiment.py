@@ -290,8 +290,11 @@ def run_shots(
     Steps: sample -> train -> score (per group of runs sharing one program) -> select -> shift-evaluate -> records."""
     if select not in evaluate.SELECT_MODES:
         raise TrainError(f"select={select!r}: use one of {', '.join(evaluate.SELECT_MODES)}")
-    runs = [_Run(m, s, st) for m in methods for s in seeds
-            for st in METHODS[m].settings(list(grid), len(task.text))]
+    own = {m: METHODS[m].settings(list(grid), len(task.text)) for m in methods}
+    for m in (m for m in methods if not own[m]):
+        warnings.warn(f"{task.dataset}: {m} not run: none of its settings runs on {len(task.text)} classes",
+                      stacklevel=2)
+    runs = [_Run(m, s, st) for m in methods for s in seeds for st in own[m]]
     data = _prepare(task, shots, seeds, any(r.settings.use_aug for r in runs))
     buckets = shot_buckets(max(shots, max_shots or shots), len(task.text), len(seeds),
                            len(task.listings["train"].labels))

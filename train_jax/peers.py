@@ -43,11 +43,16 @@ def no_views_note(method: str, dataset: str, instead: str) -> str:
             "for the recipe's views)")
 
 
+VAL_PER_CLASS = 4  # the most validation rows a class gives a seed (min(K, 4), data.fewshot)
+
+
 def padded_validation(job: Job) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The validation rows padded with zero rows (members False) to a power of two (at least 8), so that programs
-    compiled for one shot count serve the others: feats [V,D] float32, labels [V] int32, members [S,V] bool."""
-    n = len(job.val_labels)
-    size = max(8, 1 << max(0, n - 1).bit_length())
+    """The validation rows padded with zero rows (members False) to the power of two (at least 8) that holds the
+    seeds' rows at the sweep's largest shot count (``job.buckets.rows`` / classes), so that programs compiled for
+    one shot count serve the others: feats [V,D] float32, labels [V] int32, members [S,V] bool."""
+    n, classes = len(job.val_labels), job.text.shape[0]
+    most = len(set(np.asarray(job.seeds).tolist())) * min(VAL_PER_CLASS, job.buckets.rows // classes) * classes
+    size = max(8, 1 << max(0, max(n, most) - 1).bit_length())
     feats = np.zeros((size, job.text.shape[1]), np.float32)
     feats[:n] = job.val_feats
     labels = np.zeros(size, np.int32)
