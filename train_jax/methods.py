@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 
-from train_jax import baselines, clap, cross_modal, logreg, lpp
+from train_jax import baselines, clap, cross_modal, logreg, lpp, training_free
 from train_jax.config import DYNAMIC_FIELDS, Settings, expand_grid
 from train_jax.losses import cmm_logits, cmm_loss, cmm_loss_parts, combine_cmm_parts
 from train_jax.model import CrossModalMapper
@@ -149,6 +149,17 @@ METHODS: dict[str, Method] = {
             "Cross-Modal Mapping: CE + lambda * hardest-negative triplet",
         ),
         Method(
+            "tip_adapter", lambda s: training_free.TipCacheHead(), (), training_free.FORCED,
+            "training-free Tip-Adapter: a cache of the shots' features; (beta, alpha) searched on validation",
+            training_free.tip_adapter_fit,
+        ),
+        Method(
+            "gda", lambda s: training_free.GDAHead(), (), training_free.FORCED,
+            "training-free GDA: the linear classifier of the class means and one shared covariance, added to "
+            "zero-shot with its weight chosen on validation",
+            training_free.gda_fit,
+        ),
+        Method(
             "tip_adapter_f", lambda s: baselines.TipAdapterHead(), (), baselines.FORCED,
             "Tip-Adapter-F with its authors' recipe; (beta, alpha) searched on validation after training",
             baselines.fit,
@@ -171,7 +182,7 @@ METHODS: dict[str, Method] = {
         ),
     )
 }
-DEFAULT_METHODS = ("zeroshot", "linear_probe", "cmm_ce", "cmm")
+DEFAULT_METHODS = ("zeroshot", "linear_probe", "tip_adapter", "gda", "cmm_ce", "cmm")
 # run_all.sh's real runs (not its offline check) also train the peers with their own trainers: bench/bench_peers.py
 # estimates their 16-shot sweep of the 11 benchmarks at well under a few minutes of one GPU (README "Methods")
 REAL_RUN_METHODS = DEFAULT_METHODS + ("clap", "lp_plus_plus", "cross_modal_lp")

@@ -4,8 +4,9 @@ and training-loss plots; plus a combine mode over run directories:
     python -m train_jax.report RUN_DIR [RUN_DIR ...] --out DIR
 
 writes DIR/summary.md (the average over the benchmark datasets present, one table per shot count with rows =
-methods and columns = datasets, a distribution-shift table, a modality-gap line), DIR/summary.json,
-DIR/accuracy_vs_shots.png and DIR/loss_curves.png.
+methods and columns = datasets, a distribution-shift table, a modality-gap line, the paired differences against
+``--compare-to``), DIR/summary.json, DIR/compare.csv, DIR/compare.json, DIR/accuracy_vs_shots.png and
+DIR/loss_curves.png.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from data.registry import dataset_names
+from train_jax import compare_report
 from train_jax.config import Settings
 from train_jax.errors import TrainError
 from train_jax.evaluate import mean_std
@@ -33,7 +35,8 @@ CSV_FIELDS = ("dataset", "shots", "method", "seed", "setting", "val_acc", "val_s
 TIE_MARK = "†"  # results.md / summary.md: a cell whose setting was chosen by the tie-break for some seed
 _SELECTION = {"seed": "setting selected per seed on validation",
               "mean": "one setting per method selected on the mean validation accuracy over seeds"}
-METHOD_ORDER = ("zeroshot", "linear_probe", "tip_adapter_f", "cmm_ce", "cmm")
+METHOD_ORDER = ("zeroshot", "linear_probe", "tip_adapter", "tip_adapter_f", "gda", "clap", "lp_plus_plus", "cross_modal_lp",
+                "cmm_ce", "cmm")
 STILL_FALLING = 0.05  # a mean loss curve whose last quarter of epochs (at least 2) lowers it by more is flagged
 
 
@@ -326,15 +329,18 @@ def plot_curves(path: Path, summary: Sequence[Mapping[str, Any]], title: str = "
     plt.close(fig)
 
 
-def write_run_dir(out: Path, dataset: str, config: Mapping[str, Any], records: Sequence[RunRecord]) -> None:
+def write_run_dir(out: Path, dataset: str, config: Mapping[str, Any], records: Sequence[RunRecord],
+                  compare_to: str = "cmm") -> None:
     """results.json (``schema_version``, dataset, config, summary, ``runs``: the records' JSON), results.csv,
-    results.md, accuracy_vs_shots.png and loss_curves.png of one run directory."""
+    results.md, accuracy_vs_shots.png and loss_curves.png of one run directory; the paired comparisons against
+    ``compare_to`` (compare.csv, compare.json and a section of results.md, ``train_jax.compare_report``)."""
     summary = summarize(records, config["select"])
     payload = {"schema_version": SCHEMA_VERSION, "dataset": dataset, "config": dict(config), "summary": summary,
                "runs": [r.to_json() for r in records]}
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     write_csv(out / "results.csv", records)
-    (out / "results.md").write_text(run_markdown(dataset, summary) + scale_line(config))
+    paired = compare_report.run_section(out, records, compare_to, _method_sort(r.method for r in records))
+    (out / "results.md").write_text(run_markdown(dataset, summary) + scale_line(config) + paired)
     plot(out / "accuracy_vs_shots.png", summary, dataset)
     plot_curves(out / "loss_curves.png", summary, dataset)
 
@@ -358,12 +364,18 @@ def average_label(summary: Sequence[Mapping[str, Any]]) -> str:
     return f"Average ({k} datasets)" if k == len(BENCHMARK) else f"Average ({k} of {len(BENCHMARK)} datasets)"
 
 
+def _datasets(summary: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The datasets of ``summary``, the benchmark's first in benchmark order, then the others by name."""
+    order = {_key(b): i for i, b in enumerate(BENCHMARK)}
+    return sorted({r["dataset"] for r in summary}, key=lambda d: (order.get(_key(d), len(order)), d))
+
+
 def combined_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
     """The benchmark average (rows = methods, columns = shots), then one table per shot count (rows = methods,
     columns = datasets in benchmark order, then the average), then the distribution-shift table; a single
     dataset gets its run table (rows = methods, columns = shots)."""
     order = {_key(b): i for i, b in enumerate(BENCHMARK)}
-    datasets = sorted({r["dataset"] for r in summary}, key=lambda d: (order.get(_key(d), len(order)), d))
+    datasets = _datasets(summary)
     if len(datasets) == 1:
         return run_markdown(datasets[0], summary)
     methods = _method_sort(r["method"] for r in summary)
@@ -408,9 +420,10 @@ def gap_line(gaps: Sequence[Mapping[str, Any]]) -> str:
             f"nearest-prototype accuracy (%) {change('nearest_acc', '.2f')}\n")
 
 
-def combine(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
+def combine(run_dirs: Sequence[str | Path], out: str | Path, compare_to: str = "cmm") -> Path:
     """Merge the results.json of several run directories into ``out`` (summary.md/.json, accuracy_vs_shots.png,
-    loss_curves.png)."""
+    loss_curves.png; the paired comparisons against ``compare_to``: compare.csv, compare.json and a section of
+    summary.md)."""
     summary: list[dict[str, Any]] = []
     gaps = [json.loads(p.read_text()) for p in (Path(d) / "gap.json" for d in run_dirs) if p.is_file()]
     for run_dir in run_dirs:
@@ -422,7 +435,12 @@ def combine(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     line = gap_line(gaps)
-    (out / "summary.md").write_text(combined_markdown(summary) + (f"\n{line}" if line else ""))
+    datasets = _datasets(summary)
+    benchmark = {_key(b) for b in BENCHMARK}
+    paired = compare_report.combined_section(run_dirs, out, compare_to, _method_sort(r["method"] for r in summary),
+                                             datasets, [d for d in datasets if _key(d) in benchmark],
+                                             average_label(summary))
+    (out / "summary.md").write_text(combined_markdown(summary) + (f"\n{line}" if line else "") + paired)
     (out / "summary.json").write_text(json.dumps({"summary": summary, "average": _average_rows(summary)}, indent=1))
     plot(out / "accuracy_vs_shots.png", summary)
     plot_curves(out / "loss_curves.png", summary)
@@ -433,9 +451,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train_jax.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output folders of `python -m train_jax`")
     parser.add_argument("--out", required=True, help="folder for summary.md, summary.json, accuracy_vs_shots.png")
+    parser.add_argument("--compare-to", default="cmm", metavar="METHOD",
+                        help="reference method of the paired comparisons (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
-        out = combine(args.run_dirs, args.out)
+        out = combine(args.run_dirs, args.out, args.compare_to)
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
