@@ -35,8 +35,8 @@ CSV_FIELDS = ("dataset", "shots", "method", "seed", "setting", "val_acc", "val_s
 TIE_MARK = "†"  # results.md / summary.md: a cell whose setting was chosen by the tie-break for some seed
 _SELECTION = {"seed": "setting selected per seed on validation",
               "mean": "one setting per method selected on the mean validation accuracy over seeds"}
-METHOD_ORDER = ("zeroshot", "linear_probe", "tip_adapter", "tip_adapter_f", "gda", "clap", "lp_plus_plus", "cross_modal_lp",
-                "cmm_ce", "cmm")
+METHOD_ORDER = ("zeroshot", "linear_probe", "tip_adapter", "tip_adapter_f", "gda", "clap", "lp_plus_plus",
+                "cross_modal_lp", "cmm_ce", "cmm")
 STILL_FALLING = 0.05  # a mean loss curve whose last quarter of epochs (at least 2) lowers it by more is flagged
 
 
