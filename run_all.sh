@@ -177,6 +177,11 @@ else
   done
 fi
 
+METHOD_ARGS=()  # real runs: train_jax.methods.REAL_RUN_METHODS; the offline check: train_jax's defaults
+if [ "$DEMO" = 0 ]; then
+  read -r -a REAL_METHODS <<<"$("$PY" -c 'from train_jax.methods import REAL_RUN_METHODS as m; print(*m)')"
+  METHOD_ARGS=(--methods "${REAL_METHODS[@]}")  # a --methods in --train-args comes later and wins
+fi
 RUN_DIRS=()
 for ds in "${TRAIN_SETS[@]}"; do
   EVAL_ARGS=()
@@ -186,8 +191,8 @@ for ds in "${TRAIN_SETS[@]}"; do
   done
   echo "== $ds: training and evaluating (shots: $SHOTS; seeds: $SEEDS)"
   # shellcheck disable=SC2086  # TRAIN_ARGS, SHOTS and SEEDS are word lists on purpose
-  "$PY" -m train_jax --cache "$CACHE_DIR/$ds.h5" "${EVAL_ARGS[@]}" --shots $SHOTS --fit-shots --seeds $SEEDS \
-    --out "$OUT/runs/$ds" --compare-to "$COMPARE_TO" $TRAIN_ARGS
+  "$PY" -m train_jax --cache "$CACHE_DIR/$ds.h5" "${EVAL_ARGS[@]}" "${METHOD_ARGS[@]}" --shots $SHOTS --fit-shots \
+    --seeds $SEEDS --out "$OUT/runs/$ds" --compare-to "$COMPARE_TO" $TRAIN_ARGS
   RUN_DIRS+=("$OUT/runs/$ds")
 done
 
