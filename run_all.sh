@@ -160,10 +160,12 @@ extract() {  # extract NAME SOURCE_ARGS...: skip a cache that already holds ever
   local held; held="$([ ! -f "$cache" ] || views_held "$cache")"
   [ -z "$held" ] || [ "$held" = "$AUG_VIEWS" ] || die "$cache holds $held augmented views per train image, not \
 $AUG_VIEWS: pass --aug-views $held to use it, or another --out to extract anew"
-  local plan=", 1 to encode"  # no cache yet, or a plan that fails: run the extraction (it says why)
-  [ ! -f "$cache" ] || plan="$("$PY" -m extract run "$@" "${MODEL_ARGS[@]}" "${POOL_ARGS[@]}" --out "$cache" \
-    --dry-run)" || plan=", 1 to encode"
-  if ! grep -Eq ", [1-9][0-9]* to encode" <<<"$plan"; then
+  local todo=1  # no cache yet, or a plan that fails: run the extraction (it says why)
+  if [ -f "$cache" ]; then
+    todo="$("$PY" -m extract run "$@" "${MODEL_ARGS[@]}" "${POOL_ARGS[@]}" --out "$cache" --dry-run --json |
+      "$PY" -c 'import json, sys; print(json.load(sys.stdin)["to_encode"])')" || todo=1
+  fi
+  if [ "$todo" = 0 ]; then
     echo "== $name: features cached in $cache"
   else
     echo "== $name: extracting features -> $cache"
@@ -184,6 +186,12 @@ else
   done
 fi
 
+METHOD_ARGS=()  # real runs: methods.default_methods(views, real_run=True); the offline check: train_jax's own
+if [ "$DEMO" = 0 ]; then
+  read -r -a REAL_METHODS <<<"$("$PY" -c 'import sys; from train_jax.methods import default_methods as d
+print(*d(int(sys.argv[1]) > 0, real_run=True))' "$AUG_VIEWS")"
+  METHOD_ARGS=(--methods "${REAL_METHODS[@]}")  # a --methods in --train-args comes later and wins
+fi
 RUN_DIRS=()
 for ds in "${TRAIN_SETS[@]}"; do
   EVAL_ARGS=()
@@ -193,8 +201,8 @@ for ds in "${TRAIN_SETS[@]}"; do
   done
   echo "== $ds: training and evaluating (shots: $SHOTS; seeds: $SEEDS)"
   # shellcheck disable=SC2086  # TRAIN_ARGS, SHOTS and SEEDS are word lists on purpose
-  "$PY" -m train_jax --cache "$CACHE_DIR/$ds.h5" "${EVAL_ARGS[@]}" --shots $SHOTS --fit-shots --seeds $SEEDS \
-    --out "$OUT/runs/$ds" --compare-to "$COMPARE_TO" $TRAIN_ARGS
+  "$PY" -m train_jax --cache "$CACHE_DIR/$ds.h5" "${EVAL_ARGS[@]}" "${METHOD_ARGS[@]}" --shots $SHOTS --fit-shots \
+    --seeds $SEEDS --out "$OUT/runs/$ds" --compare-to "$COMPARE_TO" $TRAIN_ARGS
   RUN_DIRS+=("$OUT/runs/$ds")
 done
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import format_table, machine_lines
-from data.cache import l2_normalize, write_cache
+from data.cache_writer import write_cache
+from data.vectors import l2_normalize
 from train_jax.config import DEFAULT_GRID, Settings, expand_grid
 from train_jax.evaluate import mean_std, select_best
 from train_jax.experiment import load_task, run_shots

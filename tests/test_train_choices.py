@@ -34,13 +34,13 @@ def _record(seed, learn_text, use_aug, selected, method="cmm", shots=2, dataset=
 
 def test_chosen_on_counts_seeds_of_searched_settings_only():
     runs = [_record(seed, lt, False, selected=(lt == (seed == 2))) for seed in (1, 2, 3) for lt in (False, True)]
-    assert choices.chosen_on(runs) == {"learn_text": [2]}  # use_aug was not searched: not reported
+    assert choices.chosen_on(runs) == {"learn_text": (2,)}  # use_aug was not searched: not reported
     summary = [{"dataset": "Toy", "method": "cmm", "shots": 2, "seeds": [1, 2, 3], "chose": {"learn_text": [2]}},
                {"dataset": "Toy", "method": "cmm", "shots": 4, "seeds": [1, 2, 3], "chose": {"learn_text": []}},
                {"dataset": "Other", "method": "cmm", "shots": 2, "seeds": [1, 2, 3], "chose": {"learn_text": [1, 3]}}]
     text = choices.markdown(summary)
     assert "| cmm | learned prototypes (learn_text=1) | 3/6 | 0/3 |" in text and "summed over 2 datasets" in text
-    assert choices.markdown([{**summary[0], "chose": {}}]) == ""
+    assert choices.markdown([{k: v for k, v in summary[0].items() if k != "chose"}]) == ""
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_default_run_searches_learned_prototypes_and_views(tmp_path, small_defau
             assert row["chose"]["learn_text"] == sorted(r["seed"] for r in chosen if r["settings"]["learn_text"])
             assert set(row["chose"]) == {"learn_text", "use_aug"}
         else:
-            assert row["chose"] == {}  # the peers run their own recipes; zeroshot and the probe search neither
+            assert "chose" not in row  # the peers run their own recipes; zeroshot and the probe search neither
     md = (out / "results.md").read_text()
     assert "## Chosen on validation" in md and "| cmm | learned prototypes (learn_text=1) |" in md
     assert "| cmm_ce | augmented views (use_aug=1) |" in md
@@ -78,3 +78,18 @@ def test_given_methods_are_kept_on_a_cache_with_views(tmp_path):
     assert main(["--cache", str(cache), "--out", str(out), "--shots", "1", "--seeds", "1", "--methods", "zeroshot",
                  "linear_probe", "cmm_ce", "cmm", "tip_adapter", "gda", "--grid", "epochs=1", "--prompt", "single"]) == 0
     assert "tip_adapter_f" not in json.loads((out / "run_config.json").read_text())["methods"]
+
+
+def test_run_config_defaults_follow_the_cache():
+    from train_jax.methods import REAL_RUN_METHODS
+    from train_jax.run_config import RunConfig
+
+    asked = RunConfig("a.h5")
+    assert asked.methods is None and asked.grid is None
+    assert RunConfig.from_json(json.loads(json.dumps(asked.to_json()))) == asked
+    assert asked.methods_for(True) == default_methods(True) and "tip_adapter_f" in asked.methods_for(True)
+    assert asked.grid_for(True) == config.default_grid(True) and "use_aug" not in asked.grid_for(False)
+    given = RunConfig("a.h5", methods=("cmm",), grid={"lr": (0.1,)})
+    assert given.methods_for(True) == ["cmm"] and given.grid_for(True) == {"lr": (0.1,)}
+    real = default_methods(True, real_run=True)
+    assert set(real) == set(REAL_RUN_METHODS) | {"tip_adapter_f"} and real == [m for m in METHODS if m in real]

@@ -8,16 +8,15 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from train_jax.config import FIELDS
-from train_jax.records import RunRecord
 
 BOOL_SETTINGS = tuple(name for name, f in FIELDS.items() if f.type == "bool")
 LABELS = {"learn_text": "learned prototypes (learn_text=1)", "use_aug": "augmented views (use_aug=1)"}
 
 
-def chosen_on(runs: Sequence[RunRecord]) -> dict[str, list[int]]:
-    """For each boolean setting the runs of one (dataset, method, shots) searched (both values trained): the
-    seeds whose selected run has it on, sorted."""
-    return {name: sorted(r.seed for r in runs if r.selected and getattr(r.settings, name))
+def chosen_on(runs: Sequence[Any]) -> dict[str, tuple[int, ...]]:
+    """For each boolean setting the runs (``records.RunRecord``: seed, selected, settings) of one (dataset, method,
+    shots) searched (both values trained): the seeds whose selected run has it on, sorted."""
+    return {name: tuple(sorted(r.seed for r in runs if r.selected and getattr(r.settings, name)))
             for name in BOOL_SETTINGS if len({getattr(r.settings, name) for r in runs}) > 1}
 
 

@@ -1,11 +1,11 @@
 """Measured accuracies beside published ones (``data/published.json``), and the zero-shot check.
 
-``annotate`` adds to every summary row (``report.summarize``) whose dataset, model (name and weights, from the run's
-cache identity), method, prompt choice and shot count match a published row: ``row["published"] = {"accuracy",
-"delta", "source", "suspect"}``. Zero-shot accuracy depends only on the weights, the preprocessing, the templates
-and the class names, so a zero-shot Δ beyond ``ZEROSHOT_TOLERANCE`` points marks the row ``suspect``: a likely
-extraction problem. ``markdown`` renders the comparison table, ``warnings`` the terminal lines; both read only the annotated rows
-(``results.json``'s summary carries them to the combined report).
+``for_row`` gives the ``published`` entry of a summary row (``records.SummaryRow``) whose dataset, model (name and
+weights, from the run's cache identity), method, prompt choice and shot count match a published row: {"accuracy",
+"delta", "source", "model", "url", "suspect"}. Zero-shot accuracy depends only on the weights, the preprocessing,
+the templates and the class names, so a zero-shot Δ beyond ``ZEROSHOT_TOLERANCE`` points marks it ``suspect``: a
+likely extraction problem. ``markdown`` renders the comparison table and ``warnings`` the terminal lines, from the
+summary rows' JSON (``results.json`` carries the entries to the combined report).
 """
 
 from __future__ import annotations
@@ -19,23 +19,31 @@ ZEROSHOT_TOLERANCE = 1.0  # percentage points; the peers' own zero-shot numbers 
 FLAG = "⚠"
 
 
-def annotate(summary: Sequence[MutableMapping[str, Any]], identity: Mapping[str, Any], prompt: str) -> None:
-    """Add ``"published"`` to each summary row with a published match (``identity``: the run's
-    ``data.cache.cache_identity``; ``prompt``: its prototype choice, "single" or "ensemble")."""
+def for_row(dataset: str, method: str, shots: int, measured: float | None, identity: Mapping[str, Any],
+            prompt: str) -> dict[str, Any] | None:
+    """The ``"published"`` entry of one summary row: {"accuracy", "delta", "source", "model", "url", "suspect"
+    (and "check", the diagnosis, when suspect)}, or None without a published match or a measured accuracy.
+    ``identity``: the run's ``data.cache.cache_identity``; ``prompt``: its prototype choice."""
     published = load()
     model = published.model_key(identity)
-    if model is None:
-        return
+    match = None if model is None or measured is None else published.lookup(dataset, model, method, prompt, shots)
+    if match is None:
+        return None
+    delta = measured - match.accuracy
+    entry = {"accuracy": match.accuracy, "delta": delta, "source": match.source, "model": model,
+             "url": published.sources[match.source]["url"],
+             "suspect": match.shots is None and abs(delta) > ZEROSHOT_TOLERANCE}
+    if entry["suspect"]:
+        entry["check"] = check_line(dataset, measured, entry, identity)
+    return entry
+
+
+def annotate(summary: Sequence[MutableMapping[str, Any]], identity: Mapping[str, Any], prompt: str) -> None:
+    """Add ``"published"`` (``for_row``) to each summary row (JSON dict) with a published match."""
     for row in summary:
-        match = published.lookup(row["dataset"], model, row["method"], prompt, row["shots"])
-        if match is None or "test_mean" not in row:
-            continue
-        delta = row["test_mean"] - match.accuracy
-        row["published"] = {"accuracy": match.accuracy, "delta": delta, "source": match.source, "model": model,
-                            "url": published.sources[match.source]["url"],
-                            "suspect": match.shots is None and abs(delta) > ZEROSHOT_TOLERANCE}
-        if row["published"]["suspect"]:
-            row["published"]["check"] = check_line(row, identity)
+        entry = for_row(row["dataset"], row["method"], row["shots"], row.get("test_mean"), identity, prompt)
+        if entry is not None:
+            row["published"] = entry
 
 
 def _zeroshot_once(summary: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -53,9 +61,9 @@ def _zeroshot_once(summary: Sequence[Mapping[str, Any]]) -> list[Mapping[str, An
     return rows
 
 
-def check_line(row: Mapping[str, Any], identity: Mapping[str, Any]) -> str:
-    """The one-line diagnosis of a suspect zero-shot row: what to check, with the cache's own values."""
-    p = row["published"]
+def check_line(dataset: str, measured: float, p: Mapping[str, Any], identity: Mapping[str, Any]) -> str:
+    """The one-line diagnosis of a suspect zero-shot result (``p``: its published entry): what to check, with the
+    cache's own values."""
     weights = identity.get("pretrained") or "?"
     sha = str(identity.get("weights_sha256") or "")[:12]
     preprocess = identity.get("preprocess") or ""
@@ -64,7 +72,7 @@ def check_line(row: Mapping[str, Any], identity: Mapping[str, Any]) -> str:
         preprocess = ", ".join(f"{k} {v}" for k, v in pre.items()) if isinstance(pre, dict) else preprocess
     except ValueError:
         pass
-    return (f"{row['dataset']} zero-shot {row['test_mean']:.2f}% is {p['delta']:+.2f} points from the published "
+    return (f"{dataset} zero-shot {measured:.2f}% is {p['delta']:+.2f} points from the published "
             f"{p['accuracy']:.2f}% ({p['model']}, {p['source']}): zero-shot accuracy is fixed by the weights, so this "
             f"is likely an extraction problem; check the weights file and activation (pretrained {weights}"
             f"{f', sha256 {sha}…' if sha else ''}, activation {identity.get('activation') or '?'}), the preprocessing"
