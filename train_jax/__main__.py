@@ -96,7 +96,8 @@ def parse_config(args: argparse.Namespace) -> RunConfig:
     """The ``RunConfig`` of parsed arguments (the grid parsed with ``config.parse_grid``)."""
     return RunConfig(
         cache=args.cache, eval_caches=tuple(args.eval_cache), shots=tuple(args.shots), fit_shots=args.fit_shots,
-        seeds=tuple(args.seeds), methods=None if args.methods is UNGIVEN_METHODS else tuple(args.methods), grid=parse_grid(args.grid) if args.grid else None,
+        seeds=tuple(args.seeds), methods=None if args.methods is UNGIVEN_METHODS else tuple(args.methods),
+        grid=parse_grid(args.grid) if args.grid else None,
         select=args.select, compare_to=args.compare_to, prompt=args.prompt, memory_gb=args.memory_gb, devices=args.devices,
         compile_cache=args.compile_cache, no_compile_cache=args.no_compile_cache)
 
