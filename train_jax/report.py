@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from data.registry import dataset_names, display_order, find_dataset
-from train_jax import compare_report
+from train_jax import choices, compare_report, published
 from train_jax.errors import TrainError
 from train_jax.records import (CSV_FIELDS, RunRecord, SummaryRow, load_params, method_rank, read_results,
                                save_params, write_results)
@@ -133,6 +133,7 @@ def run_markdown(dataset: str, summary: Sequence[Mapping[str, Any]]) -> str:
             f"{r['method']} {r['shots']}-shot: {r['failed_runs']}" for r in failed) + "\n"
     text += _notes(summary)
     text += _falling_note(summary)
+    text += choices.markdown(summary) + published.markdown(summary)
     shift = shift_table(summary)
     return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "")
 
@@ -294,6 +295,7 @@ def combined_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
         text += f"\n## {k}-shot\n\n" + _table(header, rows) + "\n"
     text += _notes(summary)
     text += _falling_note(summary)
+    text += choices.markdown(summary) + published.markdown(summary)
     shift = shift_table(summary)
     return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "") + _tie_note(summary)
 
