@@ -12,8 +12,9 @@ usage: ./run_all.sh [options]
 With no options, runs an offline pipeline check: Fashion-MNIST (Debian package, fetched at run time) with a
 tiny random-weight CLIP. Its numbers check the pipeline; they are not CLIP accuracy.
 
-  --datasets "A B ..."   benchmarks from data/ (python -m data list), or "all" (the 11 benchmarks + the 4
-                         ImageNet shift sets) or "benchmarks" (the 11); shift sets are evaluated with ImageNet
+  --datasets "A B ..."   benchmarks from data/ (python -m data list; any case, '-'/'_' ignored), or "all" (the
+                         11 benchmarks + the 4 ImageNet shift sets) or "benchmarks" (the 11); shift sets are
+                         evaluated with ImageNet's model, so they need ImageNet in the list
   --data-root DIR        folder holding the datasets (python -m data info NAME shows the layout)
   --folder DIR           instead of --datasets: your own image folder (one sub-folder per class, optionally
                          under train/ val/ test/); --name names it
@@ -27,12 +28,14 @@ tiny random-weight CLIP. Its numbers check the pipeline; they are not CLIP accur
   --shots "K ..."        shots per class (default "1 2 4 8 16"); values above a dataset's smallest class are
                          skipped for that dataset with a warning
   --seeds "S ..."        few-shot seeds (default "1 2 3")
-  --aug-views N          augmented views of each encoded train image (default 0)
+  --aug-views N          augmented views of each encoded train image (default 10, Tip-Adapter's: train_jax then
+                         also runs tip_adapter_f and searches CMM's use_aug; 0 for neither)
   --encode-all           encode every train image (default: only those the few-shot draws of --seeds at up
                          to the largest --shots can use; rerunning with more seeds or shots adds the missing)
   --out DIR              output folder (default outputs/): cache/, runs/, results/
   --device D             auto | cpu | cuda (default auto): extraction device and JAX platform
   --train-args "..."     extra arguments for python -m train_jax (e.g. "--grid lr=1e-3,1e-4")
+  --compare-to METHOD    reference of the paired comparisons in the results (default cmm)
   --predict DIR          instead of training: classify every image under DIR (any layout) with a trained run's
                          models -> OUT/predict/NAME.csv (path, top-5 classes, probabilities); give the --model
                          and --pretrained the run was trained with (none: the demo's)
@@ -42,11 +45,9 @@ tiny random-weight CLIP. Its numbers check the pipeline; they are not CLIP accur
 EOF
 }
 
-BENCHMARKS="ImageNet Caltech101 OxfordPets StanfordCars Flowers102 Food101 FGVCAircraft SUN397 DTD EuroSAT UCF101"
-SHIFTS="ImageNetV2 ImageNetSketch ImageNetA ImageNetR"
 DATASETS="" DATA_ROOT="" FOLDER="" NAME="" MODEL="" PRETRAINED="" MODEL_CONFIG=""
-SHOTS="1 2 4 8 16" SEEDS="1 2 3" AUG_VIEWS=0 OUT="outputs" DEVICE="auto" TRAIN_ARGS="" ENCODE_ALL=0
-PREDICT="" RUN="" PREDICT_ARGS=""
+SHOTS="1 2 4 8 16" SEEDS="1 2 3" AUG_VIEWS=10 OUT="outputs" DEVICE="auto" TRAIN_ARGS="" ENCODE_ALL=0
+PREDICT="" RUN="" PREDICT_ARGS="" COMPARE_TO="cmm"
 PY="${PYTHON:-python}"
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
@@ -55,14 +56,14 @@ while [ $# -gt 0 ]; do
     -h|--help) usage; exit 0 ;;
     --encode-all) ENCODE_ALL=1; shift ;;
     --datasets|--data-root|--folder|--name|--model|--pretrained|--model-config|--shots|--seeds|--aug-views|\
-    --out|--device|--train-args|--predict|--run|--predict-args)
+    --out|--device|--train-args|--predict|--run|--predict-args|--compare-to)
       [ $# -ge 2 ] || die "$1 needs a value (see --help)"
       case "$1" in
         --datasets) DATASETS="$2" ;; --data-root) DATA_ROOT="$2" ;; --folder) FOLDER="$2" ;; --name) NAME="$2" ;;
         --model) MODEL="$2" ;; --pretrained) PRETRAINED="$2" ;; --model-config) MODEL_CONFIG="$2" ;;
         --shots) SHOTS="$2" ;; --seeds) SEEDS="$2" ;; --aug-views) AUG_VIEWS="$2" ;; --out) OUT="$2" ;;
         --device) DEVICE="$2" ;; --train-args) TRAIN_ARGS="$2" ;; --predict) PREDICT="$2" ;; --run) RUN="$2" ;;
-        --predict-args) PREDICT_ARGS="$2" ;;
+        --predict-args) PREDICT_ARGS="$2" ;; --compare-to) COMPARE_TO="$2" ;;
       esac
       shift 2 ;;
     *) die "unknown option '$1' (see --help)" ;;
@@ -81,18 +82,20 @@ if [ -z "$DATASETS" ] && [ -z "$FOLDER" ]; then
   [ -n "$MODEL_CONFIG" ] || MODEL="${MODEL:-cmm-tiny-vit}"
   PRETRAINED="${PRETRAINED:-random}"
 fi
+# Registered names as typed -> "NAME" (a set to train on) or "NAME PARENT" (test-only, evaluated with PARENT's model)
+RESOLVED=()
+if [ -z "$FOLDER" ]; then
+  LINES="$("$PY" -m data resolve "$DATASETS")" || exit 2
+  mapfile -t RESOLVED <<<"$LINES"
+fi
 [ -n "$MODEL_CONFIG" ] || MODEL="${MODEL:-RN50-quickgelu}"
 [ -z "$MODEL_CONFIG" ] || [ -f "$MODEL_CONFIG" ] || die "--model-config $MODEL_CONFIG is not a file"
 case "$MODEL" in
   hf-hub:*|local-dir:*) [ -z "$PRETRAINED" ] || die "--model $MODEL brings its own weights; drop --pretrained" ;;
   *) [ -n "$PRETRAINED" ] || die "--pretrained is required with real data: an open_clip tag (needs the internet) or a local weights file, e.g. --pretrained ~/weights/RN50.pt" ;;
 esac
-case "$DATASETS" in
-  all) DATASETS="$BENCHMARKS $SHIFTS" ;;
-  benchmarks) DATASETS="$BENCHMARKS" ;;
-esac
 if [ -n "$DATASETS" ] && [ "$DEMO" = 0 ]; then
-  [ -n "$DATA_ROOT" ] || die "--datasets needs --data-root DIR (python -m data info NAME shows the layout)"
+  [ -n "$DATA_ROOT" ] || die "--datasets needs --data-root DIR (python -m data info ${RESOLVED[0]%% *} shows the layout)"
   [ -d "$DATA_ROOT" ] || die "--data-root $DATA_ROOT is not a folder"
 fi
 if [ "$DEVICE" = cpu ]; then export JAX_PLATFORMS=cpu; fi
@@ -146,13 +149,23 @@ if [ -n "$PREDICT" ]; then  # a folder of new images -> unlabelled cache with th
   exit 0
 fi
 
+views_held() {  # views_held CACHE: the augmented views per train image a cache holds ("" without a train split)
+  "$PY" -c 'import sys; from data.cache import open_cache; c = open_cache(sys.argv[1])
+print(int(c.attrs.get("aug_views") or 0) if "train" in c.split_names() else "")' "$1" 2>/dev/null || true
+}
+
 extract() {  # extract NAME SOURCE_ARGS...: skip a cache that already holds every image this run needs
   local name="$1"; shift
   local cache="$CACHE_DIR/$name.h5"
-  local plan=", 1 to encode"  # no cache yet, or a plan that fails: run the extraction (it says why)
-  [ ! -f "$cache" ] || plan="$("$PY" -m extract run "$@" "${MODEL_ARGS[@]}" "${POOL_ARGS[@]}" --out "$cache" \
-    --dry-run)" || plan=", 1 to encode"
-  if ! grep -Eq ", [1-9][0-9]* to encode" <<<"$plan"; then
+  local held; held="$([ ! -f "$cache" ] || views_held "$cache")"
+  [ -z "$held" ] || [ "$held" = "$AUG_VIEWS" ] || die "$cache holds $held augmented views per train image, not \
+$AUG_VIEWS: pass --aug-views $held to use it, or another --out to extract anew"
+  local todo=1  # no cache yet, or a plan that fails: run the extraction (it says why)
+  if [ -f "$cache" ]; then
+    todo="$("$PY" -m extract run "$@" "${MODEL_ARGS[@]}" "${POOL_ARGS[@]}" --out "$cache" --dry-run --json |
+      "$PY" -c 'import json, sys; print(json.load(sys.stdin)["to_encode"])')" || todo=1
+  fi
+  if [ "$todo" = 0 ]; then
     echo "== $name: features cached in $cache"
   else
     echo "== $name: extracting features -> $cache"
@@ -166,26 +179,34 @@ if [ -n "$FOLDER" ]; then
   extract "$NAME" --folder "$FOLDER" --name "$NAME"
   TRAIN_SETS+=("$NAME")
 else
-  for ds in $DATASETS; do
+  for line in "${RESOLVED[@]}"; do
+    read -r ds parent <<<"$line"
     extract "$ds" --dataset "$ds" --data-root "$DATA_ROOT"
-    case " $SHIFTS " in *" $ds "*) ;; *) TRAIN_SETS+=("$ds") ;; esac
+    [ -n "$parent" ] || TRAIN_SETS+=("$ds")
   done
 fi
 
+METHOD_ARGS=()  # real runs: methods.default_methods(views, real_run=True); the offline check: train_jax's own
+if [ "$DEMO" = 0 ]; then
+  read -r -a REAL_METHODS <<<"$("$PY" -c 'import sys; from train_jax.methods import default_methods as d
+print(*d(int(sys.argv[1]) > 0, real_run=True))' "$AUG_VIEWS")"
+  METHOD_ARGS=(--methods "${REAL_METHODS[@]}")  # a --methods in --train-args comes later and wins
+fi
 RUN_DIRS=()
 for ds in "${TRAIN_SETS[@]}"; do
   EVAL_ARGS=()
-  if [ "$ds" = ImageNet ]; then
-    for s in $SHIFTS; do [ ! -f "$CACHE_DIR/$s.h5" ] || EVAL_ARGS+=(--eval-cache "$CACHE_DIR/$s.h5"); done
-  fi
+  for line in "${RESOLVED[@]}"; do
+    read -r s parent <<<"$line"
+    [ "$parent" != "$ds" ] || EVAL_ARGS+=(--eval-cache "$CACHE_DIR/$s.h5")
+  done
   echo "== $ds: training and evaluating (shots: $SHOTS; seeds: $SEEDS)"
   # shellcheck disable=SC2086  # TRAIN_ARGS, SHOTS and SEEDS are word lists on purpose
-  "$PY" -m train_jax --cache "$CACHE_DIR/$ds.h5" "${EVAL_ARGS[@]}" --shots $SHOTS --fit-shots --seeds $SEEDS \
-    --out "$OUT/runs/$ds" $TRAIN_ARGS
+  "$PY" -m train_jax --cache "$CACHE_DIR/$ds.h5" "${EVAL_ARGS[@]}" "${METHOD_ARGS[@]}" --shots $SHOTS --fit-shots \
+    --seeds $SEEDS --out "$OUT/runs/$ds" --compare-to "$COMPARE_TO" $TRAIN_ARGS
   RUN_DIRS+=("$OUT/runs/$ds")
 done
 
-"$PY" -m train_jax.report "${RUN_DIRS[@]}" --out "$OUT/results"
+"$PY" -m train_jax.report "${RUN_DIRS[@]}" --out "$OUT/results" --compare-to "$COMPARE_TO"
 echo
 cat "$OUT/results/summary.md"
 echo

@@ -50,7 +50,7 @@ def write_peer_cache(path: Path, classes: int, dim: int, per_split: dict[str, in
     """A synthetic cache with CLIP's traits: image features in a cone of their own (a shared direction), classes
     near their prompt's direction, anisotropic noise (a power-law spectrum), raw norms around 10 (lognormal, 10%),
     ``views`` augmented views per train image (the image plus noise, own norms)."""
-    from data.cache import write_cache
+    from data.cache_writer import write_cache
 
     rng = np.random.default_rng(seed)
     shared_t, shared_i = _unit(rng.normal(size=dim)), _unit(rng.normal(size=dim))

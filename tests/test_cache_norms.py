@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data.cache import CacheError, CacheWriter, open_cache, read_cache, write_cache
+from data.cache import CacheError, open_cache, read_cache
+from data.cache_writer import CacheWriter, write_cache
 from extract import datasets
 from extract.run import run_extraction
 from extract.shards import Shard, merge_shards

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from data.cache import Split, write_cache
+from data.cache import Split
+from data.cache_writer import write_cache
 from helpers_train import GapWorld
 from train_jax import experiment, logreg
 from train_jax.config import Settings

@@ -9,7 +9,6 @@ The objective (scikit-learn's scaling; its minimiser is that of ``C * sum(CE) + 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import jax
@@ -18,6 +17,7 @@ import numpy as np
 import optax
 
 from data.cache import l2_normalize
+from train_jax.layout import equal_chunks
 from train_jax.lbfgs_path import MAX_ITER, MEMORY, TOL, block_rows, solve_paths
 from train_jax.losses import cross_entropy
 from train_jax.runner import memory_budget
@@ -38,7 +38,7 @@ def objective(params, feats: jax.Array, labels: jax.Array, c: jax.Array, valid: 
 @dataclass(frozen=True)
 class LinearProbeHead:
     """The probe's linear classifier ``x W^T + b`` (W [C,D], b [C], zero-initialised) on raw features x (norm *
-    unit feature, as CoOp's lpclip: ``raw_features``; ``methods.head_inputs``); its loss is ``objective`` on the
+    unit feature, as CoOp's lpclip: ``raw_features``; ``heads.head_inputs``); its loss is ``objective`` on the
     batch with ``hp["c"]`` (the runner can train it too, as the layout tests do)."""
 
     raw_features = True
@@ -89,10 +89,10 @@ def _paths(seeds: np.ndarray, rows: np.ndarray, cs: np.ndarray
 
 def fit(job: Job) -> Fitted:
     """The linear probe's trainer (``methods.Method.fit``): L-BFGS on the training images' plain (centre-crop) raw
-    features (norm * unit feature, as CoOp's lpclip), one path of C values per seed (its runs' C values, ascending, each solve warm-started from the
-    previous), in equal chunks of paths that fit the memory budget; rows per run and the pool are padded to
-    ``job.buckets`` (padded rows skipped by the objective), so one compiled program serves every shot count. C is
-    chosen among the settings on validation like any other setting."""
+    features (norm * unit feature, as CoOp's lpclip), one path of C values per seed (its runs' C values ascending,
+    each solve warm-started from the previous), in equal chunks of paths that fit the memory budget; rows per run
+    and the pool are padded to ``job.buckets`` (padded rows skipped by the objective), so one compiled program
+    serves every shot count. C is chosen among the settings on validation like any other setting."""
     feats = l2_normalize(job.split.features[job.pool_rows])
     if job.split.norms is not None:  # raw features (a Split made without norms: unit ones)
         feats *= job.split.norms[job.pool_rows][:, None]
@@ -101,16 +101,13 @@ def fit(job: Job) -> Fitted:
     feats = np.concatenate([feats, np.zeros((pad, feats.shape[1]), np.float32)])
     labels = np.concatenate([labels, np.zeros(pad, np.int32)])
     c = np.array([s.c for s in job.settings], np.float32)
-    runs, (n, classes) = len(c), (job.rows.shape[1], job.text.shape[0])
+    n, classes = job.rows.shape[1], job.text.shape[0]
     path_rows, path_cs, path_of, place = _paths(np.asarray(job.seeds), job.rows, c)
     path_rows = np.pad(path_rows, ((0, 0), (0, max(0, job.buckets.rows - n))))  # padded rows: past n, skipped
     paths, length = path_cs.shape
     budget = job.budget if job.budget is not None else memory_budget(list(job.devices or jax.devices()))
-    chunks = math.ceil(paths / max(1, budget // run_bytes(path_rows.shape[1], feats.shape[1], classes, length)))
-    size = math.ceil(paths / chunks)
-    take = np.minimum(np.arange(chunks * size), paths - 1)  # the last chunk padded with copies of the last path
     outs = [solve_paths(feats, labels, path_rows[idx], path_cs[idx], np.int32(n), classes=classes)
-            for idx in take.reshape(chunks, size)]
+            for idx in equal_chunks(paths, run_bytes(path_rows.shape[1], feats.shape[1], classes, length), budget)]
     params, loss, _ = jax.tree.map(lambda *x: np.concatenate(x)[:paths], *jax.device_get(outs))
     params, loss = jax.tree.map(lambda x: x[path_of, place], params), loss[path_of, place]
     failed = ~np.isfinite(loss) | ~np.all(np.isfinite(params["W"]), axis=(1, 2))

@@ -19,20 +19,20 @@ import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm import tqdm
 
+from data.progress import progress
 from train_jax.config import DYNAMIC_FIELDS, Settings
-from train_jax.layout import LayoutPolicy, chunk_size, estimate_run_bytes, plan_training
+from train_jax.heads import Head
+from train_jax.layout import Buckets, LayoutPolicy, chunk_size, estimate_run_bytes, plan_training
+from train_jax.layout import shot_buckets  # noqa: F401  (re-exported: callers that import it from here)
 from train_jax.step import train_run
 
-if TYPE_CHECKING:  # methods imports the baselines, whose trainers use this runner
-    from train_jax.methods import Head
 
 Tree = Any
 EVAL_BLOCK = 256  # rows per scoring call: validation sets are small (<= 4 per class), padding costs compute
@@ -173,22 +173,6 @@ def _plan(devices, units: int, per_unit: int, budget: int | None) -> tuple[_Plac
     return _Placement(devices), chunk
 
 
-@dataclass(frozen=True)
-class Buckets:
-    """Sizes a training program is compiled for, so that one program serves every shot count: rows per run
-    (padded rows are masked out; heads whose parameters' shapes depend on the rows, Tip-Adapter's keys, keep
-    their own) and pool rows (padded with zero rows no run indexes). Sizes below the actual ones are ignored."""
-
-    rows: int = 0
-    pool: int = 0
-
-
-def shot_buckets(max_shots: int, classes: int, seeds: int, train_rows: int) -> Buckets:
-    """Buckets serving every shot count up to ``max_shots``: rows per run max_shots * classes; pool rows: the
-    most the seeds' draws can cover, min(train_rows, seeds * max_shots * classes)."""
-    return Buckets(max_shots * classes, min(train_rows, seeds * max_shots * classes))
-
-
 def _rows_shape_free(head: Head, n: int, dim: int, text: np.ndarray) -> bool:
     """Whether ``head.init``'s outputs have the same shapes for n and n + 1 training rows."""
     def shapes(m):
@@ -251,7 +235,7 @@ def train_runs(
     n_d, pool_x, pool_y, text_d = placement.replicate((np.int32(n), pool_x, pool_y, text))
     stream_args = (streams.rows, streams.seeds, {f: np.asarray(v)[streams.index] for f, v in hp.items()})
     outputs = []
-    for start in tqdm(range(0, n_streams, chunk), desc=desc, unit="chunk", leave=False):
+    for start in progress(range(0, n_streams, chunk), desc=desc, unit="chunk", leave=False):
         rows_c, seeds_c, hp_c = placement.split(stream_args, start, chunk)
         outputs.append(jax.device_get(train(rows_c, seeds_c, hp_c, n_d, pool_x, pool_y, text_d)))
     per_run = jax.tree.map(lambda x: x.reshape(n_streams * k, *x.shape[2:])[streams.slot], _gather(outputs, n_streams))
@@ -315,7 +299,7 @@ def _predict(head: Head, trained: Trained, hp: Mapping[str, np.ndarray], feats: 
                                                         targets.reshape(-1, 1, EVAL_BLOCK))]
     shared = placement.replicate((classes.astype(np.int32), text))
     outputs = []
-    for start in tqdm(range(0, runs, chunk), desc=desc, unit="chunk", leave=False):
+    for start in progress(range(0, runs, chunk), desc=desc, unit="chunk", leave=False):
         params, consts, hp_c = placement.split((trained.params, trained.consts, dict(hp)), start, chunk)
         parts = [predict(params, consts, hp_c, x, t, *shared) for x, t in per_block]  # dispatched before a wait
         outputs.append(jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *jax.device_get(parts)))
