@@ -297,7 +297,8 @@ def _run(cache: Path, pairs: list[str], args) -> tuple[list[list], dict]:
                 (t_this, (acc_this, compile_s)), (t_peer, acc_peer) = got["this"], got["peer"]
                 others = max(t_this.others, t_peer.others)
                 rows.append([r, k, pair, t_this.wall, compile_s, t_peer.wall, t_peer.wall / t_this.wall,
-                             f"{acc_this:.2f}", f"{acc_peer:.2f}", f"{acc_this - acc_peer:+.2f}", 100 * others])
+                             f"{acc_this:.2f}", f"{acc_peer:.2f}" if np.isfinite(acc_peer) else "-",
+                             f"{acc_this - acc_peer:+.2f}" if np.isfinite(acc_peer) else "-", 100 * others])
                 for key, v in (("this", t_this.wall), ("peer", t_peer.wall), ("this_acc", acc_this),
                                ("peer_acc", acc_peer), ("compile", compile_s)):
                     totals[pair][key].append(v)
