@@ -1,14 +1,19 @@
 """Methods: the registry of named methods (``METHODS``) over heads (``train_jax.heads``) and their trainers.
 
-A method names a head for given settings, the settings fields it uses and forces, and optionally its own trainer
+A method names a head for given settings, the settings fields it uses and forces, its fixed default (the one
+setting it runs at when nothing is selected on validation, ``--select none``), and optionally its own trainer
 (``Method.fit``); methods without one train with the shared vmapped AdamW runner.
+
+The validation-free policy (``--select none``): every method declares its fixed default here, in ``fixed``, and
+nowhere else; a trainer that searches something on validation rows (Tip-Adapter's (beta, alpha)) receives a ``Job``
+without them (``Job.validation_free``) and keeps its recipe's starting values instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +36,10 @@ def restrict(grid: Sequence[Settings], used: Sequence[str], forced: Mapping[str,
 
 @dataclass(frozen=True)
 class Method:
-    """A named method: its head for given settings, the fields it uses, how it turns the grid into runs, and its
-    own trainer (``fit``; None: the shared AdamW runner with the settings as given)."""
+    """A named method: its head for given settings, the fields it uses, how it turns the grid into runs, its own
+    trainer (``fit``; None: the shared AdamW runner with the settings as given), and ``fixed``: the fields of its
+    fixed default setting (over ``Settings``' defaults; the forced fields apply anyway), the one it runs at
+    without validation (``--select none``)."""
 
     name: str
     head: Callable[[Settings], Head]
@@ -40,14 +47,25 @@ class Method:
     forced: Mapping[str, Any]
     description: str
     fit: Callable[[Job], Fitted] | None = None
+    fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict, kw_only=True)
 
     def settings(self, grid: list[Settings]) -> list[Settings]:
         """This method's runs for the user's grid: unused fields reset to defaults, forced ones set, duplicates
         dropped (order kept)."""
         return restrict(grid, self.used, self.forced)
 
+    def fixed_setting(self, base: Settings, given: Collection[str] = ()) -> Settings:
+        """This method's one run without validation: ``fixed`` over ``base`` (except the fields in ``given``,
+        which the user set and keep base's values), unused fields reset to defaults, forced ones set."""
+        return restrict([dataclasses.replace(base, **{k: v for k, v in self.fixed.items() if k not in given})],
+                        self.used, self.forced)[0]
+
 
 _TRAINED = ("lr", "weight_decay", "epochs", "warmup", "batch_size", "use_aug", "logit_scale")
+# CMM publishes no settings: its fixed defaults are the default grid's settings of the best mean rank of test
+# accuracy over synthetic modality-gap worlds (bench/fixed_defaults.py; figures in README "Validation-free protocol").
+CMM_FIXED = {"lr": 1e-2, "alpha": 2.0, "lam": 10.0}
+CMM_CE_FIXED = {"lr": 1e-2, "alpha": 0.5}
 
 # The registry, in the order tables, plots and summaries list methods (``records.method_rank``).
 METHODS: dict[str, Method] = {
@@ -59,19 +77,23 @@ METHODS: dict[str, Method] = {
             "linear_probe", lambda s: logreg.LinearProbeHead(), ("c",), {},
             "CoOp's linear probe: L-BFGS logistic regression on the image features, C chosen on validation",
             logreg.fit,
+            # CoOp's lpclip only searches C on validation; scikit-learn's default C of the LogisticRegression it fits
+            fixed={"c": 1.0},
         ),
         Method(
             "tip_adapter_f", lambda s: baselines.TipAdapterHead(), (), baselines.FORCED,
             "Tip-Adapter-F with its authors' recipe; (beta, alpha) searched on validation after training",
-            baselines.fit,
+            baselines.fit,  # validation-free: its recipe's init beta 1 and alpha (configs/<dataset>.yaml), no search
         ),
         Method(
             "cmm_ce", lambda s: CMMHead(s.learn_text), _TRAINED + ("alpha", "learn_text"), {"lam": 0.0},
             "CMM without the triplet loss (ablation)",
+            fixed=CMM_CE_FIXED,
         ),
         Method(
             "cmm", lambda s: CMMHead(s.learn_text), _TRAINED + ("alpha", "lam", "margin", "learn_text"), {},
             "Cross-Modal Mapping: CE + lambda * hardest-negative triplet",
+            fixed=CMM_FIXED,
         ),
     )
 }

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from train_jax.config import DEFAULT_GRID, grid_from_json, grid_to_json
-from train_jax.evaluate import SELECT_MODES
+from train_jax.evaluate import SELECT_MODES, VALIDATION_FREE
 from train_jax.methods import DEFAULT_METHODS
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
 DEFAULT_SEEDS = (1, 2, 3)
@@ -23,10 +23,10 @@ class RunConfig:
     cache: the training cache (.h5); eval_caches: shift caches (test split only); shots: shots per class, as asked
     (``shot_list`` sorts and dedups); fit_shots: drop, with a warning, the shots a class cannot give (else an
     error); seeds: few-shot draw seeds, as asked; methods: names of ``methods.METHODS``, as asked; grid: setting
-    name -> values (``config.parse_grid``; None: ``config.DEFAULT_GRID``); select: one of ``SELECT_MODES``;
-    prompt: "single", "ensemble" or None (the dataset's default); memory_gb: memory for the run axis (None: half
-    the free memory); devices: the first N JAX devices (None: all); compile_cache, no_compile_cache: JAX's
-    persistent compilation cache folder, or none.
+    name -> values (``config.parse_grid``; None: ``config.DEFAULT_GRID``); select: one of ``SELECT_MODES``
+    ("none": validation-free, each method at its fixed default); prompt: "single", "ensemble" or None (the
+    dataset's default); memory_gb: memory for the run axis (None: half the free memory); devices: the first N JAX
+    devices (None: all); compile_cache, no_compile_cache: JAX's persistent compilation cache folder, or none.
     """
 
     cache: str
@@ -60,8 +60,11 @@ class RunConfig:
 
     @property
     def settings_grid(self) -> dict[str, tuple]:
-        """The grid searched: ``grid``, or ``DEFAULT_GRID`` when none was given."""
-        return dict(self.grid) if self.grid else dict(DEFAULT_GRID)
+        """The grid searched: ``grid``, or ``DEFAULT_GRID`` when none was given; validation-free (select "none"):
+        ``grid`` or none (its single values override the methods' fixed defaults; nothing is searched)."""
+        if self.grid:
+            return dict(self.grid)
+        return {} if self.select == VALIDATION_FREE else dict(DEFAULT_GRID)
 
     @property
     def budget(self) -> int | None:
