@@ -33,6 +33,8 @@ tiny random-weight CLIP. Its numbers check the pipeline; they are not CLIP accur
   --out DIR              output folder (default outputs/): cache/, runs/, results/
   --device D             auto | cpu | cuda (default auto): extraction device and JAX platform
   --train-args "..."     extra arguments for python -m train_jax (e.g. "--grid lr=1e-3,1e-4")
+  --select MODE          seed | mean: settings chosen on validation (default seed); none: validation-free, each
+                         method at its fixed default, no validation rows used (the tables say so)
   --predict DIR          instead of training: classify every image under DIR (any layout) with a trained run's
                          models -> OUT/predict/NAME.csv (path, top-5 classes, probabilities); give the --model
                          and --pretrained the run was trained with (none: the demo's)
@@ -46,7 +48,7 @@ BENCHMARKS="ImageNet Caltech101 OxfordPets StanfordCars Flowers102 Food101 FGVCA
 SHIFTS="ImageNetV2 ImageNetSketch ImageNetA ImageNetR"
 DATASETS="" DATA_ROOT="" FOLDER="" NAME="" MODEL="" PRETRAINED="" MODEL_CONFIG=""
 SHOTS="1 2 4 8 16" SEEDS="1 2 3" AUG_VIEWS=0 OUT="outputs" DEVICE="auto" TRAIN_ARGS="" ENCODE_ALL=0
-PREDICT="" RUN="" PREDICT_ARGS=""
+PREDICT="" RUN="" PREDICT_ARGS="" SELECT="seed"
 PY="${PYTHON:-python}"
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
@@ -55,20 +57,21 @@ while [ $# -gt 0 ]; do
     -h|--help) usage; exit 0 ;;
     --encode-all) ENCODE_ALL=1; shift ;;
     --datasets|--data-root|--folder|--name|--model|--pretrained|--model-config|--shots|--seeds|--aug-views|\
-    --out|--device|--train-args|--predict|--run|--predict-args)
+    --out|--device|--train-args|--predict|--run|--predict-args|--select)
       [ $# -ge 2 ] || die "$1 needs a value (see --help)"
       case "$1" in
         --datasets) DATASETS="$2" ;; --data-root) DATA_ROOT="$2" ;; --folder) FOLDER="$2" ;; --name) NAME="$2" ;;
         --model) MODEL="$2" ;; --pretrained) PRETRAINED="$2" ;; --model-config) MODEL_CONFIG="$2" ;;
         --shots) SHOTS="$2" ;; --seeds) SEEDS="$2" ;; --aug-views) AUG_VIEWS="$2" ;; --out) OUT="$2" ;;
         --device) DEVICE="$2" ;; --train-args) TRAIN_ARGS="$2" ;; --predict) PREDICT="$2" ;; --run) RUN="$2" ;;
-        --predict-args) PREDICT_ARGS="$2" ;;
+        --predict-args) PREDICT_ARGS="$2" ;; --select) SELECT="$2" ;;
       esac
       shift 2 ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac
 done
 case "$DEVICE" in auto|cpu|cuda) ;; *) die "--device must be auto, cpu or cuda, not '$DEVICE'" ;; esac
+case "$SELECT" in seed|mean|none) ;; *) die "--select must be seed, mean or none, not '$SELECT'" ;; esac
 [ -z "$DATASETS" ] || [ -z "$FOLDER" ] || die "give --datasets or --folder, not both"
 [ -z "$PREDICT" ] || [ -z "$DATASETS$FOLDER" ] || die "--predict classifies with a trained run: drop --datasets/--folder"
 [ -n "$PREDICT" ] || [ -z "$RUN$PREDICT_ARGS" ] || die "--run and --predict-args go with --predict DIR"
@@ -183,7 +186,7 @@ for ds in "${TRAIN_SETS[@]}"; do
   echo "== $ds: training and evaluating (shots: $SHOTS; seeds: $SEEDS)"
   # shellcheck disable=SC2086  # TRAIN_ARGS, SHOTS and SEEDS are word lists on purpose
   "$PY" -m train_jax --cache "$CACHE_DIR/$ds.h5" "${EVAL_ARGS[@]}" --shots $SHOTS --fit-shots --seeds $SEEDS \
-    --out "$OUT/runs/$ds" $TRAIN_ARGS
+    --select "$SELECT" --out "$OUT/runs/$ds" $TRAIN_ARGS
   RUN_DIRS+=("$OUT/runs/$ds")
 done
 

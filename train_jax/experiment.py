@@ -8,6 +8,8 @@ record (``records``). ``run_shots`` is one shot count of that.
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import math
 import shlex
@@ -210,16 +212,22 @@ def _sample(task: Task, shots: int, seeds: Sequence[int],
     return picks, val_split, val_rows
 
 
+def _check_views(task: Task) -> None:
+    """TrainError if the training cache has no augmented views (use_aug=1 needs them)."""
+    if not task.cache.has_views("train"):
+        raise TrainError(
+            f"{task.cache.path}: use_aug=1 needs augmented views in the cache; extract it with augmented views "
+            "or drop use_aug from --grid"
+        )
+
+
 def _pool(task: Task, rows: np.ndarray, use_aug: bool, size: int = 0) -> Pool:
     """Features [P,V,D] of the given train rows [M], read from the cache: the plain view, then the cached augmented
     views if needed; P = max(M, size), rows past M zero (``size``: the programs' padded pool, so the runner needs
     no padded copy). One host array, normalised in place: a CPU device uses it without a copy
     (``runner.host_array``)."""
-    if use_aug and not task.cache.has_views("train"):
-        raise TrainError(
-            f"{task.cache.path}: use_aug=1 needs augmented views in the cache; extract it with augmented views "
-            "or drop use_aug from --grid"
-        )
+    if use_aug:
+        _check_views(task)
     views = 1 + (task.cache.aug_views("train") if use_aug else 0)
     stacked = host_array((max(len(rows), size), views, task.text.shape[1]))
     task.cache.read("train", rows, views=use_aug, out=stacked)
@@ -333,8 +341,12 @@ def run_shots(
     runs = [_Run(m, s, st) for m in methods for s in seeds for st in own[m]]
     buckets = shot_buckets(max(shots, max_shots or shots), len(task.text), len(seeds),
                            len(task.listings["train"].labels))
-    data = _prepare(task, shots, seeds, any(r.settings.use_aug for r in runs), validation, buckets.pool)
     place = Placement(budget, devices)
+    use_aug = any(r.settings.use_aug for r in runs)
+    if use_aug:
+        _check_views(task)
+    # on a CPU device, runs with views train one seed at a time on that seed's own views (``train_group``)
+    data = _prepare(task, shots, seeds, use_aug and not _views_by_seed(place), validation, buckets.pool)
     results = []
     for key, idx in _groups(runs).items():
         group, note = train_group(task, shots, key, [runs[i] for i in idx], data, buckets, place)
@@ -385,10 +397,13 @@ def train_group(task: Task, shots: int, key: tuple, group: Sequence[_Run], data:
     seeds_arr = np.array([r.seed for r in group])
     settings = [r.settings for r in group]
     fit = METHODS[group[0].method].fit
+    desc = f"{task.dataset} {shots}-shot {type(head).__name__}"
+    if fit is None and use_aug and data.pool.features.shape[1] == 1:  # the shared pool holds no views
+        return Group(head, _train_views_by_seed(task, key, group, data, buckets, place, desc), tuple(settings)), ""
     if fit is None:
         trained = train_runs(head, hparam_arrays(settings), rows, seeds_arr, data.pool, task.text,
                              batch_size=batch_size, use_aug=use_aug, buckets=buckets, budget=place.budget,
-                             devices=place.devices, desc=f"{task.dataset} {shots}-shot {type(head).__name__}")
+                             devices=place.devices, desc=desc)
         return Group(head, trained, tuple(settings)), ""
     # the method's own trainer; it returns the settings its models are used with
     own = None if data.members is None else np.stack([data.members[r.seed] for r in group])
@@ -402,6 +417,39 @@ def train_group(task: Task, shots: int, key: tuple, group: Sequence[_Run], data:
     trained = Trained(fitted.params, fitted.consts, fitted.failed, fitted.fail_step, fitted.final_loss,
                       no_epochs if fitted.loss_curve is None else fitted.loss_curve)
     return Group(head, trained, tuple(fitted.settings)), fitted.note
+
+
+def _views_by_seed(place: Placement) -> bool:
+    """Whether runs with views (use_aug) train one seed at a time, each on its own seed's views: on a CPU device,
+    whose memory is the host's (every seed's views together are 2 GB at ImageNet's 16 shots x 11 views, one seed's
+    a third of that) and whose seeds train as separate streams anyway; an accelerator trains all seeds in one
+    program from one pool in its own memory."""
+    return list(place.devices or jax.devices())[0].platform == "cpu"
+
+
+def _train_views_by_seed(task: Task, key: tuple, group: Sequence[_Run], data: _Data, buckets: Buckets,
+                         place: Placement, desc: str) -> Trained:
+    """Train a group's runs with views (use_aug) seed by seed, each seed's runs on a pool of only its own rows'
+    views (read when its turn comes, freed after), padded to one seed's bucket so one program serves every seed.
+    Returns the runs' Trained in ``group`` order."""
+    head, batch_size, _ = key
+    one_seed = Buckets(buckets.rows, min(buckets.pool, buckets.rows))  # one seed's draws: at most rows per run
+    parts, done = [], []
+    for seed in dict.fromkeys(r.seed for r in group):
+        idx = [i for i, r in enumerate(group) if r.seed == seed]
+        seed_rows = np.unique(data.picks[seed])
+        pool = _pool(task, seed_rows, True, one_seed.pool)
+        rows = np.tile(np.searchsorted(seed_rows, data.picks[seed]), (len(idx), 1))
+        trained = train_runs(head, hparam_arrays([group[i].settings for i in idx]), rows, np.full(len(idx), seed),
+                             pool, task.text, batch_size=batch_size, use_aug=True, buckets=one_seed,
+                             budget=place.budget, devices=place.devices, desc=f"{desc} seed {seed}")
+        del pool
+        gc.collect()  # a device array is freed by the collector (jax holds it in a reference cycle): free this
+        # seed's views before the next seed's are read
+        parts.append([getattr(trained, f.name) for f in dataclasses.fields(Trained)])
+        done += idx
+    order = np.argsort(done)
+    return Trained(*jax.tree.map(lambda *x: np.concatenate(x)[order], *parts))
 
 
 def _score(task: Task, key: tuple, runs: tuple[int, ...], own: np.ndarray | None, group: Group, note: str,
