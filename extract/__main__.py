@@ -168,7 +168,7 @@ def _run(args: argparse.Namespace) -> Path | None:
     from extract.errors import ExtractError
     from extract.models import load_model, resolve_device
     from extract.prompts import cache_templates, check_template, read_templates_file
-    from extract.run import describe_plan, plan, run_extraction
+    from extract.run import plan, plan_text, run_extraction
     from extract.shards import parse_shard
 
     given = [n for n, v in (("--folder", args.folder), ("--split-json", args.split_json),
@@ -212,7 +212,7 @@ def _run(args: argparse.Namespace) -> Path | None:
         raise ExtractError("--json goes with --dry-run (it prints the plan as JSON)")
     if args.dry_run:
         planned = plan(spec, args.out, splits=splits, pool=pool, aug_views=args.aug_views, shard=shard)
-        print(json.dumps(planned) if args.json else describe_plan(planned))
+        print(json.dumps(planned) if args.json else plan_text(planned))
         return None
     device = resolve_device(args.device)
     if not args.model and args.model_config is None:

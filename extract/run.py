@@ -13,15 +13,16 @@ import platform
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from extract.augment import AugmentedViews
 from data import fewshot
 from data.cache import ABSENT, BAD, OK, SCHEMA_VERSION, CacheError, partial_path, read_attrs, read_status
 from data.cache_writer import CacheWriter, complete_status, reopen_complete
+from data.progress import progress as bar_of
 from extract.datasets import DatasetSpec
 from extract.encode import encode_images, encode_texts, make_loader
 from extract.errors import ExtractError
@@ -81,8 +82,8 @@ def run_extraction(spec: DatasetSpec, loaded: LoadedModel, out: str | Path, *, t
         if not writer.text_done:
             writer.write_text(encode_texts(loaded.model, loaded.tokenizer, list(spec.classnames), templates, dev))
         pending = {name: writer.pending(name) for name in names}
-        with tqdm(total=sum(len(p) for p in pending.values()), unit="img", desc=target.name,
-                  disable=not progress, smoothing=0.1) as bar:
+        with bar_of(total=sum(len(p) for p in pending.values()), unit="img", desc=target.name,
+                    disable=not progress, smoothing=0.1) as bar:
             for name in names:
                 _extract_split(spec, loaded, writer, name, rows[name], pending[name],
                                augment if name == "train" else None, batch_size, workers, dev, skip_bad, bar,
@@ -131,7 +132,14 @@ def plan(spec: DatasetSpec, out: str | Path, *, splits: list[str] | None = None,
             "to_encode": sum(s["to_encode"] for s in per_split.values())}
 
 
-def describe_plan(planned: dict) -> str:
+def describe_plan(spec: DatasetSpec, out: str | Path, *, splits: list[str] | None = None, pool: dict | None = None,
+                  aug_views: int = 0, shard: Shard | None = None) -> str:
+    """Per split: images listed, images this run would encode (those `out` does not hold yet) and forwards
+    (``plan_text`` of ``plan``)."""
+    return plan_text(plan(spec, out, splits=splits, pool=pool, aug_views=aug_views, shard=shard))
+
+
+def plan_text(planned: dict) -> str:
     """``plan``'s result in words: per split, images listed, to encode, already in the file, and forwards."""
     pool = planned["pool"]
     what = f"seeds {' '.join(map(str, pool['seeds']))} at <= {pool['shots']} shots" if pool else "the whole split"
@@ -174,7 +182,7 @@ def _split_names(spec: DatasetSpec, splits: list[str] | None) -> list[str]:
 
 def _extract_split(spec: DatasetSpec, loaded: LoadedModel, writer: CacheWriter, name: str, rows: dict,
                    pending: np.ndarray, augment: AugmentedViews | None, batch_size: int, workers: int,
-                   device: torch.device, skip_bad: bool, bar: tqdm, on_batch: OnBatch | None) -> None:
+                   device: torch.device, skip_bad: bool, bar: Any, on_batch: OnBatch | None) -> None:
     """Encode the pending rows of one split batch by batch, storing each batch as it completes."""
     if not len(pending):
         return

@@ -23,7 +23,7 @@ from train_jax.records import CSV_FIELDS, load_params
 from train_jax.run_config import RunConfig
 
 CLASSES = 5
-METHOD_NAMES = ("zeroshot", "linear_probe", "tip_adapter_f", "cmm_ce", "cmm")
+METHOD_NAMES = tuple(METHODS)
 ARGS = ["--shots", "1", "2", "--seeds", "1", "2", "--methods", *METHOD_NAMES, "--prompt", "single",
         "--grid", "epochs=4", "--select", "none"]
 
@@ -75,12 +75,19 @@ def test_one_run_per_method_and_seed_at_its_fixed_default(runs):
     for r in results["runs"]:
         assert r["selected"] and r["tie_break"] is None and r["val_acc"] is None and r["val_score"] is None
         settings = Settings.from_dict(r["settings"])
+        rec = baselines.recipe("Synth")
         if r["method"] == "tip_adapter_f":  # its recipe's init beta and alpha (no search), its own epochs
-            rec = baselines.recipe("Synth")
             assert (settings.beta, settings.alpha, settings.epochs) == (1.0, rec.init_alpha, rec.epochs)
             continue
-        base = Settings(logit_scale=scale, epochs=4)
-        assert settings == METHODS[r["method"]].fixed_setting(base, ["epochs"])
+        if r["method"] == "tip_adapter":  # upstream's init beta and alpha, which it evaluates before searching
+            assert (settings.beta, settings.alpha) == (1.0, rec.init_alpha)
+            continue
+        method = METHODS[r["method"]]
+        expected = method.fixed_setting(Settings(logit_scale=scale, epochs=4), ["epochs"])
+        if method.fit is None:
+            assert settings == expected
+        else:  # an own trainer sets its recipe's fields too (e.g. use_aug where the cache has views)
+            assert {k: getattr(settings, k) for k in method.fixed} == dict(method.fixed)
     cmm = next(r for r in results["runs"] if r["method"] == "cmm")
     assert cmm["setting"] == Settings(**METHODS["cmm"].fixed).label(list(METHODS["cmm"].fixed))
 
@@ -183,4 +190,8 @@ def test_fixed_setting_applies_forced_and_resets_unused():
     assert probe == Settings(c=METHODS["linear_probe"].fixed["c"])
     cmm = METHODS["cmm"].fixed_setting(base, given=["lr"])
     assert cmm == Settings(**{**METHODS["cmm"].fixed, "lr": 0.5, "logit_scale": 50.0})
-    assert all(set(m.fixed) <= set(m.used) for m in METHODS.values())  # a fixed field the method does not use
+    assert all(not set(m.fixed) & set(m.forced) for m in METHODS.values())  # forced fields are not its to fix
+    gda = METHODS["gda"].fixed_setting(base, given=["alpha"])  # gda's alpha is not a grid setting of its own
+    assert gda.alpha == METHODS["gda"].fixed["alpha"] and gda.logit_scale == 100.0
+    xm = METHODS["cross_modal_lp"].fixed_setting(base, given=["lr"])  # its own grid: the user's does not apply
+    assert (xm.lr, xm.weight_decay, xm.batch_size) == (1e-3, 0.0, 8)

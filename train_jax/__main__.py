@@ -40,13 +40,16 @@ Default grid (the paper publishes no settings):
   {' '.join(f"{ALIASES_OUT.get(k, k)}={','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items())}
 Fields outside the grid keep their defaults:
   {Settings().label([f.name for f in dataclasses.fields(Settings)])}
-Settings (grid keys, aliases in brackets; tip_adapter_f ignores the grid and runs its authors' recipe, README
+Settings (grid keys, aliases in brackets; tip_adapter_f, tip_adapter, gda, clap, lp_plus_plus and cross_modal_lp
+ignore the grid and run their authors' recipes, cross_modal_lp with its authors' 12-setting grid; README
 "Protocol"):
 {grid_keys_help()}
 Methods (in brackets: the fixed default --select none runs):
 {_METHODS_HELP}
 Outputs in --out: results.json, results.csv, results.md, accuracy_vs_shots.png, params/<K>shot.npz
-(train_jax.records.load_params), shots/<K>shot.json (finished shots, skipped when rerun), gap.md, gap.json,
+(train_jax.records.load_params), shots/<K>shot.json (finished shots, skipped when rerun),
+shots/<K>shot_test_correct.npz (per-image correctness of the selected runs), compare.csv and compare.json (paired
+differences against --compare-to, also in results.md), gap.md, gap.json,
 gap.png (modality gap before/after the map, train_jax.gap), compile.json (programs compiled by the last
 invocation and seconds spent compiling).
 Classify new images with a run: python -m train_jax predict --run DIR --cache NEW.h5 --out preds.csv
@@ -79,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="choose the setting per seed (seed) or one per method from the mean over seeds (mean) on "
                         "validation, or train each method at its fixed default without validation (none); see "
                         "Selection below (default: %(default)s)")
+    p.add_argument("--compare-to", choices=list(METHODS), default="cmm", metavar="METHOD",
+                   help="reference method of the paired comparisons in results.md, compare.csv and compare.json "
+                        "(default: %(default)s)")
     p.add_argument("--prompt", choices=["single", "ensemble"], default=None,
                    help="class prototypes: the dataset's own template (single) or the normalised mean over CLIP's "
                         "7 ImageNet templates (ensemble); default: ensemble for the ImageNet family, else single")
@@ -99,7 +105,7 @@ def parse_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         cache=args.cache, eval_caches=tuple(args.eval_cache), shots=tuple(args.shots), fit_shots=args.fit_shots,
         seeds=tuple(args.seeds), methods=tuple(args.methods), grid=parse_grid(args.grid) if args.grid else None,
-        select=args.select, prompt=args.prompt, memory_gb=args.memory_gb, devices=args.devices,
+        select=args.select, compare_to=args.compare_to, prompt=args.prompt, memory_gb=args.memory_gb, devices=args.devices,
         compile_cache=args.compile_cache, no_compile_cache=args.no_compile_cache)
 
 

@@ -68,12 +68,13 @@ def on_validation(group: Group, feats: np.ndarray, labels: np.ndarray, members: 
 
 
 def on_test(group: Group, blocks: Iterable[np.ndarray], labels: np.ndarray, text: np.ndarray,
-                  place: Placement) -> np.ndarray:
-    """Accuracy (%) [S] on a test set given as blocks of features [n,D] (in row order) with labels [N]."""
+            place: Placement) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy (%) [S] and per-image correctness [S,N] bool on a test set given as blocks of features [n,D] (in
+    row order) with labels [N]."""
     hp = group.hp
     pred = np.concatenate([predict_runs(group.head, group.trained, hp, feats, text, budget=place.budget,
                                         devices=place.devices, desc="test") for feats in blocks], axis=-1)
-    return evaluate.accuracy(pred, labels)
+    return evaluate.accuracy(pred, labels), pred == labels
 
 
 def on_shift(group: Group, shift: Sequence[EvalSet], text: np.ndarray, place: Placement) -> dict[str, np.ndarray]:

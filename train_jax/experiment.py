@@ -33,7 +33,7 @@ from train_jax.config import Settings, expand_grid, grid_to_json
 from train_jax.errors import TrainError
 from train_jax.evaluators import EvalSet, Group, Placement
 from train_jax.layout import Buckets, shot_buckets
-from train_jax.methods import METHODS
+from train_jax.methods import METHODS, Method
 from train_jax.records import ConfigRecord, Learned, RunRecord
 from train_jax.run_config import RunConfig
 from train_jax.runner import Pool, Trained, hparam_arrays, host_array, train_runs
@@ -58,10 +58,12 @@ class Task:
 @dataclass(frozen=True)
 class ShotResult:
     """One shot count's results: records, one RunRecord per run (in run order); learned: "method/seed<k>" -> the
-    model of the run selected for that method and seed."""
+    model of the run selected for that method and seed; correct: "method/seed<k>" -> bool [N_test], which test
+    images that selected run classified correctly (for the paired comparisons, ``train_jax.compare``)."""
 
     records: list[RunRecord] = field(default_factory=list)
     learned: dict[str, Learned] = field(default_factory=dict)
+    correct: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -269,7 +271,8 @@ class _Run:
 class GroupResult:
     """One trained group of a shot count, scored: runs [S] (indices into the shot count's run list), the trained
     group (its settings: those the models are used with), the trainer's note, and per run accuracy (%) and score on
-    its own validation rows and test accuracy (%), each [S]."""
+    its own validation rows and test accuracy (%), each [S], and which test images it classified correctly
+    [S, N_test] bool."""
 
     key: tuple
     runs: tuple[int, ...]
@@ -278,6 +281,7 @@ class GroupResult:
     val_acc: np.ndarray
     val_score: np.ndarray
     test_acc: np.ndarray
+    test_correct: np.ndarray
 
 
 def _take(trained: Trained, idx: np.ndarray) -> Trained:
@@ -336,8 +340,15 @@ def run_shots(
     if select not in evaluate.SELECT_MODES:
         raise TrainError(f"select={select!r}: use one of {', '.join(evaluate.SELECT_MODES)}")
     validation = select != evaluate.VALIDATION_FREE
-    own = {m: METHODS[m].settings(list(grid)) if validation else [METHODS[m].fixed_setting(grid[0], given)]
-           for m in methods}
+    classes = len(task.text)
+
+    def fixed(method: Method) -> list[Settings]:  # validation-free: its one fixed run, if admitted on these classes
+        st = method.fixed_setting(grid[0], given)
+        return [st] if method.admits is None or method.admits(st, classes) else []
+
+    own = {m: METHODS[m].settings(list(grid), classes) if validation else fixed(METHODS[m]) for m in methods}
+    for m in (m for m in methods if not own[m]):
+        warnings.warn(f"{task.dataset}: {m} not run: none of its settings runs on {classes} classes", stacklevel=2)
     runs = [_Run(m, s, st) for m in methods for s in seeds for st in own[m]]
     buckets = shot_buckets(max(shots, max_shots or shots), len(task.text), len(seeds),
                            len(task.listings["train"].labels))
@@ -359,7 +370,9 @@ def run_shots(
                         per_run(lambda g: g.group.trained.failed), select)
     shift = _evaluate_shift(task, list(tie_break), where, place)
     return ShotResult(_records(task.dataset, shots, runs, label_keys, where, tie_break, shift, validation),
-                      _learned(runs, tie_break, where))
+                      _learned(runs, tie_break, where),
+                      {f"{runs[i].method}/seed{runs[i].seed}": where[i][0].test_correct[where[i][1]]
+                       for i in sorted(tie_break)})
 
 
 def _prepare(task: Task, shots: int, seeds: Sequence[int], use_aug: bool, validation: bool = True,
@@ -460,8 +473,8 @@ def _score(task: Task, key: tuple, runs: tuple[int, ...], own: np.ndarray | None
         val_acc = val_score = np.full(len(runs), np.nan)
     else:
         val_acc, val_score = evaluators.on_validation(group, data.val_feats, data.val_labels, own, task.text, place)
-    test_acc = evaluators.on_test(group, _test_blocks(task), data.test_labels, task.text, place)
-    return GroupResult(key, runs, group, note, val_acc, val_score, test_acc)
+    test_acc, test_correct = evaluators.on_test(group, _test_blocks(task), data.test_labels, task.text, place)
+    return GroupResult(key, runs, group, note, val_acc, val_score, test_acc, test_correct)
 
 
 def _records(dataset: str, shots: int, runs: Sequence[_Run], label_keys: Sequence[str],
@@ -480,10 +493,9 @@ def _records(dataset: str, shots: int, runs: Sequence[_Run], label_keys: Sequenc
         names = getattr(g.group.head, "part_names", ())
         parts = {} if trained.loss_parts is None else dict(zip(names, trained.loss_parts[j].T))
         method = METHODS[run.method]
-        keys = label_keys if validation else list(method.fixed)
         out.append(RunRecord(
             dataset=dataset, shots=shots, method=run.method, seed=run.seed,
-            setting=run.settings.label([k for k in keys if k in method.used]) or "-",
+            setting=run.settings.label(method.label_keys(label_keys) if validation else list(method.fixed)) or "-",
             settings=run.settings, val_acc=float(g.val_acc[j]) if validation else None,
             val_score=finite(g.val_score[j]),
             test_acc=float(g.test_acc[j]), failed=bool(trained.failed[j]),
@@ -632,7 +644,7 @@ def train_and_evaluate(config: RunConfig, out: str | Path, *, say: Callable[[str
             continue
         result = run_shots(task, k, seeds, methods, settings, label_keys, select=config.select, given=list(grid),
                            budget=config.budget, devices=devices, max_shots=max(shots))
-        records.write_shot(out, k, result.records, result.learned)
+        records.write_shot(out, k, result.records, result.learned, result.correct)
         for r in result.records:
             if r.failed:
                 warn(f"{r.method} seed {r.seed} ({r.setting}) stopped at step {r.fail_step} "
@@ -645,7 +657,7 @@ def train_and_evaluate(config: RunConfig, out: str | Path, *, say: Callable[[str
     from train_jax import report  # the renderers (matplotlib) load only when there is something to render
 
     every = records.read_shots(out)
-    summary = report.write_run_dir(out, task.dataset, recorded.to_json(), every)
+    summary = report.write_run_dir(out, task.dataset, recorded.to_json(), every, compare_to=config.compare_to)
     test_features, test_labels = test_rows(task)
     gap.write_run(out, task.dataset, test_features, test_labels, task.text, task.cache.classnames)
     compiled = compile_cache.stats() - compiled_before

@@ -18,8 +18,8 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from train_jax import baselines, logreg
-from train_jax.config import DYNAMIC_FIELDS, Settings
+from train_jax import baselines, clap, cross_modal, logreg, lpp, training_free
+from train_jax.config import DYNAMIC_FIELDS, Settings, expand_grid
 from train_jax.heads import CMMHead, Head, Params
 from train_jax.trainers import Fitted, Job
 
@@ -36,9 +36,11 @@ def restrict(grid: Sequence[Settings], used: Sequence[str], forced: Mapping[str,
 
 @dataclass(frozen=True)
 class Method:
-    """A named method: its head for given settings, the fields it uses, how it turns the grid into runs, its own
-    trainer (``fit``; None: the shared AdamW runner with the settings as given), and ``fixed``: the fields of its
-    fixed default setting (over ``Settings``' defaults; the forced fields apply anyway), the one it runs at
+    """A named method: its head for given settings, the fields it uses, how it turns the grid into runs, and its
+    own trainer (``fit``; None: the shared AdamW runner with the settings as given). ``grid``: the authors' own
+    grid, searched instead of the user's (None: the user's grid restricted to ``used``); ``admits(settings,
+    classes)``: whether a setting runs on a dataset of that many classes (None: all do); ``fixed``: the fields of
+    its fixed default setting (over ``Settings``' defaults; the forced fields apply anyway), the one it runs at
     without validation (``--select none``)."""
 
     name: str
@@ -47,18 +49,39 @@ class Method:
     forced: Mapping[str, Any]
     description: str
     fit: Callable[[Job], Fitted] | None = None
+    grid: Mapping[str, tuple] | None = None
+    admits: Callable[[Settings, int], bool] | None = None
     fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict, kw_only=True)
 
-    def settings(self, grid: list[Settings]) -> list[Settings]:
+    def settings(self, grid: list[Settings], classes: int | None = None) -> list[Settings]:
         """This method's runs for the user's grid: unused fields reset to defaults, forced ones set, duplicates
-        dropped (order kept)."""
-        return restrict(grid, self.used, self.forced)
+        dropped (order kept); or its own grid over the defaults and forced fields. With ``classes``, only the
+        settings it ``admits`` for that many classes (possibly none)."""
+        if self.grid is not None:
+            runs = expand_grid(self.grid, dataclasses.replace(Settings(), **self.forced))
+        else:
+            runs = restrict(grid, self.used, self.forced)
+        if classes is None or self.admits is None:
+            return runs
+        return [s for s in runs if self.admits(s, classes)]
+
+    def label_keys(self, keys: Sequence[str]) -> list[str]:
+        """The fields a run's ``setting`` label shows: those of ``keys`` (the user's varied grid keys) it uses, or
+        its own grid's varied keys."""
+        if self.grid is not None:
+            return [k for k, vs in self.grid.items() if len(vs) > 1]
+        return [k for k in keys if k in self.used]
 
     def fixed_setting(self, base: Settings, given: Collection[str] = ()) -> Settings:
-        """This method's one run without validation: ``fixed`` over ``base`` (except the fields in ``given``,
-        which the user set and keep base's values), unused fields reset to defaults, forced ones set."""
-        return restrict([dataclasses.replace(base, **{k: v for k, v in self.fixed.items() if k not in given})],
-                        self.used, self.forced)[0]
+        """This method's one run without validation: its run for ``base`` (unused fields reset to defaults, forced
+        ones set; with its own grid, the defaults and forced fields), then ``fixed`` over it, except the fields the
+        user's grid set (``given``) that it uses."""
+        if self.grid is not None:
+            start = dataclasses.replace(Settings(), **self.forced)
+        else:
+            start = restrict([base], self.used, self.forced)[0]
+        keep = set(given) & set(self.used)
+        return dataclasses.replace(start, **{k: v for k, v in self.fixed.items() if k not in keep})
 
 
 _TRAINED = ("lr", "weight_decay", "epochs", "warmup", "batch_size", "use_aug", "logit_scale")
@@ -81,9 +104,38 @@ METHODS: dict[str, Method] = {
             fixed={"c": 1.0},
         ),
         Method(
+            "tip_adapter", lambda s: training_free.TipCacheHead(), (), training_free.FORCED,
+            "training-free Tip-Adapter: a cache of the shots' features; (beta, alpha) searched on validation",
+            training_free.tip_adapter_fit,  # validation-free: its recipe's init beta 1 and the dataset's alpha
+        ),
+        Method(
             "tip_adapter_f", lambda s: baselines.TipAdapterHead(), (), baselines.FORCED,
             "Tip-Adapter-F with its authors' recipe; (beta, alpha) searched on validation after training",
             baselines.fit,  # validation-free: its recipe's init beta 1 and alpha (configs/<dataset>.yaml), no search
+        ),
+        Method(
+            "gda", lambda s: training_free.GDAHead(), (), training_free.FORCED,
+            "training-free GDA: the linear classifier of the class means and one shared covariance, added to "
+            "zero-shot with its weight chosen on validation",
+            training_free.gda_fit,
+            fixed={"alpha": training_free.GDA_NO_HIT_ALPHA},  # upstream's alpha before (without) its search
+        ),
+        Method(
+            "clap", lambda s: clap.ClapHead(), ("logit_scale",), clap.FORCED,
+            "CLAP: zero-shot-initialised linear probe with its class-adaptive penalty, its authors' fixed recipe "
+            "(no validation)", clap.fit,
+        ),
+        Method(
+            "lp_plus_plus", lambda s: lpp.LPPHead(), (), lpp.FORCED,
+            "LP++: linear probe plus class-wise weighted text logits, its authors' step sizes; epoch chosen on "
+            "validation", lpp.fit,  # validation-free: its last epoch
+        ),
+        Method(
+            "cross_modal_lp", lambda s: cross_modal.CrossModalHead(), (), cross_modal.FORCED,
+            "cross-modal linear probe: text embeddings as extra training samples, its authors' 12-setting grid and "
+            "checkpoint chosen on validation", cross_modal.fit, cross_modal.GRID,
+            lambda s, classes: cross_modal.admits(s.batch_size, classes),
+            fixed=cross_modal.FIXED,  # validation-free: its last iterate
         ),
         Method(
             "cmm_ce", lambda s: CMMHead(s.learn_text), _TRAINED + ("alpha", "learn_text"), {"lam": 0.0},
@@ -97,7 +149,10 @@ METHODS: dict[str, Method] = {
         ),
     )
 }
-DEFAULT_METHODS = ("zeroshot", "linear_probe", "cmm_ce", "cmm")
+DEFAULT_METHODS = ("zeroshot", "linear_probe", "tip_adapter", "gda", "cmm_ce", "cmm")
+# run_all.sh's real runs (not its offline check) also train the peers with their own trainers: bench/bench_peers.py
+# estimates their 16-shot sweep of the 11 benchmarks at well under a few minutes of one GPU (README "Methods")
+REAL_RUN_METHODS = DEFAULT_METHODS + ("clap", "lp_plus_plus", "cross_modal_lp")
 
 
 def logits(method: str, settings: Settings, params: Params, consts: Params, feats, text) -> jax.Array:

@@ -2,6 +2,8 @@
 
 - ``run_config.json``: ``ConfigRecord``, what the results were made with (checked when a folder is resumed);
 - ``shots/<K>shot.json``: one ``RunRecord`` per trained (method, seed, setting) run of one shot count;
+- ``shots/<K>shot_test_correct.npz``: per selected run, which test images it classified correctly (``write_correct``
+  / ``read_correct``, for the paired comparisons of ``train_jax.compare``);
 - ``params/<K>shot.npz``: one ``Learned`` per selected model (``save_params`` / ``load_params``);
 - ``results.json``: the config, one ``SummaryRow`` per (dataset, method, shots) and every ``RunRecord``, under
   ``schema_version``; ``results.csv``: one line per run (``CSV_FIELDS``).
@@ -15,6 +17,7 @@ import csv
 import dataclasses
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -221,9 +224,12 @@ def params_path(out: Path, shots: int) -> Path:
     return out / "params" / f"{shots}shot.npz"
 
 
-def write_shot(out: Path, shots: int, records: Sequence[RunRecord], learned: Mapping[str, Learned]) -> None:
-    """Write one finished shot count: its models (``params_path``), then its records (``shot_path``)."""
+def write_shot(out: Path, shots: int, records: Sequence[RunRecord], learned: Mapping[str, Learned],
+               correct: Mapping[str, Any]) -> None:
+    """Write one finished shot count: its models (``params_path``), its selected runs' per-image correctness
+    (``correct_path``), then its records (``shot_path``, written last: its presence marks the shot count done)."""
     save_params(params_path(out, shots), learned)
+    write_correct(correct_path(out / "shots", shots), correct)
     write_json(shot_path(out, shots), records_to_json(records))
 
 
@@ -428,9 +434,19 @@ def write_results(out: Path, dataset: str, config: Mapping[str, Any], records: S
     return summary
 
 
-def read_summary(run_dir: str | Path) -> list[SummaryRow]:
-    """The summary rows of a run folder's ``results.json`` (a file without ``schema_version`` is read as current);
-    TrainError naming the file when it is missing, unreadable or of a newer schema."""
+@dataclass(frozen=True)
+class Results:
+    """What ``results.json`` holds for the combine mode: its dataset (None if unnamed), config (``run_config.json``'s
+    JSON) and summary rows."""
+
+    dataset: str | None
+    config: Mapping[str, Any]
+    summary: list[SummaryRow]
+
+
+def read_results(run_dir: str | Path) -> Results:
+    """A run folder's ``results.json`` (a file without ``schema_version`` is read as current); TrainError naming
+    the file when it is missing, unreadable or of a newer schema."""
     path = Path(run_dir) / "results.json"
     try:
         data = json.loads(path.read_text())
@@ -441,6 +457,65 @@ def read_summary(run_dir: str | Path) -> list[SummaryRow]:
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise TrainError(f"{path}: results of schema version {version!r}; this code reads up to {SCHEMA_VERSION}")
     try:
-        return [SummaryRow.from_json(r) for r in rows]
-    except (TrainError, TypeError, ValueError) as e:
+        summary = [SummaryRow.from_json(r) for r in rows]
+    except (TrainError, TypeError, ValueError, AttributeError) as e:
         raise TrainError(f"{path}: {e}; run `python -m train_jax ... --out {run_dir}` again") from None
+    return Results(data.get("dataset"), dict(data.get("config") or {}), summary)
+
+
+def read_summary(run_dir: str | Path) -> list[SummaryRow]:
+    """The summary rows of a run folder's ``results.json`` (``read_results``)."""
+    return read_results(run_dir).summary
+
+
+# Per-test-image correctness of the selected runs, for the paired comparisons (train_jax.compare):
+# shots/<K>shot_test_correct.npz holds "schema_version" (CORRECT_VERSION) and, per selected run,
+# "method/seed<k>" -> bool [N_test] (the encoded test rows in cache order). Version 1.
+CORRECT_VERSION = 1
+
+
+def correct_path(shots_dir: Path, shots: int) -> Path:
+    """Where the per-image correctness of a shot count's selected runs lives, beside ``<K>shot.json``."""
+    return Path(shots_dir) / f"{shots}shot_test_correct.npz"
+
+
+def write_correct(path: Path, correct: Mapping[str, Any]) -> None:
+    """Write ``{"method/seed<k>": bool [N_test]}`` (compressed .npz, written to a temporary file and renamed)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, schema_version=np.array(CORRECT_VERSION),
+                                **{k: np.asarray(v, bool) for k, v in correct.items()})
+        os.replace(tmp, path)
+    except OSError as e:
+        raise TrainError(f"{path}: cannot write it ({e.strerror}); choose a writable --out") from None
+
+
+def read_correct(path: Path) -> dict[tuple[str, int], np.ndarray] | None:
+    """``{(method, seed): bool [N_test]}`` from a file of ``write_correct``; None when there is no file (a
+    run folder from before it was written). TrainError naming the file when it is unreadable, of another
+    version, or its arrays differ in length."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise TrainError(f"{path}: unreadable ({e}); delete it (comparisons then use seeds only)") from None
+    version = arrays.pop("schema_version", None)
+    if version is None or version.shape != () or int(version) != CORRECT_VERSION:
+        raise TrainError(f"{path}: not a per-image results file of schema version {CORRECT_VERSION}; delete "
+                         "it (comparisons then use seeds only)")
+    out = {}
+    for key, value in arrays.items():
+        method, _, seed = key.partition("/seed")
+        if not seed.isdigit() or value.dtype != bool or value.ndim != 1:
+            raise TrainError(f"{path}: entry {key!r} is not a 'method/seed<k>' -> bool [N] array; delete it "
+                             "(comparisons then use seeds only)")
+        out[(method, int(seed))] = value
+    if len({v.shape for v in out.values()}) > 1:
+        raise TrainError(f"{path}: its runs have different test-set sizes; delete it (comparisons then use seeds "
+                         "only)")
+    return out

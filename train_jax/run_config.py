@@ -24,9 +24,10 @@ class RunConfig:
     (``shot_list`` sorts and dedups); fit_shots: drop, with a warning, the shots a class cannot give (else an
     error); seeds: few-shot draw seeds, as asked; methods: names of ``methods.METHODS``, as asked; grid: setting
     name -> values (``config.parse_grid``; None: ``config.DEFAULT_GRID``); select: one of ``SELECT_MODES``
-    ("none": validation-free, each method at its fixed default); prompt: "single", "ensemble" or None (the
-    dataset's default); memory_gb: memory for the run axis (None: half the free memory); devices: the first N JAX
-    devices (None: all); compile_cache, no_compile_cache: JAX's persistent compilation cache folder, or none.
+    ("none": validation-free, each method at its fixed default); compare_to: the reference method of the paired
+    comparisons (``train_jax.compare_report``); prompt: "single", "ensemble" or None (the dataset's default);
+    memory_gb: memory for the run axis (None: half the free memory); devices: the first N JAX devices (None: all);
+    compile_cache, no_compile_cache: JAX's persistent compilation cache folder, or none.
     """
 
     cache: str
@@ -37,6 +38,7 @@ class RunConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     grid: Mapping[str, tuple] | None = None
     select: str = SELECT_MODES[0]
+    compare_to: str = "cmm"
     prompt: str | None = None
     memory_gb: float | None = None
     devices: int | None = None
