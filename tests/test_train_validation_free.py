@@ -195,3 +195,12 @@ def test_fixed_setting_applies_forced_and_resets_unused():
     assert gda.alpha == METHODS["gda"].fixed["alpha"] and gda.logit_scale == 100.0
     xm = METHODS["cross_modal_lp"].fixed_setting(base, given=["lr"])  # its own grid: the user's does not apply
     assert (xm.lr, xm.weight_decay, xm.batch_size) == (1e-3, 0.0, 8)
+
+
+def test_fixed_defaults_study_ranks_and_runs(capsys):
+    from bench import fixed_defaults
+
+    np.testing.assert_array_equal(fixed_defaults.ranks(np.array([50.0, 70.0, 50.0, 60.0])), [3.5, 1.0, 3.5, 2.0])
+    assert fixed_defaults.main(["--worlds", "1", "--shots", "1", "--seeds", "1", "--dim", "8"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("fixed defaults (best mean rank): cmm_ce lr=") and "; cmm lr=" in out[-1]

@@ -382,7 +382,8 @@ def _prepare(task: Task, shots: int, seeds: Sequence[int], use_aug: bool, valida
     picks, val_split, val_rows = _sample(task, shots, seeds, validation)
     pool_rows = np.unique(np.concatenate(list(picks.values())))
     test = task.listings["test"]
-    data = _Data(pool_rows, _pool(task, pool_rows, use_aug, pool_size), picks, None, None, None, test.labels[test.status == OK])
+    data = _Data(pool_rows, _pool(task, pool_rows, use_aug, pool_size), picks, None, None, None,
+                 test.labels[test.status == OK])
     if validation:
         val_union = np.unique(np.concatenate(list(val_rows.values())))
         data.val_feats = l2_normalize(task.cache.read(val_split, val_union)[0])
