@@ -537,9 +537,9 @@ def write_correct(path: Path, correct: Mapping[str, Any]) -> None:
 
 
 def read_correct(path: Path) -> dict[tuple[str, int], np.ndarray] | None:
-    """``{(method, seed): bool [N_test]}`` from a file of ``write_correct``; None when there is no file (a
-    run folder from before it was written). TrainError naming the file when it is unreadable, of another
-    version, or its arrays differ in length."""
+    """``{(method, seed): bool [N_test]}`` from a file of ``write_correct``; None when there is no file (the
+    comparisons then use seeds only). TrainError naming the file when it is unreadable, of another version, or
+    its arrays differ in length."""
     path = Path(path)
     if not path.is_file():
         return None
