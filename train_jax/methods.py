@@ -40,8 +40,8 @@ class Method:
     own trainer (``fit``; None: the shared AdamW runner with the settings as given). ``grid``: the authors' own
     grid, searched instead of the user's (None: the user's grid restricted to ``used``); ``admits(settings,
     classes)``: whether a setting runs on a dataset of that many classes (None: all do); ``fixed``: the fields of
-    its fixed default setting (over ``Settings``' defaults; the forced fields apply anyway), the one it runs at
-    without validation (``--select none``)."""
+    its fixed default setting, the one it runs at without validation (``--select none``; ``fixed_setting``),
+    never a forced field."""
 
     name: str
     head: Callable[[Settings], Head]

@@ -112,8 +112,7 @@ def records_to_json(records: Sequence[RunRecord]) -> dict[str, Any]:
 
 def records_from_json(data: Any, source: str | Path) -> list[RunRecord]:
     """Inverse of ``records_to_json``; also reads versions 1 (a plain list), 2 (no loss curves), 3 (no loss parts)
-    and 4 (a validation accuracy in every record). TrainError naming
-    ``source`` for anything else."""
+    and 4 (a validation accuracy in every record). TrainError naming ``source`` for anything else."""
     if isinstance(data, Mapping) and data.get("schema_version") in (2, 3, 4, SCHEMA_VERSION):
         data = data.get("records")
     if not isinstance(data, list):
