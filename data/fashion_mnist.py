@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from data.errors import DataError
+from data.progress import progress
 from data.registry import get_dataset
 
 PACKAGE = "dataset-fashion-mnist"
@@ -137,7 +137,7 @@ def build(out: str | Path, *, train_per_class: int, val_per_class: int, test_per
     jobs = [("train", "train", train_pick), ("val", "train", val_pick), ("test", "test", test_pick)]
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    with tqdm(total=sum(len(p) for *_, p in jobs), desc="fashion-mnist png", unit="img") as bar:
+    with progress(total=sum(len(p) for *_, p in jobs), desc="fashion-mnist png", unit="img") as bar:
         for split, source_set, pick in jobs:
             for folder in folders:
                 (partial / split / folder).mkdir(parents=True, exist_ok=True)

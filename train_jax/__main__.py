@@ -37,8 +37,8 @@ Default grid (the paper publishes no settings):
   {' '.join(f"{ALIASES_OUT.get(k, k)}={','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items())}
 Fields outside the grid keep their defaults:
   {Settings().label([f.name for f in dataclasses.fields(Settings)])}
-Settings (grid keys, aliases in brackets; tip_adapter_f ignores the grid and runs its authors' recipe, README
-"Protocol"):
+Settings (grid keys, aliases in brackets; tip_adapter_f, tip_adapter and gda ignore the grid and run their
+authors' recipes, README "Protocol"):
 {grid_keys_help()}
 Methods:
 {_METHODS_HELP}

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from data.registry import dataset_names
+from data.registry import dataset_names, display_order, find_dataset
 from train_jax import compare_report
 from train_jax.config import Settings
 from train_jax.errors import TrainError
@@ -29,19 +29,36 @@ from train_jax.evaluate import mean_std
 from train_jax.records import SCHEMA_VERSION, Learned, RunRecord
 
 BENCHMARK = tuple(dataset_names("benchmark"))
-_ALIASES = {"oxfordflowers": "flowers102", "describabletextures": "dtd"}
 CSV_FIELDS = ("dataset", "shots", "method", "seed", "setting", "val_acc", "val_score", "test_acc", "selected",
               "tie_break", "failed")
 TIE_MARK = "†"  # results.md / summary.md: a cell whose setting was chosen by the tie-break for some seed
 _SELECTION = {"seed": "setting selected per seed on validation",
               "mean": "one setting per method selected on the mean validation accuracy over seeds"}
-METHOD_ORDER = ("zeroshot", "linear_probe", "tip_adapter_f", "cmm_ce", "cmm")
+METHOD_ORDER = ("zeroshot", "linear_probe", "tip_adapter", "tip_adapter_f", "gda", "cmm_ce", "cmm")
 STILL_FALLING = 0.05  # a mean loss curve whose last quarter of epochs (at least 2) lowers it by more is flagged
 
 
 def _key(name: str) -> str:
-    key = re.sub(r"[^a-z0-9]", "", name.lower())
-    return _ALIASES.get(key, key)
+    """A dataset's registry name (any spelling or alias of it), else its lower-case letters and digits."""
+    info = find_dataset(name)
+    return info.name if info else re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def weights_line(identities: Mapping[str, Mapping[str, Any] | None]) -> str:
+    """The line of a table that says which datasets' runs used a model with random weights (no weights file or
+    tag: ``weights_sha256`` empty in the training cache's identity), by dataset -> identity; "" when none did."""
+    random = [d for d in display_order(identities) if (identities[d] or {}).get("weights_sha256", "x") == ""]
+    if not random:
+        return ""
+    which = "" if len(random) == len(identities) else f" ({', '.join(random)})"
+    return (f"**Random weights**{which}: the CLIP model had no pretrained weights, so these numbers test the "
+            "pipeline; they are not CLIP accuracy.\n")
+
+
+def _under_title(markdown: str, line: str) -> str:
+    """`line` as a paragraph right under the first (title) line of `markdown`."""
+    title, _, rest = markdown.partition("\n")
+    return f"{title}\n\n{line}{rest}" if line else markdown
 
 
 def _method_sort(methods: Iterable[str]) -> list[str]:
@@ -159,7 +176,7 @@ def shift_table(summary: Sequence[Mapping[str, Any]]) -> str:
     rows = [r for r in summary if r["shift"]]
     if not rows:
         return ""
-    targets = list(dict.fromkeys(t for r in rows for t in r["shift"]))
+    targets = display_order(t for r in rows for t in r["shift"])
     body = []
     for r in rows:
         cells = [f"{r['shift'][t]['mean']:.2f} ± {r['shift'][t]['std']:.2f}" if t in r["shift"] else "—"
@@ -219,7 +236,7 @@ def plot(path: Path, summary: Sequence[Mapping[str, Any]], title: str = "") -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = {d: [r for r in summary if r["dataset"] == d] for d in dict.fromkeys(r["dataset"] for r in summary)}
+    panels = {d: [r for r in summary if r["dataset"] == d] for d in display_order(r["dataset"] for r in summary)}
     if len(panels) > 1:
         average = _average_rows(summary)
         if average:
@@ -300,7 +317,8 @@ def plot_curves(path: Path, summary: Sequence[Mapping[str, Any]], title: str = "
     import matplotlib.pyplot as plt
 
     rows_of = [r for r in summary if "loss_mean" in r]
-    keys = list(dict.fromkeys((r["dataset"], r["shots"]) for r in rows_of)) or [(title, 0)]
+    keys = [(d, k) for d in display_order(r["dataset"] for r in rows_of)
+            for k in sorted({r["shots"] for r in rows_of if r["dataset"] == d})] or [(title, 0)]
     cols = min(4, len(keys))
     nrows = -(-len(keys) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
@@ -339,7 +357,9 @@ def write_run_dir(out: Path, dataset: str, config: Mapping[str, Any], records: S
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     write_csv(out / "results.csv", records)
     paired = compare_report.run_section(out, records, compare_to, _method_sort(r.method for r in records))
-    (out / "results.md").write_text(run_markdown(dataset, summary) + scale_line(config) + paired)
+    random = weights_line({dataset: config.get("identity")})
+    (out / "results.md").write_text(_under_title(run_markdown(dataset, summary), random) + scale_line(config)
+                                    + paired)
     plot(out / "accuracy_vs_shots.png", summary, dataset)
     plot_curves(out / "loss_curves.png", summary, dataset)
 
@@ -363,18 +383,12 @@ def average_label(summary: Sequence[Mapping[str, Any]]) -> str:
     return f"Average ({k} datasets)" if k == len(BENCHMARK) else f"Average ({k} of {len(BENCHMARK)} datasets)"
 
 
-def _datasets(summary: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The datasets of ``summary``, the benchmark's first in benchmark order, then the others by name."""
-    order = {_key(b): i for i, b in enumerate(BENCHMARK)}
-    return sorted({r["dataset"] for r in summary}, key=lambda d: (order.get(_key(d), len(order)), d))
-
-
 def combined_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
     """The benchmark average (rows = methods, columns = shots), then one table per shot count (rows = methods,
     columns = datasets in benchmark order, then the average), then the distribution-shift table; a single
     dataset gets its run table (rows = methods, columns = shots)."""
     order = {_key(b): i for i, b in enumerate(BENCHMARK)}
-    datasets = _datasets(summary)
+    datasets = display_order(r["dataset"] for r in summary)
     if len(datasets) == 1:
         return run_markdown(datasets[0], summary)
     methods = _method_sort(r["method"] for r in summary)
@@ -424,22 +438,26 @@ def combine(run_dirs: Sequence[str | Path], out: str | Path, compare_to: str = "
     loss_curves.png; the paired comparisons against ``compare_to``: compare.csv, compare.json and a section of
     summary.md)."""
     summary: list[dict[str, Any]] = []
+    identities: dict[str, Mapping[str, Any] | None] = {}
     gaps = [json.loads(p.read_text()) for p in (Path(d) / "gap.json" for d in run_dirs) if p.is_file()]
     for run_dir in run_dirs:
         path = Path(run_dir) / "results.json"
         try:
-            summary.extend(json.loads(path.read_text())["summary"])
+            results = json.loads(path.read_text())
+            summary.extend(results["summary"])
+            identities[results.get("dataset", str(run_dir))] = results.get("config", {}).get("identity")
         except (OSError, ValueError, KeyError) as e:
             raise TrainError(f"{path}: cannot read results ({e}); run `python -m train_jax ... --out {run_dir}` first")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     line = gap_line(gaps)
-    datasets = _datasets(summary)
+    datasets = display_order(r["dataset"] for r in summary)
     benchmark = {_key(b) for b in BENCHMARK}
     paired = compare_report.combined_section(run_dirs, out, compare_to, _method_sort(r["method"] for r in summary),
                                              datasets, [d for d in datasets if _key(d) in benchmark],
                                              average_label(summary))
-    (out / "summary.md").write_text(combined_markdown(summary) + (f"\n{line}" if line else "") + paired)
+    markdown = _under_title(combined_markdown(summary), weights_line(identities))
+    (out / "summary.md").write_text(markdown + (f"\n{line}" if line else "") + paired)
     (out / "summary.json").write_text(json.dumps({"summary": summary, "average": _average_rows(summary)}, indent=1))
     plot(out / "accuracy_vs_shots.png", summary)
     plot_curves(out / "loss_curves.png", summary)
