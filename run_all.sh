@@ -151,10 +151,12 @@ fi
 extract() {  # extract NAME SOURCE_ARGS...: skip a cache that already holds every image this run needs
   local name="$1"; shift
   local cache="$CACHE_DIR/$name.h5"
-  local plan=", 1 to encode"  # no cache yet, or a plan that fails: run the extraction (it says why)
-  [ ! -f "$cache" ] || plan="$("$PY" -m extract run "$@" "${MODEL_ARGS[@]}" "${POOL_ARGS[@]}" --out "$cache" \
-    --dry-run)" || plan=", 1 to encode"
-  if ! grep -Eq ", [1-9][0-9]* to encode" <<<"$plan"; then
+  local todo=1  # no cache yet, or a plan that fails: run the extraction (it says why)
+  if [ -f "$cache" ]; then
+    todo="$("$PY" -m extract run "$@" "${MODEL_ARGS[@]}" "${POOL_ARGS[@]}" --out "$cache" --dry-run --json |
+      "$PY" -c 'import json, sys; print(json.load(sys.stdin)["to_encode"])')" || todo=1
+  fi
+  if [ "$todo" = 0 ]; then
     echo "== $name: features cached in $cache"
   else
     echo "== $name: extracting features -> $cache"

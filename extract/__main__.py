@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
-
-import json
 
 from data.cache import CacheError, inspect, read_attrs, read_cache, verify
 
@@ -120,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     exe.add_argument("--no-progress", action="store_true", help="no progress bar")
     exe.add_argument("--dry-run", action="store_true", help="print, per split, how many images would be encoded, "
                                                             "and stop (loads no model)")
+    exe.add_argument("--json", action="store_true", help="with --dry-run: print the plan as one JSON object "
+                                                         "(target, pool, splits: listed / to_encode / in_file / "
+                                                         "forwards, to_encode: the total)")
     merge = commands.add_parser("merge", help="join shard caches into one cache",
                                 description="Check that the shards come from one extraction (same model and "
                                             "settings, every row exactly once) and write them as one cache.")
@@ -166,7 +168,7 @@ def _run(args: argparse.Namespace) -> Path | None:
     from extract.errors import ExtractError
     from extract.models import load_model, resolve_device
     from extract.prompts import cache_templates, check_template, read_templates_file
-    from extract.run import describe_plan, run_extraction
+    from extract.run import plan, plan_text, run_extraction
     from extract.shards import parse_shard
 
     given = [n for n, v in (("--folder", args.folder), ("--split-json", args.split_json),
@@ -206,8 +208,11 @@ def _run(args: argparse.Namespace) -> Path | None:
     shard = parse_shard(args.shard) if args.shard else None
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
     pool = _pool(args.pool_seeds, args.pool_shots)
+    if args.json and not args.dry_run:
+        raise ExtractError("--json goes with --dry-run (it prints the plan as JSON)")
     if args.dry_run:
-        print(describe_plan(spec, args.out, splits=splits, pool=pool, aug_views=args.aug_views, shard=shard))
+        planned = plan(spec, args.out, splits=splits, pool=pool, aug_views=args.aug_views, shard=shard)
+        print(json.dumps(planned) if args.json else plan_text(planned))
         return None
     device = resolve_device(args.device)
     if not args.model and args.model_config is None:

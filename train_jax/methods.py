@@ -1,87 +1,24 @@
-"""Methods trained by the shared vmapped runner: the CMM head and the registry of all methods.
+"""Methods: the registry of named methods (``METHODS``) over heads (``train_jax.heads``) and their trainers.
 
-A *head* says how one kind of model is initialised, scored and trained for a single run (the runner vmaps it):
-
-- ``init(feats [N,D], labels [N], text [C,D]) -> (params, consts)``: trainable params and per-run constants
-  (feats: each training image's mean over the runner pool's views);
-- ``logits(params, consts, feats [B,D], zs_cos [B,C], text [C,D], hp) -> [B,C]``;
-- ``loss(params, consts, feats [B,D], zs_cos [B,C], labels [B], text [C,D], hp) -> scalar`` (mean over B);
-- ``part_names`` (optional, default none) with ``loss_parts(...)`` of ``loss``'s arguments -> [len(part_names)]:
-  the named terms of the loss (each a mean over B), and ``combine_parts(parts, hp)`` -> the loss; the runner
-  trains on the combined parts (one forward pass) and records them per epoch.
-
-``zs_cos = v T^T`` is the zero-shot cosine, computed by the runner once (not per step); ``hp`` maps each of
-``config.DYNAMIC_FIELDS`` to a scalar. Heads are frozen dataclasses: hashable, so they are static under jit.
+A method names a head for given settings, the settings fields it uses and forces, and optionally its own trainer
+(``Method.fit``); methods without one train with the shared vmapped AdamW runner.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from train_jax import baselines, logreg, training_free
 from train_jax.config import DYNAMIC_FIELDS, Settings
-from train_jax.losses import cmm_logits, cmm_loss, cmm_loss_parts, combine_cmm_parts
-from train_jax.model import CrossModalMapper
+from train_jax.heads import CMMHead, Head, Params
 from train_jax.trainers import Fitted, Job
 
-Params = Any
-
-
-class Head(Protocol):
-    def init(self, feats: jax.Array, labels: jax.Array, text: jax.Array) -> tuple[Params, Params]: ...
-
-    def logits(
-        self, params: Params, consts: Params, feats: jax.Array, zs_cos: jax.Array, text: jax.Array, hp: Mapping
-    ) -> jax.Array: ...
-
-    def loss(
-        self,
-        params: Params,
-        consts: Params,
-        feats: jax.Array,
-        zs_cos: jax.Array,
-        labels: jax.Array,
-        text: jax.Array,
-        hp: Mapping,
-    ) -> jax.Array: ...
-
-
-@dataclass(frozen=True)
-class CMMHead:
-    """Cross-Modal Mapping: logits ``s * (alpha * v' T'^T + v T^T)``, loss CE + lam * hardest-negative triplet."""
-
-    learn_text: bool = False
-    part_names = ("ce", "triplet")  # ``loss_parts``: loss = ce + lam * triplet
-
-    def _sims(self, params: Params, feats: jax.Array, text: jax.Array) -> jax.Array:
-        mapped, protos = CrossModalMapper(self.learn_text).apply({"params": params}, feats, text)
-        return mapped @ protos.T
-
-    def init(self, feats: jax.Array, labels: jax.Array, text: jax.Array) -> tuple[Params, Params]:
-        params = CrossModalMapper(self.learn_text).init(jax.random.PRNGKey(0), feats[:1], text)["params"]
-        return params, {}
-
-    def logits(self, params, consts, feats, zs_cos, text, hp):
-        return cmm_logits(self._sims(params, feats, text), zs_cos, hp["alpha"], hp["logit_scale"])
-
-    def loss(self, params, consts, feats, zs_cos, labels, text, hp):
-        sims = self._sims(params, feats, text)
-        return cmm_loss(
-            sims, zs_cos, labels,
-            alpha=hp["alpha"], scale=hp["logit_scale"], lam=hp["lam"], margin=hp["margin"],
-        )
-
-    def loss_parts(self, params, consts, feats, zs_cos, labels, text, hp):
-        return cmm_loss_parts(self._sims(params, feats, text), zs_cos, labels, alpha=hp["alpha"],
-                              scale=hp["logit_scale"], margin=hp["margin"])
-
-    def combine_parts(self, parts, hp):
-        return combine_cmm_parts(parts, hp["lam"])
+__all__ = ["CMMHead", "DEFAULT_METHODS", "Head", "METHODS", "Method", "Params", "logits", "predict", "restrict"]
 
 
 def restrict(grid: Sequence[Settings], used: Sequence[str], forced: Mapping[str, Any]) -> list[Settings]:
@@ -112,6 +49,7 @@ class Method:
 
 _TRAINED = ("lr", "weight_decay", "epochs", "warmup", "batch_size", "use_aug", "logit_scale")
 
+# The registry, in the order tables, plots and summaries list methods (``records.method_rank``).
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -123,17 +61,14 @@ METHODS: dict[str, Method] = {
             logreg.fit,
         ),
         Method(
-            "cmm_ce", lambda s: CMMHead(s.learn_text), _TRAINED + ("alpha", "learn_text"), {"lam": 0.0},
-            "CMM without the triplet loss (ablation)",
-        ),
-        Method(
-            "cmm", lambda s: CMMHead(s.learn_text), _TRAINED + ("alpha", "lam", "margin", "learn_text"), {},
-            "Cross-Modal Mapping: CE + lambda * hardest-negative triplet",
-        ),
-        Method(
             "tip_adapter", lambda s: training_free.TipCacheHead(), (), training_free.FORCED,
             "training-free Tip-Adapter: a cache of the shots' features; (beta, alpha) searched on validation",
             training_free.tip_adapter_fit,
+        ),
+        Method(
+            "tip_adapter_f", lambda s: baselines.TipAdapterHead(), (), baselines.FORCED,
+            "Tip-Adapter-F with its authors' recipe; (beta, alpha) searched on validation after training",
+            baselines.fit,
         ),
         Method(
             "gda", lambda s: training_free.GDAHead(), (), training_free.FORCED,
@@ -142,9 +77,12 @@ METHODS: dict[str, Method] = {
             training_free.gda_fit,
         ),
         Method(
-            "tip_adapter_f", lambda s: baselines.TipAdapterHead(), (), baselines.FORCED,
-            "Tip-Adapter-F with its authors' recipe; (beta, alpha) searched on validation after training",
-            baselines.fit,
+            "cmm_ce", lambda s: CMMHead(s.learn_text), _TRAINED + ("alpha", "learn_text"), {"lam": 0.0},
+            "CMM without the triplet loss (ablation)",
+        ),
+        Method(
+            "cmm", lambda s: CMMHead(s.learn_text), _TRAINED + ("alpha", "lam", "margin", "learn_text"), {},
+            "Cross-Modal Mapping: CE + lambda * hardest-negative triplet",
         ),
     )
 }
