@@ -200,11 +200,16 @@ else
   done
 fi
 
+METHOD_ARGS=()  # real runs: train_jax.methods.REAL_RUN_METHODS; the offline check: train_jax's defaults
+if [ "$DEMO" = 0 ]; then
+  read -r -a REAL_METHODS <<<"$("$PY" -c 'from train_jax.methods import REAL_RUN_METHODS as m; print(*m)')"
+  METHOD_ARGS=(--methods "${REAL_METHODS[@]}")  # a --methods in --train-args comes later and wins
+fi
 train() {  # train DS OUT_DIR ARGS...: python -m train_jax on DS's cache with the common options
   local ds="$1" dir="$2"; shift 2
   # shellcheck disable=SC2086  # TRAIN_ARGS, SHOTS and SEEDS are word lists on purpose
-  "$PY" -m train_jax --cache "$CACHE_DIR/$ds.h5" "$@" --shots $SHOTS --fit-shots --seeds $SEEDS --out "$dir" \
-    --compare-to "$COMPARE_TO" $TRAIN_ARGS
+  "$PY" -m train_jax --cache "$CACHE_DIR/$ds.h5" "$@" "${METHOD_ARGS[@]}" --shots $SHOTS --fit-shots --seeds $SEEDS \
+    --out "$dir" --compare-to "$COMPARE_TO" $TRAIN_ARGS
   RUN_DIRS+=("$dir")
 }
 

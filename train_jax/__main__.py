@@ -30,8 +30,9 @@ Default grid (the paper publishes no settings):
   {' '.join(f"{ALIASES_OUT.get(k, k)}={','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items())}
 Fields outside the grid keep their defaults:
   {Settings().label([f.name for f in dataclasses.fields(Settings)])}
-Settings (grid keys, aliases in brackets; tip_adapter_f, tip_adapter and gda ignore the grid and run their
-authors' recipes, README "Protocol"):
+Settings (grid keys, aliases in brackets; tip_adapter_f, tip_adapter, gda, clap, lp_plus_plus and cross_modal_lp
+ignore the grid and run their authors' recipes, cross_modal_lp with its authors' 12-setting grid; README
+"Protocol"):
 {grid_keys_help()}
 Methods:
 {_METHODS_HELP}

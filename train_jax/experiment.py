@@ -359,7 +359,11 @@ def run_shots(
     """
     if select not in evaluate.SELECT_MODES:
         raise TrainError(f"select={select!r}: use one of {', '.join(evaluate.SELECT_MODES)}")
-    runs = [_Run(m, s, st) for m in methods for s in seeds for st in METHODS[m].settings(list(grid))]
+    own = {m: METHODS[m].settings(list(grid), len(task.text)) for m in methods}
+    for m in (m for m in methods if not own[m]):
+        warnings.warn(f"{task.dataset}: {m} not run: none of its settings runs on {len(task.text)} classes",
+                      stacklevel=2)
+    runs = [_Run(m, s, st) for m in methods for s in seeds for st in own[m]]
     data = _prepare(task, shots, seeds, any(r.settings.use_aug for r in runs))
     buckets = shot_buckets(max(shots, max_shots or shots), len(task.text), len(seeds),
                            len(task.listings["train"].labels))
@@ -459,7 +463,7 @@ def _records(dataset: str, shots: int, runs: Sequence[_Run], label_keys: Sequenc
         parts = {} if trained.loss_parts is None else dict(zip(names, trained.loss_parts[j].T))
         out.append(RunRecord(
             dataset=dataset, shots=shots, method=run.method, seed=run.seed,
-            setting=run.settings.label([k for k in label_keys if k in METHODS[run.method].used]) or "-",
+            setting=run.settings.label(METHODS[run.method].label_keys(label_keys)) or "-",
             settings=run.settings, val_acc=float(g.val_acc[j]), val_score=finite(g.val_score[j]),
             test_acc=float(g.test_acc[j]), failed=bool(trained.failed[j]),
             fail_step=int(trained.fail_step[j]) if trained.failed[j] else None,

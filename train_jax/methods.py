@@ -13,8 +13,8 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from train_jax import baselines, logreg, training_free
-from train_jax.config import DYNAMIC_FIELDS, Settings
+from train_jax import baselines, clap, cross_modal, logreg, lpp, training_free
+from train_jax.config import DYNAMIC_FIELDS, Settings, expand_grid
 from train_jax.heads import CMMHead, Head, Params
 from train_jax.trainers import Fitted, Job
 
@@ -32,7 +32,9 @@ def restrict(grid: Sequence[Settings], used: Sequence[str], forced: Mapping[str,
 @dataclass(frozen=True)
 class Method:
     """A named method: its head for given settings, the fields it uses, how it turns the grid into runs, and its
-    own trainer (``fit``; None: the shared AdamW runner with the settings as given)."""
+    own trainer (``fit``; None: the shared AdamW runner with the settings as given). ``grid``: the authors' own
+    grid, searched instead of the user's (None: the user's grid restricted to ``used``); ``admits(settings,
+    classes)``: whether a setting runs on a dataset of that many classes (None: all do)."""
 
     name: str
     head: Callable[[Settings], Head]
@@ -40,11 +42,27 @@ class Method:
     forced: Mapping[str, Any]
     description: str
     fit: Callable[[Job], Fitted] | None = None
+    grid: Mapping[str, tuple] | None = None
+    admits: Callable[[Settings, int], bool] | None = None
 
-    def settings(self, grid: list[Settings]) -> list[Settings]:
+    def settings(self, grid: list[Settings], classes: int | None = None) -> list[Settings]:
         """This method's runs for the user's grid: unused fields reset to defaults, forced ones set, duplicates
-        dropped (order kept)."""
-        return restrict(grid, self.used, self.forced)
+        dropped (order kept); or its own grid over the defaults and forced fields. With ``classes``, only the
+        settings it ``admits`` for that many classes (possibly none)."""
+        if self.grid is not None:
+            runs = expand_grid(self.grid, dataclasses.replace(Settings(), **self.forced))
+        else:
+            runs = restrict(grid, self.used, self.forced)
+        if classes is None or self.admits is None:
+            return runs
+        return [s for s in runs if self.admits(s, classes)]
+
+    def label_keys(self, keys: Sequence[str]) -> list[str]:
+        """The fields a run's ``setting`` label shows: those of ``keys`` (the user's varied grid keys) it uses, or
+        its own grid's varied keys."""
+        if self.grid is not None:
+            return [k for k, vs in self.grid.items() if len(vs) > 1]
+        return [k for k in keys if k in self.used]
 
 
 _TRAINED = ("lr", "weight_decay", "epochs", "warmup", "batch_size", "use_aug", "logit_scale")
@@ -77,6 +95,22 @@ METHODS: dict[str, Method] = {
             training_free.gda_fit,
         ),
         Method(
+            "clap", lambda s: clap.ClapHead(), ("logit_scale",), clap.FORCED,
+            "CLAP: zero-shot-initialised linear probe with its class-adaptive penalty, its authors' fixed recipe "
+            "(no validation)", clap.fit,
+        ),
+        Method(
+            "lp_plus_plus", lambda s: lpp.LPPHead(), (), lpp.FORCED,
+            "LP++: linear probe plus class-wise weighted text logits, its authors' step sizes; epoch chosen on "
+            "validation", lpp.fit,
+        ),
+        Method(
+            "cross_modal_lp", lambda s: cross_modal.CrossModalHead(), (), cross_modal.FORCED,
+            "cross-modal linear probe: text embeddings as extra training samples, its authors' 12-setting grid and "
+            "checkpoint chosen on validation", cross_modal.fit, cross_modal.GRID,
+            lambda s, classes: cross_modal.admits(s.batch_size, classes),
+        ),
+        Method(
             "cmm_ce", lambda s: CMMHead(s.learn_text), _TRAINED + ("alpha", "learn_text"), {"lam": 0.0},
             "CMM without the triplet loss (ablation)",
         ),
@@ -87,6 +121,9 @@ METHODS: dict[str, Method] = {
     )
 }
 DEFAULT_METHODS = ("zeroshot", "linear_probe", "tip_adapter", "gda", "cmm_ce", "cmm")
+# run_all.sh's real runs (not its offline check) also train the peers with their own trainers: bench/bench_peers.py
+# estimates their 16-shot sweep of the 11 benchmarks at well under a few minutes of one GPU (README "Methods")
+REAL_RUN_METHODS = DEFAULT_METHODS + ("clap", "lp_plus_plus", "cross_modal_lp")
 
 
 def logits(method: str, settings: Settings, params: Params, consts: Params, feats, text) -> jax.Array:

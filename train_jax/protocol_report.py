@@ -27,7 +27,7 @@ CROSS_CSV = ("source", "shots", "method", "seeds", "dataset", "role", "mean", "s
 _SHORT = {"zero-shot": "reference (zero-shot)", "map": "learned map", "none": f"{DASH} (per-class weights)"}
 _NOTE_MAP = ("CMM and CE-only score new classes with the map learned on the base classes applied to the new classes' "
              "frozen prompt prototypes; learned prototype offsets (learn_text's ΔT) exist for the base classes only.")
-_NOTE_NONE = f"{DASH}: the method has per-class weights (linear probe, Tip-Adapter-F), none for unseen classes."
+_NOTE_NONE = f"{DASH}: methods with per-class weights (those listed as not scored) have none for other classes."
 
 
 def _stat(s: Stat | None) -> str:
