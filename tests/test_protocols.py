@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+from data.published_protocols import PATH as PUBLISHED
 from data.published_protocols import load as load_published
 from train_jax import protocol_report
 from train_jax.protocols import (NEW, AverageRow, BaseNewRow, Stat, TransferRow, base_new_average, base_new_rows,
@@ -142,3 +143,17 @@ def test_damaged_protocol_file_is_one_error(tmp_path):
     (tmp_path / "base_to_new.json").write_text('{"schema_version": 99}')
     with pytest.raises(Exception, match="schema version 1"):
         protocol_report.read_base_new(tmp_path)
+
+
+def test_damaged_published_file_is_one_error(tmp_path):
+    from data.errors import DataError
+
+    bad = json.loads(PUBLISHED.read_text())
+    bad["base_to_new"][0]["source"] = "nowhere"
+    path = tmp_path / "published.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(DataError, match="row 0 is not an object"):
+        load_published(path)
+    path.write_text("{")
+    with pytest.raises(DataError, match="cannot read it"):
+        load_published(path)
