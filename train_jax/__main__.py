@@ -16,7 +16,7 @@ from train_jax.config import ALIASES_OUT, DEFAULT_GRID, Settings, grid_keys_help
 from train_jax.errors import TrainError
 from train_jax.evaluate import SELECT_MODES
 from train_jax.methods import DEFAULT_METHODS, METHODS
-from train_jax.protocols import PROTOCOLS
+from train_jax.protocols import CROSS_DATASET, FEW_SHOT, PROTOCOLS
 from train_jax.run_config import DEFAULT_SEEDS, DEFAULT_SHOTS, RunConfig
 
 _METHODS_HELP = "\n".join(f"  {m.name}: {m.description}" for m in METHODS.values())
@@ -108,7 +108,7 @@ def parse_config(args: argparse.Namespace) -> RunConfig:
         seeds=tuple(args.seeds), methods=tuple(args.methods), grid=parse_grid(args.grid) if args.grid else None,
         select=args.select, compare_to=args.compare_to, prompt=args.prompt, memory_gb=args.memory_gb, devices=args.devices,
         compile_cache=args.compile_cache, no_compile_cache=args.no_compile_cache,
-        protocol=args.protocol or ("cross-dataset" if args.transfer_to else PROTOCOLS[0]),
+        protocol=args.protocol or (CROSS_DATASET if args.transfer_to else FEW_SHOT),
         transfer_caches=tuple(args.transfer_to))
 
 

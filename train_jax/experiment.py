@@ -58,7 +58,7 @@ class Task:
     text: np.ndarray
     prompt: str
     shift: tuple[EvalSet, ...] = ()
-    protocol: str = protocols.PROTOCOLS[0]
+    protocol: str = protocols.FEW_SHOT
     transfer: tuple[TargetSet, ...] = ()
     new_classes: tuple[str, ...] = ()
 
@@ -133,7 +133,7 @@ def _target_set(name: str, cache: CacheReader, prompt: str) -> TargetSet:
 
 
 def load_task(cache_path: str | Path, eval_paths: Sequence[str | Path] = (), prompt: str | None = None, *,
-              protocol: str = protocols.PROTOCOLS[0], transfer_paths: Sequence[str | Path] = ()) -> Task:
+              protocol: str = protocols.FEW_SHOT, transfer_paths: Sequence[str | Path] = ()) -> Task:
     """Open the training cache (needs train and test rows; features are read later, only the rows runs use) and
     read the shift caches (their test split). ``protocol`` "base-to-new": the task is the cache's base classes
     (``data.class_split``), its ``transfer`` the new classes' test rows; "cross-dataset": ``transfer`` holds the
@@ -148,7 +148,7 @@ def load_task(cache_path: str | Path, eval_paths: Sequence[str | Path] = (), pro
     dataset = _dataset_name(cache)
     asked, prompt = prompt, prompt or default_prompt(dataset)
     transfer, new_classes = [], ()
-    if protocol == "base-to-new":
+    if protocol == protocols.BASE_TO_NEW:
         split = base_new_split(listings["train"].labels)
         if not len(split.new):
             raise TrainError(f"{cache.path}: base-to-new needs at least 2 classes with train images")
@@ -572,20 +572,20 @@ def check_protocol(config: RunConfig) -> None:
     """TrainError (one line) for a protocol that is unknown or asked with options it does not take."""
     if config.protocol not in protocols.PROTOCOLS:
         raise TrainError(f"--protocol {config.protocol!r}: use one of {', '.join(protocols.PROTOCOLS)}")
-    if (config.protocol == "cross-dataset") != bool(config.transfer_caches):
+    if (config.protocol == protocols.CROSS_DATASET) != bool(config.transfer_caches):
         raise TrainError("--transfer-to CACHE... and --protocol cross-dataset go together: give the target caches "
                          "(same model as --cache) with it")
-    if config.protocol == "base-to-new" and config.eval_caches:
+    if config.protocol == protocols.BASE_TO_NEW and config.eval_caches:
         raise TrainError("--eval-cache scores all of a dataset's classes; base-to-new trains on half of them: run "
                          "the shift sets with the few-shot protocol")
 
 
 def _protocol_lines(task: Task, shot_records: Sequence[RunRecord]) -> list[str]:
     """Progress lines of one shot count's protocol results (new classes, or the targets' average)."""
-    if task.protocol == "base-to-new":
+    if task.protocol == protocols.BASE_TO_NEW:
         return [f"{r.dataset} {r.shots}-shot {r.method}: new classes {r.new.mean:.2f} ± {r.new.std:.2f}, HM "
                 f"{r.hm:.2f}" for r in protocols.base_new_rows(shot_records) if r.new is not None]
-    if task.protocol == "cross-dataset":
+    if task.protocol == protocols.CROSS_DATASET:
         return [f"{r.source} {r.shots}-shot {r.method}: target average {r.average:.2f} over "
                 f"{', '.join(r.targets)}" for r in protocols.transfer_rows(shot_records, [t.name for t in task.transfer])
                 if r.average is not None]
@@ -668,10 +668,10 @@ def train_and_evaluate(config: RunConfig, out: str | Path, *, say: Callable[[str
 
     every = records.read_shots(out)
     summary = report.write_run_dir(out, task.dataset, recorded.to_json(), every, compare_to=config.compare_to)
-    if task.protocol == "base-to-new":
+    if task.protocol == protocols.BASE_TO_NEW:
         protocol_report.write_base_new(out, protocols.base_new_rows(every),
                                        {"base": task.cache.classnames, "new": list(task.new_classes)})
-    elif task.protocol == "cross-dataset":
+    elif task.protocol == protocols.CROSS_DATASET:
         protocol_report.write_transfer(out, protocols.transfer_rows(every, [t.name for t in task.transfer]))
     test_features, test_labels = test_rows(task)
     gap.write_run(out, task.dataset, test_features, test_labels, task.text, task.cache.classnames)

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from data.published_protocols import load as load_published
 from train_jax.errors import TrainError
-from train_jax.protocols import SCORED_BY, BaseNewRow, Stat, TransferRow, base_new_average
+from train_jax.protocols import BASE_TO_NEW, CROSS_DATASET, SCORED_BY, BaseNewRow, Stat, TransferRow, base_new_average
 
 SCHEMA_VERSION = 1  # of base_to_new.json and cross_dataset.json
 BASE_NEW = "base_to_new"  # file stem in a run folder
@@ -104,7 +104,7 @@ def _csv_num(x: float | None) -> str:
 
 def write_base_new(out: Path, rows: Sequence[BaseNewRow], classes: Mapping[str, Sequence[str]]) -> None:
     """``base_to_new.{md,csv,json}`` in run folder ``out``; ``classes``: "base"/"new" -> class names."""
-    payload = {"protocol": "base-to-new", "classes": {k: list(v) for k, v in classes.items()},
+    payload = {"protocol": BASE_TO_NEW, "classes": {k: list(v) for k, v in classes.items()},
                "rows": [r.to_json() for r in rows]}
     lines = ({"dataset": r.dataset, "shots": r.shots, "method": r.method, "seeds": " ".join(map(str, r.seeds)),
               "base_mean": _csv_num(r.base.mean), "base_std": _csv_num(r.base.std),
@@ -126,7 +126,7 @@ def write_transfer(out: Path, rows: Sequence[TransferRow]) -> None:
                        "std": _csv_num(s and s.std)}
             yield {**head, "dataset": "", "role": "average", "mean": _csv_num(r.average), "std": ""}
 
-    payload = {"protocol": "cross-dataset", "rows": [r.to_json() for r in rows]}
+    payload = {"protocol": CROSS_DATASET, "rows": [r.to_json() for r in rows]}
     _write(out, CROSS, transfer_markdown(rows), payload, CROSS_CSV, lines())
 
 

@@ -24,6 +24,7 @@ from train_jax.evaluate import mean_std
 from train_jax.errors import TrainError
 
 PROTOCOLS = ("few-shot", "base-to-new", "cross-dataset")
+FEW_SHOT, BASE_TO_NEW, CROSS_DATASET = PROTOCOLS
 NEW = "new"  # ``RunRecord.transfer`` key of the new classes in base-to-new
 REFERENCE = "zeroshot"  # the reference row: zero-shot CLIP, scored on every class set with its prototypes
 # how a row's new classes / targets were scored: the reference, the learned map, or not at all (per-class weights)

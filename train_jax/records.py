@@ -28,6 +28,7 @@ from data.cache import identity_diff
 from train_jax.config import Settings
 from train_jax.errors import TrainError
 from train_jax.evaluate import mean_std
+from train_jax.protocols import FEW_SHOT
 
 # 1: a plain JSON list of record dicts (no version); 2: {"schema_version": 2, "records": [...]} of RunRecord.to_json;
 # 3: as 2, records with ``loss_curve`` (absent in 2: read as no curve); 4: as 3, records with ``loss_parts``
@@ -182,7 +183,7 @@ class ConfigRecord:
     logit_scale_from: str
     identity: Mapping[str, Any]
     caches: Mapping[str, Any]
-    protocol: str = "few-shot"
+    protocol: str = FEW_SHOT
     transfer_caches: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
@@ -194,7 +195,7 @@ class ConfigRecord:
         return {k: v for k, v in out.items() if k not in _DEFAULTS or v != _DEFAULTS[k]}
 
 
-_DEFAULTS = {"protocol": "few-shot", "transfer_caches": []}  # left out of run_config.json (folders made before)
+_DEFAULTS = {"protocol": FEW_SHOT, "transfer_caches": []}  # left out of run_config.json (folders made before)
 
 
 def check_config(out: Path, config: ConfigRecord) -> None:

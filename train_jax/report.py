@@ -23,6 +23,7 @@ import numpy as np
 
 from data.registry import dataset_names, display_order, find_dataset
 from train_jax import compare_report, protocol_report
+from train_jax.protocols import BASE_TO_NEW
 from train_jax.errors import TrainError
 from train_jax.records import (CSV_FIELDS, RunRecord, SummaryRow, load_params, method_rank, read_results,
                                save_params, write_results)
@@ -329,7 +330,7 @@ def combine(run_dirs: Sequence[str | Path], out: str | Path, compare_to: str = "
     few_shot = []  # base-to-new folders trained on half of the classes: in the base-to-new section only
     for run_dir in run_dirs:
         results = read_results(run_dir)
-        if results.config.get("protocol") != "base-to-new":
+        if results.config.get("protocol") != BASE_TO_NEW:
             few_shot.append(run_dir)
             summary.extend(row.to_json() for row in results.summary)
             identities[results.dataset or str(run_dir)] = results.config.get("identity")

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from train_jax.config import DEFAULT_GRID, grid_from_json, grid_to_json
 from train_jax.evaluate import SELECT_MODES
 from train_jax.methods import DEFAULT_METHODS
-from train_jax.protocols import PROTOCOLS
+from train_jax.protocols import FEW_SHOT
 
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
 DEFAULT_SEEDS = (1, 2, 3)
@@ -49,7 +49,7 @@ class RunConfig:
     devices: int | None = None
     compile_cache: str | None = None
     no_compile_cache: bool = False
-    protocol: str = PROTOCOLS[0]
+    protocol: str = FEW_SHOT
     transfer_caches: tuple[str, ...] = ()
 
     @property
