@@ -30,7 +30,7 @@ from data.class_split import base_new_split
 from data.class_subset import class_subset
 from data.registry import in_imagenet_family
 from data.vectors import l2_normalize
-from train_jax import compile_cache, evaluate, evaluators, gap, protocol_report, protocols, records
+from train_jax import compile_cache, evaluate, evaluators, gap, protocol_report, protocols, published, records
 from train_jax.compile_cache import CompileStats
 from train_jax.config import Settings, expand_grid, grid_to_json
 from train_jax.errors import TrainError
@@ -615,8 +615,7 @@ def train_and_evaluate(config: RunConfig, out: str | Path, *, say: Callable[[str
     """
     compile_cache.enable(compile_cache.cache_dir(config.compile_cache, config.no_compile_cache))
     compiled_before = compile_cache.stats()
-    grid = config.settings_grid
-    shots, seeds, methods = config.shot_list, config.seed_list, config.method_list
+    shots, seeds = config.shot_list, config.seed_list
     if min(shots) < 1:
         raise TrainError(f"--shots must be >= 1, got {list(config.shots)}")
     if config.devices is not None and not 1 <= config.devices <= len(jax.devices()):
@@ -625,6 +624,8 @@ def train_and_evaluate(config: RunConfig, out: str | Path, *, say: Callable[[str
     check_protocol(config)
     task = load_task(config.cache, config.eval_caches, config.prompt, protocol=config.protocol,
                      transfer_paths=config.transfer_caches)
+    views = task.cache.has_views("train")  # the defaults add what augmented views allow
+    grid, methods = config.grid_for(views), config.methods_for(views)
     if config.fit_shots:
         shots = fitting_shots(task, shots, warn)
     check_encoded(task, shots, seeds)  # before anything is written to the run folder
@@ -673,6 +674,8 @@ def train_and_evaluate(config: RunConfig, out: str | Path, *, say: Callable[[str
                                        {"base": task.cache.classnames, "new": list(task.new_classes)})
     elif task.protocol == protocols.CROSS_DATASET:
         protocol_report.write_transfer(out, protocols.transfer_rows(every, [t.name for t in task.transfer]))
+    for line in published.warnings([row.to_json() for row in summary]):
+        warn(line)
     test_features, test_labels = test_rows(task)
     gap.write_run(out, task.dataset, test_features, test_labels, task.text, task.cache.classnames)
     compiled = compile_cache.stats() - compiled_before

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from data.cache import identity_diff
+from train_jax import choices, published
 from train_jax.config import Settings
 from train_jax.errors import TrainError
 from train_jax.evaluate import mean_std
@@ -303,8 +304,10 @@ class SummaryRow:
     failed; settings, tie_breaks: per selected seed, its setting label and what decided it (None, "score",
     "order"); select: the --select mode; notes: the runs' trainer remarks; shift: shift set name -> {"mean",
     "std"}; test_mean, test_std, val_mean: accuracies (%) (None when every seed failed); loss_mean, loss_std
-    [E]: the selected runs' loss curve (None: no curve, a method with its own trainer); loss_still_falling; and
-    loss_parts_mean: part name -> its mean curve [E]."""
+    [E]: the selected runs' loss curve (None: no curve, a method with its own trainer); loss_still_falling;
+    loss_parts_mean: part name -> its mean curve [E]; chose: each on/off setting the runs searched -> the seeds
+    whose selected setting has it on (``train_jax.choices``); published: the published accuracy it is compared
+    with (``train_jax.published.for_row``)."""
 
     dataset: str
     method: str
@@ -324,9 +327,11 @@ class SummaryRow:
     loss_std: tuple[float | None, ...] | None = None
     loss_still_falling: bool | None = None
     loss_parts_mean: Mapping[str, tuple[float | None, ...]] | None = None
+    chose: Mapping[str, tuple[int, ...]] | None = None
+    published: Mapping[str, Any] | None = None
 
     _OPTIONAL = ("test_mean", "test_std", "val_mean", "loss_mean", "loss_std", "loss_still_falling",
-                 "loss_parts_mean")
+                 "loss_parts_mean", "chose", "published")
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict: every field, the optional ones only when set."""
@@ -337,8 +342,10 @@ class SummaryRow:
                 continue
             if isinstance(value, tuple):
                 value = list(value)
-            elif f.name in ("shift", "loss_parts_mean"):
+            elif f.name in ("shift", "loss_parts_mean", "chose"):
                 value = {k: (list(v) if isinstance(v, tuple) else dict(v)) for k, v in value.items()}
+            elif f.name == "published":
+                value = dict(value)
             out[f.name] = value
         return out
 
@@ -352,8 +359,10 @@ class SummaryRow:
         tupled = {k: tuple(v) for k, v in data.items()
                   if k in ("seeds", "failed_seeds", "settings", "tie_breaks", "notes", "loss_mean", "loss_std")}
         parts = data.get("loss_parts_mean")
+        chose = data.get("chose")
         return cls(**{**data, **tupled, "shift": {k: dict(v) for k, v in dict(data.get("shift", {})).items()},
-                      "loss_parts_mean": None if parts is None else {k: tuple(v) for k, v in parts.items()}})
+                      "loss_parts_mean": None if parts is None else {k: tuple(v) for k, v in parts.items()},
+                      "chose": None if chose is None else {k: tuple(v) for k, v in chose.items()}})
 
 
 def method_rank(methods: Iterable[str]) -> list[str]:
@@ -381,6 +390,7 @@ def summarize(records: Sequence[RunRecord], select: str = "seed") -> list[Summar
             "failed_runs": sum(r.failed for r in runs), "settings": tuple(r.setting for r in chosen),
             "tie_breaks": tuple(r.tie_break for r in chosen), "select": select,
             "notes": tuple(sorted({r.note for r in runs if r.note})), "shift": {},
+            "chose": choices.chosen_on(runs) or None,
         }
         if chosen:
             row["test_mean"], row["test_std"] = mean_std([r.test_acc for r in chosen])
@@ -428,8 +438,12 @@ def still_falling(mean: Sequence[float | None]) -> bool:
 
 def write_results(out: Path, dataset: str, config: Mapping[str, Any], records: Sequence[RunRecord]) -> list[SummaryRow]:
     """``results.json`` (``schema_version``, dataset, config, summary rows, ``runs``: the records' JSON) and
-    ``results.csv`` (one row per run: ``CSV_FIELDS``); returns the summary rows."""
-    summary = summarize(records, config["select"])
+    ``results.csv`` (one row per run: ``CSV_FIELDS``); returns the summary rows, each with its published
+    accuracy where one matches (``published.for_row``, from the config's cache identity and prompt)."""
+    identity, prompt = config.get("identity") or {}, config.get("prompt") or ""
+    summary = [dataclasses.replace(r, published=published.for_row(r.dataset, r.method, r.shots, r.test_mean,
+                                                                  identity, prompt))
+               for r in summarize(records, config["select"])]
     payload = {"schema_version": SCHEMA_VERSION, "dataset": dataset, "config": dict(config),
                "summary": [row.to_json() for row in summary], "runs": [r.to_json() for r in records]}
     (out / "results.json").write_text(json.dumps(payload, indent=1))

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from data.registry import dataset_names, display_order, find_dataset
-from train_jax import compare_report, protocol_report
+from train_jax import choices, compare_report, protocol_report, published
 from train_jax.protocols import BASE_TO_NEW
 from train_jax.errors import TrainError
 from train_jax.records import (CSV_FIELDS, RunRecord, SummaryRow, load_params, method_rank, read_results,
@@ -135,6 +135,7 @@ def run_markdown(dataset: str, summary: Sequence[Mapping[str, Any]]) -> str:
             f"{r['method']} {r['shots']}-shot: {r['failed_runs']}" for r in failed) + "\n"
     text += _notes(summary)
     text += _falling_note(summary)
+    text += choices.markdown(summary) + published.markdown(summary)
     shift = shift_table(summary)
     return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "")
 
@@ -296,6 +297,7 @@ def combined_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
         text += f"\n## {k}-shot\n\n" + _table(header, rows) + "\n"
     text += _notes(summary)
     text += _falling_note(summary)
+    text += choices.markdown(summary) + published.markdown(summary)
     shift = shift_table(summary)
     return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "") + _tie_note(summary)
 
