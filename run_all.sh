@@ -172,22 +172,16 @@ if [ -n "$PREDICT" ]; then  # a folder of new images -> unlabelled cache with th
   exit 0
 fi
 
-views_held() {  # views_held CACHE: the augmented views per train image a cache holds ("" without a train split)
-  "$PY" -c 'import sys; from data.cache import open_cache; c = open_cache(sys.argv[1])
-print(int(c.attrs.get("aug_views") or 0) if "train" in c.split_names() else "")' "$1" 2>/dev/null || true
-}
-
-extract() {  # extract NAME SOURCE_ARGS...: skip a cache that already holds every image this run needs
+extract() {  # extract NAME SOURCE_ARGS...: skip a cache that already holds every image (and view) this run needs
   local name="$1"; shift
   local cache="$CACHE_DIR/$name.h5"
-  local held; held="$([ ! -f "$cache" ] || views_held "$cache")"
-  [ -z "$held" ] || [ "$held" = "$AUG_VIEWS" ] || die "$cache holds $held augmented views per train image, not \
-$AUG_VIEWS: pass --aug-views $held to use it, or another --out to extract anew"
   local todo=1  # no cache yet, or a plan that fails: run the extraction (it says why)
-  if [ -f "$cache" ]; then
+  if [ -f "$cache" ]; then  # the plan's to_encode, or "refused: WHY" (e.g. the cache holds other --aug-views)
     todo="$("$PY" -m extract run "$@" "${MODEL_ARGS[@]}" "${POOL_ARGS[@]}" --out "$cache" --dry-run --json |
-      "$PY" -c 'import json, sys; print(json.load(sys.stdin)["to_encode"])')" || todo=1
+      "$PY" -c 'import json, sys; p = json.load(sys.stdin)
+print("refused: " + p["refused"] if p["refused"] else p["to_encode"])')" || todo=1
   fi
+  case "$todo" in refused:*) die "${todo#refused: } (run_all.sh: or another --out)" ;; esac
   if [ "$todo" = 0 ]; then
     echo "== $name: features cached in $cache"
   else

@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "and stop (loads no model)")
     exe.add_argument("--json", action="store_true", help="with --dry-run: print the plan as one JSON object "
                                                          "(target, pool, splits: listed / to_encode / in_file / "
-                                                         "forwards, to_encode: the total)")
+                                                         "forwards, to_encode: the total, views: asked / in_file, "
+                                                         "refused: why the run would stop, or null)")
     merge = commands.add_parser("merge", help="join shard caches into one cache",
                                 description="Check that the shards come from one extraction (same model and "
                                             "settings, every row exactly once) and write them as one cache.")
@@ -211,7 +212,8 @@ def _run(args: argparse.Namespace) -> Path | None:
     if args.json and not args.dry_run:
         raise ExtractError("--json goes with --dry-run (it prints the plan as JSON)")
     if args.dry_run:
-        planned = plan(spec, args.out, splits=splits, pool=pool, aug_views=args.aug_views, shard=shard)
+        planned = plan(spec, args.out, splits=splits, pool=pool, aug_views=args.aug_views, shard=shard,
+                       overwrite=args.overwrite)
         print(json.dumps(planned) if args.json else plan_text(planned))
         return None
     device = resolve_device(args.device)

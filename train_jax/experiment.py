@@ -679,5 +679,5 @@ def train_and_evaluate(config: RunConfig, out: str | Path, *, say: Callable[[str
     test_features, test_labels = test_rows(task)
     gap.write_run(out, task.dataset, test_features, test_labels, task.text, task.cache.classnames)
     compiled = compile_cache.stats() - compiled_before
-    records.write_json(out / "compile.json", compiled.to_dict())
+    records.write_json(out / records.COMPILE_JSON, compiled.to_dict())
     return Experiment(out, task.dataset, every, summary, compiled)

@@ -15,11 +15,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from data.published_protocols import load as load_published
 from train_jax.errors import TrainError
+from train_jax.records import BASE_TO_NEW_STEM, CROSS_DATASET_STEM
 from train_jax.protocols import BASE_TO_NEW, CROSS_DATASET, SCORED_BY, BaseNewRow, Stat, TransferRow, base_new_average
 
 SCHEMA_VERSION = 1  # of base_to_new.json and cross_dataset.json
-BASE_NEW = "base_to_new"  # file stem in a run folder
-CROSS = "cross_dataset"
+BASE_NEW, CROSS = BASE_TO_NEW_STEM, CROSS_DATASET_STEM  # file stems in a run folder (records)
 DASH = "—"
 BASE_NEW_CSV = ("dataset", "shots", "method", "seeds", "base_mean", "base_std", "new_mean", "new_std", "hm",
                 "scored_by")

@@ -23,10 +23,11 @@ import numpy as np
 
 from data.registry import dataset_names, display_order, find_dataset
 from train_jax import choices, compare_report, protocol_report, published
-from train_jax.protocols import BASE_TO_NEW
 from train_jax.errors import TrainError
-from train_jax.records import (CSV_FIELDS, RunRecord, SummaryRow, load_params, method_rank, read_results,
-                               save_params, write_results)
+from train_jax.protocols import BASE_TO_NEW
+from train_jax.records import (ACCURACY_PNG, CSV_FIELDS, LOSS_PNG, RESULTS_MD, SUMMARY_JSON, SUMMARY_MD, GapFile,
+                               RunRecord, SummaryRow, load_params, method_rank, read_gap, read_results, save_params,
+                               write_results)
 from train_jax.records import summarize as summary_rows
 
 __all__ = ["CSV_FIELDS", "load_params", "save_params"]  # re-exported from records, where they live
@@ -241,10 +242,10 @@ def write_run_dir(out: Path, dataset: str, config: Mapping[str, Any], records: S
     summary = [row.to_json() for row in rows]
     paired = compare_report.run_section(out, records, compare_to, method_rank(r.method for r in records))
     random = weights_line({dataset: config.get("identity")})
-    (out / "results.md").write_text(_under_title(run_markdown(dataset, summary), random) + scale_line(config)
-                                    + paired)
-    plot(out / "accuracy_vs_shots.png", summary, dataset)
-    plot_curves(out / "loss_curves.png", summary, dataset)
+    (out / RESULTS_MD).write_text(_under_title(run_markdown(dataset, summary), random) + scale_line(config)
+                                          + paired)
+    plot(out / ACCURACY_PNG, summary, dataset)
+    plot_curves(out / LOSS_PNG, summary, dataset)
     return rows
 
 
@@ -302,22 +303,23 @@ def combined_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
     return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "") + _tie_note(summary)
 
 
-def gap_line(gaps: Sequence[Mapping[str, Any]]) -> str:
-    """One Markdown line from the runs' gap.json: per dataset, cmm (else the first method with a map) at its
-    largest shot count; before -> after, averaged over the datasets. Empty when no run has a map."""
+def gap_line(gaps: Sequence[GapFile]) -> str:
+    """One Markdown line from the runs' gap.json (``read_gap``): per dataset, cmm (else the first method
+    with a map) at its largest shot count; before -> after, averaged over the datasets. Empty when no run has a
+    map."""
     pairs = []
     for g in gaps:
-        if g["after"]:
-            top = max(r["shots"] for r in g["after"])
-            rows = [r for r in g["after"] if r["shots"] == top]
-            pairs.append((g["before"], next((r for r in rows if r["method"] == "cmm"), rows[0])))
+        if g.after:
+            top = max(r.shots for r in g.after)
+            rows = [r for r in g.after if r.shots == top]
+            pairs.append((g.before, next((r for r in rows if r.method == "cmm"), rows[0])))
     if not pairs:
         return ""
     def change(key: str, fmt: str) -> str:
-        before, after = (np.mean([b[key] for b, _ in pairs]), np.mean([a["mean"][key] for _, a in pairs]))
+        before, after = (np.mean([b[key] for b, _ in pairs]), np.mean([a.mean[key] for _, a in pairs]))
         return f"{before:{fmt}} → {after:{fmt}}"
 
-    methods = ", ".join(sorted({f"{a['method']} {a['shots']}-shot" for _, a in pairs}))
+    methods = ", ".join(sorted({f"{a.method} {a.shots}-shot" for _, a in pairs}))
     return (f"Modality gap on test ({methods}; mean over {len(pairs)} dataset(s); per run: gap.md): "
             f"‖mean image − mean prototype‖ {change('gap', '.3f')}, margin {change('margin', '.3f')}, "
             f"nearest-prototype accuracy (%) {change('nearest_acc', '.2f')}\n")
@@ -336,7 +338,7 @@ def combine(run_dirs: Sequence[str | Path], out: str | Path, compare_to: str = "
             few_shot.append(run_dir)
             summary.extend(row.to_json() for row in results.summary)
             identities[results.dataset or str(run_dir)] = results.config.get("identity")
-    gaps = [json.loads(p.read_text()) for p in (Path(d) / "gap.json" for d in few_shot) if p.is_file()]
+    gaps = [g for g in map(read_gap, few_shot) if g is not None]
     sections, protocol_json = protocol_report.combined(run_dirs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -347,12 +349,12 @@ def combine(run_dirs: Sequence[str | Path], out: str | Path, compare_to: str = "
                                              datasets, [d for d in datasets if _key(d) in benchmark],
                                              average_label(summary)) if few_shot else ""
     markdown = _under_title(combined_markdown(summary), weights_line(identities)) if summary else "# Results\n"
-    (out / "summary.md").write_text(markdown + (f"\n{line}" if line else "") + paired + sections)
-    (out / "summary.json").write_text(json.dumps({"summary": summary, "average": _average_rows(summary),
-                                                  **protocol_json}, indent=1))
+    (out / SUMMARY_MD).write_text(markdown + (f"\n{line}" if line else "") + paired + sections)
+    (out / SUMMARY_JSON).write_text(json.dumps({"summary": summary, "average": _average_rows(summary),
+                                                **protocol_json}, indent=1))
     if summary:
-        plot(out / "accuracy_vs_shots.png", summary)
-        plot_curves(out / "loss_curves.png", summary)
+        plot(out / ACCURACY_PNG, summary)
+        plot_curves(out / LOSS_PNG, summary)
     return out
 
 
