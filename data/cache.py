@@ -5,10 +5,12 @@ Needs only h5py + numpy: both stages read and write caches through this module, 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import sys
@@ -208,6 +210,16 @@ def writer_active(path: str | os.PathLike) -> bool:
         os.close(fd)
 
 
+_LOCKED = re.compile(r"unable to lock file, errno = (\d+)")  # HDF5's message when another process holds the file
+
+
+def _busy(e: BaseException) -> bool:
+    """Whether h5py's error is HDF5 refusing the file because another process holds its lock (errno EAGAIN /
+    EWOULDBLOCK), not some other message that merely contains "lock" ("sblock" of a truncated file)."""
+    found = _LOCKED.search(str(e))
+    return found is not None and int(found[1]) in (errno.EAGAIN, errno.EWOULDBLOCK)
+
+
 def _open(path: Path, mode: str) -> h5py.File:
     """h5py.File(path, mode) with a one-line CacheError for a file in use, a folder, or a non-HDF5 file."""
     try:
@@ -217,7 +229,7 @@ def _open(path: Path, mode: str) -> h5py.File:
         if path.is_dir():
             raise CacheError(f"{path}: is a folder, not a cache file; give a file path such as {path / 'x.h5'}") \
                 from None
-        if "lock" in text.lower():
+        if _busy(e):
             raise CacheError(f"{path}: another process has it open for writing (an extraction still running, or "
                              "its workers); wait for it or stop it") from None
         if isinstance(e, OSError) and e.strerror and not isinstance(e, FileNotFoundError):
@@ -775,7 +787,7 @@ class CacheWriter:
         try:
             f = h5py.File(tmp, "r+")
         except _H5_ERRORS as e:
-            if "lock" in str(e).lower():
+            if _busy(e):
                 raise CacheError(f"{tmp}: another process has it open; wait for it or stop it") from None
             _move_aside(tmp, f"not a readable HDF5 file: {str(e).splitlines()[0][:200]}")
             return None
