@@ -54,6 +54,10 @@ class CacheError(Exception):
     """A cache file that cannot be read or written as asked; the message names the file and the fix."""
 
 
+class CacheBusy(CacheError):
+    """A cache file another process holds open for writing (HDF5's file lock)."""
+
+
 @dataclass(frozen=True)
 class Split:
     """One split of a cache: features [N, D] float32, labels [N] int64, paths [N] str, aug_features [N, A, D]."""
@@ -230,7 +234,7 @@ def _open(path: Path, mode: str) -> h5py.File:
             raise CacheError(f"{path}: is a folder, not a cache file; give a file path such as {path / 'x.h5'}") \
                 from None
         if _busy(e):
-            raise CacheError(f"{path}: another process has it open for writing (an extraction still running, or "
+            raise CacheBusy(f"{path}: another process has it open for writing (an extraction still running, or "
                              "its workers); wait for it or stop it") from None
         if isinstance(e, OSError) and e.strerror and not isinstance(e, FileNotFoundError):
             raise CacheError(f"{path}: cannot open it ({e.strerror})") from None
@@ -547,6 +551,28 @@ def listing_diff(path: Path, old_paths: Iterable[Any], old_labels: np.ndarray, p
     return f"the images of {path} are listed in another order or with other labels"
 
 
+def _in_the_way(tmp: Path, diff: str) -> str:
+    return (f"{tmp}: an interrupted extraction with {diff} is in the way; rerun it with its settings, or delete the "
+            ".partial file")
+
+
+def check_writable(path: str | os.PathLike, new: Mapping[str, Any], *, overwrite: bool = False) -> None:
+    """Raise, reading only, what `CacheWriter.open(path)` of identity `new` would refuse: a complete cache of another
+    identity (unless overwrite) or an interrupted extraction of another identity in `X.h5.partial` (one that cannot
+    be read is no error: the writer moves it aside)."""
+    path = Path(path)
+    if not overwrite:
+        _guard_existing(path, new)
+    tmp = partial_path(path)
+    if tmp.is_file():
+        try:
+            diff = identity_diff(file_identity(tmp), new)
+        except CacheError:
+            return
+        if diff:
+            raise CacheError(_in_the_way(tmp, diff))
+
+
 def _guard_existing(path: Path, new: Mapping[str, Any]) -> None:
     """Refuse to replace a complete cache whose identity (model, settings, classes, image listing) differs."""
     if path.is_dir():
@@ -582,6 +608,9 @@ def _lock(path: Path, wait: float) -> int:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
+            if lock.is_dir():
+                raise CacheError(f"{lock}: is a folder where the writer's lock file of {path} goes; move it away "
+                                 "(a lock holds no data) and rerun") from None
             raise CacheError(f"{lock.parent}: cannot write there ({e.strerror}); choose a writable --out") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -788,7 +817,7 @@ class CacheWriter:
             f = h5py.File(tmp, "r+")
         except _H5_ERRORS as e:
             if _busy(e):
-                raise CacheError(f"{tmp}: another process has it open; wait for it or stop it") from None
+                raise CacheBusy(f"{tmp}: another process has it open; wait for it or stop it") from None
             _move_aside(tmp, f"not a readable HDF5 file: {str(e).splitlines()[0][:200]}")
             return None
         try:
@@ -808,8 +837,7 @@ class CacheWriter:
             return None
         if diff:
             f.close()
-            raise CacheError(f"{tmp}: an interrupted extraction with {diff} is in the way; rerun it with its "
-                             "settings, or delete the .partial file")
+            raise CacheError(_in_the_way(tmp, diff))
         return f
 
     @contextlib.contextmanager

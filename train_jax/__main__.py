@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from data import args as args_types
 from data.cache import CacheError, cache_identity, file_identity, identity_diff
 from data.errors import DataError
 from train_jax import compile_cache
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-shots", action="store_true",
                    help="skip (with a warning) shots values above the smallest class's train images instead of "
                         "stopping with an error")
-    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="sampling seeds (default: %(default)s)")
+    p.add_argument("--seeds", nargs="+", type=args_types.seed, default=[1, 2, 3], help="sampling seeds (default: %(default)s)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(DEFAULT_METHODS),
                    help="methods to train (default: %(default)s)")
     p.add_argument("--grid", nargs="+", action="extend", default=None, metavar="KEY=V1,V2",
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", choices=["single", "ensemble"], default=None,
                    help="class prototypes: the dataset's own template (single) or the normalised mean over CLIP's "
                         "7 ImageNet templates (ensemble); default: ensemble for the ImageNet family, else single")
-    p.add_argument("--memory-gb", type=float, default=None,
+    p.add_argument("--memory-gb", type=args_types.gigabytes, default=None,
                    help="memory for the run axis; more runs are cut into chunks (default: half the free memory)")
     p.add_argument("--devices", type=int, default=None,
                    help="use the first N JAX devices to shard the run axis (default: all)")
@@ -199,7 +200,10 @@ def run(args: argparse.Namespace) -> Path:
     label_keys = [k for k, vs in grid.items() if len(vs) > 1]
     for k in shots:
         done = out / "shots" / f"{k}shot.json"
-        if done.exists():
+        damaged = done.exists() and report.params_problem(out / "params" / f"{k}shot.npz")
+        if damaged:
+            print(f"warning: {damaged}; training {k} shots again", file=sys.stderr)
+        elif done.exists():
             print(f"{task.dataset} {k}-shot: already in {done}, skipped")
             continue
         result = experiment.run_shots(task, k, seeds, methods, settings, label_keys, select=args.select,
@@ -238,6 +242,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TrainError, CacheError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: finished shot counts are kept in {args.out}/shots; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
     print(f"results in {out}")
     return 0
 

@@ -15,6 +15,7 @@ import csv
 import json
 import re
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -272,20 +273,40 @@ def save_params(path: Path, learned: Mapping[str, Learned]) -> None:
 
 
 def load_params(path: str | Path) -> dict[str, Learned]:
-    """Inverse of ``save_params``: ``{"method/seedK": Learned}``; use with ``train_jax.methods.logits``."""
+    """Inverse of ``save_params``: ``{"method/seedK": Learned}``; use with ``train_jax.methods.logits``.
+    TrainError naming the file, and how to train it again, if it cannot be read."""
+    path = Path(path)
+    learned, why = _read_params(path)
+    if why:
+        raise TrainError(f"{why}; rerun the training command with --out {path.parent.parent}: it trains that shot "
+                         "count again")
+    return learned
+
+
+def params_problem(path: Path) -> str:
+    """'' when ``path`` (a run's ``params/<K>shot.npz``) reads back, else why not, naming the file."""
+    return _read_params(path)[1] if path.is_file() else f"{path}: missing"
+
+
+def _read_params(path: Path) -> tuple[dict[str, Learned], str]:
+    """(``{"method/seedK": Learned}``, '') of a ``save_params`` file, or ({}, why not, naming the file)."""
     trees: dict[str, dict[str, Any]] = {}
-    with np.load(path, allow_pickle=False) as data:
-        for key in data.files:
-            method, seed, kind, *rest = key.split("/")
-            item = trees.setdefault(f"{method}/{seed}", {"params": {}, "consts": {}})
-            if kind == "settings":
-                item["settings"] = Settings.from_dict(json.loads(str(data[key])))
-                continue
-            node = item[kind]
-            for part in rest[:-1]:
-                node = node.setdefault(part, {})
-            node[rest[-1]] = data[key]
-    return {run: Learned(t["settings"], t["params"], t["consts"]) for run, t in trees.items()}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            for key in data.files:
+                method, seed, kind, *rest = key.split("/")
+                item = trees.setdefault(f"{method}/{seed}", {"params": {}, "consts": {}})
+                if kind == "settings":
+                    item["settings"] = Settings.from_dict(json.loads(str(data[key])))
+                    continue
+                node = item[kind]
+                for part in rest[:-1]:
+                    node = node.setdefault(part, {})
+                node[rest[-1]] = data[key]
+        return {run: Learned(t["settings"], t["params"], t["consts"]) for run, t in trees.items()}, ""
+    except (OSError, ValueError, KeyError, TypeError, EOFError, TrainError, zipfile.BadZipFile) as e:
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        return {}, f"{path}: the saved models cannot be read ({why})"
 
 
 def plot_curves(path: Path, summary: Sequence[Mapping[str, Any]], title: str = "") -> None:
@@ -412,7 +433,13 @@ def combine(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     """Merge the results.json of several run directories into ``out`` (summary.md/.json, accuracy_vs_shots.png,
     loss_curves.png)."""
     summary: list[dict[str, Any]] = []
-    gaps = [json.loads(p.read_text()) for p in (Path(d) / "gap.json" for d in run_dirs) if p.is_file()]
+    gaps = []
+    for path in (Path(d) / "gap.json" for d in run_dirs):
+        try:
+            gaps += [json.loads(path.read_text())] if path.is_file() else []
+        except (OSError, ValueError) as e:
+            raise TrainError(f"{path}: cannot read it ({e}); rerun `python -m train_jax ... --out {path.parent}`") \
+                from None
     for run_dir in run_dirs:
         path = Path(run_dir) / "results.json"
         try:
@@ -420,12 +447,17 @@ def combine(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
         except (OSError, ValueError, KeyError) as e:
             raise TrainError(f"{path}: cannot read results ({e}); run `python -m train_jax ... --out {run_dir}` first")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     line = gap_line(gaps)
-    (out / "summary.md").write_text(combined_markdown(summary) + (f"\n{line}" if line else ""))
-    (out / "summary.json").write_text(json.dumps({"summary": summary, "average": _average_rows(summary)}, indent=1))
-    plot(out / "accuracy_vs_shots.png", summary)
-    plot_curves(out / "loss_curves.png", summary)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.md").write_text(combined_markdown(summary) + (f"\n{line}" if line else ""))
+        (out / "summary.json").write_text(json.dumps({"summary": summary, "average": _average_rows(summary)},
+                                                     indent=1))
+        plot(out / "accuracy_vs_shots.png", summary)
+        plot_curves(out / "loss_curves.png", summary)
+    except OSError as e:
+        raise TrainError(f"{e.filename or out}: cannot write there ({e.strerror or e}); choose a writable --out") \
+            from None
     return out
 
 
