@@ -4,11 +4,11 @@ An extraction encodes images in batches; another batch size, a resumed run, a sh
 image in another batch at another position, and the forward pass's kernels (BLAS blocking, fp16 autocast on CUDA)
 round differently. This script encodes the same images (already preprocessed, so only the forward differs) in one
 batch, one at a time, in reversed order and in batches of 3 and 7, and prints per model the largest difference of
-the L2-normalised features to the one-batch run: max |a - b| over every element (max abs diff) and max (1 - cos(a, b)) over the
-images. Prints the machine, a table and one summary line last.
+the L2-normalised features to the one-batch run: max |a - b| over every element (max abs diff) and max
+(1 - cos(a, b)) over the images. Prints the machine, a table and one summary line last.
 
     python -m bench.bench_batch_rounding                              # ViT-B-32 and RN50 (random weights), CPU
-    python -m bench.bench_batch_rounding --models cmm-tiny-vit --images 8   # seconds: a smoke run
+    python -m bench.bench_batch_rounding --models cmm-tiny-vit --images 8  # seconds
     python -m bench.bench_batch_rounding --device cuda --images 64    # fp16 autocast on a GPU
 """
 from __future__ import annotations

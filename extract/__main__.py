@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--split-name", default="test", help="--unlabelled: name of the split the images go to")
     src.add_argument("--split-ratio", default="0.5,0.2,0.3", help="--folder without train/ val/ test/: "
                                                                   "train,val,test fractions of each class")
-    src.add_argument("--split-seed", type=args_types.seed, default=1, help="--folder without train/ val/ test/: seed of the "
-                                                               "per-class split")
+    src.add_argument("--split-seed", type=args_types.seed, default=1,
+                     help="--folder without train/ val/ test/: seed of the per-class split")
     src.add_argument("--name", help="dataset name stored in the cache (default: folder name, split-file name "
                                     "or benchmark name)")
     src.add_argument("--splits", help="comma-separated splits to extract (default: all the dataset has)")
@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     feats.add_argument("--pool-shots", type=int, help="encode only the train images that few-shot draws at up to "
                                                       "this many shots (and their validation, when there is no val "
                                                       "split) can use; default: the whole train split")
-    feats.add_argument("--pool-seeds", type=args_types.seed, nargs="+", help="with --pool-shots: the seeds whose draws are "
-                                                                 "encoded (default: 1 2 3)")
+    feats.add_argument("--pool-seeds", type=args_types.seed, nargs="+",
+                       help="with --pool-shots: the seeds whose draws are encoded (default: 1 2 3)")
     feats.add_argument("--float16", action="store_true", help="store image features as float16 (half the size)")
     feats.add_argument("--skip-bad", action="store_true", help="skip unreadable images and list them in the cache's "
                                                                "/bad (default: stop at the first one)")
@@ -223,8 +223,8 @@ def _run(args: argparse.Namespace) -> Path | None:
     loaded = _load(args, device)
     return run_extraction(spec, loaded, args.out, templates=templates, splits=splits, pool=pool,
                           aug_views=args.aug_views, aug_seed=args.aug_seed, batch_size=args.batch_size,
-                          workers=args.workers, feature_dtype=feature_dtype, skip_bad=args.skip_bad, shard=shard, device=device, progress=not args.no_progress,
-                          command=args.argv, overwrite=args.overwrite)
+                          workers=args.workers, feature_dtype=feature_dtype, skip_bad=args.skip_bad, shard=shard,
+                          device=device, progress=not args.no_progress, command=args.argv, overwrite=args.overwrite)
 
 
 def _load(args: argparse.Namespace, device: str):

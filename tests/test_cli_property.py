@@ -26,9 +26,10 @@ from helpers_train import GapWorld, write_gap_cache
 from train_jax.__main__ import main as train_main
 from train_jax.report import main as report_main
 
-settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True, print_blob=True,
+settings.register_profile("ci", max_examples=15, deadline=None, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-settings.register_profile("thorough", max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", 200)), deadline=None, print_blob=True,
+settings.register_profile("thorough", max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", 200)), deadline=None,
+                          print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
@@ -107,7 +108,7 @@ def mutated(base: dict[str, str | None], values: dict[str, st.SearchStrategy]) -
             argv += [option] if value is None else [option, value]
         return argv
 
-    changes = st.dictionaries(st.sampled_from(sorted(values)), st.none(), max_size=3).flatmap(
+    changes = st.dictionaries(st.sampled_from(sorted(values)), st.none(), min_size=1, max_size=3).flatmap(
         lambda keys: st.fixed_dictionaries({k: values[k] for k in keys}))
     return st.builds(build, changes, st.lists(st.sampled_from(sorted(base)), max_size=1))
 

@@ -234,3 +234,20 @@ def test_a_compilation_cache_under_a_file_is_one_notice(trained, tmp_path):
 def test_a_read_only_compilation_cache_is_one_notice(trained, tmp_path, read_only_dir):
     cache, _ = trained
     _one_notice(_train_in_a_process(cache, tmp_path / "o", read_only_dir), read_only_dir)
+
+
+def test_cases_the_property_test_found_are_one_line(images, tmp_path, capsys):
+    """Found by tests/test_cli_property.py (HYPOTHESIS_PROFILE=thorough): tracebacks before."""
+    from data.__main__ import main as data_main
+
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\x89HDF\r\n\x1a\n not text")
+    (tmp_path / "file").write_text("x")
+    for option in ("--classnames", "--templates-file"):
+        line = one_error(*run_cli(extract_main, ["run", "--folder", str(images), "--out", str(tmp_path / "c.h5"),
+                                                 option, str(garbage), *TINY_ARGS], capsys))
+        assert f"{garbage}: cannot read the" in line and "not UTF-8 text" in line
+    fashion = ["fashion-mnist", "--idx-dir", str(tmp_path / "no-idx")]
+    assert "is not a seed" in one_error(*run_cli(data_main, [*fashion, "--out", str(tmp_path / "fm"), "--seed", "-1"],
+                                                 capsys))
+    assert f"{garbage}: is a file" in one_error(*run_cli(data_main, [*fashion, "--out", str(garbage)], capsys))
