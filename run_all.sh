@@ -12,8 +12,9 @@ usage: ./run_all.sh [options]
 With no options, runs an offline pipeline check: Fashion-MNIST (Debian package, fetched at run time) with a
 tiny random-weight CLIP. Its numbers check the pipeline; they are not CLIP accuracy.
 
-  --datasets "A B ..."   benchmarks from data/ (python -m data list), or "all" (the 11 benchmarks + the 4
-                         ImageNet shift sets) or "benchmarks" (the 11); shift sets are evaluated with ImageNet
+  --datasets "A B ..."   benchmarks from data/ (python -m data list; any case, '-'/'_' ignored), or "all" (the
+                         11 benchmarks + the 4 ImageNet shift sets) or "benchmarks" (the 11); shift sets are
+                         evaluated with ImageNet's model, so they need ImageNet in the list
   --data-root DIR        folder holding the datasets (python -m data info NAME shows the layout)
   --folder DIR           instead of --datasets: your own image folder (one sub-folder per class, optionally
                          under train/ val/ test/); --name names it
@@ -33,6 +34,7 @@ tiny random-weight CLIP. Its numbers check the pipeline; they are not CLIP accur
   --out DIR              output folder (default outputs/): cache/, runs/, results/
   --device D             auto | cpu | cuda (default auto): extraction device and JAX platform
   --train-args "..."     extra arguments for python -m train_jax (e.g. "--grid lr=1e-3,1e-4")
+  --compare-to METHOD    reference of the paired comparisons in the results (default cmm)
   --predict DIR          instead of training: classify every image under DIR (any layout) with a trained run's
                          models -> OUT/predict/NAME.csv (path, top-5 classes, probabilities); give the --model
                          and --pretrained the run was trained with (none: the demo's)
@@ -42,11 +44,9 @@ tiny random-weight CLIP. Its numbers check the pipeline; they are not CLIP accur
 EOF
 }
 
-BENCHMARKS="ImageNet Caltech101 OxfordPets StanfordCars Flowers102 Food101 FGVCAircraft SUN397 DTD EuroSAT UCF101"
-SHIFTS="ImageNetV2 ImageNetSketch ImageNetA ImageNetR"
 DATASETS="" DATA_ROOT="" FOLDER="" NAME="" MODEL="" PRETRAINED="" MODEL_CONFIG=""
 SHOTS="1 2 4 8 16" SEEDS="1 2 3" AUG_VIEWS=0 OUT="outputs" DEVICE="auto" TRAIN_ARGS="" ENCODE_ALL=0
-PREDICT="" RUN="" PREDICT_ARGS=""
+PREDICT="" RUN="" PREDICT_ARGS="" COMPARE_TO="cmm"
 PY="${PYTHON:-python}"
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
@@ -55,14 +55,14 @@ while [ $# -gt 0 ]; do
     -h|--help) usage; exit 0 ;;
     --encode-all) ENCODE_ALL=1; shift ;;
     --datasets|--data-root|--folder|--name|--model|--pretrained|--model-config|--shots|--seeds|--aug-views|\
-    --out|--device|--train-args|--predict|--run|--predict-args)
+    --out|--device|--train-args|--predict|--run|--predict-args|--compare-to)
       [ $# -ge 2 ] || die "$1 needs a value (see --help)"
       case "$1" in
         --datasets) DATASETS="$2" ;; --data-root) DATA_ROOT="$2" ;; --folder) FOLDER="$2" ;; --name) NAME="$2" ;;
         --model) MODEL="$2" ;; --pretrained) PRETRAINED="$2" ;; --model-config) MODEL_CONFIG="$2" ;;
         --shots) SHOTS="$2" ;; --seeds) SEEDS="$2" ;; --aug-views) AUG_VIEWS="$2" ;; --out) OUT="$2" ;;
         --device) DEVICE="$2" ;; --train-args) TRAIN_ARGS="$2" ;; --predict) PREDICT="$2" ;; --run) RUN="$2" ;;
-        --predict-args) PREDICT_ARGS="$2" ;;
+        --predict-args) PREDICT_ARGS="$2" ;; --compare-to) COMPARE_TO="$2" ;;
       esac
       shift 2 ;;
     *) die "unknown option '$1' (see --help)" ;;
@@ -81,18 +81,20 @@ if [ -z "$DATASETS" ] && [ -z "$FOLDER" ]; then
   [ -n "$MODEL_CONFIG" ] || MODEL="${MODEL:-cmm-tiny-vit}"
   PRETRAINED="${PRETRAINED:-random}"
 fi
+# Registered names as typed -> "NAME" (a set to train on) or "NAME PARENT" (test-only, evaluated with PARENT's model)
+RESOLVED=()
+if [ -z "$FOLDER" ]; then
+  LINES="$("$PY" -m data resolve "$DATASETS")" || exit 2
+  mapfile -t RESOLVED <<<"$LINES"
+fi
 [ -n "$MODEL_CONFIG" ] || MODEL="${MODEL:-RN50-quickgelu}"
 [ -z "$MODEL_CONFIG" ] || [ -f "$MODEL_CONFIG" ] || die "--model-config $MODEL_CONFIG is not a file"
 case "$MODEL" in
   hf-hub:*|local-dir:*) [ -z "$PRETRAINED" ] || die "--model $MODEL brings its own weights; drop --pretrained" ;;
   *) [ -n "$PRETRAINED" ] || die "--pretrained is required with real data: an open_clip tag (needs the internet) or a local weights file, e.g. --pretrained ~/weights/RN50.pt" ;;
 esac
-case "$DATASETS" in
-  all) DATASETS="$BENCHMARKS $SHIFTS" ;;
-  benchmarks) DATASETS="$BENCHMARKS" ;;
-esac
 if [ -n "$DATASETS" ] && [ "$DEMO" = 0 ]; then
-  [ -n "$DATA_ROOT" ] || die "--datasets needs --data-root DIR (python -m data info NAME shows the layout)"
+  [ -n "$DATA_ROOT" ] || die "--datasets needs --data-root DIR (python -m data info ${RESOLVED[0]%% *} shows the layout)"
   [ -d "$DATA_ROOT" ] || die "--data-root $DATA_ROOT is not a folder"
 fi
 if [ "$DEVICE" = cpu ]; then export JAX_PLATFORMS=cpu; fi
@@ -166,26 +168,28 @@ if [ -n "$FOLDER" ]; then
   extract "$NAME" --folder "$FOLDER" --name "$NAME"
   TRAIN_SETS+=("$NAME")
 else
-  for ds in $DATASETS; do
+  for line in "${RESOLVED[@]}"; do
+    read -r ds parent <<<"$line"
     extract "$ds" --dataset "$ds" --data-root "$DATA_ROOT"
-    case " $SHIFTS " in *" $ds "*) ;; *) TRAIN_SETS+=("$ds") ;; esac
+    [ -n "$parent" ] || TRAIN_SETS+=("$ds")
   done
 fi
 
 RUN_DIRS=()
 for ds in "${TRAIN_SETS[@]}"; do
   EVAL_ARGS=()
-  if [ "$ds" = ImageNet ]; then
-    for s in $SHIFTS; do [ ! -f "$CACHE_DIR/$s.h5" ] || EVAL_ARGS+=(--eval-cache "$CACHE_DIR/$s.h5"); done
-  fi
+  for line in "${RESOLVED[@]}"; do
+    read -r s parent <<<"$line"
+    [ "$parent" != "$ds" ] || EVAL_ARGS+=(--eval-cache "$CACHE_DIR/$s.h5")
+  done
   echo "== $ds: training and evaluating (shots: $SHOTS; seeds: $SEEDS)"
   # shellcheck disable=SC2086  # TRAIN_ARGS, SHOTS and SEEDS are word lists on purpose
   "$PY" -m train_jax --cache "$CACHE_DIR/$ds.h5" "${EVAL_ARGS[@]}" --shots $SHOTS --fit-shots --seeds $SEEDS \
-    --out "$OUT/runs/$ds" $TRAIN_ARGS
+    --out "$OUT/runs/$ds" --compare-to "$COMPARE_TO" $TRAIN_ARGS
   RUN_DIRS+=("$OUT/runs/$ds")
 done
 
-"$PY" -m train_jax.report "${RUN_DIRS[@]}" --out "$OUT/results"
+"$PY" -m train_jax.report "${RUN_DIRS[@]}" --out "$OUT/results" --compare-to "$COMPARE_TO"
 echo
 cat "$OUT/results/summary.md"
 echo

@@ -31,10 +31,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python bench/bench_train.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tqdm import tqdm  # noqa: E402
-
 from bench.common import format_table, load_average, machine_lines, timed, usable_cores  # noqa: E402
 from bench.train_problems import CASES, Case, state_bytes, useful_flops  # noqa: E402
+from data.progress import progress  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ["jax", "jaxlib", "flax", "optax", "torch", "numpy"]
@@ -75,7 +74,7 @@ def measure_case(case: Case, repeats: int, threads: int, torch_loop: bool, round
     if torch_loop:
         jobs.append(("torch_loop", top, "train_worker_torch", ("loop", spec, top, repeats, threads, torch_device)))
     best: dict = {}
-    with tqdm(jobs * rounds, desc=case.name, unit="measurement", leave=False) as bar:
+    with progress(jobs * rounds, desc=case.name, unit="measurement", leave=False) as bar:
         for name, s, module, args in bar:
             bar.set_postfix_str(f"{name} S={s}" if s else name)
             result, old = worker(module, *args), best.get((name, s))

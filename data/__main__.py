@@ -1,4 +1,4 @@
-"""CLI: `python -m data {list,info,check,download,fashion-mnist}`; errors print `error: ...` and exit 2."""
+"""CLI: `python -m data {list,info,check,resolve,download,fashion-mnist}`; errors print `error: ...`, exit 2."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ from collections import Counter
 
 from data.args import seed
 from data.errors import DataError
-from data.registry import dataset_names, get_dataset, load_benchmark
+from data.registry import dataset_names, get_dataset, load_benchmark, resolve_names
 
 
 def _list(args: argparse.Namespace) -> None:
@@ -23,12 +23,17 @@ def _info(args: argparse.Namespace) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    image_root, classnames, splits = load_benchmark(args.name, args.root)
+    image_root, classnames, splits = load_benchmark(args.name, args.root, every_file=True)
     print(f"{get_dataset(args.name).name}: ok, {len(classnames)} classes, images under {image_root}")
     for split, samples in splits.items():
         per_class = Counter(label for _, label in samples)
         print(f"  {split:5s} {len(samples):8d} images, {len(per_class)} classes, "
               f"{min(per_class.values(), default=0)}-{max(per_class.values(), default=0)} per class")
+
+
+def _resolve(args: argparse.Namespace) -> None:
+    for info in resolve_names(args.names):
+        print(info.name if info.parent is None else f"{info.name} {info.parent}")
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -65,6 +70,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("name", help="dataset name (case-insensitive)")
     s.add_argument("--root", required=True, help="data root holding the dataset folders (CoOp's $DATA)")
     s.set_defaults(func=_check)
+
+    s = sub.add_parser("resolve", help="the registered names of datasets as a user typed them, one a line; a "
+                       "test-only set is followed by the set whose model it evaluates", description="Print the "
+                       "registered name of every dataset named (case, '-' and '_' ignored; all = the benchmarks and "
+                       "the shift sets, benchmarks, shifts), once each, one a line: 'NAME' for a dataset to train "
+                       "on, 'NAME PARENT' for a test-only set evaluated with PARENT's model. Refuses an unknown name "
+                       "or a test-only set without its PARENT.")
+    s.add_argument("names", nargs="+", metavar="NAME", help="dataset names; a value may hold several, separated by "
+                   "spaces or commas")
+    s.set_defaults(func=_resolve)
 
     s = sub.add_parser("download", help="download a dataset with torchvision where possible, else print the steps")
     s.add_argument("name", help="dataset name (case-insensitive)")

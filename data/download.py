@@ -1,16 +1,22 @@
 """Set a dataset up under a data root: torchvision's downloaders where they exist, else the manual steps.
 
-torchvision is imported only when downloading. Its files go to `DATA/_torchvision/<Name>/` and the folders CoOp's
-layout expects are symlinked to them; CoOp split files are fetched from Google Drive with torchvision's helper
-(needs `gdown`).
+The CoOp split file comes first (a few MB from Google Drive with `gdown`, pinned in requirements.txt), so a
+missing piece fails in seconds, before an image archive of up to tens of GB. torchvision is imported only when
+downloading; its files go to `DATA/_torchvision/<Name>/` and the folders CoOp's layout expects are symlinked to them.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from data.errors import DataError
 from data.fashion_mnist import build as build_fashion_mnist
 from data.registry import DatasetInfo, check_layout, dataset_dir, required_paths
+from data.splits import read_split_json
+
+GDRIVE_URL = "https://drive.google.com/uc?id={id}"  # what gdown fetches a file id from
+GDRIVE_VIEW = "https://drive.google.com/file/d/{id}/view"  # the same file in a browser
+TIMEOUT_S = 30  # per connection attempt and read: a network that answers nothing fails within this
 
 DEMO_COUNTS = {"train_per_class": 16, "val_per_class": 4, "test_per_class": 50}
 
@@ -18,14 +24,16 @@ DEMO_COUNTS = {"train_per_class": 16, "val_per_class": 4, "test_per_class": 50}
 def describe(info: DatasetInfo) -> str:
     """Human-readable definition: classes, prompt, expected layout under DATA and the manual steps."""
     root = Path("DATA")
-    tree = "\n".join(f"  {path.as_posix()}" for path in required_paths(info, root)[1:])
+    alternative = {root / info.folder / info.image_dir: "".join(f" (or {(root / info.folder / f).as_posix()}/, as "
+                                                                f"its archive unpacks)" for f in info.archive_dirs)}
+    tree = "\n".join(f"  {path.as_posix()}{alternative.get(path, '')}" for path in required_paths(info, root)[1:])
     if info.group == "demo":
         auto = "yes (Debian package)"
     elif info.torchvision:
-        split = " + the CoOp split file via gdown" if info.download.get("split_gdrive_id") else ""
-        auto = f"yes (torchvision.datasets.{info.torchvision}{split})"
+        split = "the CoOp split file (gdown), then " if info.download.get("split_gdrive_id") else ""
+        auto = f"yes ({split}torchvision.datasets.{info.torchvision})"
     else:
-        auto = "no: follow the steps" + (" (the split file is fetched via gdown)" if
+        auto = "no: follow the steps" + (" (the split file is fetched with gdown)" if
                                          info.download.get("split_gdrive_id") else "")
     lines = [
         f"{info.name} ({info.group}{', test only' if info.eval_only else ''}): {len(info.classnames)} classes, "
@@ -56,11 +64,16 @@ def download(info: DatasetInfo, data_root: str | Path) -> Path:
         if not info.torchvision and not info.download.get("split_gdrive_id"):
             raise DataError(f"{info.name} cannot be downloaded automatically; follow the steps of "
                             f"`python -m data info {info.name}`") from None
-    if info.torchvision:
-        _torchvision_fetch(info, data_root)
     split_id = info.download.get("split_gdrive_id")
     if split_id and not (dataset_dir(info, data_root) / info.split_file).is_file():
-        _gdrive_fetch(split_id, dataset_dir(info, data_root), info.split_file, info.name)
+        fetch_split_file(split_id, dataset_dir(info, data_root) / info.split_file, info.name)
+    if not info.torchvision:
+        try:
+            return check_layout(info, data_root)
+        except DataError:
+            raise DataError(f"{info.name}: the split file is in {dataset_dir(info, data_root)}; the images cannot be "
+                            f"downloaded automatically: follow the steps of `python -m data info {info.name}`") from None
+    _torchvision_fetch(info, data_root)
     return check_layout(info, data_root)
 
 
@@ -88,12 +101,27 @@ def _torchvision_fetch(info: DatasetInfo, data_root: Path) -> None:
         link.symlink_to(target, target_is_directory=target.is_dir())
 
 
-def _gdrive_fetch(file_id: str, folder: Path, filename: str, name: str) -> None:
-    """Fetch a CoOp split file from Google Drive with torchvision's helper."""
-    from torchvision.datasets.utils import download_file_from_google_drive
-
+def fetch_split_file(file_id: str, path: Path, name: str) -> Path:
+    """Fetch CoOp's split file `path` of dataset `name` from Google Drive with gdown and check that it reads as a
+    split file; written to `path.part` and renamed, so a failure leaves nothing at `path`. Returns `path`."""
+    fix = f"download it by hand from {GDRIVE_VIEW.format(id=file_id)} into {path.parent}/ (`python -m data info {name}`)"
     try:
-        download_file_from_google_drive(file_id, str(folder), filename)
-    except Exception as exc:  # gdown missing, quota, network
-        raise DataError(f"{folder / filename}: Google Drive download failed ({type(exc).__name__}: {exc}); "
-                        f"`pip install gdown` or download it by hand (`python -m data info {name}`)") from None
+        import gdown
+    except ModuleNotFoundError:
+        raise DataError(f"{path.name}: gdown is not installed; `pip install -r requirements.txt` (it pins gdown) or "
+                        f"{fix}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    try:
+        gdown.download(url=GDRIVE_URL.format(id=file_id), output=str(part), quiet=not sys.stderr.isatty(),
+                       timeout=TIMEOUT_S)
+        if not part.is_file():
+            raise OSError("no file was written")
+        read_split_json(part, name=name)
+    except Exception as exc:  # network, Google Drive quota (an HTML page instead of JSON), disk
+        part.unlink(missing_ok=True)
+        why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise DataError(f"{path}: Google Drive download failed ({type(exc).__name__}: {why}); check the "
+                        f"network, or {fix}") from None
+    part.replace(path)
+    return path

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from data.errors import DataError
+from data.progress import progress
 from data.registry import get_dataset
 
 PACKAGE = "dataset-fashion-mnist"
@@ -152,7 +152,7 @@ def _write_tree(partial: Path, jobs: list, arrays: dict[str, np.ndarray], folder
                 settings: dict) -> None:
     """Write the picked images as `partial/<split>/<class folder>/<source><index>.png` and the settings marker."""
     shutil.rmtree(partial, ignore_errors=True)
-    with tqdm(total=sum(len(p) for *_, p in jobs), desc="fashion-mnist png", unit="img") as bar:
+    with progress(total=sum(len(p) for *_, p in jobs), desc="fashion-mnist png", unit="img") as bar:
         for split, source_set, pick in jobs:
             for folder in folders:
                 (partial / split / folder).mkdir(parents=True, exist_ok=True)

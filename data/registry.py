@@ -8,6 +8,10 @@ go into prompts, and `{split: [(relpath, label), ...]}`. Layout kinds (the `layo
 - `imagenet`: `images/train/<wnid>/` and `images/val/<wnid>/`; as in CoOp, val is returned as the `test` split.
 - `imagenet_shift`: one folder per class under `image_dir` (wnids, or `0`..`999` for ImageNet-V2); `test` only.
 - `split_folders`: `<split>/<class folder>/` image trees (the offline Fashion-MNIST demo).
+
+A dataset may also accept the folder its archive unpacks to (`archive_dirs`, e.g. ImageNet-Sketch's `sketch/`) in
+place of `image_dir`. Names are matched ignoring case, '-' and '_', and by their `aliases` (the names CoOp's code
+gives the datasets, e.g. `DescribableTextures`); `resolve_names` turns what a user typed into registry entries.
 """
 from __future__ import annotations
 
@@ -16,10 +20,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from data.errors import DataError
-from data.splits import SPLIT_NAMES, Sample, read_split_json, scan_class_folders
+from data.splits import IMAGE_SUFFIXES, SPLIT_NAMES, Sample, missing_files, read_split_json, scan_class_folders
 
 DATA_DIR = Path(__file__).resolve().parent
 DEFINITIONS = DATA_DIR / "datasets.json"
@@ -52,6 +56,8 @@ class DatasetInfo:
     steps: str
     class_folders: tuple[str, ...] = ()
     parent_labels: tuple[int, ...] = ()
+    archive_dirs: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
     download: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
 
 
@@ -113,6 +119,7 @@ def _build(entry: dict, entries: dict[str, dict], ensemble: tuple[str, ...]) -> 
         folder=entry["folder"], layout=layout, split_file=entry.get("split_file"), image_dir=entry["image_dir"],
         parent=parent, eval_only=group == "shift", torchvision=download.get("class"),
         steps="\n".join(entry["steps"]), class_folders=class_folders, parent_labels=parent_labels,
+        archive_dirs=tuple(entry.get("archive_dirs", ())), aliases=tuple(entry.get("aliases", ())),
         download=MappingProxyType(download))
 
 
@@ -125,9 +132,21 @@ def _name_key(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
+@lru_cache(maxsize=1)
+def _by_key() -> dict[str, DatasetInfo]:
+    """Every name and alias, as `_name_key`, -> its definition."""
+    return {_name_key(key): info for info in _registry().values() for key in (info.name, *info.aliases)}
+
+
+def find_dataset(name: str) -> DatasetInfo | None:
+    """The definition of `name`, ignoring case, '-' and '_' and accepting aliases ('imagenet-v2', 'dtd',
+    'DescribableTextures'); None when it is not registered."""
+    return _by_key().get(_name_key(name))
+
+
 def in_imagenet_family(name: str) -> bool:
     """Whether `name` is ImageNet or one of its shift sets (case, '-' and '_' ignored: 'imagenet-sketch' is)."""
-    info = {_name_key(key): info for key, info in _registry().items()}.get(_name_key(name))
+    info = find_dataset(name)
     return info is not None and (info.name == "ImageNet" or info.parent == "ImageNet")
 
 
@@ -139,12 +158,53 @@ def dataset_names(group: str | None = None) -> list[str]:
 
 
 def get_dataset(name: str) -> DatasetInfo:
-    """The definition of `name` (case-insensitive)."""
-    by_lower = {key.lower(): info for key, info in _registry().items()}
-    info = by_lower.get(name.lower())
+    """The definition of `name` (see `find_dataset`); DataError naming the valid names when there is none."""
+    info = find_dataset(name)
     if info is None:
         raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(_registry())}")
     return info
+
+
+NAME_GROUPS = {"all": ("benchmark", "shift"), "benchmarks": ("benchmark",), "shifts": ("shift",)}
+
+
+def resolve_names(words: Iterable[str]) -> list[DatasetInfo]:
+    """The datasets a user named, as typed (any case, '-'/'_', aliases; words may hold several names separated by
+    spaces or commas; `all` = the 11 benchmarks and the 4 shift sets, `benchmarks`, `shifts`), each once, in the
+    order given. Raises DataError for an unknown name or for a test-only set named without its training set
+    (ImageNetV2 without ImageNet)."""
+    infos: dict[str, DatasetInfo] = {}
+    for word in (w for text in words for w in text.replace(",", " ").split()):
+        groups = NAME_GROUPS.get(word.lower())
+        for info in ([i for i in _registry().values() if i.group in groups] if groups else [get_dataset(word)]):
+            infos.setdefault(info.name, info)
+    if not infos:
+        raise DataError("no dataset named; give names from `python -m data list`, or all / benchmarks")
+    for info in infos.values():
+        if info.parent is not None and info.parent not in infos:
+            raise DataError(f"{info.name} is a test-only set of {info.parent} (a model trained on {info.parent} is "
+                            f"evaluated on it): name {info.parent} too, e.g. --datasets \"{info.parent} {info.name}\"")
+    return list(infos.values())
+
+
+def display_order(names: Iterable[str]) -> list[str]:
+    """`names` once each, in registry order (the 11 benchmarks, the 4 shift sets, the demo), then the others
+    alphabetically: the one order of datasets in tables and plots."""
+    rank = {name: i for i, name in enumerate(_registry())}
+
+    def key(name: str) -> tuple[int, str]:
+        info = find_dataset(name)
+        return (rank[info.name] if info else len(rank), name)
+    return sorted(dict.fromkeys(names), key=key)
+
+
+def image_root(info: DatasetInfo, data_root: str | Path) -> Path:
+    """The folder the images lie under: `image_dir`, or the first of `archive_dirs` that exists instead."""
+    root = dataset_dir(info, data_root)
+    for folder in info.archive_dirs:
+        if not (root / info.image_dir).exists() and (root / folder).is_dir():
+            return root / folder
+    return root / info.image_dir
 
 
 def dataset_dir(info: DatasetInfo, data_root: str | Path) -> Path:
@@ -155,16 +215,16 @@ def dataset_dir(info: DatasetInfo, data_root: str | Path) -> Path:
 def required_paths(info: DatasetInfo, data_root: str | Path) -> list[Path]:
     """The files and folders that must exist before extraction, outermost first."""
     root = dataset_dir(info, data_root)
-    image_root = root / info.image_dir
+    images = image_root(info, data_root)
     if info.layout == "coop_split":
-        return [root, image_root, root / info.split_file]
+        return [root, images, root / info.split_file]
     if info.layout == "fgvc_variants":
-        return [root, image_root, *(root / info.split_file.format(split=s) for s in SPLIT_NAMES)]
+        return [root, images, *(root / info.split_file.format(split=s) for s in SPLIT_NAMES)]
     if info.layout == "imagenet":
-        return [root, image_root, image_root / "train", image_root / "val"]
+        return [root, images, images / "train", images / "val"]
     if info.layout == "imagenet_shift":
-        return [root, image_root]
-    return [root, image_root / "train", image_root / "test"]
+        return [root, images]
+    return [root, images / "train", images / "test"]
 
 
 def check_layout(info: DatasetInfo, data_root: str | Path) -> Path:
@@ -172,48 +232,81 @@ def check_layout(info: DatasetInfo, data_root: str | Path) -> Path:
     missing one."""
     for path in required_paths(info, data_root):
         if not path.exists():
-            raise DataError(f"{path}: not found ({info.name} is not set up under {Path(data_root).expanduser()}); "
-                            f"run `python -m data info {info.name}` for the download steps and folder layout")
+            instead = "".join(f" (nor {f}/, the folder its archive unpacks to)" for f in info.archive_dirs[:1]
+                              if path == dataset_dir(info, data_root) / info.image_dir)
+            raise DataError(f"{path}: not found{instead}; {info.name} is not set up under "
+                            f"{Path(data_root).expanduser()}: run `python -m data info {info.name}` for the download "
+                            "steps and folder layout")
     return dataset_dir(info, data_root)
 
 
-def load_benchmark(name: str, data_root: str | Path) -> tuple[Path, list[str], dict[str, list[Sample]]]:
+def load_benchmark(name: str, data_root: str | Path, *, every_file: bool = False
+                   ) -> tuple[Path, list[str], dict[str, list[Sample]]]:
     """Check the layout and list the images of dataset `name` under `data_root`.
 
     Returns (image_root, class names ready for prompts (`_` -> space), {split: [(path relative to image_root,
     label)]}). coop_split class names come from the split file (CoOp's exact names and labels); they must be the
-    same set as the bundled list.
+    same set as the bundled list. Listed files are checked to exist: the first of each split, or with `every_file`
+    every one (a stat each), refused with the count missing and the first few names.
     """
     info = get_dataset(name)
     root = check_layout(info, data_root)
-    image_root = root / info.image_dir
+    images = image_root(info, data_root)
+    scan = lambda prefix: scan_class_folders(  # noqa: E731
+        images, {f"{prefix}{f}": i for i, f in enumerate(info.class_folders)}, name=info.name)
     if info.layout == "coop_split":
-        classnames, splits = _load_coop_split(info, root / info.split_file, image_root)
+        classnames, splits = _load_coop_split(info, root / info.split_file, images, first_only=not every_file)
     elif info.layout == "fgvc_variants":
         classnames, splits = _load_fgvc(info, root)
     elif info.layout == "imagenet":
+        _check_sorted(info, images / "val")
         classnames = list(info.classnames)
-        splits = {split: scan_class_folders(image_root, {f"{sub}/{f}": i for i, f in enumerate(info.class_folders)})
-                  for split, sub in (("train", "train"), ("test", "val"))}
+        splits = {"train": scan("train/"), "test": scan("val/")}
     elif info.layout == "imagenet_shift":
         classnames = list(info.classnames)
-        splits = {"test": scan_class_folders(image_root, {f: i for i, f in enumerate(info.class_folders)})}
+        splits = {"test": scan("")}
     else:
         classnames = list(info.classnames)
-        splits = {split: scan_class_folders(image_root, {f"{split}/{f}": i for i, f in enumerate(info.class_folders)})
-                  for split in SPLIT_NAMES if (image_root / split).is_dir()}
-    return image_root, [prompt_classname(c) for c in classnames], splits
+        splits = {split: scan(f"{split}/") for split in SPLIT_NAMES if (images / split).is_dir()}
+    if every_file:
+        _check_files(info, images, splits)
+    return images, [prompt_classname(c) for c in classnames], splits
 
 
-def _load_coop_split(info: DatasetInfo, split_path: Path,
-                     image_root: Path) -> tuple[list[str], dict[str, list[Sample]]]:
-    """Read a CoOp split file and check it against the bundled names and the image folder."""
-    classnames, splits = read_split_json(split_path)
+SHOWN_MISSING = 3  # missing files named in the error
+
+
+def _check_files(info: DatasetInfo, images: Path, splits: dict[str, list[Sample]]) -> None:
+    """Refuse listed images that are not files under `images`: how many per split, and the first few names."""
+    missing = {split: missing_files(images, samples) for split, samples in splits.items()}
+    total = sum(map(len, missing.values()))
+    if total:
+        listed = sum(map(len, splits.values()))
+        counts = ", ".join(f"{split} {len(m):,}" for split, m in missing.items() if m)
+        first = ", ".join([rel for m in missing.values() for rel in m][:SHOWN_MISSING])
+        raise DataError(f"{images}: {total:,} of the {listed:,} listed images are missing ({counts}), e.g. {first}; "
+                        f"extract the image archive again (`python -m data info {info.name}`)")
+
+
+def _check_sorted(info: DatasetInfo, folder: Path) -> None:
+    """Refuse a folder that holds its images loose instead of in the class folders (ImageNet's val/ as shipped)."""
+    loose = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if loose:
+        raise DataError(f"{folder}: {loose} images lie loose in the folder, as ILSVRC2012_img_val.tar ships them; "
+                        f"sort them into the {len(info.class_folders):,} wnid class folders (e.g. with valprep.sh of "
+                        f"soumith/imagenetloader.torch; `python -m data info {info.name}`)")
+
+
+def _load_coop_split(info: DatasetInfo, split_path: Path, image_root: Path,
+                     first_only: bool = True) -> tuple[list[str], dict[str, list[Sample]]]:
+    """Read a CoOp split file and check it against the bundled names (and, `first_only`, that each split's first
+    image exists)."""
+    classnames, splits = read_split_json(split_path, name=info.name)
     if sorted(classnames) != sorted(info.classnames):
         extra = sorted(set(classnames) - set(info.classnames)) or sorted(set(info.classnames) - set(classnames))
         raise DataError(f"{split_path}: {len(classnames)} classes that differ from the {len(info.classnames)} bundled "
                         f"{info.name} names (e.g. {extra[:1]}); use CoOp's split file for {info.name}")
-    for split, samples in splits.items():
+    for split, samples in splits.items() if first_only else ():
         if samples and not (image_root / samples[0][0]).is_file():
             raise DataError(f"{image_root / samples[0][0]}: first {split} image of {split_path.name} not found; "
                             f"check the image folder with `python -m data info {info.name}`")

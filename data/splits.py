@@ -12,8 +12,13 @@ SPLIT_NAMES = ("train", "val", "test")
 Sample = tuple[str, int]
 
 
-def read_split_json(path: str | Path) -> tuple[list[str], dict[str, list[Sample]]]:
-    """Read a CoOp ``split_zhou_<Name>.json``.
+def _see(name: str | None) -> str:
+    """The pointer at a registered dataset's layout and download steps that ends an error message."""
+    return f"see `python -m data info {name}`" if name else "check the folder and the path given"
+
+
+def read_split_json(path: str | Path, name: str | None = None) -> tuple[list[str], dict[str, list[Sample]]]:
+    """Read a CoOp ``split_zhou_<Name>.json`` (of registered dataset ``name``, which error messages point at).
 
     The file holds ``{"train"|"val"|"test": [[relpath, label, classname], ...]}``. Returns the class names
     indexed by label (taken from the entries) and ``{split: [(relpath, label), ...]}`` in file order.
@@ -22,7 +27,7 @@ def read_split_json(path: str | Path) -> tuple[list[str], dict[str, list[Sample]
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DataError(f"{path}: split file not found; download it as described by `python -m data info NAME`")
+        raise DataError(f"{path}: split file not found; download it ({_see(name)})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not a readable JSON split file ({exc}); download it again") from None
     if not isinstance(raw, dict) or not any(name in raw for name in SPLIT_NAMES):
@@ -66,20 +71,21 @@ def _parse_entry(path: Path, split: str, i: int, entry: object, names: dict[int,
     return relpath, label
 
 
-def scan_class_folders(root: str | Path, folder_to_label: dict[str, int]) -> list[Sample]:
-    """List the images under ``root/<folder>/`` (recursive) for every folder of ``folder_to_label``.
+def scan_class_folders(root: str | Path, folder_to_label: dict[str, int], name: str | None = None) -> list[Sample]:
+    """List the images under ``root/<folder>/`` (recursive) for every folder of ``folder_to_label`` (of registered
+    dataset ``name``, which error messages point at).
 
     Returns ``[(path relative to root, label), ...]`` sorted by folder order of the mapping, then by path.
     Raises DataError if ``root`` or a folder is missing or a folder holds no image.
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: image folder not found; check --root and `python -m data info NAME`")
+        raise DataError(f"{root}: image folder not found; check the data root ({_see(name)})")
     samples: list[Sample] = []
     for folder, label in folder_to_label.items():
         class_dir = root / folder
         if not class_dir.is_dir():
-            raise DataError(f"{class_dir}: class folder not found; check the layout with `python -m data info NAME`")
+            raise DataError(f"{class_dir}: class folder not found; check the layout ({_see(name)})")
         images = sorted(p.relative_to(root).as_posix() for p in class_dir.rglob("*")
                         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not images:
@@ -87,3 +93,9 @@ def scan_class_folders(root: str | Path, folder_to_label: dict[str, int]) -> lis
                             "re-extract the dataset")
         samples.extend((rel, label) for rel in images)
     return samples
+
+
+def missing_files(root: str | Path, samples: list[Sample]) -> list[str]:
+    """The relative paths of ``samples`` that are not files under ``root`` (one stat each, no decoding)."""
+    root = Path(root)
+    return [rel for rel, _ in samples if not (root / rel).is_file()]

@@ -13,16 +13,17 @@ import platform
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from extract.augment import AugmentedViews
 from data import fewshot
 from data.cache import (ABSENT, BAD, OK, SCHEMA_VERSION, CacheBusy, CacheError, CacheWriter, check_writable,
                         complete_status, file_identity, identity, partial_path, read_attrs, read_status,
                         reopen_complete)
+from data.progress import progress as bar_of
 from extract.datasets import DatasetSpec
 from extract.encode import encode_images, encode_texts, make_loader
 from extract.errors import ExtractError
@@ -77,8 +78,8 @@ def run_extraction(spec: DatasetSpec, loaded: LoadedModel, out: str | Path, *, t
         if not writer.text_done:
             writer.write_text(encode_texts(loaded.model, loaded.tokenizer, list(spec.classnames), templates, dev))
         pending = {name: writer.pending(name) for name in names}
-        with tqdm(total=sum(len(p) for p in pending.values()), unit="img", desc=target.name,
-                  disable=not progress, smoothing=0.1) as bar:
+        with bar_of(total=sum(len(p) for p in pending.values()), unit="img", desc=target.name,
+                    disable=not progress, smoothing=0.1) as bar:
             for name in names:
                 _extract_split(spec, loaded, writer, name, rows[name], pending[name],
                                augment if name == "train" else None, batch_size, workers, dev, skip_bad, bar,
@@ -204,7 +205,7 @@ def _split_names(spec: DatasetSpec, splits: list[str] | None) -> list[str]:
 
 def _extract_split(spec: DatasetSpec, loaded: LoadedModel, writer: CacheWriter, name: str, rows: dict,
                    pending: np.ndarray, augment: AugmentedViews | None, batch_size: int, workers: int,
-                   device: torch.device, skip_bad: bool, bar: tqdm, on_batch: OnBatch | None) -> None:
+                   device: torch.device, skip_bad: bool, bar: Any, on_batch: OnBatch | None) -> None:
     """Encode the pending rows of one split batch by batch, storing each batch as it completes."""
     if not len(pending):
         return

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from data.cache import BAD, DEFAULT_ATTRS, IDENTITY_ATTRS, OK, CacheWriter, open_cache
+from data.progress import progress as bar_of
 from extract.errors import ExtractError
 
 MERGE_CHUNK = 8192  # rows copied at a time
@@ -77,8 +77,8 @@ def merge_shards(out: str | Path, shard_paths: list[str | Path], *, progress: bo
                               fresh=True)
     try:
         writer.write_text(first["text"])
-        with tqdm(total=sum(len(r["encode"]) for r in rows.values()), unit="row", desc=f"merge {out.name}",
-                  disable=not progress) as bar:
+        with bar_of(total=sum(len(r["encode"]) for r in rows.values()), unit="row", desc=f"merge {out.name}",
+                    disable=not progress) as bar:
             for head in heads:
                 _copy_rows(head, writer, bar)
         return writer.finalize()
@@ -143,7 +143,7 @@ def _encoded_rows(heads: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def _copy_rows(head: dict[str, Any], writer: CacheWriter, bar: tqdm) -> None:
+def _copy_rows(head: dict[str, Any], writer: CacheWriter, bar: Any) -> None:
     """Copy one shard's encoded rows and skipped rows (with their errors) into the merged cache."""
     cache, errors = head["cache"], head["cache"].bad()
     for name, listing in head["splits"].items():

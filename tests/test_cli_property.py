@@ -164,18 +164,23 @@ def test_train_jax_report(world: World, capsys, data) -> None:
     out = world.fresh()
     runs = data.draw(st.lists(st.one_of(st.just(str(world.run)), hostile(out)), min_size=0, max_size=2))
     target = data.draw(st.one_of(st.just(str(out / "summary")), hostile(out)))
-    outcome(report_main, [*runs, "--out", target], capsys)
+    compare = data.draw(st.sampled_from([[], ["--compare-to", "zeroshot"], ["--compare-to", ""],
+                                         ["--compare-to", "nope"]]))
+    outcome(report_main, [*runs, "--out", target, *compare], capsys)
 
 
 @given(data=st.data())
 def test_data(world: World, capsys, data) -> None:
     out = world.fresh()
     names = st.sampled_from(["", "DTD", "dtd", "imagenet", "FashionMNIST", "nope", "../x"])
-    command = data.draw(st.sampled_from(["list", "info", "check", "download", "fashion-mnist"]))
+    command = data.draw(st.sampled_from(["list", "info", "check", "resolve", "download", "fashion-mnist"]))
     if command == "list":
         argv = ["list", *data.draw(st.sampled_from([[], ["--group", "shift"], ["--group", ""], ["--group", "x"]]))]
     elif command == "info":
         argv = ["info", data.draw(names)]
+    elif command == "resolve":
+        argv = ["resolve", *data.draw(st.lists(st.one_of(names, st.just("DTD,EuroSAT"), st.just(", ,")),
+                                               max_size=3))]
     elif command == "check":
         argv = ["check", data.draw(names), "--root", data.draw(hostile(out))]
     elif command == "download":  # never a registered name: nothing may be fetched

@@ -22,7 +22,7 @@ from train_jax.config import (ALIASES_OUT, DEFAULT_GRID, Settings, expand_grid, 
 from train_jax.errors import TrainError
 from train_jax.evaluate import SELECT_MODES
 from train_jax.methods import DEFAULT_METHODS, METHODS
-from train_jax.records import read_records, records_to_json
+from train_jax.records import correct_path, read_records, records_to_json, write_correct
 
 if TYPE_CHECKING:
     from train_jax.experiment import Task
@@ -38,13 +38,15 @@ Default grid (the paper publishes no settings):
   {' '.join(f"{ALIASES_OUT.get(k, k)}={','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items())}
 Fields outside the grid keep their defaults:
   {Settings().label([f.name for f in dataclasses.fields(Settings)])}
-Settings (grid keys, aliases in brackets; tip_adapter_f ignores the grid and runs its authors' recipe, README
-"Protocol"):
+Settings (grid keys, aliases in brackets; tip_adapter_f, tip_adapter and gda ignore the grid and run their
+authors' recipes, README "Protocol"):
 {grid_keys_help()}
 Methods:
 {_METHODS_HELP}
 Outputs in --out: results.json, results.csv, results.md, accuracy_vs_shots.png, params/<K>shot.npz
-(train_jax.report.load_params), shots/<K>shot.json (finished shots, skipped when rerun), gap.md, gap.json,
+(train_jax.report.load_params), shots/<K>shot.json (finished shots, skipped when rerun),
+shots/<K>shot_test_correct.npz (per-image correctness of the selected runs), compare.csv and compare.json (paired
+differences against --compare-to, also in results.md), gap.md, gap.json,
 gap.png (modality gap before/after the map, train_jax.gap), compile.json (programs compiled by the last
 invocation and seconds spent compiling).
 Classify new images with a run: python -m train_jax predict --run DIR --cache NEW.h5 --out preds.csv
@@ -68,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-shots", action="store_true",
                    help="skip (with a warning) shots values above the smallest class's train images instead of "
                         "stopping with an error")
-    p.add_argument("--seeds", nargs="+", type=args_types.seed, default=[1, 2, 3], help="sampling seeds (default: %(default)s)")
+    p.add_argument("--seeds", nargs="+", type=args_types.seed, default=[1, 2, 3],
+                   help="sampling seeds (default: %(default)s)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(DEFAULT_METHODS),
                    help="methods to train (default: %(default)s)")
     p.add_argument("--grid", nargs="+", action="extend", default=None, metavar="KEY=V1,V2",
@@ -76,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", choices=SELECT_MODES, default=SELECT_MODES[0],
                    help="choose the setting per seed (seed) or one per method from the mean over seeds (mean); "
                         "see Selection below (default: %(default)s)")
+    p.add_argument("--compare-to", choices=list(METHODS), default="cmm", metavar="METHOD",
+                   help="reference method of the paired comparisons in results.md, compare.csv and compare.json "
+                        "(default: %(default)s)")
     p.add_argument("--prompt", choices=["single", "ensemble"], default=None,
                    help="class prototypes: the dataset's own template (single) or the normalised mean over CLIP's "
                         "7 ImageNet templates (ensemble); default: ensemble for the ImageNet family, else single")
@@ -209,6 +215,7 @@ def run(args: argparse.Namespace) -> Path:
         result = experiment.run_shots(task, k, seeds, methods, settings, label_keys, select=args.select,
                                       budget=budget, devices=devices, max_shots=max(shots))
         report.save_params(out / "params" / f"{k}shot.npz", result.learned)
+        write_correct(correct_path(out / "shots", k), result.correct)  # per-image, for the paired comparisons
         _write_json(done, records_to_json(result.records))
         for r in result.records:
             if r.failed:
@@ -220,7 +227,7 @@ def run(args: argparse.Namespace) -> Path:
             acc = f"{row['test_mean']:.2f} ± {row['test_std']:.2f}" if "test_mean" in row else "all runs failed"
             print(f"{task.dataset} {k}-shot {row['method']}: {acc}")
     records = [r for f in sorted((out / "shots").glob("*shot.json")) for r in read_records(f)]
-    report.write_run_dir(out, task.dataset, config, records)
+    report.write_run_dir(out, task.dataset, config, records, compare_to=args.compare_to)
     test_features, test_labels = experiment.test_rows(task)
     gap.write_run(out, task.dataset, test_features, test_labels, task.text, task.cache.classnames)
     compiled = compile_cache.stats() - compiled_before

@@ -74,27 +74,55 @@ def _cache_logits(params, consts, feats: jax.Array, beta: jax.Array) -> jax.Arra
     return jnp.exp(-beta * (1.0 - feats @ params["keys"].T)) @ consts["values"]
 
 
-@jax.jit
-def _search_hits(params, consts, feats, labels, zs_logits, betas, alphas) -> jax.Array:
-    """Correct predictions on feats [Nv,D] for every (beta, alpha): -> [B,A] int32."""
+def _search_hits(params, consts, feats, labels, valid, zs_logits, betas, alphas) -> jax.Array:
+    """Correct predictions among the valid rows (valid [Nv] bool) of feats [Nv,D] for every (beta, alpha):
+    -> [B,A] int32. The affinity v K^T is computed once for all betas."""
+    affinity = feats @ params["keys"].T
 
     def per_beta(beta):
-        cache = _cache_logits(params, consts, feats, beta)
+        cache = jnp.exp(-beta * (1.0 - affinity)) @ consts["values"]
         preds = jnp.argmax(zs_logits[None] + alphas[:, None, None] * cache[None], axis=-1)
-        return jnp.sum(preds == labels, axis=-1, dtype=jnp.int32)
+        return jnp.sum((preds == labels) & valid, axis=-1, dtype=jnp.int32)
 
     return jax.lax.map(per_beta, betas)
 
 
+_search_hits_runs = jax.jit(jax.vmap(_search_hits, in_axes=(0,) * 6 + (None,) * 2))
+
+
+def _own_rows(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each run's own rows of a shared set, members [S,Nv] bool -> (indices [S,n] into the set, valid [S,n] bool),
+    n the most rows a run owns; a run with fewer repeats its first (or row 0) where valid is False."""
+    n = int(members.sum(axis=1).max(initial=0))
+    idx, valid = np.zeros((len(members), n), np.int64), np.zeros((len(members), n), bool)
+    for i, own in enumerate(members):
+        rows = np.flatnonzero(own)
+        idx[i, : len(rows)], valid[i, : len(rows)] = rows, True
+        idx[i, len(rows):] = rows[0] if len(rows) else 0
+    return idx, valid
+
+
+def search_runs(params, consts, feats: np.ndarray, labels: np.ndarray, members: np.ndarray, text: np.ndarray,
+                scale: tuple[float, float], logit_scale: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
+    """Upstream's post-training search for S models at once (params, consts with leading axis S), each on its own
+    rows (members [S,Nv] bool) of the shared validation set feats [Nv,D], labels [Nv]: the (beta, alpha) of the
+    best accuracy, the first in beta-major order on ties (upstream's strict ">") -> betas [S], alphas [S]."""
+    betas, alphas = (search_values(s, n) for s, n in zip(scale, SEARCH_STEPS))
+    idx, valid = _own_rows(np.asarray(members, bool))
+    own_feats = np.asarray(feats, np.float32)[idx]
+    zs_logits = logit_scale * (own_feats @ np.asarray(text, np.float32).T)
+    hits = np.asarray(_search_hits_runs(params, consts, own_feats, np.asarray(labels)[idx], valid, zs_logits,
+                                        betas, alphas))
+    b, a = np.unravel_index(np.argmax(hits.reshape(len(hits), -1), axis=1), hits.shape[1:])
+    return betas[b], alphas[a]
+
+
 def search(params, consts, feats: np.ndarray, labels: np.ndarray, text: np.ndarray, scale: tuple[float, float],
            logit_scale: float = 100.0) -> tuple[float, float]:
-    """Upstream's post-training search of one trained model on the given (validation) rows feats [Nv,D],
-    labels [Nv]: the (beta, alpha) of the best accuracy, the first in beta-major order on ties."""
-    betas, alphas = (search_values(s, n) for s, n in zip(scale, SEARCH_STEPS))
-    zs_logits = logit_scale * (feats @ text.T)
-    hits = np.asarray(_search_hits(params, consts, feats, labels, zs_logits, betas, alphas))
-    b, a = np.unravel_index(np.argmax(hits), hits.shape)
-    return float(betas[b]), float(alphas[a])
+    """``search_runs`` for one model on all the given (validation) rows feats [Nv,D], labels [Nv]."""
+    one = jax.tree.map(lambda x: np.asarray(x)[None], (params, consts))
+    betas, alphas = search_runs(*one, feats, labels, np.ones((1, len(labels)), bool), text, scale, logit_scale)
+    return float(betas[0]), float(alphas[0])
 
 
 def fit(job: Job) -> Fitted:

@@ -57,10 +57,12 @@ class Task:
 @dataclass
 class ShotResult:
     """records: one RunRecord per run; learned: "method/seed<k>" -> the model of the run selected for that method
-    and seed."""
+    and seed; correct: "method/seed<k>" -> bool [N_test], which test images that selected run classified
+    correctly (for the paired comparisons, ``train_jax.compare``)."""
 
     records: list[RunRecord] = field(default_factory=list)
     learned: dict[str, Learned] = field(default_factory=dict)
+    correct: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def default_prompt(dataset: str) -> str:
@@ -254,7 +256,8 @@ class _Data:
 @dataclass
 class _Outcome:
     """Per run [R]: validation/test scores and failure; ``curves``: run -> its loss per epoch; ``parts``: run -> loss part name -> its mean per epoch; ``trained_of``: run -> (its group's key, the group's
-    Trained, its index there); ``notes``: run -> its trainer's remark."""
+    Trained, its index there); ``notes``: run -> its trainer's remark; ``correct``: run -> bool [N_test] per test
+    image."""
 
     val_acc: np.ndarray
     val_score: np.ndarray
@@ -266,6 +269,7 @@ class _Outcome:
     parts: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     trained_of: dict[int, tuple[tuple, Trained, int]] = field(default_factory=dict)
     notes: dict[int, str] = field(default_factory=dict)
+    correct: dict[int, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, n: int) -> "_Outcome":
@@ -310,7 +314,8 @@ def run_shots(
     selected: dict[int, dict[str, float]] = {i: {} for i in tie_break}
     _evaluate_shift(task, runs, selected, out.trained_of, budget, devices)
     return ShotResult(_records(task.dataset, shots, runs, label_keys, out, tie_break, selected),
-                      _learned(runs, selected, out.trained_of))
+                      _learned(runs, selected, out.trained_of),
+                      {f"{runs[i].method}/seed{runs[i].seed}": out.correct[i] for i in sorted(selected)})
 
 
 def _prepare(task: Task, shots: int, seeds: Sequence[int], use_aug: bool) -> _Data:
@@ -374,6 +379,7 @@ def _score_group(task: Task, key: tuple, idx: list[int], seeds: Sequence[int], t
     test_pred = np.concatenate([predict_runs(head, trained, hp, feats, task.text, budget=budget, devices=devices,
                                              desc="test") for feats in _test_blocks(task)], axis=-1)
     out.test_acc[idx] = evaluate.accuracy(test_pred, data.test_labels)
+    out.correct.update(zip(idx, test_pred == data.test_labels))  # per-image, for the paired comparisons
     out.failed[idx], out.fail_step[idx], out.loss[idx] = trained.failed, trained.fail_step, trained.final_loss
     out.curves.update(zip(idx, trained.loss_curve))
     if trained.loss_parts is not None:

@@ -56,6 +56,14 @@ class TrainLayout:
     group: int
 
 
+def equal_chunks(runs: int, per_run: int, budget: int) -> np.ndarray:
+    """Run ids in equal chunks that fit ``budget`` bytes at ``per_run`` each: [chunks, size], the last chunk padded
+    with copies of the last run (so every chunk reuses one compiled program); keep the first ``runs`` outputs."""
+    chunks = math.ceil(runs / max(1, budget // max(per_run, 1)))
+    size = math.ceil(runs / chunks)
+    return np.minimum(np.arange(chunks * size), runs - 1).reshape(chunks, size)
+
+
 def estimate_run_bytes(n_params: int, n_consts: int, batch: int, dim: int, classes: int, n_train: int) -> int:
     """Rough peak bytes of one run: params, Adam moments, gradients and updated copies (x8), constants,
     per-step activations and the epoch's index arrays."""

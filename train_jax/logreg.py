@@ -9,7 +9,6 @@ The objective (scikit-learn's scaling; its minimiser is that of ``C * sum(CE) + 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import jax
@@ -19,6 +18,7 @@ import optax
 import optax.tree_utils as otu
 
 from data.cache import l2_normalize
+from train_jax.layout import equal_chunks
 from train_jax.losses import cross_entropy
 from train_jax.runner import memory_budget
 from train_jax.trainers import Fitted, Job
@@ -112,11 +112,8 @@ def fit(job: Job) -> Fitted:
     runs, (n, classes) = len(c), (job.rows.shape[1], job.text.shape[0])
     rows = np.pad(job.rows, ((0, 0), (0, max(0, job.buckets.rows - n))))  # padded rows: past n, masked out
     budget = job.budget if job.budget is not None else memory_budget(list(job.devices or jax.devices()))
-    chunks = math.ceil(runs / max(1, budget // run_bytes(rows.shape[1], feats.shape[1], classes)))
-    size = math.ceil(runs / chunks)
-    take = np.minimum(np.arange(chunks * size), runs - 1)  # the last chunk padded with copies of the last run
     outs = [solve_runs(feats, labels, rows[idx], c[idx], np.int32(n), classes=classes)
-            for idx in take.reshape(chunks, size)]
+            for idx in equal_chunks(runs, run_bytes(rows.shape[1], feats.shape[1], classes), budget)]
     params, loss, _ = jax.tree.map(lambda *x: np.concatenate(x)[:runs], *jax.device_get(outs))
     failed = ~np.isfinite(loss) | ~np.all(np.isfinite(params["W"]), axis=(1, 2))
     return Fitted(params, {}, failed, np.where(failed, 0, -1).astype(np.int32), np.asarray(loss, np.float32),

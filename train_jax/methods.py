@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 
-from train_jax import baselines, logreg
+from train_jax import baselines, logreg, training_free
 from train_jax.config import DYNAMIC_FIELDS, Settings
 from train_jax.losses import cmm_logits, cmm_loss, cmm_loss_parts, combine_cmm_parts
 from train_jax.model import CrossModalMapper
@@ -131,13 +131,24 @@ METHODS: dict[str, Method] = {
             "Cross-Modal Mapping: CE + lambda * hardest-negative triplet",
         ),
         Method(
+            "tip_adapter", lambda s: training_free.TipCacheHead(), (), training_free.FORCED,
+            "training-free Tip-Adapter: a cache of the shots' features; (beta, alpha) searched on validation",
+            training_free.tip_adapter_fit,
+        ),
+        Method(
+            "gda", lambda s: training_free.GDAHead(), (), training_free.FORCED,
+            "training-free GDA: the linear classifier of the class means and one shared covariance, added to "
+            "zero-shot with its weight chosen on validation",
+            training_free.gda_fit,
+        ),
+        Method(
             "tip_adapter_f", lambda s: baselines.TipAdapterHead(), (), baselines.FORCED,
             "Tip-Adapter-F with its authors' recipe; (beta, alpha) searched on validation after training",
             baselines.fit,
         ),
     )
 }
-DEFAULT_METHODS = ("zeroshot", "linear_probe", "cmm_ce", "cmm")
+DEFAULT_METHODS = ("zeroshot", "linear_probe", "tip_adapter", "gda", "cmm_ce", "cmm")
 
 
 def logits(method: str, settings: Settings, params: Params, consts: Params, feats, text) -> jax.Array:

@@ -1,13 +1,18 @@
 """The results format: one ``RunRecord`` per trained (method, seed, setting) run, one ``Learned`` per selected model,
-and the versioned JSON files the records live in (``shots/<K>shot.json``, the ``runs`` of ``results.json``)."""
+the versioned JSON files the records live in (``shots/<K>shot.json``, the ``runs`` of ``results.json``), and the
+selected runs' per-test-image correctness (``shots/<K>shot_test_correct.npz``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from train_jax.config import Settings
 from train_jax.errors import TrainError
@@ -104,3 +109,56 @@ def read_records(path: Path) -> list[RunRecord]:
     except (OSError, ValueError) as e:
         raise TrainError(f"{path}: unreadable ({e}); delete it to train that shot count again") from None
     return records_from_json(data, path)
+
+
+# Per-test-image correctness of the selected runs, for the paired comparisons (train_jax.compare):
+# shots/<K>shot_test_correct.npz holds "schema_version" (CORRECT_VERSION) and, per selected run,
+# "method/seed<k>" -> bool [N_test] (the encoded test rows in cache order). Version 1.
+CORRECT_VERSION = 1
+
+
+def correct_path(shots_dir: Path, shots: int) -> Path:
+    """Where the per-image correctness of a shot count's selected runs lives, beside ``<K>shot.json``."""
+    return Path(shots_dir) / f"{shots}shot_test_correct.npz"
+
+
+def write_correct(path: Path, correct: Mapping[str, Any]) -> None:
+    """Write ``{"method/seed<k>": bool [N_test]}`` (compressed .npz, written to a temporary file and renamed)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, schema_version=np.array(CORRECT_VERSION),
+                                **{k: np.asarray(v, bool) for k, v in correct.items()})
+        os.replace(tmp, path)
+    except OSError as e:
+        raise TrainError(f"{path}: cannot write it ({e.strerror}); choose a writable --out") from None
+
+
+def read_correct(path: Path) -> dict[tuple[str, int], np.ndarray] | None:
+    """``{(method, seed): bool [N_test]}`` from a file of ``write_correct``; None when there is no file (a
+    run folder from before it was written). TrainError naming the file when it is unreadable, of another
+    version, or its arrays differ in length."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise TrainError(f"{path}: unreadable ({e}); delete it (comparisons then use seeds only)") from None
+    version = arrays.pop("schema_version", None)
+    if version is None or version.shape != () or int(version) != CORRECT_VERSION:
+        raise TrainError(f"{path}: not a per-image results file of schema version {CORRECT_VERSION}; delete "
+                         "it (comparisons then use seeds only)")
+    out = {}
+    for key, value in arrays.items():
+        method, _, seed = key.partition("/seed")
+        if not seed.isdigit() or value.dtype != bool or value.ndim != 1:
+            raise TrainError(f"{path}: entry {key!r} is not a 'method/seed<k>' -> bool [N] array; delete it "
+                             "(comparisons then use seeds only)")
+        out[(method, int(seed))] = value
+    if len({v.shape for v in out.values()}) > 1:
+        raise TrainError(f"{path}: its runs have different test-set sizes; delete it (comparisons then use seeds "
+                         "only)")
+    return out

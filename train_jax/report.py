@@ -4,8 +4,9 @@ and training-loss plots; plus a combine mode over run directories:
     python -m train_jax.report RUN_DIR [RUN_DIR ...] --out DIR
 
 writes DIR/summary.md (the average over the benchmark datasets present, one table per shot count with rows =
-methods and columns = datasets, a distribution-shift table, a modality-gap line), DIR/summary.json,
-DIR/accuracy_vs_shots.png and DIR/loss_curves.png.
+methods and columns = datasets, a distribution-shift table, a modality-gap line, the paired differences against
+``--compare-to``), DIR/summary.json, DIR/compare.csv, DIR/compare.json, DIR/accuracy_vs_shots.png and
+DIR/loss_curves.png.
 """
 
 from __future__ import annotations
@@ -21,26 +22,44 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from data.registry import dataset_names
+from data.registry import dataset_names, display_order, find_dataset
+from train_jax import compare_report
 from train_jax.config import Settings
 from train_jax.errors import TrainError
 from train_jax.evaluate import mean_std
 from train_jax.records import SCHEMA_VERSION, Learned, RunRecord
 
 BENCHMARK = tuple(dataset_names("benchmark"))
-_ALIASES = {"oxfordflowers": "flowers102", "describabletextures": "dtd"}
 CSV_FIELDS = ("dataset", "shots", "method", "seed", "setting", "val_acc", "val_score", "test_acc", "selected",
               "tie_break", "failed")
 TIE_MARK = "†"  # results.md / summary.md: a cell whose setting was chosen by the tie-break for some seed
 _SELECTION = {"seed": "setting selected per seed on validation",
               "mean": "one setting per method selected on the mean validation accuracy over seeds"}
-METHOD_ORDER = ("zeroshot", "linear_probe", "tip_adapter_f", "cmm_ce", "cmm")
+METHOD_ORDER = ("zeroshot", "linear_probe", "tip_adapter", "tip_adapter_f", "gda", "cmm_ce", "cmm")
 STILL_FALLING = 0.05  # a mean loss curve whose last quarter of epochs (at least 2) lowers it by more is flagged
 
 
 def _key(name: str) -> str:
-    key = re.sub(r"[^a-z0-9]", "", name.lower())
-    return _ALIASES.get(key, key)
+    """A dataset's registry name (any spelling or alias of it), else its lower-case letters and digits."""
+    info = find_dataset(name)
+    return info.name if info else re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def weights_line(identities: Mapping[str, Mapping[str, Any] | None]) -> str:
+    """The line of a table that says which datasets' runs used a model with random weights (no weights file or
+    tag: ``weights_sha256`` empty in the training cache's identity), by dataset -> identity; "" when none did."""
+    random = [d for d in display_order(identities) if (identities[d] or {}).get("weights_sha256", "x") == ""]
+    if not random:
+        return ""
+    which = "" if len(random) == len(identities) else f" ({', '.join(random)})"
+    return (f"**Random weights**{which}: the CLIP model had no pretrained weights, so these numbers test the "
+            "pipeline; they are not CLIP accuracy.\n")
+
+
+def _under_title(markdown: str, line: str) -> str:
+    """`line` as a paragraph right under the first (title) line of `markdown`."""
+    title, _, rest = markdown.partition("\n")
+    return f"{title}\n\n{line}{rest}" if line else markdown
 
 
 def _method_sort(methods: Iterable[str]) -> list[str]:
@@ -158,7 +177,7 @@ def shift_table(summary: Sequence[Mapping[str, Any]]) -> str:
     rows = [r for r in summary if r["shift"]]
     if not rows:
         return ""
-    targets = list(dict.fromkeys(t for r in rows for t in r["shift"]))
+    targets = display_order(t for r in rows for t in r["shift"])
     body = []
     for r in rows:
         cells = [f"{r['shift'][t]['mean']:.2f} ± {r['shift'][t]['std']:.2f}" if t in r["shift"] else "—"
@@ -218,7 +237,7 @@ def plot(path: Path, summary: Sequence[Mapping[str, Any]], title: str = "") -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = {d: [r for r in summary if r["dataset"] == d] for d in dict.fromkeys(r["dataset"] for r in summary)}
+    panels = {d: [r for r in summary if r["dataset"] == d] for d in display_order(r["dataset"] for r in summary)}
     if len(panels) > 1:
         average = _average_rows(summary)
         if average:
@@ -319,7 +338,8 @@ def plot_curves(path: Path, summary: Sequence[Mapping[str, Any]], title: str = "
     import matplotlib.pyplot as plt
 
     rows_of = [r for r in summary if "loss_mean" in r]
-    keys = list(dict.fromkeys((r["dataset"], r["shots"]) for r in rows_of)) or [(title, 0)]
+    keys = [(d, k) for d in display_order(r["dataset"] for r in rows_of)
+            for k in sorted({r["shots"] for r in rows_of if r["dataset"] == d})] or [(title, 0)]
     cols = min(4, len(keys))
     nrows = -(-len(keys) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
@@ -347,15 +367,20 @@ def plot_curves(path: Path, summary: Sequence[Mapping[str, Any]], title: str = "
     plt.close(fig)
 
 
-def write_run_dir(out: Path, dataset: str, config: Mapping[str, Any], records: Sequence[RunRecord]) -> None:
+def write_run_dir(out: Path, dataset: str, config: Mapping[str, Any], records: Sequence[RunRecord],
+                  compare_to: str = "cmm") -> None:
     """results.json (``schema_version``, dataset, config, summary, ``runs``: the records' JSON), results.csv,
-    results.md, accuracy_vs_shots.png and loss_curves.png of one run directory."""
+    results.md, accuracy_vs_shots.png and loss_curves.png of one run directory; the paired comparisons against
+    ``compare_to`` (compare.csv, compare.json and a section of results.md, ``train_jax.compare_report``)."""
     summary = summarize(records, config["select"])
     payload = {"schema_version": SCHEMA_VERSION, "dataset": dataset, "config": dict(config), "summary": summary,
                "runs": [r.to_json() for r in records]}
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     write_csv(out / "results.csv", records)
-    (out / "results.md").write_text(run_markdown(dataset, summary) + scale_line(config))
+    paired = compare_report.run_section(out, records, compare_to, _method_sort(r.method for r in records))
+    random = weights_line({dataset: config.get("identity")})
+    (out / "results.md").write_text(_under_title(run_markdown(dataset, summary), random) + scale_line(config)
+                                    + paired)
     plot(out / "accuracy_vs_shots.png", summary, dataset)
     plot_curves(out / "loss_curves.png", summary, dataset)
 
@@ -384,7 +409,7 @@ def combined_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
     columns = datasets in benchmark order, then the average), then the distribution-shift table; a single
     dataset gets its run table (rows = methods, columns = shots)."""
     order = {_key(b): i for i, b in enumerate(BENCHMARK)}
-    datasets = sorted({r["dataset"] for r in summary}, key=lambda d: (order.get(_key(d), len(order)), d))
+    datasets = display_order(r["dataset"] for r in summary)
     if len(datasets) == 1:
         return run_markdown(datasets[0], summary)
     methods = _method_sort(r["method"] for r in summary)
@@ -429,10 +454,12 @@ def gap_line(gaps: Sequence[Mapping[str, Any]]) -> str:
             f"nearest-prototype accuracy (%) {change('nearest_acc', '.2f')}\n")
 
 
-def combine(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
+def combine(run_dirs: Sequence[str | Path], out: str | Path, compare_to: str = "cmm") -> Path:
     """Merge the results.json of several run directories into ``out`` (summary.md/.json, accuracy_vs_shots.png,
-    loss_curves.png)."""
+    loss_curves.png; the paired comparisons against ``compare_to``: compare.csv, compare.json and a section of
+    summary.md)."""
     summary: list[dict[str, Any]] = []
+    identities: dict[str, Mapping[str, Any] | None] = {}
     gaps = []
     for path in (Path(d) / "gap.json" for d in run_dirs):
         try:
@@ -443,14 +470,22 @@ def combine(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     for run_dir in run_dirs:
         path = Path(run_dir) / "results.json"
         try:
-            summary.extend(json.loads(path.read_text())["summary"])
+            results = json.loads(path.read_text())
+            summary.extend(results["summary"])
+            identities[results.get("dataset", str(run_dir))] = results.get("config", {}).get("identity")
         except (OSError, ValueError, KeyError) as e:
             raise TrainError(f"{path}: cannot read results ({e}); run `python -m train_jax ... --out {run_dir}` first")
     out = Path(out)
     line = gap_line(gaps)
+    datasets = display_order(r["dataset"] for r in summary)
+    benchmark = {_key(b) for b in BENCHMARK}
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.md").write_text(combined_markdown(summary) + (f"\n{line}" if line else ""))
+        paired = compare_report.combined_section(run_dirs, out, compare_to,
+                                                 _method_sort(r["method"] for r in summary), datasets,
+                                                 [d for d in datasets if _key(d) in benchmark], average_label(summary))
+        markdown = _under_title(combined_markdown(summary), weights_line(identities))
+        (out / "summary.md").write_text(markdown + (f"\n{line}" if line else "") + paired)
         (out / "summary.json").write_text(json.dumps({"summary": summary, "average": _average_rows(summary)},
                                                      indent=1))
         plot(out / "accuracy_vs_shots.png", summary)
@@ -465,9 +500,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train_jax.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output folders of `python -m train_jax`")
     parser.add_argument("--out", required=True, help="folder for summary.md, summary.json, accuracy_vs_shots.png")
+    parser.add_argument("--compare-to", default="cmm", metavar="METHOD",
+                        help="reference method of the paired comparisons (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
-        out = combine(args.run_dirs, args.out)
+        out = combine(args.run_dirs, args.out, args.compare_to)
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

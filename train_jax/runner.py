@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm import tqdm
 
+from data.progress import progress
 from train_jax.config import DYNAMIC_FIELDS, Settings
 from train_jax.layout import LayoutPolicy, chunk_size, estimate_run_bytes, plan_training
 from train_jax.step import train_run
@@ -252,7 +252,7 @@ def train_runs(
     n_d, pool_x, pool_y, text_d = placement.replicate((np.int32(n), pool_x, pool_y, text))
     stream_args = (streams.rows, streams.seeds, {f: np.asarray(v)[streams.index] for f, v in hp.items()})
     outputs = []
-    for start in tqdm(range(0, n_streams, chunk), desc=desc, unit="chunk", leave=False):
+    for start in progress(range(0, n_streams, chunk), desc=desc, unit="chunk", leave=False):
         rows_c, seeds_c, hp_c = placement.split(stream_args, start, chunk)
         outputs.append(jax.device_get(train(rows_c, seeds_c, hp_c, n_d, pool_x, pool_y, text_d)))
     per_run = jax.tree.map(lambda x: x.reshape(n_streams * k, *x.shape[2:])[streams.slot], _gather(outputs, n_streams))
@@ -316,7 +316,7 @@ def _predict(head: Head, trained: Trained, hp: Mapping[str, np.ndarray], feats: 
                                                         targets.reshape(-1, 1, EVAL_BLOCK))]
     shared = placement.replicate((classes.astype(np.int32), text))
     outputs = []
-    for start in tqdm(range(0, runs, chunk), desc=desc, unit="chunk", leave=False):
+    for start in progress(range(0, runs, chunk), desc=desc, unit="chunk", leave=False):
         params, consts, hp_c = placement.split((trained.params, trained.consts, dict(hp)), start, chunk)
         parts = [predict(params, consts, hp_c, x, t, *shared) for x, t in per_block]  # dispatched before a wait
         outputs.append(jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *jax.device_get(parts)))
