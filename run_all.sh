@@ -151,10 +151,12 @@ fi
 extract() {  # extract NAME SOURCE_ARGS...: skip a cache that already holds every image this run needs
   local name="$1"; shift
   local cache="$CACHE_DIR/$name.h5"
-  local plan=", 1 to encode"  # no cache yet, or a plan that fails: run the extraction (it says why)
-  [ ! -f "$cache" ] || plan="$("$PY" -m extract run "$@" "${MODEL_ARGS[@]}" "${POOL_ARGS[@]}" --out "$cache" \
-    --dry-run)" || plan=", 1 to encode"
-  if ! grep -Eq ", [1-9][0-9]* to encode" <<<"$plan"; then
+  local todo=1  # no cache yet, or a plan that fails: run the extraction (it says why)
+  if [ -f "$cache" ]; then
+    todo="$("$PY" -m extract run "$@" "${MODEL_ARGS[@]}" "${POOL_ARGS[@]}" --out "$cache" --dry-run --json |
+      "$PY" -c 'import json, sys; print(json.load(sys.stdin)["to_encode"])')" || todo=1
+  fi
+  if [ "$todo" = 0 ]; then
     echo "== $name: features cached in $cache"
   else
     echo "== $name: extracting features -> $cache"
@@ -175,6 +177,11 @@ else
   done
 fi
 
+METHOD_ARGS=()  # real runs: train_jax.methods.REAL_RUN_METHODS; the offline check: train_jax's defaults
+if [ "$DEMO" = 0 ]; then
+  read -r -a REAL_METHODS <<<"$("$PY" -c 'from train_jax.methods import REAL_RUN_METHODS as m; print(*m)')"
+  METHOD_ARGS=(--methods "${REAL_METHODS[@]}")  # a --methods in --train-args comes later and wins
+fi
 RUN_DIRS=()
 for ds in "${TRAIN_SETS[@]}"; do
   EVAL_ARGS=()
@@ -184,8 +191,8 @@ for ds in "${TRAIN_SETS[@]}"; do
   done
   echo "== $ds: training and evaluating (shots: $SHOTS; seeds: $SEEDS)"
   # shellcheck disable=SC2086  # TRAIN_ARGS, SHOTS and SEEDS are word lists on purpose
-  "$PY" -m train_jax --cache "$CACHE_DIR/$ds.h5" "${EVAL_ARGS[@]}" --shots $SHOTS --fit-shots --seeds $SEEDS \
-    --out "$OUT/runs/$ds" --compare-to "$COMPARE_TO" $TRAIN_ARGS
+  "$PY" -m train_jax --cache "$CACHE_DIR/$ds.h5" "${EVAL_ARGS[@]}" "${METHOD_ARGS[@]}" --shots $SHOTS --fit-shots \
+    --seeds $SEEDS --out "$OUT/runs/$ds" --compare-to "$COMPARE_TO" $TRAIN_ARGS
   RUN_DIRS+=("$OUT/runs/$ds")
 done
 

@@ -2,7 +2,7 @@
 
 A synthetic cache as RN50 16-shot ImageNet gives it: 16,000 train and 50,000 test features of dim 1024, 1000
 classes x 8 templates of text features; once per storage dtype (float32, float16). Timed per dtype:
-  write        `data.cache.write_cache`, the whole cache in one call (tests, synthetic benches, merge);
+  write        `data.cache_writer.write_cache`, the whole cache in one call (tests, synthetic benches, merge);
   incremental  `CacheWriter`: open, text, rows in batches of 256, finalize (what extraction does);
   read         `data.cache.read_cache`, with validation, from the page cache (just written);
   read, cold   the same after asking the OS to drop the file from its page cache (posix_fadvise; best effort).
@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import format_table, machine_lines, run_in_folder, timed
-from data.cache import CacheError, CacheWriter, l2_normalize, read_cache, write_cache
+from data.cache import CacheError, l2_normalize, read_cache
+from data.cache_writer import CacheWriter, write_cache
 
 PACKAGES = ["h5py", "numpy"]
 DTYPES = ("float32", "float16")

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import format_table, machine_lines, run_in_folder
-from data.cache import CacheError, CacheWriter, l2_normalize
+from data.cache import CacheError, l2_normalize
+from data.cache_writer import CacheWriter
 from data.fewshot import pool_rows
 from data.registry import dataset_names, get_dataset
 

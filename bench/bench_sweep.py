@@ -49,10 +49,13 @@ rc = main(sys.argv[2:])
 json.dump(tot, open(sys.argv[1], "w"))
 sys.exit(rc)
 """
-# Writes a synthetic cache from an .npz (argv 1) to argv 2 with the data.cache of the tree it runs in.
+# Writes a synthetic cache from an .npz (argv 1) to argv 2 with the cache writer of the tree it runs in.
 CACHE_WRITER = """
 import sys, numpy as np
-from data.cache import write_cache
+try:
+    from data.cache_writer import write_cache
+except ImportError:  # a tree from before the writer had its own module
+    from data.cache import write_cache
 a, name = np.load(sys.argv[1]), sys.argv[3]
 splits = {s: {"features": a[s + "_features"], "labels": a[s + "_labels"],
               "paths": np.array([f"{s}/{i}.png" for i in range(len(a[s + "_labels"]))])}

@@ -23,7 +23,8 @@ import numpy as np
 
 from bench.common import machine_lines, usable_cores
 from bench.train_problems import CASES, normalize, useful_flops
-from data.cache import read_cache, write_cache
+from data.cache import read_cache
+from data.cache_writer import write_cache
 from data.registry import ensemble_templates
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
-
-import json
 
 from data import args as args_types
 from data.cache import CacheError, inspect, read_attrs, read_cache, verify
@@ -123,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     exe.add_argument("--dry-run", action="store_true", help="check what a run checks, print per split how many "
                                                             "images would be encoded, and stop (encodes nothing; "
                                                             "loads the model only to check an existing --out)")
+    exe.add_argument("--json", action="store_true", help="with --dry-run: print the plan as one JSON object "
+                                                         "(target, pool, splits: listed / to_encode / in_file / "
+                                                         "forwards, to_encode: the total)")
     merge = commands.add_parser("merge", help="join shard caches into one cache",
                                 description="Check that the shards come from one extraction (same model and "
                                             "settings, every row exactly once) and write them as one cache.")
@@ -170,7 +172,7 @@ def _run(args: argparse.Namespace) -> Path | None:
     from data.cache import partial_path
     from extract.models import resolve_device
     from extract.prompts import cache_templates, check_template, read_templates_file
-    from extract.run import check_target, describe_plan, run_extraction
+    from extract.run import check_target, plan, plan_text, run_extraction
     from extract.shards import parse_shard, shard_path
 
     given = [n for n, v in (("--folder", args.folder), ("--split-json", args.split_json),
@@ -210,6 +212,8 @@ def _run(args: argparse.Namespace) -> Path | None:
     shard = parse_shard(args.shard) if args.shard else None
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
     pool = _pool(args.pool_seeds, args.pool_shots)
+    if args.json and not args.dry_run:
+        raise ExtractError("--json goes with --dry-run (it prints the plan as JSON)")
     device = resolve_device(args.device)
     feature_dtype = "float16" if args.float16 else "float32"
     if args.dry_run:  # the checks of a real run; the model is loaded only when an existing file must match it
@@ -218,7 +222,8 @@ def _run(args: argparse.Namespace) -> Path | None:
             check_target(spec, _load(args, device), args.out, templates=templates, splits=splits, pool=pool,
                          aug_views=args.aug_views, aug_seed=args.aug_seed, feature_dtype=feature_dtype, shard=shard,
                          overwrite=args.overwrite)
-        print(describe_plan(spec, args.out, splits=splits, pool=pool, aug_views=args.aug_views, shard=shard))
+        planned = plan(spec, args.out, splits=splits, pool=pool, aug_views=args.aug_views, shard=shard)
+        print(json.dumps(planned) if args.json else plan_text(planned))
         return None
     loaded = _load(args, device)
     return run_extraction(spec, loaded, args.out, templates=templates, splits=splits, pool=pool,

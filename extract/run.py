@@ -20,9 +20,9 @@ import torch
 
 from extract.augment import AugmentedViews
 from data import fewshot
-from data.cache import (ABSENT, BAD, OK, SCHEMA_VERSION, CacheBusy, CacheError, CacheWriter, check_writable,
-                        complete_status, file_identity, identity, partial_path, read_attrs, read_status,
-                        reopen_complete)
+from data.cache import (ABSENT, BAD, OK, SCHEMA_VERSION, CacheBusy, CacheError, file_identity, identity,
+                        partial_path, read_attrs, read_status)
+from data.cache_writer import CacheWriter, check_writable, complete_status, reopen_complete
 from data.progress import progress as bar_of
 from extract.datasets import DatasetSpec
 from extract.encode import encode_images, encode_texts, make_loader
@@ -154,22 +154,41 @@ def plan_rows(spec: DatasetSpec, names: list[str], pool: dict | None, shard: Sha
     return target, rows, pool
 
 
-def describe_plan(spec: DatasetSpec, out: str | Path, *, splits: list[str] | None = None, pool: dict | None = None,
-                  aug_views: int = 0, shard: Shard | None = None) -> str:
-    """Per split: images listed, images this run would encode (those `out` does not hold yet) and forwards."""
+def plan(spec: DatasetSpec, out: str | Path, *, splits: list[str] | None = None, pool: dict | None = None,
+         aug_views: int = 0, shard: Shard | None = None) -> dict:
+    """What a run would do, as data: {"target": path, "pool": {"seeds", "shots"} or None (the whole train split),
+    "splits": {name: {"listed", "to_encode", "in_file", "forwards"}}, "to_encode": total} (counts of images;
+    to_encode: those ``out`` does not hold yet; forwards: image forwards, augmented views included)."""
     names = _split_names(spec, splits)
     target, rows, pool = plan_rows(spec, names, pool, shard, out)
     have = read_status(partial_path(target)) or read_status(target)
-    what = f"seeds {' '.join(map(str, pool['seeds']))} at <= {pool['shots']} shots" if pool else "the whole split"
-    lines = [f"{target}: train rows encoded: {what}"]
+    per_split = {}
     for name, r in rows.items():
         encode = r["encode"]
         if name in have and len(have[name]) == len(r["labels"]):
             encode = encode[~np.isin(have[name][encode], (OK, BAD))]  # not encoded (or found unreadable) yet
         views = aug_views if name == "train" else 0
-        lines.append(f"  {name}: {len(r['labels'])} listed, {len(encode)} to encode "
-                     f"({len(r['encode']) - len(encode)} already in the file), "
-                     f"{len(encode) * (1 + views)} image forwards")
+        per_split[name] = {"listed": len(r["labels"]), "to_encode": len(encode),
+                           "in_file": len(r["encode"]) - len(encode), "forwards": len(encode) * (1 + views)}
+    return {"target": str(target), "pool": pool, "splits": per_split,
+            "to_encode": sum(s["to_encode"] for s in per_split.values())}
+
+
+def describe_plan(spec: DatasetSpec, out: str | Path, *, splits: list[str] | None = None, pool: dict | None = None,
+                  aug_views: int = 0, shard: Shard | None = None) -> str:
+    """Per split: images listed, images this run would encode (those `out` does not hold yet) and forwards
+    (``plan_text`` of ``plan``)."""
+    return plan_text(plan(spec, out, splits=splits, pool=pool, aug_views=aug_views, shard=shard))
+
+
+def plan_text(planned: dict) -> str:
+    """``plan``'s result in words: per split, images listed, to encode, already in the file, and forwards."""
+    pool = planned["pool"]
+    what = f"seeds {' '.join(map(str, pool['seeds']))} at <= {pool['shots']} shots" if pool else "the whole split"
+    lines = [f"{planned['target']}: train rows encoded: {what}"]
+    for name, n in planned["splits"].items():
+        lines.append(f"  {name}: {n['listed']} listed, {n['to_encode']} to encode ({n['in_file']} already in the "
+                     f"file), {n['forwards']} image forwards")
     return "\n".join(lines)
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from data.cache import BAD, DEFAULT_ATTRS, IDENTITY_ATTRS, OK, CacheWriter, open_cache
+from data.cache import BAD, DEFAULT_ATTRS, IDENTITY_ATTRS, OK, open_cache
+from data.cache_writer import CacheWriter
 from data.progress import progress as bar_of
 from extract.errors import ExtractError
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.cache import write_cache
+from data.cache_writer import write_cache
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:

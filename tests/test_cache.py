@@ -14,8 +14,9 @@ import h5py
 import numpy as np
 import pytest
 
-from data.cache import (CacheError, CacheWriter, file_identity, identity, identity_diff, l2_normalize,
-                        partial_path, read_attrs, read_cache, verify, write_cache)
+from data.cache import (CacheError, file_identity, identity, identity_diff, l2_normalize, partial_path, read_attrs,
+                        read_cache, verify)
+from data.cache_writer import CacheWriter, write_cache
 from data.registry import ensemble_templates
 
 CLASSES = ["cat", "dog", "newt"]

@@ -202,3 +202,19 @@ def test_dry_run_plans_a_pooled_extraction_without_a_model(tmp_path: Path, capsy
     assert "9 image forwards" in text and not out.exists() and not partial_path(out).exists()  # 3 x (1 + 2 views)
     assert main([*argv, "--pool-seeds", "1", "--dry-run"]) == 2
     assert "--pool-seeds needs --pool-shots" in one_error_line(capsys.readouterr().err)
+
+
+def test_dry_run_json_is_the_plan_as_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = make_class_folder(tmp_path / "imgs", per_class=6)
+    out = tmp_path / "c.h5"
+    argv = ["run", "--folder", str(root), "--out", str(out), "--model", "no-such-model", "--pretrained", "random",
+            "--pool-seeds", "1", "--pool-shots", "1", "--aug-views", "2", "--dry-run"]
+    assert main([*argv, "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["target"] == str(out) and planned["pool"] == {"seeds": [1], "shots": 1}
+    assert planned["splits"]["train"] == {"listed": 9, "to_encode": 3, "in_file": 0, "forwards": 9}
+    assert planned["to_encode"] == sum(s["to_encode"] for s in planned["splits"].values())
+    assert main(argv) == 0  # the same plan in words
+    assert "train: 9 listed, 3 to encode (0 already in the file), 9 image forwards" in capsys.readouterr().out
+    assert main([*argv[:-1], "--json"]) == 2  # --json without --dry-run
+    assert "--json goes with --dry-run" in one_error_line(capsys.readouterr().err)

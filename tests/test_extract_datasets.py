@@ -123,7 +123,8 @@ def test_file_name_not_utf8_is_refused_up_front(tmp_path: Path) -> None:
 def test_unlabelled_folder_takes_another_caches_classes_and_templates(tmp_path: Path) -> None:
     import numpy as np
 
-    from data.cache import UNLABELLED, write_cache
+    from data.cache import UNLABELLED
+    from data.cache_writer import write_cache
 
     make_images(tmp_path / "new" / "sub", 2, seed=1)
     make_images(tmp_path / "new", 1, seed=2)

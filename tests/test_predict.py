@@ -10,7 +10,8 @@ import h5py
 import numpy as np
 import pytest
 
-from data.cache import UNLABELLED, l2_normalize, read_cache, write_cache
+from data.cache import UNLABELLED, l2_normalize, read_cache
+from data.cache_writer import write_cache
 from helpers_train import GapWorld, write_gap_cache
 from train_jax import report
 from train_jax.__main__ import main

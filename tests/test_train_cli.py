@@ -174,7 +174,8 @@ def test_diverging_runs_are_reported_and_excluded(run, tmp_path, capsys):
 
 
 def test_results_do_not_depend_on_the_cache_row_order(run, tmp_path):
-    from data.cache import read_cache, write_cache
+    from data.cache import read_cache
+    from data.cache_writer import write_cache
     from train_jax.config import Settings
     from train_jax.experiment import load_task, run_shots
 
@@ -306,7 +307,8 @@ def test_logit_scale_defaults_to_the_caches(run, tmp_path):
 
 def _pooled_copy(full: Path, out: Path, seeds: list[int], shots: int) -> Path:
     """`full` rewritten as a pooled cache: every row listed, only the train rows of the seeds' draws encoded."""
-    from data.cache import CacheWriter, read_cache
+    from data.cache import read_cache
+    from data.cache_writer import CacheWriter
     from data.fewshot import pool_rows
 
     data = read_cache(full)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data.cache import l2_normalize
+from data.vectors import l2_normalize
 from train_jax.losses import cross_entropy, l2_normalize as unit_rows
 from train_jax.runner import Pool, hparam_arrays, train_runs
 from train_jax.trainers import Fitted, Job

@@ -1,44 +1,43 @@
-"""One few-shot experiment: sample the shots of every seed, train every method's runs in vmapped groups, score
-them on validation and test, select on validation (per seed, or per method on the mean over seeds), and evaluate
-the selected models on shift sets."""
+"""The experiment driver: ``train_and_evaluate(config, out)`` runs a ``RunConfig`` into a run folder.
+
+For every shot count: sample the shots of every seed, train every method's runs in vmapped groups (``train_group``:
+runs sharing one compiled program), score each group with the evaluators on validation and test, select on
+validation (per seed, or per method on the mean over seeds), evaluate the selected models on shift sets, and
+record (``records``). ``run_shots`` is one shot count of that.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import shlex
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
 
 from data import fewshot
-from data.cache import (BAD, MODEL_ATTRS, OK, UNLABELLED, CacheHead, CacheReader, Listing, Split, l2_normalize,
-                        open_cache, read_cache)
+from data.cache import (BAD, MODEL_ATTRS, OK, UNLABELLED, CacheHead, CacheReader, Listing, Split, cache_identity,
+                        file_identity, open_cache, read_cache)
 from data.registry import in_imagenet_family
-from train_jax import evaluate
-from train_jax.config import Settings
+from data.vectors import l2_normalize
+from train_jax import compile_cache, evaluate, evaluators, gap, records
+from train_jax.compile_cache import CompileStats
+from train_jax.config import Settings, expand_grid, grid_to_json
 from train_jax.errors import TrainError
+from train_jax.evaluators import EvalSet, Group, Placement
+from train_jax.layout import Buckets, shot_buckets
 from train_jax.methods import METHODS
-from train_jax.records import Learned, RunRecord
-from train_jax.runner import (Buckets, Pool, Trained, hparam_arrays, predict_runs, score_runs, shot_buckets,
-                              train_runs)
+from train_jax.records import ConfigRecord, Learned, RunRecord
+from train_jax.run_config import RunConfig
+from train_jax.runner import Pool, Trained, hparam_arrays, train_runs
 from train_jax.trainers import Job
 
 TEST_BLOCK_ROWS = 16384  # test rows read and predicted at a time
-
-
-@dataclass(frozen=True)
-class EvalSet:
-    """A shift test set: features [N,D], labels [N] (its own class ids), classes [Ce] (their training ids)."""
-
-    name: str
-    features: np.ndarray
-    labels: np.ndarray
-    classes: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -54,15 +53,27 @@ class Task:
     shift: tuple[EvalSet, ...] = ()
 
 
-@dataclass
+@dataclass(frozen=True)
 class ShotResult:
-    """records: one RunRecord per run; learned: "method/seed<k>" -> the model of the run selected for that method
-    and seed; correct: "method/seed<k>" -> bool [N_test], which test images that selected run classified
-    correctly (for the paired comparisons, ``train_jax.compare``)."""
+    """One shot count's results: records, one RunRecord per run (in run order); learned: "method/seed<k>" -> the
+    model of the run selected for that method and seed; correct: "method/seed<k>" -> bool [N_test], which test
+    images that selected run classified correctly (for the paired comparisons, ``train_jax.compare``)."""
 
     records: list[RunRecord] = field(default_factory=list)
     learned: dict[str, Learned] = field(default_factory=dict)
     correct: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """What ``train_and_evaluate`` did: the run folder, the dataset, every record in it (all shot counts, this
+    invocation's and earlier ones'), the summary rows of results.json, and the compilations of this invocation."""
+
+    out: Path
+    dataset: str
+    records: list[RunRecord]
+    summary: list[records.SummaryRow]
+    compiled: CompileStats
 
 
 def default_prompt(dataset: str) -> str:
@@ -229,6 +240,30 @@ def _test_blocks(task: Task) -> Iterator[np.ndarray]:
         yield l2_normalize(task.cache.read("test", rows[start : start + TEST_BLOCK_ROWS])[0])
 
 
+@dataclass(frozen=True)
+class _Run:
+    method: str
+    seed: int
+    settings: Settings
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    """One trained group of a shot count, scored: runs [S] (indices into the shot count's run list), the trained
+    group (its settings: those the models are used with), the trainer's note, and per run accuracy (%) and score on
+    its own validation rows and test accuracy (%), each [S], and which test images it classified correctly
+    [S, N_test] bool."""
+
+    key: tuple
+    runs: tuple[int, ...]
+    group: Group
+    note: str
+    val_acc: np.ndarray
+    val_score: np.ndarray
+    test_acc: np.ndarray
+    test_correct: np.ndarray
+
+
 def _take(trained: Trained, idx: np.ndarray) -> Trained:
     pick = lambda tree: jax.tree.map(lambda x: np.asarray(x)[idx], tree)  # noqa: E731
     return Trained(pick(trained.params), pick(trained.consts), trained.failed[idx], trained.fail_step[idx],
@@ -253,29 +288,6 @@ class _Data:
     pool_split: Split | None = None
 
 
-@dataclass
-class _Outcome:
-    """Per run [R]: validation/test scores and failure; ``curves``: run -> its loss per epoch; ``parts``: run -> loss part name -> its mean per epoch; ``trained_of``: run -> (its group's key, the group's
-    Trained, its index there); ``notes``: run -> its trainer's remark; ``correct``: run -> bool [N_test] per test
-    image."""
-
-    val_acc: np.ndarray
-    val_score: np.ndarray
-    test_acc: np.ndarray
-    failed: np.ndarray
-    fail_step: np.ndarray
-    loss: np.ndarray
-    curves: dict[int, np.ndarray] = field(default_factory=dict)
-    parts: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
-    trained_of: dict[int, tuple[tuple, Trained, int]] = field(default_factory=dict)
-    notes: dict[int, str] = field(default_factory=dict)
-    correct: dict[int, np.ndarray] = field(default_factory=dict)
-
-    @classmethod
-    def empty(cls, n: int) -> "_Outcome":
-        return cls(np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n, bool), np.zeros(n, int), np.zeros(n))
-
-
 def run_shots(
     task: Task,
     shots: int,
@@ -289,33 +301,44 @@ def run_shots(
     devices: Sequence[jax.Device] | None = None,
     max_shots: int | None = None,
 ) -> ShotResult:
-    """Train and evaluate every (method, seed, setting) run for K = ``shots``; ``grid`` is the user's settings
-    list (each method restricts it, see ``Method.settings``); ``label_keys`` name the fields shown as ``setting``;
-    ``max_shots`` (default ``shots``): the largest K of the sweep, whose shapes the programs are compiled for, so
-    that every K up to it reuses them; ``select``: one of ``evaluate.SELECT_MODES`` (see ``_select``).
-    Steps: sample -> train -> score (per group of runs sharing one program) -> select -> shift-evaluate -> records."""
+    """Train and evaluate every (method, seed, setting) run for K = ``shots``.
+
+    Args:
+      grid: the user's settings list (each method restricts it, see ``Method.settings``).
+      label_keys: the fields shown as a record's ``setting``.
+      select: one of ``evaluate.SELECT_MODES`` (see ``_select``).
+      max_shots: the largest K of the sweep (default ``shots``), whose shapes the programs are compiled for, so
+        that every K up to it reuses them.
+
+    Returns:
+      the records of every run and the selected models.
+    """
     if select not in evaluate.SELECT_MODES:
         raise TrainError(f"select={select!r}: use one of {', '.join(evaluate.SELECT_MODES)}")
-    runs = [_Run(m, s, st) for m in methods for s in seeds for st in METHODS[m].settings(list(grid))]
+    own = {m: METHODS[m].settings(list(grid), len(task.text)) for m in methods}
+    for m in (m for m in methods if not own[m]):
+        warnings.warn(f"{task.dataset}: {m} not run: none of its settings runs on {len(task.text)} classes",
+                      stacklevel=2)
+    runs = [_Run(m, s, st) for m in methods for s in seeds for st in own[m]]
     data = _prepare(task, shots, seeds, any(r.settings.use_aug for r in runs))
     buckets = shot_buckets(max(shots, max_shots or shots), len(task.text), len(seeds),
                            len(task.listings["train"].labels))
-    out = _Outcome.empty(len(runs))
+    place = Placement(budget, devices)
+    results = []
     for key, idx in _groups(runs).items():
-        trained, settings, note = _train_group(task, shots, key, [runs[i] for i in idx], data, buckets, budget,
-                                               devices)
-        for i, st in zip(idx, settings):
-            runs[i] = _Run(runs[i].method, runs[i].seed, st)
-            if note:
-                out.notes[i] = note
-        _score_group(task, key, idx, [runs[i].seed for i in idx], trained, hparam_arrays(settings), data, out,
-                     budget, devices)
-    tie_break = _select(runs, out.val_acc, out.val_score, out.failed, select)
-    selected: dict[int, dict[str, float]] = {i: {} for i in tie_break}
-    _evaluate_shift(task, runs, selected, out.trained_of, budget, devices)
-    return ShotResult(_records(task.dataset, shots, runs, label_keys, out, tie_break, selected),
-                      _learned(runs, selected, out.trained_of),
-                      {f"{runs[i].method}/seed{runs[i].seed}": out.correct[i] for i in sorted(selected)})
+        group, note = train_group(task, shots, key, [runs[i] for i in idx], data, buckets, place)
+        own = np.stack([data.members[runs[i].seed] for i in idx])
+        results.append(_score(task, key, tuple(idx), own, group, note, data, place))
+    where = {i: (g, j) for g in results for j, i in enumerate(g.runs)}  # run -> its group, its index there
+    runs = [_Run(r.method, r.seed, where[i][0].group.settings[where[i][1]]) for i, r in enumerate(runs)]
+    per_run = lambda get: np.array([get(where[i][0])[where[i][1]] for i in range(len(runs))])  # noqa: E731
+    tie_break = _select(runs, per_run(lambda g: g.val_acc), per_run(lambda g: g.val_score),
+                        per_run(lambda g: g.group.trained.failed), select)
+    shift = _evaluate_shift(task, list(tie_break), where, place)
+    return ShotResult(_records(task.dataset, shots, runs, label_keys, where, tie_break, shift),
+                      _learned(runs, tie_break, where),
+                      {f"{runs[i].method}/seed{runs[i].seed}": where[i][0].test_correct[where[i][1]]
+                       for i in sorted(tie_break)})
 
 
 def _prepare(task: Task, shots: int, seeds: Sequence[int], use_aug: bool) -> _Data:
@@ -340,10 +363,10 @@ def _groups(runs: Sequence[_Run]) -> dict[tuple, list[int]]:
     return groups
 
 
-def _train_group(task: Task, shots: int, key: tuple, group: Sequence[_Run], data: _Data, buckets: Buckets,
-                 budget: int | None, devices) -> tuple[Trained, list[Settings], str]:
-    """Train one group's runs (programs compiled for ``buckets``' shapes): (their Trained, the settings their
-    models are used with, the trainer's note)."""
+def train_group(task: Task, shots: int, key: tuple, group: Sequence[_Run], data: _Data, buckets: Buckets,
+                place: Placement) -> tuple[Group, str]:
+    """Train one group's runs (programs compiled for ``buckets``' shapes). Returns the trained group (with the
+    settings its models are used with) and the trainer's note ("" if none)."""
     head, batch_size, use_aug = key
     rows = np.stack([np.searchsorted(data.pool_rows, data.picks[r.seed]) for r in group])
     seeds_arr = np.array([r.seed for r in group])
@@ -351,69 +374,66 @@ def _train_group(task: Task, shots: int, key: tuple, group: Sequence[_Run], data
     fit = METHODS[group[0].method].fit
     if fit is None:
         trained = train_runs(head, hparam_arrays(settings), rows, seeds_arr, data.pool, task.text,
-                             batch_size=batch_size, use_aug=use_aug, buckets=buckets, budget=budget, devices=devices,
-                             desc=f"{task.dataset} {shots}-shot {type(head).__name__}")
-        return trained, settings, ""
+                             batch_size=batch_size, use_aug=use_aug, buckets=buckets, budget=place.budget,
+                             devices=place.devices, desc=f"{task.dataset} {shots}-shot {type(head).__name__}")
+        return Group(head, trained, tuple(settings)), ""
     # the method's own trainer; it returns the settings its models are used with
     own = np.stack([data.members[r.seed] for r in group])
     if data.pool_split is None:
         data.pool_split = _pool_split(task, data.pool_rows)
-    fitted = fit(Job(head, settings, data.pool_split, np.arange(len(data.pool_rows)), rows, seeds_arr, task.text,
-                     task.dataset, data.val_feats, data.val_labels, own, budget, devices, buckets))
+    fitted = fit(Job(head=head, settings=settings, split=data.pool_split, pool_rows=np.arange(len(data.pool_rows)),
+                     rows=rows, seeds=seeds_arr, text=task.text, dataset=task.dataset, val_feats=data.val_feats,
+                     val_labels=data.val_labels, members=own, budget=place.budget, devices=place.devices,
+                     buckets=buckets))
     no_epochs = np.zeros((len(group), 0), np.float32)
     trained = Trained(fitted.params, fitted.consts, fitted.failed, fitted.fail_step, fitted.final_loss,
                       no_epochs if fitted.loss_curve is None else fitted.loss_curve)
-    return trained, list(fitted.settings), fitted.note
+    return Group(head, trained, tuple(fitted.settings)), fitted.note
 
 
-def _score_group(task: Task, key: tuple, idx: list[int], seeds: Sequence[int], trained: Trained, hp: Any,
-                 data: _Data, out: _Outcome, budget: int | None, devices) -> None:
-    """Fill ``out`` at ``idx`` (one group's runs, of ``seeds``): accuracy and score on each run's own validation
-    rows, test accuracy, failure, final loss, loss curve, and where each run's model is."""
-    head = key[0]
-    own = np.stack([data.members[s] for s in seeds])
-    val_pred, val_logp = score_runs(head, trained, hp, data.val_feats, data.val_labels, task.text, budget=budget,
-                                    devices=devices, desc="val")
-    out.val_acc[idx] = evaluate.subset_accuracy(val_pred, data.val_labels, own)
-    out.val_score[idx] = evaluate.subset_mean(val_logp, own)
-    test_pred = np.concatenate([predict_runs(head, trained, hp, feats, task.text, budget=budget, devices=devices,
-                                             desc="test") for feats in _test_blocks(task)], axis=-1)
-    out.test_acc[idx] = evaluate.accuracy(test_pred, data.test_labels)
-    out.correct.update(zip(idx, test_pred == data.test_labels))  # per-image, for the paired comparisons
-    out.failed[idx], out.fail_step[idx], out.loss[idx] = trained.failed, trained.fail_step, trained.final_loss
-    out.curves.update(zip(idx, trained.loss_curve))
-    if trained.loss_parts is not None:
-        names = getattr(head, "part_names", ())
-        out.parts.update((i, dict(zip(names, parts.T))) for i, parts in zip(idx, trained.loss_parts))
-    for j, i in enumerate(idx):
-        out.trained_of[i] = (key, trained, j)
+def _score(task: Task, key: tuple, runs: tuple[int, ...], own: np.ndarray, group: Group, note: str, data: _Data,
+           place: Placement) -> GroupResult:
+    """A trained group's accuracy and score on each run's own validation rows (own [S,V] bool), and its test
+    accuracy."""
+    val_acc, val_score = evaluators.on_validation(group, data.val_feats, data.val_labels, own, task.text, place)
+    test_acc, test_correct = evaluators.on_test(group, _test_blocks(task), data.test_labels, task.text, place)
+    return GroupResult(key, runs, group, note, val_acc, val_score, test_acc, test_correct)
 
 
-def _records(dataset: str, shots: int, runs: Sequence[_Run], label_keys: Sequence[str], out: _Outcome,
-             tie_break: dict[int, str | None], selected: dict[int, dict[str, float]]) -> list[RunRecord]:
-    """One RunRecord per run, in run order; ``selected``: selected run -> its shift accuracies."""
+def _records(dataset: str, shots: int, runs: Sequence[_Run], label_keys: Sequence[str],
+             where: Mapping[int, tuple[GroupResult, int]], tie_break: Mapping[int, str | None],
+             shift: Mapping[int, dict[str, float]]) -> list[RunRecord]:
+    """One RunRecord per run, in run order; ``where``: run -> (its group, its index there); ``tie_break``: the
+    selected runs; ``shift``: selected run -> its shift accuracies."""
     def finite(x: float) -> float | None:
         return float(x) if math.isfinite(x) else None
 
-    return [RunRecord(
-        dataset=dataset, shots=shots, method=run.method, seed=run.seed,
-        setting=run.settings.label([k for k in label_keys if k in METHODS[run.method].used]) or "-",
-        settings=run.settings, val_acc=float(out.val_acc[i]), val_score=finite(out.val_score[i]),
-        test_acc=float(out.test_acc[i]), failed=bool(out.failed[i]),
-        fail_step=int(out.fail_step[i]) if out.failed[i] else None, final_loss=finite(out.loss[i]),
-        loss_curve=tuple(finite(v) for v in out.curves[i]),
-        loss_parts={name: tuple(finite(v) for v in c) for name, c in out.parts.get(i, {}).items()},
-        selected=i in selected, tie_break=tie_break.get(i), shift=selected.get(i, {}), note=out.notes.get(i, ""),
-    ) for i, run in enumerate(runs)]
+    out = []
+    for i, run in enumerate(runs):
+        g, j = where[i]
+        trained = g.group.trained
+        names = getattr(g.group.head, "part_names", ())
+        parts = {} if trained.loss_parts is None else dict(zip(names, trained.loss_parts[j].T))
+        out.append(RunRecord(
+            dataset=dataset, shots=shots, method=run.method, seed=run.seed,
+            setting=run.settings.label(METHODS[run.method].label_keys(label_keys)) or "-",
+            settings=run.settings, val_acc=float(g.val_acc[j]), val_score=finite(g.val_score[j]),
+            test_acc=float(g.test_acc[j]), failed=bool(trained.failed[j]),
+            fail_step=int(trained.fail_step[j]) if trained.failed[j] else None,
+            final_loss=finite(trained.final_loss[j]), loss_curve=tuple(finite(v) for v in trained.loss_curve[j]),
+            loss_parts={name: tuple(finite(v) for v in c) for name, c in parts.items()},
+            selected=i in tie_break, tie_break=tie_break.get(i), shift=shift.get(i, {}), note=g.note,
+        ))
+    return out
 
 
 def _learned(runs: Sequence[_Run], selected: Mapping[int, Any],
-             trained_of: dict[int, tuple[tuple, Trained, int]]) -> dict[str, Learned]:
+             where: Mapping[int, tuple[GroupResult, int]]) -> dict[str, Learned]:
     """"method/seed<k>" -> the model of the run selected for that method and seed."""
     learned = {}
     for i in sorted(selected):
-        run, (_, trained, j) = runs[i], trained_of[i]
-        one = _take(trained, np.array([j]))
+        run, (g, j) = runs[i], where[i]
+        one = _take(g.group.trained, np.array([j]))
         learned[f"{run.method}/seed{run.seed}"] = Learned(run.settings, jax.tree.map(lambda x: x[0], one.params),
                                                           jax.tree.map(lambda x: x[0], one.consts))
     return learned
@@ -439,19 +459,122 @@ def _select(runs: list[_Run], val_acc: np.ndarray, val_score: np.ndarray, failed
     return chosen
 
 
-def _evaluate_shift(task: Task, runs: list[_Run], selected: dict[int, dict[str, float]],
-                    trained_of: dict[int, tuple], budget: int | None, devices) -> None:
-    """Fill ``selected[run] = {shift set name: accuracy}`` for every selected run, one predict call per group."""
+def _evaluate_shift(task: Task, selected: Sequence[int], where: Mapping[int, tuple[GroupResult, int]],
+                    place: Placement) -> dict[int, dict[str, float]]:
+    """Selected run -> {shift set name: accuracy}, one evaluator call per group of selected runs."""
+    out: dict[int, dict[str, float]] = {i: {} for i in selected}
     if not task.shift:
-        return
+        return out
     by_group: dict[tuple, list[int]] = {}
     for i in selected:
-        by_group.setdefault(trained_of[i][0], []).append(i)
-    for key, idx in by_group.items():
-        trained = _take(trained_of[idx[0]][1], np.array([trained_of[i][2] for i in idx]))
-        hp = hparam_arrays([runs[i].settings for i in idx])
-        for ev in task.shift:
-            preds = predict_runs(key[0], trained, hp, ev.features, task.text, ev.classes, budget=budget,
-                                 devices=devices, desc=ev.name)
-            for i, acc in zip(idx, evaluate.accuracy(preds, ev.labels)):
-                selected[i][ev.name] = float(acc)
+        by_group.setdefault(where[i][0].key, []).append(i)
+    for idx in by_group.values():
+        g = where[idx[0]][0]
+        picked = np.array([where[i][1] for i in idx])
+        subset = Group(g.group.head, _take(g.group.trained, picked), tuple(g.group.settings[j] for j in picked))
+        for name, accs in evaluators.on_shift(subset, task.shift, task.text, place).items():
+            for i, acc in zip(idx, accs):
+                out[i][name] = float(acc)
+    return out
+
+
+# --- the experiment: a RunConfig into a run folder ---
+
+def model_logit_scale(attrs: Mapping[str, Any]) -> tuple[float, str]:
+    """(logit scale, where from): the extracting model's own (cache attribute), else Settings' default (100)."""
+    scale = float(attrs.get("logit_scale") or 0.0)  # 0: a cache that does not record it
+    return (scale, "cache") if scale > 0 else (Settings().logit_scale, "default")
+
+
+def fitting_shots(task: Task, shots: Sequence[int], warn: Callable[[str], None]) -> list[int]:
+    """The shots values every class of the training split can give; ``warn`` is told of each of the others."""
+    counts = np.bincount(task.listings["train"].labels, minlength=len(task.cache.classnames))
+    small = int(counts.argmin())
+    fit = [k for k in shots if k <= counts[small]]
+    for k in shots:
+        if k not in fit:
+            warn(f"{task.dataset}: {k} shots skipped: class {task.cache.classnames[small]!r} has only "
+                 f"{counts[small]} train images")
+    if not fit:
+        raise TrainError(f"{task.dataset}: no --shots value fits: class {task.cache.classnames[small]!r} has only "
+                         f"{counts[small]} train images; add images or extract with a larger train split")
+    return fit
+
+
+def _say(text: str) -> None:
+    print(text)
+
+
+def _warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr)
+
+
+def train_and_evaluate(config: RunConfig, out: str | Path, *, say: Callable[[str], None] = _say,
+                       warn: Callable[[str], None] = _warn) -> Experiment:
+    """Train and evaluate every shots value of ``config`` not yet in the run folder ``out``; write its files.
+
+    Args:
+      config: what to run.
+      out: the run folder (created; one of an earlier run of the same configuration is resumed: finished shot
+        counts are skipped).
+      say, warn: where progress lines and warnings go (default: stdout, and stderr with "warning: ").
+
+    Returns:
+      the run folder's records and summary, and this invocation's compilations.
+    """
+    compile_cache.enable(compile_cache.cache_dir(config.compile_cache, config.no_compile_cache))
+    compiled_before = compile_cache.stats()
+    grid = config.settings_grid
+    shots, seeds, methods = config.shot_list, config.seed_list, config.method_list
+    if min(shots) < 1:
+        raise TrainError(f"--shots must be >= 1, got {list(config.shots)}")
+    if config.devices is not None and not 1 <= config.devices <= len(jax.devices()):
+        raise TrainError(f"--devices {config.devices}: this machine has {len(jax.devices())} JAX devices")
+    devices = jax.devices()[: config.devices] if config.devices else None
+    task = load_task(config.cache, config.eval_caches, config.prompt)
+    if config.fit_shots:
+        shots = fitting_shots(task, shots, warn)
+    check_encoded(task, shots, seeds)  # before anything is written to the run folder
+    scale, scale_from = model_logit_scale(task.cache.attrs)
+    settings = expand_grid(grid, Settings(logit_scale=scale))
+    out = Path(out)
+    records.prepare_out(out)
+    recorded = ConfigRecord(
+        cache=str(Path(config.cache).resolve()), dataset=task.dataset,
+        eval_caches=tuple(str(Path(p).resolve()) for p in config.eval_caches), seeds=tuple(seeds),
+        methods=tuple(methods), grid=json.loads(grid_to_json(grid)), prompt=task.prompt, select=config.select,
+        logit_scale=scale, logit_scale_from="grid" if "logit_scale" in grid else scale_from,
+        identity=cache_identity(task.cache.attrs, task.cache.classnames, task.cache.templates),
+        caches={"cache": file_identity(config.cache), "eval_caches": [file_identity(p) for p in config.eval_caches]},
+    )
+    records.check_config(out, recorded)
+    label_keys = [k for k, vs in grid.items() if len(vs) > 1]
+    for k in shots:
+        done = records.shot_path(out, k)
+        damaged = done.exists() and records.params_problem(records.params_path(out, k))
+        if damaged:
+            warn(f"{damaged}; training {k} shots again")
+        elif done.exists():
+            say(f"{task.dataset} {k}-shot: already in {done}, skipped")
+            continue
+        result = run_shots(task, k, seeds, methods, settings, label_keys, select=config.select,
+                           budget=config.budget, devices=devices, max_shots=max(shots))
+        records.write_shot(out, k, result.records, result.learned, result.correct)
+        for r in result.records:
+            if r.failed:
+                warn(f"{r.method} seed {r.seed} ({r.setting}) stopped at step {r.fail_step} "
+                     "by a non-finite loss or update; excluded from selection")
+        for note in sorted({r.note for r in result.records if r.note}):
+            warn(note)
+        for row in records.summarize(result.records, config.select):
+            acc = f"{row.test_mean:.2f} ± {row.test_std:.2f}" if row.test_mean is not None else "all runs failed"
+            say(f"{task.dataset} {k}-shot {row.method}: {acc}")
+    from train_jax import report  # the renderers (matplotlib) load only when there is something to render
+
+    every = records.read_shots(out)
+    summary = report.write_run_dir(out, task.dataset, recorded.to_json(), every, compare_to=config.compare_to)
+    test_features, test_labels = test_rows(task)
+    gap.write_run(out, task.dataset, test_features, test_labels, task.text, task.cache.classnames)
+    compiled = compile_cache.stats() - compiled_before
+    records.write_json(out / "compile.json", compiled.to_dict())
+    return Experiment(out, task.dataset, every, summary, compiled)

@@ -20,7 +20,7 @@ import numpy as np
 
 from train_jax.methods import METHODS, CMMHead
 from train_jax.model import CrossModalMapper
-from train_jax.records import Learned
+from train_jax.records import Learned, load_params
 from train_jax.runner import EVAL_BLOCK
 
 STATS = ("gap", "cos_own", "cos_other", "margin", "nearest_acc")
@@ -77,7 +77,7 @@ def mapped(settings: Any, params: Mapping, images: np.ndarray, text: np.ndarray)
 def shot_rows(learned: Mapping[str, Learned], shots: int, images: np.ndarray, labels: np.ndarray,
               text: np.ndarray) -> list[dict[str, Any]]:
     """Per method with a map: the after-``STATS`` of each seed's selected model and their mean over seeds.
-    learned: ``"method/seedK" -> Learned`` (``report.load_params``)."""
+    learned: ``"method/seedK" -> Learned`` (``records.load_params``)."""
     by_method: dict[str, list[tuple[int, dict[str, float]]]] = {}
     for run, item in sorted(learned.items()):
         method, seed = run.split("/")
@@ -148,8 +148,6 @@ def write_run(out: Path, dataset: str, images: np.ndarray, labels: np.ndarray, t
     """gap.json, gap.md and gap.png of a run folder from every params/<K>shot.npz in it. images [N,D] and
     labels [N]: the test split; text [C,D]: the run's prototypes. The figure: cmm (else the first method with a
     map) at the largest shot count, its first seed. Returns the after rows."""
-    from train_jax.report import load_params
-
     before = stats(images, labels, text)
     after: list[dict[str, Any]] = []
     figure = None

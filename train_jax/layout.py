@@ -1,4 +1,4 @@
-"""How S runs are laid out for the training program, in plain numpy: streams, groups and chunks.
+"""How S runs are laid out for the training program, in plain numpy: shot buckets, streams, groups and chunks.
 
 Runs with the same seed and rows draw the same batches, so they are laid out as *streams*: G streams of k runs that
 share a seed and rows (a seed's grid of settings), trained together by ``step.train_run``. The stream axis is cut
@@ -9,6 +9,9 @@ On an accelerator a device trains all its streams in one vmapped step. On a CPU,
 pool, so batching them buys no arithmetic efficiency, while their stacked parameters and Adam moments outgrow the
 caches: there a device trains its streams in groups whose state fits in ``LayoutPolicy.cpu_group_bytes``, one
 group after another inside the same program. The thresholds are fields of a ``LayoutPolicy``, passed in.
+
+``Buckets`` are the row counts a program is compiled for (``shot_buckets``: those of a sweep's largest shot count),
+so that one program serves every shot count.
 """
 
 from __future__ import annotations
@@ -130,3 +133,20 @@ def plan_training(rows: np.ndarray, seeds: np.ndarray, *, per_run: int, n_params
     group = group_size(chunk // n_devices, k * per_run, platform, policy)
     chunk = math.ceil(chunk // n_devices / group) * group * n_devices  # equal groups (padded like the last chunk)
     return TrainLayout(streams, chunk, group)
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """Sizes a training program is compiled for, so that one program serves every shot count: rows per run
+    (padded rows are masked out; heads whose parameters' shapes depend on the rows, Tip-Adapter's keys, keep
+    their own) and pool rows (padded with zero rows no run indexes). Sizes below the actual ones are ignored."""
+
+    rows: int = 0
+    pool: int = 0
+
+
+def shot_buckets(max_shots: int, classes: int, seeds: int, train_rows: int) -> Buckets:
+    """Buckets serving every shot count up to ``max_shots``: rows per run min(max_shots * classes, train_rows) (a
+    draw never takes more rows than the split has); pool rows: the most the seeds' draws can cover,
+    min(train_rows, seeds * max_shots * classes)."""
+    return Buckets(min(max_shots * classes, train_rows), min(train_rows, seeds * max_shots * classes))

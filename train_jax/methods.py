@@ -1,87 +1,24 @@
-"""Methods trained by the shared vmapped runner: the CMM head and the registry of all methods.
+"""Methods: the registry of named methods (``METHODS``) over heads (``train_jax.heads``) and their trainers.
 
-A *head* says how one kind of model is initialised, scored and trained for a single run (the runner vmaps it):
-
-- ``init(feats [N,D], labels [N], text [C,D]) -> (params, consts)``: trainable params and per-run constants
-  (feats: each training image's mean over the runner pool's views);
-- ``logits(params, consts, feats [B,D], zs_cos [B,C], text [C,D], hp) -> [B,C]``;
-- ``loss(params, consts, feats [B,D], zs_cos [B,C], labels [B], text [C,D], hp) -> scalar`` (mean over B);
-- ``part_names`` (optional, default none) with ``loss_parts(...)`` of ``loss``'s arguments -> [len(part_names)]:
-  the named terms of the loss (each a mean over B), and ``combine_parts(parts, hp)`` -> the loss; the runner
-  trains on the combined parts (one forward pass) and records them per epoch.
-
-``zs_cos = v T^T`` is the zero-shot cosine, computed by the runner once (not per step); ``hp`` maps each of
-``config.DYNAMIC_FIELDS`` to a scalar. Heads are frozen dataclasses: hashable, so they are static under jit.
+A method names a head for given settings, the settings fields it uses and forces, and optionally its own trainer
+(``Method.fit``); methods without one train with the shared vmapped AdamW runner.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from train_jax import baselines, logreg, training_free
-from train_jax.config import DYNAMIC_FIELDS, Settings
-from train_jax.losses import cmm_logits, cmm_loss, cmm_loss_parts, combine_cmm_parts
-from train_jax.model import CrossModalMapper
+from train_jax import baselines, clap, cross_modal, logreg, lpp, training_free
+from train_jax.config import DYNAMIC_FIELDS, Settings, expand_grid
+from train_jax.heads import CMMHead, Head, Params
 from train_jax.trainers import Fitted, Job
 
-Params = Any
-
-
-class Head(Protocol):
-    def init(self, feats: jax.Array, labels: jax.Array, text: jax.Array) -> tuple[Params, Params]: ...
-
-    def logits(
-        self, params: Params, consts: Params, feats: jax.Array, zs_cos: jax.Array, text: jax.Array, hp: Mapping
-    ) -> jax.Array: ...
-
-    def loss(
-        self,
-        params: Params,
-        consts: Params,
-        feats: jax.Array,
-        zs_cos: jax.Array,
-        labels: jax.Array,
-        text: jax.Array,
-        hp: Mapping,
-    ) -> jax.Array: ...
-
-
-@dataclass(frozen=True)
-class CMMHead:
-    """Cross-Modal Mapping: logits ``s * (alpha * v' T'^T + v T^T)``, loss CE + lam * hardest-negative triplet."""
-
-    learn_text: bool = False
-    part_names = ("ce", "triplet")  # ``loss_parts``: loss = ce + lam * triplet
-
-    def _sims(self, params: Params, feats: jax.Array, text: jax.Array) -> jax.Array:
-        mapped, protos = CrossModalMapper(self.learn_text).apply({"params": params}, feats, text)
-        return mapped @ protos.T
-
-    def init(self, feats: jax.Array, labels: jax.Array, text: jax.Array) -> tuple[Params, Params]:
-        params = CrossModalMapper(self.learn_text).init(jax.random.PRNGKey(0), feats[:1], text)["params"]
-        return params, {}
-
-    def logits(self, params, consts, feats, zs_cos, text, hp):
-        return cmm_logits(self._sims(params, feats, text), zs_cos, hp["alpha"], hp["logit_scale"])
-
-    def loss(self, params, consts, feats, zs_cos, labels, text, hp):
-        sims = self._sims(params, feats, text)
-        return cmm_loss(
-            sims, zs_cos, labels,
-            alpha=hp["alpha"], scale=hp["logit_scale"], lam=hp["lam"], margin=hp["margin"],
-        )
-
-    def loss_parts(self, params, consts, feats, zs_cos, labels, text, hp):
-        return cmm_loss_parts(self._sims(params, feats, text), zs_cos, labels, alpha=hp["alpha"],
-                              scale=hp["logit_scale"], margin=hp["margin"])
-
-    def combine_parts(self, parts, hp):
-        return combine_cmm_parts(parts, hp["lam"])
+__all__ = ["CMMHead", "DEFAULT_METHODS", "Head", "METHODS", "Method", "Params", "logits", "predict", "restrict"]
 
 
 def restrict(grid: Sequence[Settings], used: Sequence[str], forced: Mapping[str, Any]) -> list[Settings]:
@@ -95,7 +32,9 @@ def restrict(grid: Sequence[Settings], used: Sequence[str], forced: Mapping[str,
 @dataclass(frozen=True)
 class Method:
     """A named method: its head for given settings, the fields it uses, how it turns the grid into runs, and its
-    own trainer (``fit``; None: the shared AdamW runner with the settings as given)."""
+    own trainer (``fit``; None: the shared AdamW runner with the settings as given). ``grid``: the authors' own
+    grid, searched instead of the user's (None: the user's grid restricted to ``used``); ``admits(settings,
+    classes)``: whether a setting runs on a dataset of that many classes (None: all do)."""
 
     name: str
     head: Callable[[Settings], Head]
@@ -103,15 +42,32 @@ class Method:
     forced: Mapping[str, Any]
     description: str
     fit: Callable[[Job], Fitted] | None = None
+    grid: Mapping[str, tuple] | None = None
+    admits: Callable[[Settings, int], bool] | None = None
 
-    def settings(self, grid: list[Settings]) -> list[Settings]:
+    def settings(self, grid: list[Settings], classes: int | None = None) -> list[Settings]:
         """This method's runs for the user's grid: unused fields reset to defaults, forced ones set, duplicates
-        dropped (order kept)."""
-        return restrict(grid, self.used, self.forced)
+        dropped (order kept); or its own grid over the defaults and forced fields. With ``classes``, only the
+        settings it ``admits`` for that many classes (possibly none)."""
+        if self.grid is not None:
+            runs = expand_grid(self.grid, dataclasses.replace(Settings(), **self.forced))
+        else:
+            runs = restrict(grid, self.used, self.forced)
+        if classes is None or self.admits is None:
+            return runs
+        return [s for s in runs if self.admits(s, classes)]
+
+    def label_keys(self, keys: Sequence[str]) -> list[str]:
+        """The fields a run's ``setting`` label shows: those of ``keys`` (the user's varied grid keys) it uses, or
+        its own grid's varied keys."""
+        if self.grid is not None:
+            return [k for k, vs in self.grid.items() if len(vs) > 1]
+        return [k for k in keys if k in self.used]
 
 
 _TRAINED = ("lr", "weight_decay", "epochs", "warmup", "batch_size", "use_aug", "logit_scale")
 
+# The registry, in the order tables, plots and summaries list methods (``records.method_rank``).
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -123,17 +79,14 @@ METHODS: dict[str, Method] = {
             logreg.fit,
         ),
         Method(
-            "cmm_ce", lambda s: CMMHead(s.learn_text), _TRAINED + ("alpha", "learn_text"), {"lam": 0.0},
-            "CMM without the triplet loss (ablation)",
-        ),
-        Method(
-            "cmm", lambda s: CMMHead(s.learn_text), _TRAINED + ("alpha", "lam", "margin", "learn_text"), {},
-            "Cross-Modal Mapping: CE + lambda * hardest-negative triplet",
-        ),
-        Method(
             "tip_adapter", lambda s: training_free.TipCacheHead(), (), training_free.FORCED,
             "training-free Tip-Adapter: a cache of the shots' features; (beta, alpha) searched on validation",
             training_free.tip_adapter_fit,
+        ),
+        Method(
+            "tip_adapter_f", lambda s: baselines.TipAdapterHead(), (), baselines.FORCED,
+            "Tip-Adapter-F with its authors' recipe; (beta, alpha) searched on validation after training",
+            baselines.fit,
         ),
         Method(
             "gda", lambda s: training_free.GDAHead(), (), training_free.FORCED,
@@ -142,13 +95,35 @@ METHODS: dict[str, Method] = {
             training_free.gda_fit,
         ),
         Method(
-            "tip_adapter_f", lambda s: baselines.TipAdapterHead(), (), baselines.FORCED,
-            "Tip-Adapter-F with its authors' recipe; (beta, alpha) searched on validation after training",
-            baselines.fit,
+            "clap", lambda s: clap.ClapHead(), ("logit_scale",), clap.FORCED,
+            "CLAP: zero-shot-initialised linear probe with its class-adaptive penalty, its authors' fixed recipe "
+            "(no validation)", clap.fit,
+        ),
+        Method(
+            "lp_plus_plus", lambda s: lpp.LPPHead(), (), lpp.FORCED,
+            "LP++: linear probe plus class-wise weighted text logits, its authors' step sizes; epoch chosen on "
+            "validation", lpp.fit,
+        ),
+        Method(
+            "cross_modal_lp", lambda s: cross_modal.CrossModalHead(), (), cross_modal.FORCED,
+            "cross-modal linear probe: text embeddings as extra training samples, its authors' 12-setting grid and "
+            "checkpoint chosen on validation", cross_modal.fit, cross_modal.GRID,
+            lambda s, classes: cross_modal.admits(s.batch_size, classes),
+        ),
+        Method(
+            "cmm_ce", lambda s: CMMHead(s.learn_text), _TRAINED + ("alpha", "learn_text"), {"lam": 0.0},
+            "CMM without the triplet loss (ablation)",
+        ),
+        Method(
+            "cmm", lambda s: CMMHead(s.learn_text), _TRAINED + ("alpha", "lam", "margin", "learn_text"), {},
+            "Cross-Modal Mapping: CE + lambda * hardest-negative triplet",
         ),
     )
 }
 DEFAULT_METHODS = ("zeroshot", "linear_probe", "tip_adapter", "gda", "cmm_ce", "cmm")
+# run_all.sh's real runs (not its offline check) also train the peers with their own trainers: bench/bench_peers.py
+# estimates their 16-shot sweep of the 11 benchmarks at well under a few minutes of one GPU (README "Methods")
+REAL_RUN_METHODS = DEFAULT_METHODS + ("clap", "lp_plus_plus", "cross_modal_lp")
 
 
 def logits(method: str, settings: Settings, params: Params, consts: Params, feats, text) -> jax.Array:

@@ -1,21 +1,33 @@
-"""The results format: one ``RunRecord`` per trained (method, seed, setting) run, one ``Learned`` per selected model,
-the versioned JSON files the records live in (``shots/<K>shot.json``, the ``runs`` of ``results.json``), and the
-selected runs' per-test-image correctness (``shots/<K>shot_test_correct.npz``)."""
+"""Every file a run folder holds, typed and versioned, and how each is written and read back.
+
+- ``run_config.json``: ``ConfigRecord``, what the results were made with (checked when a folder is resumed);
+- ``shots/<K>shot.json``: one ``RunRecord`` per trained (method, seed, setting) run of one shot count;
+- ``shots/<K>shot_test_correct.npz``: per selected run, which test images it classified correctly (``write_correct``
+  / ``read_correct``, for the paired comparisons of ``train_jax.compare``);
+- ``params/<K>shot.npz``: one ``Learned`` per selected model (``save_params`` / ``load_params``);
+- ``results.json``: the config, one ``SummaryRow`` per (dataset, method, shots) and every ``RunRecord``, under
+  ``schema_version``; ``results.csv``: one line per run (``CSV_FIELDS``).
+
+``report`` renders these into tables and plots; ``gap`` writes the modality-gap files.
+"""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from data.cache import identity_diff
 from train_jax.config import Settings
 from train_jax.errors import TrainError
+from train_jax.evaluate import mean_std
 
 # 1: a plain JSON list of record dicts (no version); 2: {"schema_version": 2, "records": [...]} of RunRecord.to_json;
 # 3: as 2, records with ``loss_curve`` (absent in 2: read as no curve); 4: as 3, records with ``loss_parts``
@@ -109,6 +121,362 @@ def read_records(path: Path) -> list[RunRecord]:
     except (OSError, ValueError) as e:
         raise TrainError(f"{path}: unreadable ({e}); delete it to train that shot count again") from None
     return records_from_json(data, path)
+
+
+# --- the run folder: every file ``python -m train_jax`` writes, and how it is read back ---
+
+PATH_KEYS = ("cache", "eval_caches")  # recorded for information; folders are matched by cache identity
+CSV_FIELDS = ("dataset", "shots", "method", "seed", "setting", "val_acc", "val_score", "test_acc", "selected",
+              "tie_break", "failed")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON through a temporary file renamed into place (never a partial file)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise TrainError(f"{path}: cannot write it ({e.strerror}); choose a writable --out") from None
+
+
+def prepare_out(out: Path) -> None:
+    """Create the run folder and its sub-folders (shots/, params/); one-line errors for a file in the way or no
+    write access."""
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"{out}: is a file, not a folder; give --out a folder (new or of an earlier run)")
+    try:
+        for folder in (out, out / "shots", out / "params"):
+            folder.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise TrainError(f"{e.filename or out}: cannot write there ({e.strerror}); choose a writable --out") from None
+
+
+@dataclass(frozen=True)
+class ConfigRecord:
+    """``run_config.json``: what a run folder's results were made with. cache, eval_caches: resolved paths (for
+    information); seeds, methods: as run; grid: the searched grid as JSON (``config.grid_to_json``); prompt:
+    "single" or "ensemble"; select: the --select mode; logit_scale and where it came from ("cache", "default" or
+    "grid"); identity: the training cache's ``data.cache.cache_identity``; caches: ``{"cache": identity,
+    "eval_caches": [identity, ...]}`` (``data.cache.file_identity``), what a resumed run must match."""
+
+    cache: str
+    dataset: str
+    eval_caches: tuple[str, ...]
+    seeds: tuple[int, ...]
+    methods: tuple[str, ...]
+    grid: Mapping[str, Any]
+    prompt: str
+    select: str
+    logit_scale: float
+    logit_scale_from: str
+    identity: Mapping[str, Any]
+    caches: Mapping[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict, one key per field in field order."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**out, "eval_caches": list(self.eval_caches), "seeds": list(self.seeds), "methods": list(self.methods),
+                "grid": dict(self.grid), "identity": dict(self.identity), "caches": dict(self.caches)}
+
+
+def check_config(out: Path, config: ConfigRecord) -> None:
+    """Write ``run_config.json``, or check that a resumed folder was made with the same configuration (same
+    settings and caches of the same identity, wherever they are now)."""
+    path = out / "run_config.json"
+    new = config.to_json()
+    if not path.exists():
+        write_json(path, new)
+        return
+    old = json.loads(path.read_text())
+    if "caches" not in old:
+        raise TrainError(f"{path}: this folder was made before runs recorded their caches' identity; use "
+                         "another --out")
+    was, now = old["caches"], new["caches"]
+    pairs = [("cache", was["cache"], now["cache"])] + [
+        (f"eval cache {i + 1}", was["eval_caches"][i] if i < len(was["eval_caches"]) else {}, ident)
+        for i, ident in enumerate(now["eval_caches"])]
+    for role, old_id, new_id in pairs:
+        diff = identity_diff(old_id, new_id)
+        if diff:
+            raise TrainError(f"{path}: this folder holds results of a {role} made with {diff}; mixing them "
+                             "would put two feature sets in one table: use another --out")
+    for key in new:
+        if key not in PATH_KEYS and old.get(key) != new[key]:
+            raise TrainError(f"{path}: this folder holds results with a different {key} ({old.get(key)!r}); "
+                             "use another --out")
+
+
+def shot_path(out: Path, shots: int) -> Path:
+    """``shots/<K>shot.json``: the records of one finished shot count (its presence means: skip it when rerun)."""
+    return out / "shots" / f"{shots}shot.json"
+
+
+def params_path(out: Path, shots: int) -> Path:
+    """``params/<K>shot.npz``: the selected models of one shot count (``save_params``)."""
+    return out / "params" / f"{shots}shot.npz"
+
+
+def write_shot(out: Path, shots: int, records: Sequence[RunRecord], learned: Mapping[str, Learned],
+               correct: Mapping[str, Any]) -> None:
+    """Write one finished shot count: its models (``params_path``), its selected runs' per-image correctness
+    (``correct_path``), then its records (``shot_path``, written last: its presence marks the shot count done)."""
+    save_params(params_path(out, shots), learned)
+    write_correct(correct_path(out / "shots", shots), correct)
+    write_json(shot_path(out, shots), records_to_json(records))
+
+
+def read_shots(out: Path) -> list[RunRecord]:
+    """The records of every finished shot count of a run folder, in file-name order."""
+    return [r for f in sorted((out / "shots").glob("*shot.json")) for r in read_records(f)]
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str) -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}/{k}"))
+        else:
+            out[f"{prefix}/{k}"] = np.asarray(v)
+    return out
+
+
+def save_params(path: Path, learned: Mapping[str, Learned]) -> None:
+    """Write ``{"method/seedK": Learned}`` to an .npz (keys ``method/seedK/params/...``, ``.../consts/...`` and
+    ``.../settings`` as JSON text); read it back with ``load_params``."""
+    arrays: dict[str, np.ndarray] = {}
+    for run, item in learned.items():
+        arrays[f"{run}/settings"] = np.array(json.dumps(item.settings.to_dict()))
+        arrays.update(_flatten(item.params, f"{run}/params"))
+        arrays.update(_flatten(item.consts, f"{run}/consts"))
+    np.savez(path, **arrays)
+
+
+def load_params(path: str | Path) -> dict[str, Learned]:
+    """Inverse of ``save_params``: ``{"method/seedK": Learned}``; use with ``train_jax.methods.logits``.
+    TrainError naming the file, and how to train it again, if it cannot be read."""
+    path = Path(path)
+    learned, why = _read_params(path)
+    if why:
+        raise TrainError(f"{why}; rerun the training command with --out {path.parent.parent}: it trains that shot "
+                         "count again")
+    return learned
+
+
+def params_problem(path: Path) -> str:
+    """'' when ``path`` (a run's ``params/<K>shot.npz``) reads back, else why not, naming the file."""
+    return _read_params(path)[1] if path.is_file() else f"{path}: missing"
+
+
+def _read_params(path: Path) -> tuple[dict[str, Learned], str]:
+    """(``{"method/seedK": Learned}``, '') of a ``save_params`` file, or ({}, why not, naming the file)."""
+    trees: dict[str, dict[str, Any]] = {}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            for key in data.files:
+                method, seed, kind, *rest = key.split("/")
+                item = trees.setdefault(f"{method}/{seed}", {"params": {}, "consts": {}})
+                if kind == "settings":
+                    item["settings"] = Settings.from_dict(json.loads(str(data[key])))
+                    continue
+                node = item[kind]
+                for part in rest[:-1]:
+                    node = node.setdefault(part, {})
+                node[rest[-1]] = data[key]
+        return {run: Learned(t["settings"], t["params"], t["consts"]) for run, t in trees.items()}, ""
+    except (OSError, ValueError, KeyError, TypeError, EOFError, TrainError, zipfile.BadZipFile) as e:
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        return {}, f"{path}: the saved models cannot be read ({why})"
+
+
+# --- the summary: one row per (dataset, method, shots), in results.json (versioned by its schema_version) ---
+
+STILL_FALLING = 0.05  # a mean loss curve whose last quarter of epochs (at least 2) lowers it by more is flagged
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """Test accuracy of the validation-selected setting of one (dataset, method, shots), over seeds.
+
+    seeds: the seeds with a selected run; failed_seeds: those whose runs all failed; failed_runs: how many runs
+    failed; settings, tie_breaks: per selected seed, its setting label and what decided it (None, "score",
+    "order"); select: the --select mode; notes: the runs' trainer remarks; shift: shift set name -> {"mean",
+    "std"}; test_mean, test_std, val_mean: accuracies (%) (None when every seed failed); loss_mean, loss_std
+    [E]: the selected runs' loss curve (None: no curve, a method with its own trainer); loss_still_falling; and
+    loss_parts_mean: part name -> its mean curve [E]."""
+
+    dataset: str
+    method: str
+    shots: int
+    seeds: tuple[int, ...] = ()
+    failed_seeds: tuple[int, ...] = ()
+    failed_runs: int = 0
+    settings: tuple[str, ...] = ()
+    tie_breaks: tuple[str | None, ...] = ()
+    select: str = "seed"
+    notes: tuple[str, ...] = ()
+    shift: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
+    test_mean: float | None = None
+    test_std: float | None = None
+    val_mean: float | None = None
+    loss_mean: tuple[float | None, ...] | None = None
+    loss_std: tuple[float | None, ...] | None = None
+    loss_still_falling: bool | None = None
+    loss_parts_mean: Mapping[str, tuple[float | None, ...]] | None = None
+
+    _OPTIONAL = ("test_mean", "test_std", "val_mean", "loss_mean", "loss_std", "loss_still_falling",
+                 "loss_parts_mean")
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict: every field, the optional ones only when set."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in self._OPTIONAL and value is None:
+                continue
+            if isinstance(value, tuple):
+                value = list(value)
+            elif f.name in ("shift", "loss_parts_mean"):
+                value = {k: (list(v) if isinstance(v, tuple) else dict(v)) for k, v in value.items()}
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "SummaryRow":
+        """Inverse of ``to_json``; missing fields take their defaults, unknown keys are a TrainError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise TrainError(f"a summary row with unknown keys {sorted(unknown)}")
+        tupled = {k: tuple(v) for k, v in data.items()
+                  if k in ("seeds", "failed_seeds", "settings", "tie_breaks", "notes", "loss_mean", "loss_std")}
+        parts = data.get("loss_parts_mean")
+        return cls(**{**data, **tupled, "shift": {k: dict(v) for k, v in dict(data.get("shift", {})).items()},
+                      "loss_parts_mean": None if parts is None else {k: tuple(v) for k, v in parts.items()}})
+
+
+def method_rank(methods: Iterable[str]) -> list[str]:
+    """The methods, each once, in the registry's order (``methods.METHODS``); names it lacks last, by name."""
+    from train_jax.methods import METHODS  # here, not at the top: reading records needs no JAX
+
+    order = list(METHODS)
+    return sorted(set(methods), key=lambda m: (order.index(m) if m in order else len(order), m))
+
+
+def summarize(records: Sequence[RunRecord], select: str = "seed") -> list[SummaryRow]:
+    """Per (dataset, method, shots), ordered by dataset, shots and method order: test accuracy of the
+    validation-selected setting, mean +- std over seeds, and the same for every shift set; ``select`` is the
+    --select mode."""
+    out = []
+    rank = {m: i for i, m in enumerate(method_rank(r.method for r in records))}
+    keys = sorted({(r.dataset, r.method, r.shots) for r in records}, key=lambda k: (k[0], k[2], rank[k[1]]))
+    for dataset, method, shots in keys:
+        runs = [r for r in records if (r.dataset, r.method, r.shots) == (dataset, method, shots)]
+        chosen = sorted((r for r in runs if r.selected), key=lambda r: r.seed)
+        seeds = sorted({r.seed for r in runs})
+        row: dict[str, Any] = {
+            "dataset": dataset, "method": method, "shots": shots, "seeds": tuple(r.seed for r in chosen),
+            "failed_seeds": tuple(s for s in seeds if s not in {r.seed for r in chosen}),
+            "failed_runs": sum(r.failed for r in runs), "settings": tuple(r.setting for r in chosen),
+            "tie_breaks": tuple(r.tie_break for r in chosen), "select": select,
+            "notes": tuple(sorted({r.note for r in runs if r.note})), "shift": {},
+        }
+        if chosen:
+            row["test_mean"], row["test_std"] = mean_std([r.test_acc for r in chosen])
+            row["val_mean"], _ = mean_std([r.val_acc for r in chosen])
+            for target in chosen[0].shift:
+                mean, std = mean_std([r.shift[target] for r in chosen])
+                row["shift"][target] = {"mean": mean, "std": std}
+            curve = curve_stats([r.loss_curve for r in chosen])
+            if curve is not None:
+                row["loss_mean"], row["loss_std"] = tuple(curve[0]), tuple(curve[1])
+                row["loss_still_falling"] = still_falling(curve[0])
+                parts = {name: curve_stats([r.loss_parts.get(name, ()) for r in chosen])
+                         for name in chosen[0].loss_parts}
+                row["loss_parts_mean"] = {name: tuple(stats[0]) for name, stats in parts.items() if stats is not None}
+        out.append(SummaryRow(**row))
+    return out
+
+
+def curve_stats(curves: Sequence[Sequence[float | None]]) -> tuple[list[float | None], list[float | None]] | None:
+    """Per-epoch mean and population std (as ``evaluate.mean_std``) over seeds of loss curves (None: no such
+    epoch), padded to the longest; None when no curve has a point (methods with their own trainer record none)."""
+    length = max((len(c) for c in curves), default=0)
+    grid = np.full((len(curves), length), np.nan)
+    for i, c in enumerate(curves):
+        grid[i, :len(c)] = [np.nan if v is None else v for v in c]
+    seen = np.isfinite(grid)
+    if not seen.any():
+        return None
+    count = np.maximum(seen.sum(axis=0), 1)
+    mean = np.nansum(grid, axis=0) / count
+    std = np.sqrt(np.nansum((grid - mean) ** 2, axis=0) / count)
+    full = lambda x: [float(v) if ok else None for v, ok in zip(x, seen.any(axis=0))]  # noqa: E731
+    return full(mean), full(std)
+
+
+def still_falling(mean: Sequence[float | None]) -> bool:
+    """Whether a loss curve (None: no point) still drops by more than ``STILL_FALLING`` of its value over its last
+    quarter of epochs (at least 2 points): an under-trained setting rather than a converged one."""
+    points = [v for v in mean if v is not None]
+    if len(points) < 2:
+        return False
+    start = points[-max(2, len(points) // 4)]
+    return start - points[-1] > STILL_FALLING * abs(start)
+
+
+def write_results(out: Path, dataset: str, config: Mapping[str, Any], records: Sequence[RunRecord]) -> list[SummaryRow]:
+    """``results.json`` (``schema_version``, dataset, config, summary rows, ``runs``: the records' JSON) and
+    ``results.csv`` (one row per run: ``CSV_FIELDS``); returns the summary rows."""
+    summary = summarize(records, config["select"])
+    payload = {"schema_version": SCHEMA_VERSION, "dataset": dataset, "config": dict(config),
+               "summary": [row.to_json() for row in summary], "runs": [r.to_json() for r in records]}
+    (out / "results.json").write_text(json.dumps(payload, indent=1))
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for r in records:
+            score = "" if r.val_score is None else f"{r.val_score:.6f}"
+            writer.writerow({**r.to_json(), "val_acc": f"{r.val_acc:.2f}", "val_score": score,
+                             "test_acc": f"{r.test_acc:.2f}", "tie_break": r.tie_break or ""})
+    return summary
+
+
+@dataclass(frozen=True)
+class Results:
+    """What ``results.json`` holds for the combine mode: its dataset (None if unnamed), config (``run_config.json``'s
+    JSON) and summary rows."""
+
+    dataset: str | None
+    config: Mapping[str, Any]
+    summary: list[SummaryRow]
+
+
+def read_results(run_dir: str | Path) -> Results:
+    """A run folder's ``results.json`` (a file without ``schema_version`` is read as current); TrainError naming
+    the file when it is missing, unreadable or of a newer schema."""
+    path = Path(run_dir) / "results.json"
+    try:
+        data = json.loads(path.read_text())
+        rows = data["summary"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TrainError(f"{path}: cannot read results ({e}); run `python -m train_jax ... --out {run_dir}` first")
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise TrainError(f"{path}: results of schema version {version!r}; this code reads up to {SCHEMA_VERSION}")
+    try:
+        summary = [SummaryRow.from_json(r) for r in rows]
+    except (TrainError, TypeError, ValueError, AttributeError) as e:
+        raise TrainError(f"{path}: {e}; run `python -m train_jax ... --out {run_dir}` again") from None
+    return Results(data.get("dataset"), dict(data.get("config") or {}), summary)
+
+
+def read_summary(run_dir: str | Path) -> list[SummaryRow]:
+    """The summary rows of a run folder's ``results.json`` (``read_results``)."""
+    return read_results(run_dir).summary
 
 
 # Per-test-image correctness of the selected runs, for the paired comparisons (train_jax.compare):

@@ -1,5 +1,5 @@
-"""Results files: JSON, CSV, Markdown tables, learned parameters (.npz, see ``load_params``), accuracy-vs-shots
-and training-loss plots; plus a combine mode over run directories:
+"""Renderings of a run folder's results (``records``): Markdown tables, accuracy-vs-shots and training-loss
+plots; plus a combine mode over run directories:
 
     python -m train_jax.report RUN_DIR [RUN_DIR ...] --out DIR
 
@@ -12,11 +12,9 @@ DIR/loss_curves.png.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -24,19 +22,17 @@ import numpy as np
 
 from data.registry import dataset_names, display_order, find_dataset
 from train_jax import compare_report
-from train_jax.config import Settings
 from train_jax.errors import TrainError
-from train_jax.evaluate import mean_std
-from train_jax.records import SCHEMA_VERSION, Learned, RunRecord
+from train_jax.records import (CSV_FIELDS, RunRecord, SummaryRow, load_params, method_rank, read_results,
+                               save_params, write_results)
+from train_jax.records import summarize as summary_rows
+
+__all__ = ["CSV_FIELDS", "load_params", "save_params"]  # re-exported from records, where they live
 
 BENCHMARK = tuple(dataset_names("benchmark"))
-CSV_FIELDS = ("dataset", "shots", "method", "seed", "setting", "val_acc", "val_score", "test_acc", "selected",
-              "tie_break", "failed")
 TIE_MARK = "†"  # results.md / summary.md: a cell whose setting was chosen by the tie-break for some seed
 _SELECTION = {"seed": "setting selected per seed on validation",
               "mean": "one setting per method selected on the mean validation accuracy over seeds"}
-METHOD_ORDER = ("zeroshot", "linear_probe", "tip_adapter", "tip_adapter_f", "gda", "cmm_ce", "cmm")
-STILL_FALLING = 0.05  # a mean loss curve whose last quarter of epochs (at least 2) lowers it by more is flagged
 
 
 def _key(name: str) -> str:
@@ -60,83 +56,6 @@ def _under_title(markdown: str, line: str) -> str:
     """`line` as a paragraph right under the first (title) line of `markdown`."""
     title, _, rest = markdown.partition("\n")
     return f"{title}\n\n{line}{rest}" if line else markdown
-
-
-def _method_sort(methods: Iterable[str]) -> list[str]:
-    return sorted(set(methods), key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else 99, m))
-
-
-def summarize(records: Sequence[RunRecord], select: str = "seed") -> list[dict[str, Any]]:
-    """Per (dataset, method, shots): test accuracy of the validation-selected setting, mean +- std over seeds,
-    and the same for every shift set. Seeds whose runs all failed count in ``failed_seeds``; ``tie_breaks``
-    (per selected seed: None, "score" or "order") say what decided a selection; ``select`` is the --select mode."""
-    out = []
-    rank = {m: i for i, m in enumerate(_method_sort(r.method for r in records))}
-    keys = sorted({(r.dataset, r.method, r.shots) for r in records}, key=lambda k: (k[0], k[2], rank[k[1]]))
-    for dataset, method, shots in keys:
-        runs = [r for r in records if (r.dataset, r.method, r.shots) == (dataset, method, shots)]
-        chosen = sorted((r for r in runs if r.selected), key=lambda r: r.seed)
-        seeds = sorted({r.seed for r in runs})
-        row: dict[str, Any] = {
-            "dataset": dataset, "method": method, "shots": shots, "seeds": [r.seed for r in chosen],
-            "failed_seeds": [s for s in seeds if s not in {r.seed for r in chosen}],
-            "failed_runs": sum(r.failed for r in runs), "settings": [r.setting for r in chosen],
-            "tie_breaks": [r.tie_break for r in chosen], "select": select,
-            "notes": sorted({r.note for r in runs if r.note}), "shift": {},
-        }
-        if chosen:
-            row["test_mean"], row["test_std"] = mean_std([r.test_acc for r in chosen])
-            row["val_mean"], _ = mean_std([r.val_acc for r in chosen])
-            for target in chosen[0].shift:
-                mean, std = mean_std([r.shift[target] for r in chosen])
-                row["shift"][target] = {"mean": mean, "std": std}
-            curve = curve_stats([r.loss_curve for r in chosen])
-            if curve is not None:
-                row["loss_mean"], row["loss_std"] = curve
-                row["loss_still_falling"] = still_falling(row["loss_mean"])
-                parts = {name: curve_stats([r.loss_parts.get(name, ()) for r in chosen])
-                         for name in chosen[0].loss_parts}
-                row["loss_parts_mean"] = {name: stats[0] for name, stats in parts.items() if stats is not None}
-        out.append(row)
-    return out
-
-
-def curve_stats(curves: Sequence[Sequence[float | None]]) -> tuple[list[float | None], list[float | None]] | None:
-    """Per-epoch mean and population std (as ``evaluate.mean_std``) over seeds of loss curves (None: no such
-    epoch), padded to the longest; None when no curve has a point (methods with their own trainer record none)."""
-    length = max((len(c) for c in curves), default=0)
-    grid = np.full((len(curves), length), np.nan)
-    for i, c in enumerate(curves):
-        grid[i, :len(c)] = [np.nan if v is None else v for v in c]
-    seen = np.isfinite(grid)
-    if not seen.any():
-        return None
-    count = np.maximum(seen.sum(axis=0), 1)
-    mean = np.nansum(grid, axis=0) / count
-    std = np.sqrt(np.nansum((grid - mean) ** 2, axis=0) / count)
-    full = lambda x: [float(v) if ok else None for v, ok in zip(x, seen.any(axis=0))]  # noqa: E731
-    return full(mean), full(std)
-
-
-def still_falling(mean: Sequence[float | None]) -> bool:
-    """Whether a loss curve (None: no point) still drops by more than ``STILL_FALLING`` of its value over its last
-    quarter of epochs (at least 2 points): an under-trained setting rather than a converged one."""
-    points = [v for v in mean if v is not None]
-    if len(points) < 2:
-        return False
-    start = points[-max(2, len(points) // 4)]
-    return start - points[-1] > STILL_FALLING * abs(start)
-
-
-def write_csv(path: Path, records: Sequence[RunRecord]) -> None:
-    """One row per run: ``CSV_FIELDS``."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for r in records:
-            score = "" if r.val_score is None else f"{r.val_score:.6f}"
-            writer.writerow({**r.to_json(), "val_acc": f"{r.val_acc:.2f}", "val_score": score,
-                             "test_acc": f"{r.test_acc:.2f}", "tie_break": r.tie_break or ""})
 
 
 def _cell(row: Mapping[str, Any] | None) -> str:
@@ -203,7 +122,7 @@ def _falling_note(summary: Sequence[Mapping[str, Any]]) -> str:
 def run_markdown(dataset: str, summary: Sequence[Mapping[str, Any]]) -> str:
     """Markdown for one run directory: rows = methods, columns = shots (test accuracy, mean ± std over seeds)."""
     shots = sorted({r["shots"] for r in summary})
-    methods = _method_sort(r["method"] for r in summary)
+    methods = method_rank(r["method"] for r in summary)
     cell = {(r["method"], r["shots"]): r for r in summary}
     table = _table(["Method", *[f"{k}-shot" for k in shots]],
                    ([m, *[_cell(cell.get((m, k))) for k in shots]] for m in methods))
@@ -246,7 +165,7 @@ def plot(path: Path, summary: Sequence[Mapping[str, Any]], title: str = "") -> N
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
     for ax, (name, rs) in zip(axes.flat, panels.items()):
-        for method in _method_sort(r["method"] for r in rs):
+        for method in method_rank(r["method"] for r in rs):
             pts = sorted((r["shots"], r["test_mean"], r.get("test_std", 0.0)) for r in rs
                          if r["method"] == method and "test_mean" in r)
             if pts:
@@ -268,64 +187,6 @@ def plot(path: Path, summary: Sequence[Mapping[str, Any]], title: str = "") -> N
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str) -> dict[str, np.ndarray]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}/{k}"))
-        else:
-            out[f"{prefix}/{k}"] = np.asarray(v)
-    return out
-
-
-def save_params(path: Path, learned: Mapping[str, Learned]) -> None:
-    """Write ``{"method/seedK": Learned}`` to an .npz (keys ``method/seedK/params/...``, ``.../consts/...`` and
-    ``.../settings`` as JSON text); read it back with ``load_params``."""
-    arrays: dict[str, np.ndarray] = {}
-    for run, item in learned.items():
-        arrays[f"{run}/settings"] = np.array(json.dumps(item.settings.to_dict()))
-        arrays.update(_flatten(item.params, f"{run}/params"))
-        arrays.update(_flatten(item.consts, f"{run}/consts"))
-    np.savez(path, **arrays)
-
-
-def load_params(path: str | Path) -> dict[str, Learned]:
-    """Inverse of ``save_params``: ``{"method/seedK": Learned}``; use with ``train_jax.methods.logits``.
-    TrainError naming the file, and how to train it again, if it cannot be read."""
-    path = Path(path)
-    learned, why = _read_params(path)
-    if why:
-        raise TrainError(f"{why}; rerun the training command with --out {path.parent.parent}: it trains that shot "
-                         "count again")
-    return learned
-
-
-def params_problem(path: Path) -> str:
-    """'' when ``path`` (a run's ``params/<K>shot.npz``) reads back, else why not, naming the file."""
-    return _read_params(path)[1] if path.is_file() else f"{path}: missing"
-
-
-def _read_params(path: Path) -> tuple[dict[str, Learned], str]:
-    """(``{"method/seedK": Learned}``, '') of a ``save_params`` file, or ({}, why not, naming the file)."""
-    trees: dict[str, dict[str, Any]] = {}
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            for key in data.files:
-                method, seed, kind, *rest = key.split("/")
-                item = trees.setdefault(f"{method}/{seed}", {"params": {}, "consts": {}})
-                if kind == "settings":
-                    item["settings"] = Settings.from_dict(json.loads(str(data[key])))
-                    continue
-                node = item[kind]
-                for part in rest[:-1]:
-                    node = node.setdefault(part, {})
-                node[rest[-1]] = data[key]
-        return {run: Learned(t["settings"], t["params"], t["consts"]) for run, t in trees.items()}, ""
-    except (OSError, ValueError, KeyError, TypeError, EOFError, TrainError, zipfile.BadZipFile) as e:
-        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        return {}, f"{path}: the saved models cannot be read ({why})"
 
 
 def plot_curves(path: Path, summary: Sequence[Mapping[str, Any]], title: str = "") -> None:
@@ -368,21 +229,25 @@ def plot_curves(path: Path, summary: Sequence[Mapping[str, Any]], title: str = "
 
 
 def write_run_dir(out: Path, dataset: str, config: Mapping[str, Any], records: Sequence[RunRecord],
-                  compare_to: str = "cmm") -> None:
-    """results.json (``schema_version``, dataset, config, summary, ``runs``: the records' JSON), results.csv,
-    results.md, accuracy_vs_shots.png and loss_curves.png of one run directory; the paired comparisons against
-    ``compare_to`` (compare.csv, compare.json and a section of results.md, ``train_jax.compare_report``)."""
-    summary = summarize(records, config["select"])
-    payload = {"schema_version": SCHEMA_VERSION, "dataset": dataset, "config": dict(config), "summary": summary,
-               "runs": [r.to_json() for r in records]}
-    (out / "results.json").write_text(json.dumps(payload, indent=1))
-    write_csv(out / "results.csv", records)
-    paired = compare_report.run_section(out, records, compare_to, _method_sort(r.method for r in records))
+                  compare_to: str = "cmm") -> list[SummaryRow]:
+    """The files of one run folder: results.json and results.csv (``records.write_results``), their renderings
+    results.md, accuracy_vs_shots.png and loss_curves.png, and the paired comparisons against ``compare_to``
+    (compare.csv, compare.json and a section of results.md, ``train_jax.compare_report``); returns the summary
+    rows."""
+    rows = write_results(out, dataset, config, records)
+    summary = [row.to_json() for row in rows]
+    paired = compare_report.run_section(out, records, compare_to, method_rank(r.method for r in records))
     random = weights_line({dataset: config.get("identity")})
     (out / "results.md").write_text(_under_title(run_markdown(dataset, summary), random) + scale_line(config)
                                     + paired)
     plot(out / "accuracy_vs_shots.png", summary, dataset)
     plot_curves(out / "loss_curves.png", summary, dataset)
+    return rows
+
+
+def summarize(records: Sequence[RunRecord], select: str = "seed") -> list[dict[str, Any]]:
+    """The summary rows of ``records`` (``records.summarize``) as the JSON the renderers read."""
+    return [row.to_json() for row in summary_rows(records, select)]
 
 
 def _average_rows(summary: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -412,7 +277,7 @@ def combined_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
     datasets = display_order(r["dataset"] for r in summary)
     if len(datasets) == 1:
         return run_markdown(datasets[0], summary)
-    methods = _method_sort(r["method"] for r in summary)
+    methods = method_rank(r["method"] for r in summary)
     shots = sorted({r["shots"] for r in summary})
     cell = {(r["dataset"], r["method"], r["shots"]): r for r in summary}
     has_average = any(_key(d) in order for d in datasets)
@@ -468,13 +333,9 @@ def combine(run_dirs: Sequence[str | Path], out: str | Path, compare_to: str = "
             raise TrainError(f"{path}: cannot read it ({e}); rerun `python -m train_jax ... --out {path.parent}`") \
                 from None
     for run_dir in run_dirs:
-        path = Path(run_dir) / "results.json"
-        try:
-            results = json.loads(path.read_text())
-            summary.extend(results["summary"])
-            identities[results.get("dataset", str(run_dir))] = results.get("config", {}).get("identity")
-        except (OSError, ValueError, KeyError) as e:
-            raise TrainError(f"{path}: cannot read results ({e}); run `python -m train_jax ... --out {run_dir}` first")
+        results = read_results(run_dir)
+        summary.extend(row.to_json() for row in results.summary)
+        identities[results.dataset or str(run_dir)] = results.config.get("identity")
     out = Path(out)
     line = gap_line(gaps)
     datasets = display_order(r["dataset"] for r in summary)
@@ -482,7 +343,7 @@ def combine(run_dirs: Sequence[str | Path], out: str | Path, compare_to: str = "
     try:
         out.mkdir(parents=True, exist_ok=True)
         paired = compare_report.combined_section(run_dirs, out, compare_to,
-                                                 _method_sort(r["method"] for r in summary), datasets,
+                                                 method_rank(r["method"] for r in summary), datasets,
                                                  [d for d in datasets if _key(d) in benchmark], average_label(summary))
         markdown = _under_title(combined_markdown(summary), weights_line(identities))
         (out / "summary.md").write_text(markdown + (f"\n{line}" if line else "") + paired)

@@ -19,7 +19,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +28,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data.progress import progress
 from train_jax.config import DYNAMIC_FIELDS, Settings
-from train_jax.layout import LayoutPolicy, chunk_size, estimate_run_bytes, plan_training
+from train_jax.heads import Head
+from train_jax.layout import Buckets, LayoutPolicy, chunk_size, estimate_run_bytes, plan_training
+from train_jax.layout import shot_buckets  # noqa: F401  (re-exported: callers that import it from here)
 from train_jax.step import train_run
 
-if TYPE_CHECKING:  # methods imports the baselines, whose trainers use this runner
-    from train_jax.methods import Head
 
 Tree = Any
 EVAL_BLOCK = 1024
@@ -171,23 +171,6 @@ def _plan(devices, units: int, per_unit: int, budget: int | None) -> tuple[_Plac
     devices = list(devices or jax.devices())
     chunk = chunk_size(units, per_unit, memory_budget(devices) if budget is None else budget, len(devices))
     return _Placement(devices), chunk
-
-
-@dataclass(frozen=True)
-class Buckets:
-    """Sizes a training program is compiled for, so that one program serves every shot count: rows per run
-    (padded rows are masked out; heads whose parameters' shapes depend on the rows, Tip-Adapter's keys, keep
-    their own) and pool rows (padded with zero rows no run indexes). Sizes below the actual ones are ignored."""
-
-    rows: int = 0
-    pool: int = 0
-
-
-def shot_buckets(max_shots: int, classes: int, seeds: int, train_rows: int) -> Buckets:
-    """Buckets serving every shot count up to ``max_shots``: rows per run min(max_shots * classes, train_rows) (a
-    draw never takes more rows than the split has); pool rows: the most the seeds' draws can cover,
-    min(train_rows, seeds * max_shots * classes)."""
-    return Buckets(min(max_shots * classes, train_rows), min(train_rows, seeds * max_shots * classes))
 
 
 def _rows_shape_free(head: Head, n: int, dim: int, text: np.ndarray) -> bool:

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-if TYPE_CHECKING:  # methods imports the baselines, whose trainers use the runner
-    from train_jax.methods import Head
+from train_jax.heads import Head
 
 Tree = Any
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from data.cache import Split
 from train_jax.config import Settings
-from train_jax.runner import Buckets
+from train_jax.layout import Buckets
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,86 @@
+"""One experiment's configuration as data: ``RunConfig``, what ``python -m train_jax`` is asked to do (the CLI
+parses its arguments into one; ``experiment.train_and_evaluate`` runs it). ``Settings`` (``config.py``) is one
+run's hyperparameters; the grid of them is ``RunConfig.grid``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from train_jax.config import DEFAULT_GRID, grid_from_json, grid_to_json
+from train_jax.evaluate import SELECT_MODES
+from train_jax.methods import DEFAULT_METHODS
+DEFAULT_SHOTS = (1, 2, 4, 8, 16)
+DEFAULT_SEEDS = (1, 2, 3)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What to train and evaluate, and where it runs.
+
+    cache: the training cache (.h5); eval_caches: shift caches (test split only); shots: shots per class, as asked
+    (``shot_list`` sorts and dedups); fit_shots: drop, with a warning, the shots a class cannot give (else an
+    error); seeds: few-shot draw seeds, as asked; methods: names of ``methods.METHODS``, as asked; grid: setting
+    name -> values (``config.parse_grid``; None: ``config.DEFAULT_GRID``); select: one of ``SELECT_MODES``;
+    compare_to: the reference method of the paired comparisons (``train_jax.compare_report``);
+    prompt: "single", "ensemble" or None (the dataset's default); memory_gb: memory for the run axis (None: half
+    the free memory); devices: the first N JAX devices (None: all); compile_cache, no_compile_cache: JAX's
+    persistent compilation cache folder, or none.
+    """
+
+    cache: str
+    eval_caches: tuple[str, ...] = ()
+    shots: tuple[int, ...] = DEFAULT_SHOTS
+    fit_shots: bool = False
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    grid: Mapping[str, tuple] | None = None
+    select: str = SELECT_MODES[0]
+    compare_to: str = "cmm"
+    prompt: str | None = None
+    memory_gb: float | None = None
+    devices: int | None = None
+    compile_cache: str | None = None
+    no_compile_cache: bool = False
+
+    @property
+    def shot_list(self) -> list[int]:
+        """The shots values, sorted, each once."""
+        return sorted(set(self.shots))
+
+    @property
+    def seed_list(self) -> list[int]:
+        """The seeds, each once, in the order given."""
+        return list(dict.fromkeys(self.seeds))
+
+    @property
+    def method_list(self) -> list[str]:
+        """The methods, each once, in the order given."""
+        return list(dict.fromkeys(self.methods))
+
+    @property
+    def settings_grid(self) -> dict[str, tuple]:
+        """The grid searched: ``grid``, or ``DEFAULT_GRID`` when none was given."""
+        return dict(self.grid) if self.grid else dict(DEFAULT_GRID)
+
+    @property
+    def budget(self) -> int | None:
+        """``memory_gb`` in bytes (None: the runner's default)."""
+        return int(self.memory_gb * 2**30) if self.memory_gb else None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict, one key per field (the grid as ``config.grid_to_json``)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**out, **{k: list(out[k]) for k in ("eval_caches", "shots", "seeds", "methods")},
+                "grid": None if self.grid is None else json.loads(grid_to_json(self.grid))}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "RunConfig":
+        """Inverse of ``to_json``."""
+        data = dict(data)
+        grid = data.pop("grid", None)
+        return cls(**{**data, **{k: tuple(data.get(k, ())) for k in ("eval_caches", "shots", "seeds", "methods")
+                                 if k in data}},
+                   grid=None if grid is None else grid_from_json(json.dumps(grid)))
