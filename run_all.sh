@@ -28,7 +28,8 @@ tiny random-weight CLIP. Its numbers check the pipeline; they are not CLIP accur
   --shots "K ..."        shots per class (default "1 2 4 8 16"); values above a dataset's smallest class are
                          skipped for that dataset with a warning
   --seeds "S ..."        few-shot seeds (default "1 2 3")
-  --aug-views N          augmented views of each encoded train image (default 0)
+  --aug-views N          augmented views of each encoded train image (default 10, Tip-Adapter's: train_jax then
+                         also runs tip_adapter_f and searches CMM's use_aug; 0 for neither)
   --encode-all           encode every train image (default: only those the few-shot draws of --seeds at up
                          to the largest --shots can use; rerunning with more seeds or shots adds the missing)
   --out DIR              output folder (default outputs/): cache/, runs/, results/
@@ -45,7 +46,7 @@ EOF
 }
 
 DATASETS="" DATA_ROOT="" FOLDER="" NAME="" MODEL="" PRETRAINED="" MODEL_CONFIG=""
-SHOTS="1 2 4 8 16" SEEDS="1 2 3" AUG_VIEWS=0 OUT="outputs" DEVICE="auto" TRAIN_ARGS="" ENCODE_ALL=0
+SHOTS="1 2 4 8 16" SEEDS="1 2 3" AUG_VIEWS=10 OUT="outputs" DEVICE="auto" TRAIN_ARGS="" ENCODE_ALL=0
 PREDICT="" RUN="" PREDICT_ARGS="" COMPARE_TO="cmm"
 PY="${PYTHON:-python}"
 
@@ -148,14 +149,16 @@ if [ -n "$PREDICT" ]; then  # a folder of new images -> unlabelled cache with th
   exit 0
 fi
 
-extract() {  # extract NAME SOURCE_ARGS...: skip a cache that already holds every image this run needs
+extract() {  # extract NAME SOURCE_ARGS...: skip a cache that already holds every image (and view) this run needs
   local name="$1"; shift
   local cache="$CACHE_DIR/$name.h5"
   local todo=1  # no cache yet, or a plan that fails: run the extraction (it says why)
-  if [ -f "$cache" ]; then
+  if [ -f "$cache" ]; then  # the plan's to_encode, or "refused: WHY" (e.g. the cache holds other --aug-views)
     todo="$("$PY" -m extract run "$@" "${MODEL_ARGS[@]}" "${POOL_ARGS[@]}" --out "$cache" --dry-run --json |
-      "$PY" -c 'import json, sys; print(json.load(sys.stdin)["to_encode"])')" || todo=1
+      "$PY" -c 'import json, sys; p = json.load(sys.stdin)
+print("refused: " + p["refused"] if p["refused"] else p["to_encode"])')" || todo=1
   fi
+  case "$todo" in refused:*) die "${todo#refused: } (run_all.sh: or another --out)" ;; esac
   if [ "$todo" = 0 ]; then
     echo "== $name: features cached in $cache"
   else
@@ -177,9 +180,10 @@ else
   done
 fi
 
-METHOD_ARGS=()  # real runs: train_jax.methods.REAL_RUN_METHODS; the offline check: train_jax's defaults
+METHOD_ARGS=()  # real runs: methods.default_methods(views, real_run=True); the offline check: train_jax's own
 if [ "$DEMO" = 0 ]; then
-  read -r -a REAL_METHODS <<<"$("$PY" -c 'from train_jax.methods import REAL_RUN_METHODS as m; print(*m)')"
+  read -r -a REAL_METHODS <<<"$("$PY" -c 'import sys; from train_jax.methods import default_methods as d
+print(*d(int(sys.argv[1]) > 0, real_run=True))' "$AUG_VIEWS")"
   METHOD_ARGS=(--methods "${REAL_METHODS[@]}")  # a --methods in --train-args comes later and wins
 fi
 RUN_DIRS=()

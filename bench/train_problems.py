@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# 12 settings, as train_jax.config.DEFAULT_GRID (lr x alpha x lambda); the other fields keep their defaults.
+# 12 settings, train_jax.config.DEFAULT_GRID's lr x alpha x lambda (its learn_text axis left out: frozen prototypes,
+# the throughput figures' setting); the other fields keep their defaults.
 GRID = [{"lr": lr, "alpha": alpha, "lam": lam}
         for lr in (1e-2, 1e-3) for alpha in (0.5, 1.0, 2.0) for lam in (1.0, 10.0)]
 DEFAULTS = {"weight_decay": 1e-2, "margin": 0.2, "warmup": 0.05, "logit_scale": 100.0, "beta": 5.5, "adam_eps": 1e-8}

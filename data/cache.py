@@ -377,6 +377,8 @@ def read_status(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def h5_identity(f: h5py.File, path: Path) -> dict[str, Any]:
+    """``identity`` of the open cache file ``f`` (``path``: its name in errors), from its attributes, class and
+    template lists and each split's listing."""
     splits = {name: {"paths": decode_strings(read_checked(g["paths"], path)), "labels": read_checked(g["labels"], path)}
               for name, g in f["splits"].items()}
     return identity({k: attr_value(v) for k, v in f.attrs.items()}, decode_strings(read_checked(f["classnames"], path)),

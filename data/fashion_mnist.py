@@ -58,7 +58,8 @@ def decode_idx(raw: bytes, source: str = "<bytes>") -> np.ndarray:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file, gzip-compressed (`.gz`) or not."""
+    """An IDX file, gzip-compressed (`.gz`) or not, as an array of its dtype and shape (images [N,28,28] uint8,
+    labels [N] uint8); DataError naming the file if it cannot be read or parsed."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError) as exc:
@@ -99,7 +100,8 @@ def _run(cmd: list[str], cwd: str) -> None:
 def pick_per_class(labels: np.ndarray, counts: list[int], num_classes: int, seed: int) -> list[np.ndarray]:
     """Disjoint per-class picks: for each class a seeded permutation of its indices is cut into `counts` pieces.
 
-    Returns one sorted index array per count. Raises DataError if a class has fewer than sum(counts) images.
+    labels [N] in [0, num_classes). Returns one sorted index array per count, the i-th of length
+    counts[i] * num_classes. Raises DataError if a class has fewer than sum(counts) images.
     """
     rng = np.random.default_rng(seed)
     picks: list[list[np.ndarray]] = [[] for _ in counts]

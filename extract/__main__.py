@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "loads the model only to check an existing --out)")
     exe.add_argument("--json", action="store_true", help="with --dry-run: print the plan as one JSON object "
                                                          "(target, pool, splits: listed / to_encode / in_file / "
-                                                         "forwards, to_encode: the total)")
+                                                         "forwards, to_encode: the total, views: asked / in_file, "
+                                                         "refused: why the run would stop, or null)")
     merge = commands.add_parser("merge", help="join shard caches into one cache",
                                 description="Check that the shards come from one extraction (same model and "
                                             "settings, every row exactly once) and write them as one cache.")
@@ -216,13 +217,20 @@ def _run(args: argparse.Namespace) -> Path | None:
         raise ExtractError("--json goes with --dry-run (it prints the plan as JSON)")
     device = resolve_device(args.device)
     feature_dtype = "float16" if args.float16 else "float32"
-    if args.dry_run:  # the checks of a real run; the model is loaded only when an existing file must match it
+    if args.dry_run:  # a run's checks, reading only: a refusal is one error line (with --json: the plan's "refused")
+        planned = plan(spec, args.out, splits=splits, pool=pool, aug_views=args.aug_views, shard=shard,
+                       overwrite=args.overwrite)
         target = shard_path(args.out, shard)
-        if target.exists() or partial_path(target).exists():
-            check_target(spec, _load(args, device), args.out, templates=templates, splits=splits, pool=pool,
-                         aug_views=args.aug_views, aug_seed=args.aug_seed, feature_dtype=feature_dtype, shard=shard,
-                         overwrite=args.overwrite)
-        planned = plan(spec, args.out, splits=splits, pool=pool, aug_views=args.aug_views, shard=shard)
+        if not planned["refused"] and (target.exists() or partial_path(target).exists()):
+            loaded = _load(args, device)  # only when an existing file must match the model
+            try:
+                check_target(spec, loaded, args.out, templates=templates, splits=splits, pool=pool,
+                             aug_views=args.aug_views, aug_seed=args.aug_seed, feature_dtype=feature_dtype,
+                             shard=shard, overwrite=args.overwrite)
+            except (ExtractError, CacheError) as e:
+                planned["refused"] = str(e)
+        if planned["refused"] and not args.json:
+            raise ExtractError(planned["refused"])
         print(json.dumps(planned) if args.json else plan_text(planned))
         return None
     loaded = _load(args, device)

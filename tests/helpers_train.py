@@ -54,9 +54,10 @@ class GapWorld:
 
 
 def write_gap_cache(path: Path, world: GapWorld, *, train: int = 8, val: int | None = 4, test: int = 20,
-                    dataset: str = "Synth", aug_views: int = 0, templates: int = 2) -> Path:
+                    dataset: str = "Synth", aug_views: int = 0, templates: int = 2, attrs: dict | None = None) -> Path:
     """Write a cache of ``world`` with the given images per class (val=None: no val split, like ImageNet).
-    Template 0 holds the exact prototypes; the others are perturbed copies."""
+    Template 0 holds the exact prototypes; the others are perturbed copies. ``attrs``: more root attributes
+    (e.g. the model's name and weights)."""
     splits = {"train": world.split("train", train, aug_views), "test": world.split("test", test)}
     if val is not None:
         splits["val"] = world.split("val", val)
@@ -64,7 +65,7 @@ def write_gap_cache(path: Path, world: GapWorld, *, train: int = 8, val: int | N
     text = np.stack([world.text, *extra], axis=1)
     return write_cache(
         path,
-        attrs={"dataset": dataset, "model": "synthetic", "embed_dim": world.dim},
+        attrs={"dataset": dataset, "model": "synthetic", "embed_dim": world.dim, **(attrs or {})},
         classnames=[f"class {c}" for c in range(world.classes)],
         templates=["a photo of a {}."] + [f"template {i} of a {{}}." for i in range(1, templates)],
         text_features=text,

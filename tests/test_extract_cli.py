@@ -214,6 +214,7 @@ def test_dry_run_json_is_the_plan_as_data(tmp_path: Path, capsys: pytest.Capture
     assert planned["target"] == str(out) and planned["pool"] == {"seeds": [1], "shots": 1}
     assert planned["splits"]["train"] == {"listed": 9, "to_encode": 3, "in_file": 0, "forwards": 9}
     assert planned["to_encode"] == sum(s["to_encode"] for s in planned["splits"].values())
+    assert planned["views"] == {"asked": 2, "in_file": None} and planned["refused"] is None
     assert main(argv) == 0  # the same plan in words
     assert "train: 9 listed, 3 to encode (0 already in the file), 9 image forwards" in capsys.readouterr().out
     assert main([*argv[:-1], "--json"]) == 2  # --json without --dry-run

@@ -12,7 +12,7 @@ from extract import datasets
 from data.cache import ABSENT, OK, CacheError, open_cache, partial_path, read_attrs, read_cache
 from data.fewshot import FewClassWarning, pool_rows
 from extract.errors import ExtractError
-from extract.run import describe_plan, run_extraction
+from extract.run import describe_plan, plan, run_extraction
 from extract.shards import Shard, merge_shards, parse_shard, shard_path, shard_rows
 from helpers_extract import (BATCH_ATOL, digest, make_class_folder, plain_image_features, plain_text_features,
                              templates, tiny_model)
@@ -262,3 +262,46 @@ def test_plan_counts_what_would_be_encoded(spec: datasets.DatasetSpec, tmp_path:
     assert f"{pooled} already in the file" in text and f"test: {len(spec.splits['test'])} listed, 0 to encode" in text
     with pytest.warns(FewClassWarning, match="fewer than 9 train images"):
         describe_plan(spec, tmp_path / "q.h5", pool={"seeds": [1], "shots": 9})  # a class gives all it has
+
+
+def test_plan_counts_rows_held_without_the_asked_views_and_the_run_stops(spec: datasets.DatasetSpec,
+                                                                         tmp_path: Path) -> None:
+    """A cache holds a fixed number of views per row: one made without views, asked for 2, has every row still to
+    encode; the run stops with one line naming --overwrite (the cache untouched), and --overwrite re-encodes it."""
+    pool = {"seeds": [1], "shots": 1}
+    out = extract(spec, tmp_path / "c.h5", pool=pool, aug_views=0)
+    before = digest(out)
+    same = plan(spec, out, pool=pool, aug_views=0)
+    assert same["to_encode"] == 0 and same["refused"] is None and same["views"] == {"asked": 0, "in_file": 0}
+    asked = plan(spec, out, pool=pool, aug_views=2)
+    rows = {name: s["in_file"] for name, s in same["splits"].items()}
+    assert asked["views"] == {"asked": 2, "in_file": 0} and asked["to_encode"] == sum(rows.values())
+    assert {name: s["in_file"] for name, s in asked["splits"].items()} == dict.fromkeys(rows, 0)
+    assert asked["splits"]["train"]["forwards"] == 3 * rows["train"]  # each row: the image and its 2 views
+    assert "--aug-views 0 to use it, or --overwrite" in asked["refused"] and "\n" not in asked["refused"]
+    assert f"the run would stop: {asked['refused']}" in describe_plan(spec, out, pool=pool, aug_views=2)
+    with pytest.raises(ExtractError, match="holds 0 augmented views per train image, not 2") as e:
+        extract(spec, out, pool=pool, aug_views=2)
+    assert "--overwrite" in str(e.value) and digest(out) == before and not partial_path(out).exists()
+    forced = plan(spec, out, pool=pool, aug_views=2, overwrite=True)
+    assert forced["refused"] is None and forced["to_encode"] == asked["to_encode"]
+    extract(spec, out, pool=pool, aug_views=2, overwrite=True)
+    assert read_cache(out).splits["train"].aug_features.shape[1] == 2
+    assert plan(spec, out, pool=pool, aug_views=2)["to_encode"] == 0
+
+
+def test_an_interrupted_extraction_with_other_views_is_named(spec: datasets.DatasetSpec, tmp_path: Path) -> None:
+    out = tmp_path / "c.h5"
+
+    def interrupt(split: str, rows: np.ndarray) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(spec, out, aug_views=0, on_batch=interrupt)
+    refused = plan(spec, out, aug_views=2, overwrite=True)["refused"]
+    assert refused.startswith(f"{partial_path(out)}: an interrupted extraction with 0 augmented views")
+    assert "rerun it with --aug-views 0, or delete the .partial file" in refused
+    with pytest.raises(ExtractError, match="interrupted extraction with 0 augmented views"):
+        extract(spec, out, aug_views=2)
+    resumed = plan(spec, out, aug_views=0)
+    assert resumed["refused"] is None and 0 < resumed["to_encode"] < sum(len(r) for r in spec.splits.values())

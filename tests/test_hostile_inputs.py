@@ -115,7 +115,9 @@ def test_dry_run_checks_what_the_run_checks(images, tmp_path, capsys):
     (tmp_path / "deeper.json").write_text(json.dumps(config))
     cases = {
         "another model": (["--model-config", str(tmp_path / "deeper.json"), "--model", ""], "refusing to mix"),
-        "other views": (["--aug-views", "1"], "aug_views=0, not 1"),
+        "other views": (["--aug-views", "1"], "holds 0 augmented views per train image, not 1"),
+        "other views of another model": (["--aug-views", "1", "--model-config", str(tmp_path / "deeper.json"),
+                                          "--model", ""], "augmented views"),
         "batch size 0": (["--batch-size", "0"], "--batch-size"),
         "workers -1": (["--workers", "-1"], "--workers"),
         "aug views -1": (["--aug-views", "-1"], "--aug-views"),

@@ -47,6 +47,11 @@ def test_run_all_end_to_end_then_reuses_cache(tmp_path: Path) -> None:
     assert (out / "results" / "accuracy_vs_shots.png").stat().st_size > 1000
     rows = json.loads((out / "results" / "summary.json").read_text())
     assert rows  # the combined results hold entries
+    from data.cache import read_attrs
+
+    # a real run's defaults: Tip-Adapter's 10 views extracted, so train_jax adds Tip-Adapter-F to its methods
+    assert read_attrs(cache)["aug_views"] == 10
+    assert {"zeroshot", "linear_probe", "tip_adapter_f", "cmm_ce", "cmm"} <= {r["method"] for r in rows["summary"]}
     before = cache.stat().st_mtime_ns
 
     second = _run_all(*args)
@@ -83,6 +88,18 @@ def test_run_all_model_config_alone_and_shots_that_do_not_fit(tmp_path: Path) ->
     assert read_attrs(cache)["model"] == "mytiny"
     rows = json.loads((out / "results" / "summary.json").read_text())["summary"]
     assert {(r["method"], r["shots"]) for r in rows} == {("zeroshot", 1), ("cmm", 1)}
+
+
+def test_run_all_refuses_a_cache_with_other_views(tmp_path: Path) -> None:
+    """A cache extracted without views is not silently reused by a default run (10 views), nor the reverse."""
+    folder = _make_folder(tmp_path / "colours", per_split={"train": 2, "val": 1, "test": 1})
+    common = ["--folder", str(folder), "--model", "cmm-tiny-vit", "--pretrained", "random", "--shots", "1",
+              "--seeds", "1", "--out", str(tmp_path / "out"), "--train-args", "--methods zeroshot --grid epochs=1"]
+    assert _run_all(*common, "--aug-views", "0").returncode == 0
+    again = _run_all(*common)
+    assert again.returncode == 2 and "holds 0 augmented views per train image, not 10" in again.stderr
+    assert "pass --aug-views 0 to use it" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    assert _run_all(*common, "--aug-views", "0").returncode == 0  # as extracted: reused
 
 
 def test_run_all_rejects_bad_options(tmp_path: Path) -> None:

@@ -13,12 +13,13 @@ from data import args as args_types
 from data.cache import CacheError
 from data.errors import DataError
 from train_jax import compile_cache
-from train_jax.config import ALIASES_OUT, DEFAULT_GRID, Settings, grid_keys_help, parse_grid
+from train_jax.config import ALIASES_OUT, DEFAULT_GRID, VIEWS_GRID, Settings, grid_keys_help, parse_grid
 from train_jax.errors import TrainError
 from train_jax.evaluate import SELECT_MODES
-from train_jax.methods import DEFAULT_METHODS, METHODS
+from train_jax.methods import DEFAULT_METHODS, METHODS, VIEW_METHODS
 from train_jax.run_config import DEFAULT_SEEDS, DEFAULT_SHOTS, RunConfig
 
+UNGIVEN_METHODS = list(DEFAULT_METHODS)  # --methods' default; by identity: not given, so views may add methods
 _METHODS_HELP = "\n".join(f"  {m.name}: {m.description}" for m in METHODS.values())
 EPILOG = f"""
 Selection (on the validation split, never on test): the setting with the best validation accuracy; ties go to
@@ -28,6 +29,8 @@ Selection (on the validation split, never on test): the setting with the best va
   accuracy and score averaged over the seeds (settings that failed for fewer seeds first).
 Default grid (the paper publishes no settings):
   {' '.join(f"{ALIASES_OUT.get(k, k)}={','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items())}
+  and, when the training cache holds augmented views, {' '.join(f"{k}={','.join(f'{v:g}' for v in vs)}"
+                                                              for k, vs in VIEWS_GRID.items())}
 Fields outside the grid keep their defaults:
   {Settings().label([f.name for f in dataclasses.fields(Settings)])}
 Settings (grid keys, aliases in brackets; tip_adapter_f, tip_adapter, gda, clap, lp_plus_plus and cross_modal_lp
@@ -65,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "stopping with an error")
     p.add_argument("--seeds", nargs="+", type=args_types.seed, default=list(DEFAULT_SEEDS),
                    help="sampling seeds (default: %(default)s)")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(DEFAULT_METHODS),
-                   help="methods to train (default: %(default)s)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=UNGIVEN_METHODS,
+                   help=f"methods to train (default: {' '.join(DEFAULT_METHODS)}, and {' '.join(VIEW_METHODS)} "
+                        "when the training cache holds augmented views)")
     p.add_argument("--grid", nargs="+", action="extend", default=None, metavar="KEY=V1,V2",
                    help="settings grid, e.g. lr=1e-3,1e-4 alpha=1,2 (default: see below; may be repeated)")
     p.add_argument("--select", choices=SELECT_MODES, default=SELECT_MODES[0],
@@ -94,7 +98,8 @@ def parse_config(args: argparse.Namespace) -> RunConfig:
     """The ``RunConfig`` of parsed arguments (the grid parsed with ``config.parse_grid``)."""
     return RunConfig(
         cache=args.cache, eval_caches=tuple(args.eval_cache), shots=tuple(args.shots), fit_shots=args.fit_shots,
-        seeds=tuple(args.seeds), methods=tuple(args.methods), grid=parse_grid(args.grid) if args.grid else None,
+        seeds=tuple(args.seeds), methods=None if args.methods is UNGIVEN_METHODS else tuple(args.methods),
+        grid=parse_grid(args.grid) if args.grid else None,
         select=args.select, compare_to=args.compare_to, prompt=args.prompt, memory_gb=args.memory_gb, devices=args.devices,
         compile_cache=args.compile_cache, no_compile_cache=args.no_compile_cache)
 

@@ -81,10 +81,12 @@ class CompileStats:
         return self.programs - self.cache_hits
 
     def to_dict(self) -> dict[str, float | int]:
+        """compile.json's JSON: programs, compiled, cache_hits, compile_s and trace_s (seconds, 3 decimals)."""
         return {"programs": self.programs, "compiled": self.compiled, "cache_hits": self.cache_hits,
                 "compile_s": round(self.compile_s, 3), "trace_s": round(self.trace_s, 3)}
 
     def line(self) -> str:
+        """The counts in one printed line."""
         return (f"compiled {self.compiled} programs ({self.cache_hits} more from the compilation cache) in "
                 f"{self.compile_s:.1f} s, traced in {self.trace_s:.1f} s")
 

@@ -96,12 +96,22 @@ ALIASES = {alias: name for name, f in FIELDS.items() for alias in f.metadata["al
 ALIASES_OUT = {name: f.metadata["shown_as"] for name, f in FIELDS.items() if f.metadata["shown_as"]}
 
 # Searched on the validation split when no --grid is given: 2 learning rates x 3 alphas x 2 triplet
-# weights = 12 settings (the CE-only ablation collapses the lambda axis to 6); the linear probe searches C over
-# 1e-6 .. 1e6 in half decades, the range of CoOp's coarse C grid at a step finer than its binary search's first.
-# The CE acts on logits scaled by s = 100 while the triplet loss is in cosine units, so lambda needs to be of
-# order 1-10 for the triplet term to matter (on synthetic modality-gap data lambda = 10 was clearly better).
+# weights x frozen or learned prototypes = 24 settings (the CE-only ablation collapses the lambda axis to 12); the
+# linear probe searches C over 1e-6 .. 1e6 in half decades, the range of CoOp's coarse C grid at a step finer than
+# its binary search's first. The CE acts on logits scaled by s = 100 while the triplet loss is in cosine units, so
+# lambda needs to be of order 1-10 for the triplet term to matter (on synthetic modality-gap data lambda = 10 was
+# clearly better). The paper's method figure marks both W and the text features T as trainable while its abstract
+# calls the frozen text embeddings the prototypes: learn_text runs both readings and validation chooses.
 DEFAULT_GRID: dict[str, tuple] = {"lr": (1e-2, 1e-3), "alpha": (0.5, 1.0, 2.0), "lam": (1.0, 10.0),
+                                  "learn_text": (False, True),
                                   "c": tuple(float(f"{10 ** (k / 2):.6g}") for k in range(-12, 13))}
+VIEWS_GRID: dict[str, tuple] = {"use_aug": (False, True)}  # added to the default grid when the cache has views
+
+
+def default_grid(views: bool) -> dict[str, tuple]:
+    """The grid searched when no --grid is given: ``DEFAULT_GRID``, plus ``VIEWS_GRID`` (training on the plain
+    features or on a random cached view per image and epoch) when the training cache holds augmented views."""
+    return {**DEFAULT_GRID, **(VIEWS_GRID if views else {})}
 
 
 def _field_name(key: str) -> str:

@@ -25,7 +25,7 @@ from data.cache import (BAD, MODEL_ATTRS, OK, UNLABELLED, CacheHead, CacheReader
                         file_identity, open_cache, read_cache)
 from data.registry import in_imagenet_family
 from data.vectors import l2_normalize
-from train_jax import compile_cache, evaluate, evaluators, gap, records
+from train_jax import compile_cache, evaluate, evaluators, gap, published, records
 from train_jax.compile_cache import CompileStats
 from train_jax.config import Settings, expand_grid, grid_to_json
 from train_jax.errors import TrainError
@@ -524,14 +524,15 @@ def train_and_evaluate(config: RunConfig, out: str | Path, *, say: Callable[[str
     """
     compile_cache.enable(compile_cache.cache_dir(config.compile_cache, config.no_compile_cache))
     compiled_before = compile_cache.stats()
-    grid = config.settings_grid
-    shots, seeds, methods = config.shot_list, config.seed_list, config.method_list
+    shots, seeds = config.shot_list, config.seed_list
     if min(shots) < 1:
         raise TrainError(f"--shots must be >= 1, got {list(config.shots)}")
     if config.devices is not None and not 1 <= config.devices <= len(jax.devices()):
         raise TrainError(f"--devices {config.devices}: this machine has {len(jax.devices())} JAX devices")
     devices = jax.devices()[: config.devices] if config.devices else None
     task = load_task(config.cache, config.eval_caches, config.prompt)
+    views = task.cache.has_views("train")  # the defaults add what augmented views allow
+    grid, methods = config.grid_for(views), config.methods_for(views)
     if config.fit_shots:
         shots = fitting_shots(task, shots, warn)
     check_encoded(task, shots, seeds)  # before anything is written to the run folder
@@ -573,8 +574,10 @@ def train_and_evaluate(config: RunConfig, out: str | Path, *, say: Callable[[str
 
     every = records.read_shots(out)
     summary = report.write_run_dir(out, task.dataset, recorded.to_json(), every, compare_to=config.compare_to)
+    for line in published.warnings([row.to_json() for row in summary]):
+        warn(line)
     test_features, test_labels = test_rows(task)
     gap.write_run(out, task.dataset, test_features, test_labels, task.text, task.cache.classnames)
     compiled = compile_cache.stats() - compiled_before
-    records.write_json(out / "compile.json", compiled.to_dict())
+    records.write_json(out / records.COMPILE_JSON, compiled.to_dict())
     return Experiment(out, task.dataset, every, summary, compiled)

@@ -31,11 +31,15 @@ Params = Any
 class Head(Protocol):
     """What a head provides (see the module docstring); ``part_names``/``loss_parts``/``combine_parts`` optional."""
 
-    def init(self, feats: jax.Array, labels: jax.Array, text: jax.Array) -> tuple[Params, Params]: ...
+    def init(self, feats: jax.Array, labels: jax.Array, text: jax.Array) -> tuple[Params, Params]:
+        """feats [N,D], labels [N], text [C,D] -> (trainable params, per-run constants)."""
+        ...
 
     def logits(
         self, params: Params, consts: Params, feats: jax.Array, zs_cos: jax.Array, text: jax.Array, hp: Mapping
-    ) -> jax.Array: ...
+    ) -> jax.Array:
+        """feats [B,D], zs_cos [B,C], text [C,D], hp: ``config.DYNAMIC_FIELDS`` -> scalar -> logits [B,C]."""
+        ...
 
     def loss(
         self,
@@ -46,7 +50,9 @@ class Head(Protocol):
         labels: jax.Array,
         text: jax.Array,
         hp: Mapping,
-    ) -> jax.Array: ...
+    ) -> jax.Array:
+        """As ``logits`` with labels [B] -> the training loss, a scalar (mean over B)."""
+        ...
 
 
 @dataclass(frozen=True)

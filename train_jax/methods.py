@@ -124,6 +124,15 @@ DEFAULT_METHODS = ("zeroshot", "linear_probe", "tip_adapter", "gda", "cmm_ce", "
 # run_all.sh's real runs (not its offline check) also train the peers with their own trainers: bench/bench_peers.py
 # estimates their 16-shot sweep of the 11 benchmarks at well under a few minutes of one GPU (README "Methods")
 REAL_RUN_METHODS = DEFAULT_METHODS + ("clap", "lp_plus_plus", "cross_modal_lp")
+VIEW_METHODS = ("tip_adapter_f",)  # also run by default when the training cache holds augmented views
+
+
+def default_methods(views: bool, real_run: bool = False) -> list[str]:
+    """The methods trained when --methods is not given (``real_run``: ``run_all.sh``'s real runs), in ``METHODS``
+    order: ``DEFAULT_METHODS`` (or ``REAL_RUN_METHODS``), plus ``VIEW_METHODS`` (whose recipes need augmented
+    views) when the training cache holds views."""
+    chosen = set(REAL_RUN_METHODS if real_run else DEFAULT_METHODS) | (set(VIEW_METHODS) if views else set())
+    return [m for m in METHODS if m in chosen]
 
 
 def logits(method: str, settings: Settings, params: Params, consts: Params, feats, text) -> jax.Array:

@@ -22,7 +22,7 @@ import numpy as np
 from data.cache import CacheError, FeatureCache, cache_identity, l2_normalize, read_cache
 from data.errors import DataError
 from train_jax.errors import TrainError
-from train_jax.records import Learned
+from train_jax.records import PARAMS_DIR, RUN_CONFIG, Learned, load_params, params_path, saved_params
 
 TOP_K = 5
 
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(run: Path) -> dict[str, Any]:
     """The run's run_config.json (it records the training cache's identity)."""
-    path = run / "run_config.json"
+    path = run / RUN_CONFIG
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -65,17 +65,15 @@ def load_config(run: Path) -> dict[str, Any]:
 
 def load_models(run: Path, shots: int | None, method: str, seed: int | None) -> tuple[int, dict[int, Learned]]:
     """(K, {seed: Learned}) of ``method``'s selected models in RUN/params/<K>shot.npz."""
-    from train_jax.report import load_params
-
-    trained = sorted(int(p.name.removesuffix("shot.npz")) for p in (run / "params").glob("*shot.npz"))
+    trained = [k for k, _ in saved_params(run)]
     if not trained:
-        raise TrainError(f"{run / 'params'}: no saved models; train with `python -m train_jax --cache TRAIN.h5 "
+        raise TrainError(f"{run / PARAMS_DIR}: no saved models; train with `python -m train_jax --cache TRAIN.h5 "
                          f"--out {run}`")
     shots = trained[-1] if shots is None else shots
     if shots not in trained:
         raise TrainError(f"{run}: no {shots}-shot models (trained: {', '.join(map(str, trained))}); pass one of "
                          f"those to --shots or train with --shots {shots}")
-    learned = load_params(run / "params" / f"{shots}shot.npz")
+    learned = load_params(params_path(run, shots))
     models = {int(k.split("/seed")[1]): v for k, v in learned.items() if k.split("/")[0] == method}
     if not models:
         methods = sorted({k.split("/")[0] for k in learned})

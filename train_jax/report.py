@@ -21,10 +21,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from data.registry import dataset_names, display_order, find_dataset
-from train_jax import compare_report
+from train_jax import choices, compare_report, published
 from train_jax.errors import TrainError
-from train_jax.records import (CSV_FIELDS, RunRecord, SummaryRow, load_params, method_rank, read_results,
-                               save_params, write_results)
+from train_jax.records import (ACCURACY_PNG, CSV_FIELDS, LOSS_PNG, RESULTS_MD, SUMMARY_JSON, SUMMARY_MD, GapFile,
+                               RunRecord, SummaryRow, load_params, method_rank, read_gap, read_results, save_params,
+                               write_results)
 from train_jax.records import summarize as summary_rows
 
 __all__ = ["CSV_FIELDS", "load_params", "save_params"]  # re-exported from records, where they live
@@ -133,6 +134,7 @@ def run_markdown(dataset: str, summary: Sequence[Mapping[str, Any]]) -> str:
             f"{r['method']} {r['shots']}-shot: {r['failed_runs']}" for r in failed) + "\n"
     text += _notes(summary)
     text += _falling_note(summary)
+    text += choices.markdown(summary) + published.markdown(summary)
     shift = shift_table(summary)
     return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "")
 
@@ -238,10 +240,10 @@ def write_run_dir(out: Path, dataset: str, config: Mapping[str, Any], records: S
     summary = [row.to_json() for row in rows]
     paired = compare_report.run_section(out, records, compare_to, method_rank(r.method for r in records))
     random = weights_line({dataset: config.get("identity")})
-    (out / "results.md").write_text(_under_title(run_markdown(dataset, summary), random) + scale_line(config)
-                                    + paired)
-    plot(out / "accuracy_vs_shots.png", summary, dataset)
-    plot_curves(out / "loss_curves.png", summary, dataset)
+    (out / RESULTS_MD).write_text(_under_title(run_markdown(dataset, summary), random) + scale_line(config)
+                                          + paired)
+    plot(out / ACCURACY_PNG, summary, dataset)
+    plot_curves(out / LOSS_PNG, summary, dataset)
     return rows
 
 
@@ -294,26 +296,28 @@ def combined_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
         text += f"\n## {k}-shot\n\n" + _table(header, rows) + "\n"
     text += _notes(summary)
     text += _falling_note(summary)
+    text += choices.markdown(summary) + published.markdown(summary)
     shift = shift_table(summary)
     return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "") + _tie_note(summary)
 
 
-def gap_line(gaps: Sequence[Mapping[str, Any]]) -> str:
-    """One Markdown line from the runs' gap.json: per dataset, cmm (else the first method with a map) at its
-    largest shot count; before -> after, averaged over the datasets. Empty when no run has a map."""
+def gap_line(gaps: Sequence[GapFile]) -> str:
+    """One Markdown line from the runs' gap.json (``read_gap``): per dataset, cmm (else the first method
+    with a map) at its largest shot count; before -> after, averaged over the datasets. Empty when no run has a
+    map."""
     pairs = []
     for g in gaps:
-        if g["after"]:
-            top = max(r["shots"] for r in g["after"])
-            rows = [r for r in g["after"] if r["shots"] == top]
-            pairs.append((g["before"], next((r for r in rows if r["method"] == "cmm"), rows[0])))
+        if g.after:
+            top = max(r.shots for r in g.after)
+            rows = [r for r in g.after if r.shots == top]
+            pairs.append((g.before, next((r for r in rows if r.method == "cmm"), rows[0])))
     if not pairs:
         return ""
     def change(key: str, fmt: str) -> str:
-        before, after = (np.mean([b[key] for b, _ in pairs]), np.mean([a["mean"][key] for _, a in pairs]))
+        before, after = (np.mean([b[key] for b, _ in pairs]), np.mean([a.mean[key] for _, a in pairs]))
         return f"{before:{fmt}} → {after:{fmt}}"
 
-    methods = ", ".join(sorted({f"{a['method']} {a['shots']}-shot" for _, a in pairs}))
+    methods = ", ".join(sorted({f"{a.method} {a.shots}-shot" for _, a in pairs}))
     return (f"Modality gap on test ({methods}; mean over {len(pairs)} dataset(s); per run: gap.md): "
             f"‖mean image − mean prototype‖ {change('gap', '.3f')}, margin {change('margin', '.3f')}, "
             f"nearest-prototype accuracy (%) {change('nearest_acc', '.2f')}\n")
@@ -325,13 +329,7 @@ def combine(run_dirs: Sequence[str | Path], out: str | Path, compare_to: str = "
     summary.md)."""
     summary: list[dict[str, Any]] = []
     identities: dict[str, Mapping[str, Any] | None] = {}
-    gaps = []
-    for path in (Path(d) / "gap.json" for d in run_dirs):
-        try:
-            gaps += [json.loads(path.read_text())] if path.is_file() else []
-        except (OSError, ValueError) as e:
-            raise TrainError(f"{path}: cannot read it ({e}); rerun `python -m train_jax ... --out {path.parent}`") \
-                from None
+    gaps = [g for g in map(read_gap, run_dirs) if g is not None]
     for run_dir in run_dirs:
         results = read_results(run_dir)
         summary.extend(row.to_json() for row in results.summary)
@@ -346,11 +344,11 @@ def combine(run_dirs: Sequence[str | Path], out: str | Path, compare_to: str = "
                                                  method_rank(r["method"] for r in summary), datasets,
                                                  [d for d in datasets if _key(d) in benchmark], average_label(summary))
         markdown = _under_title(combined_markdown(summary), weights_line(identities))
-        (out / "summary.md").write_text(markdown + (f"\n{line}" if line else "") + paired)
-        (out / "summary.json").write_text(json.dumps({"summary": summary, "average": _average_rows(summary)},
-                                                     indent=1))
-        plot(out / "accuracy_vs_shots.png", summary)
-        plot_curves(out / "loss_curves.png", summary)
+        (out / SUMMARY_MD).write_text(markdown + (f"\n{line}" if line else "") + paired)
+        (out / SUMMARY_JSON).write_text(json.dumps({"summary": summary, "average": _average_rows(summary)},
+                                                   indent=1))
+        plot(out / ACCURACY_PNG, summary)
+        plot_curves(out / LOSS_PNG, summary)
     except OSError as e:
         raise TrainError(f"{e.filename or out}: cannot write there ({e.strerror or e}); choose a writable --out") \
             from None

@@ -9,9 +9,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from train_jax.config import DEFAULT_GRID, grid_from_json, grid_to_json
+from train_jax.config import DEFAULT_GRID, default_grid, grid_from_json, grid_to_json
 from train_jax.evaluate import SELECT_MODES
-from train_jax.methods import DEFAULT_METHODS
+from train_jax.methods import DEFAULT_METHODS, default_methods
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
 DEFAULT_SEEDS = (1, 2, 3)
 
@@ -22,8 +22,9 @@ class RunConfig:
 
     cache: the training cache (.h5); eval_caches: shift caches (test split only); shots: shots per class, as asked
     (``shot_list`` sorts and dedups); fit_shots: drop, with a warning, the shots a class cannot give (else an
-    error); seeds: few-shot draw seeds, as asked; methods: names of ``methods.METHODS``, as asked; grid: setting
-    name -> values (``config.parse_grid``; None: ``config.DEFAULT_GRID``); select: one of ``SELECT_MODES``;
+    error); seeds: few-shot draw seeds, as asked; methods: names of ``methods.METHODS``, as asked (None: the
+    defaults for the cache, ``methods_for``); grid: setting name -> values (``config.parse_grid``; None: the
+    default grid for the cache, ``grid_for``); select: one of ``SELECT_MODES``;
     compare_to: the reference method of the paired comparisons (``train_jax.compare_report``);
     prompt: "single", "ensemble" or None (the dataset's default); memory_gb: memory for the run axis (None: half
     the free memory); devices: the first N JAX devices (None: all); compile_cache, no_compile_cache: JAX's
@@ -35,7 +36,7 @@ class RunConfig:
     shots: tuple[int, ...] = DEFAULT_SHOTS
     fit_shots: bool = False
     seeds: tuple[int, ...] = DEFAULT_SEEDS
-    methods: tuple[str, ...] = DEFAULT_METHODS
+    methods: tuple[str, ...] | None = None
     grid: Mapping[str, tuple] | None = None
     select: str = SELECT_MODES[0]
     compare_to: str = "cmm"
@@ -57,8 +58,18 @@ class RunConfig:
 
     @property
     def method_list(self) -> list[str]:
-        """The methods, each once, in the order given."""
-        return list(dict.fromkeys(self.methods))
+        """The methods, each once, in the order given (``DEFAULT_METHODS`` when none were given)."""
+        return list(dict.fromkeys(self.methods or DEFAULT_METHODS))
+
+    def methods_for(self, views: bool) -> list[str]:
+        """The methods trained on a cache with (or without) augmented views: as given, else
+        ``methods.default_methods(views)``."""
+        return default_methods(views) if self.methods is None else self.method_list
+
+    def grid_for(self, views: bool) -> dict[str, tuple]:
+        """The grid searched on a cache with (or without) augmented views: ``grid``, else
+        ``config.default_grid(views)``."""
+        return dict(self.grid) if self.grid else default_grid(views)
 
     @property
     def settings_grid(self) -> dict[str, tuple]:
@@ -73,7 +84,7 @@ class RunConfig:
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict, one key per field (the grid as ``config.grid_to_json``)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {**out, **{k: list(out[k]) for k in ("eval_caches", "shots", "seeds", "methods")},
+        return {**out, **{k: list(out[k]) for k in ("eval_caches", "shots", "seeds", "methods") if out[k] is not None},
                 "grid": None if self.grid is None else json.loads(grid_to_json(self.grid))}
 
     @classmethod
@@ -81,6 +92,6 @@ class RunConfig:
         """Inverse of ``to_json``."""
         data = dict(data)
         grid = data.pop("grid", None)
-        return cls(**{**data, **{k: tuple(data.get(k, ())) for k in ("eval_caches", "shots", "seeds", "methods")
-                                 if k in data}},
+        return cls(**{**data, **{k: tuple(data[k]) for k in ("eval_caches", "shots", "seeds", "methods")
+                                 if data.get(k) is not None}},
                    grid=None if grid is None else grid_from_json(json.dumps(grid)))
