@@ -335,19 +335,23 @@ def combine(run_dirs: Sequence[str | Path], out: str | Path, compare_to: str = "
         summary.extend(row.to_json() for row in results.summary)
         identities[results.dataset or str(run_dir)] = results.config.get("identity")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     line = gap_line(gaps)
     datasets = display_order(r["dataset"] for r in summary)
     benchmark = {_key(b) for b in BENCHMARK}
-    paired = compare_report.combined_section(run_dirs, out, compare_to, method_rank(r["method"] for r in summary),
-                                             datasets, [d for d in datasets if _key(d) in benchmark],
-                                             average_label(summary))
-    markdown = _under_title(combined_markdown(summary), weights_line(identities))
-    (out / SUMMARY_MD).write_text(markdown + (f"\n{line}" if line else "") + paired)
-    (out / SUMMARY_JSON).write_text(json.dumps({"summary": summary, "average": _average_rows(summary)},
-                                                       indent=1))
-    plot(out / ACCURACY_PNG, summary)
-    plot_curves(out / LOSS_PNG, summary)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        paired = compare_report.combined_section(run_dirs, out, compare_to,
+                                                 method_rank(r["method"] for r in summary), datasets,
+                                                 [d for d in datasets if _key(d) in benchmark], average_label(summary))
+        markdown = _under_title(combined_markdown(summary), weights_line(identities))
+        (out / SUMMARY_MD).write_text(markdown + (f"\n{line}" if line else "") + paired)
+        (out / SUMMARY_JSON).write_text(json.dumps({"summary": summary, "average": _average_rows(summary)},
+                                                   indent=1))
+        plot(out / ACCURACY_PNG, summary)
+        plot_curves(out / LOSS_PNG, summary)
+    except OSError as e:
+        raise TrainError(f"{e.filename or out}: cannot write there ({e.strerror or e}); choose a writable --out") \
+            from None
     return out
 
 
