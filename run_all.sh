@@ -168,7 +168,7 @@ if [ -n "$PREDICT" ]; then  # a folder of new images -> unlabelled cache with th
     "${MODEL_ARGS[@]}" --out "$CACHE_DIR/unlabelled-$NAME.h5"
   # shellcheck disable=SC2086  # PREDICT_ARGS is a word list on purpose
   "$PY" -m train_jax predict --run "$RUN" --cache "$CACHE_DIR/unlabelled-$NAME.h5" --out "$OUT/predict/$NAME.csv" \
-    $PREDICT_ARGS
+    --overwrite $PREDICT_ARGS  # the CSV is this script's own output: a rerun replaces it
   exit 0
 fi
 

@@ -9,6 +9,7 @@ import dataclasses
 import sys
 from typing import Sequence
 
+from data import args as args_types
 from data.cache import CacheError
 from data.errors import DataError
 from train_jax import compile_cache
@@ -78,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-shots", action="store_true",
                    help="skip (with a warning) shots values above the smallest class's train images instead of "
                         "stopping with an error")
-    p.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="sampling seeds (default: %(default)s)")
+    p.add_argument("--seeds", nargs="+", type=args_types.seed, default=list(DEFAULT_SEEDS),
+                   help="sampling seeds (default: %(default)s)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=UNGIVEN_METHODS,
                    help=f"methods to train (default: {' '.join(DEFAULT_METHODS)}, and {' '.join(VIEW_METHODS)} "
                         "when the training cache holds augmented views)")
@@ -93,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", choices=["single", "ensemble"], default=None,
                    help="class prototypes: the dataset's own template (single) or the normalised mean over CLIP's "
                         "7 ImageNet templates (ensemble); default: ensemble for the ImageNet family, else single")
-    p.add_argument("--memory-gb", type=float, default=None,
+    p.add_argument("--memory-gb", type=args_types.gigabytes, default=None,
                    help="memory for the run axis; more runs are cut into chunks (default: half the free memory)")
     p.add_argument("--devices", type=int, default=None,
                    help="use the first N JAX devices to shard the run axis (default: all)")
@@ -132,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TrainError, CacheError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: finished shot counts are kept in {args.out}/shots; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
     print(f"{result.dataset}: {result.compiled.line()}")
     print(f"results in {result.out}")
     return 0

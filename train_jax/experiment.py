@@ -217,16 +217,18 @@ def _check_draw(task: Task, picks: dict[int, np.ndarray], val_rows: dict[int, np
 
 def _extend_hint(task: Task, split: str, missing: int, shots: int, seeds: Sequence[int], max_shots: int) -> str:
     """The one-line error for rows a run needs that the cache does not encode, with the command adding them: the
-    stored `extract` argv with the pool widened to the cache's and the run's seeds and shots."""
+    stored `extract` argv with the pool widened to the cache's and the run's seeds and shots, written into the
+    cache where it is now (``--out``: a copied or renamed cache grows, not the file it was made as)."""
     pool = json.loads(task.cache.attrs.get("pool") or "{}")
     all_seeds = " ".join(map(str, sorted(set(pool.get("seeds", [])) | set(seeds))))
     max_shots = max(int(pool.get("shots", 0)), max_shots)
     argv = json.loads(task.cache.attrs.get("command") or "[]")
     kept, skip = [], False
     for word in argv:
-        skip = (skip and not word.startswith("--")) or word in ("--pool-seeds", "--pool-shots", "--shard")
-        if not skip:
+        skip = (skip and not word.startswith("--")) or word in ("--pool-seeds", "--pool-shots", "--shard", "--out")
+        if not skip and not word.startswith("--out=") and word != "--overwrite":  # --overwrite would re-encode all
             kept.append(word)
+    kept += ["--out", str(task.cache.path)] if kept else []
     base = shlex.join(kept) if kept else f"python -m extract run <the options that made {task.cache.path}>"
     holds = f"seeds {' '.join(map(str, pool['seeds']))} at <= {pool['shots']} shots" if pool else "other rows"
     return (f"{task.cache.path}: {shots}-shot draws of seeds {' '.join(map(str, seeds))} need {missing} {split} "
@@ -648,7 +650,10 @@ def train_and_evaluate(config: RunConfig, out: str | Path, *, say: Callable[[str
     label_keys = [k for k, vs in grid.items() if len(vs) > 1]
     for k in shots:
         done = records.shot_path(out, k)
-        if done.exists():
+        damaged = done.exists() and records.params_problem(records.params_path(out, k))
+        if damaged:
+            warn(f"{damaged}; training {k} shots again")
+        elif done.exists():
             say(f"{task.dataset} {k}-shot: already in {done}, skipped")
             continue
         result = run_shots(task, k, seeds, methods, settings, label_keys, select=config.select,

@@ -293,20 +293,40 @@ def save_params(path: Path, learned: Mapping[str, Learned]) -> None:
 
 
 def load_params(path: str | Path) -> dict[str, Learned]:
-    """Inverse of ``save_params``: ``{"method/seedK": Learned}``; use with ``train_jax.methods.logits``."""
+    """Inverse of ``save_params``: ``{"method/seedK": Learned}``; use with ``train_jax.methods.logits``.
+    TrainError naming the file, and how to train it again, if it cannot be read."""
+    path = Path(path)
+    learned, why = _read_params(path)
+    if why:
+        raise TrainError(f"{why}; rerun the training command with --out {path.parent.parent}: it trains that shot "
+                         "count again")
+    return learned
+
+
+def params_problem(path: Path) -> str:
+    """'' when ``path`` (a run's ``params/<K>shot.npz``) reads back, else why not, naming the file."""
+    return _read_params(path)[1] if path.is_file() else f"{path}: missing"
+
+
+def _read_params(path: Path) -> tuple[dict[str, Learned], str]:
+    """(``{"method/seedK": Learned}``, '') of a ``save_params`` file, or ({}, why not, naming the file)."""
     trees: dict[str, dict[str, Any]] = {}
-    with np.load(path, allow_pickle=False) as data:
-        for key in data.files:
-            method, seed, kind, *rest = key.split("/")
-            item = trees.setdefault(f"{method}/{seed}", {"params": {}, "consts": {}})
-            if kind == "settings":
-                item["settings"] = Settings.from_dict(json.loads(str(data[key])))
-                continue
-            node = item[kind]
-            for part in rest[:-1]:
-                node = node.setdefault(part, {})
-            node[rest[-1]] = data[key]
-    return {run: Learned(t["settings"], t["params"], t["consts"]) for run, t in trees.items()}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            for key in data.files:
+                method, seed, kind, *rest = key.split("/")
+                item = trees.setdefault(f"{method}/{seed}", {"params": {}, "consts": {}})
+                if kind == "settings":
+                    item["settings"] = Settings.from_dict(json.loads(str(data[key])))
+                    continue
+                node = item[kind]
+                for part in rest[:-1]:
+                    node = node.setdefault(part, {})
+                node[rest[-1]] = data[key]
+        return {run: Learned(t["settings"], t["params"], t["consts"]) for run, t in trees.items()}, ""
+    except (OSError, ValueError, KeyError, TypeError, EOFError, TrainError, zipfile.BadZipFile) as e:
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        return {}, f"{path}: the saved models cannot be read ({why})"
 
 
 # --- the summary: one row per (dataset, method, shots), in results.json (versioned by its schema_version) ---

@@ -341,20 +341,25 @@ def combine(run_dirs: Sequence[str | Path], out: str | Path, compare_to: str = "
     gaps = [g for g in map(read_gap, few_shot) if g is not None]
     sections, protocol_json = protocol_report.combined(run_dirs)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     line = gap_line(gaps)
     datasets = display_order(r["dataset"] for r in summary)
     benchmark = {_key(b) for b in BENCHMARK}
-    paired = compare_report.combined_section(few_shot, out, compare_to, method_rank(r["method"] for r in summary),
-                                             datasets, [d for d in datasets if _key(d) in benchmark],
-                                             average_label(summary)) if few_shot else ""
-    markdown = _under_title(combined_markdown(summary), weights_line(identities)) if summary else "# Results\n"
-    (out / SUMMARY_MD).write_text(markdown + (f"\n{line}" if line else "") + paired + sections)
-    (out / SUMMARY_JSON).write_text(json.dumps({"summary": summary, "average": _average_rows(summary),
-                                                **protocol_json}, indent=1))
-    if summary:
-        plot(out / ACCURACY_PNG, summary)
-        plot_curves(out / LOSS_PNG, summary)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        paired = compare_report.combined_section(few_shot, out, compare_to,
+                                                 method_rank(r["method"] for r in summary), datasets,
+                                                 [d for d in datasets if _key(d) in benchmark],
+                                                 average_label(summary)) if few_shot else ""
+        markdown = _under_title(combined_markdown(summary), weights_line(identities)) if summary else "# Results\n"
+        (out / SUMMARY_MD).write_text(markdown + (f"\n{line}" if line else "") + paired + sections)
+        (out / SUMMARY_JSON).write_text(json.dumps({"summary": summary, "average": _average_rows(summary),
+                                                    **protocol_json}, indent=1))
+        if summary:
+            plot(out / ACCURACY_PNG, summary)
+            plot_curves(out / LOSS_PNG, summary)
+    except OSError as e:
+        raise TrainError(f"{e.filename or out}: cannot write there ({e.strerror or e}); choose a writable --out") \
+            from None
     return out
 
 
