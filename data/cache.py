@@ -6,8 +6,10 @@ numpy + h5py only.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -16,16 +18,16 @@ import h5py
 import numpy as np
 
 from data.cache_schema import (ABSENT, BAD, DEFAULT_ATTRS, FORMAT, IDENTITY_ATTRS, LOCK_WAIT_S, MODEL_ATTRS, OK,
-                               PENDING, SCHEMA, SCHEMA_VERSION, SPLITS, STORED, UNLABELLED, CacheError, Stored,
-                               attr_value, cache_identity, decode_strings, identity, identity_diff, lock_path,
+                               PENDING, SCHEMA, SCHEMA_VERSION, SPLITS, STORED, UNLABELLED, CacheBusy, CacheError,
+                               Stored, attr_value, cache_identity, decode_strings, identity, identity_diff, lock_path,
                                partial_path, required, stored)
 from data.registry import ensemble_templates
 from data.vectors import l2_normalize
 
 __all__ = [  # the reader API, the schema names and l2_normalize (re-exported: one import for a reading stage)
     "ABSENT", "BAD", "DEFAULT_ATTRS", "FORMAT", "IDENTITY_ATTRS", "LOCK_WAIT_S", "MODEL_ATTRS", "OK", "PENDING",
-    "READ_BLOCK_BYTES", "SCHEMA", "SCHEMA_VERSION", "SPLITS", "STORED", "UNLABELLED", "CacheError", "CacheHead",
-    "CacheReader", "FeatureCache", "Listing", "Split", "Stored", "cache_identity", "file_identity", "identity",
+    "READ_BLOCK_BYTES", "SCHEMA", "SCHEMA_VERSION", "SPLITS", "STORED", "UNLABELLED", "CacheBusy", "CacheError",
+    "CacheHead", "CacheReader", "FeatureCache", "Listing", "Split", "Stored", "cache_identity", "file_identity", "identity",
     "identity_diff", "inspect", "l2_normalize", "lock_path", "open_cache", "partial_path", "read_attrs",
     "read_cache", "read_status", "verify", "writer_active",
 ]
@@ -128,6 +130,16 @@ def writer_active(path: str | os.PathLike) -> bool:
         os.close(fd)
 
 
+_LOCKED = re.compile(r"unable to lock file, errno = (\d+)")  # HDF5's message when another process holds the file
+
+
+def busy(e: BaseException) -> bool:
+    """Whether h5py's error is HDF5 refusing the file because another process holds its lock (errno EAGAIN /
+    EWOULDBLOCK), not some other message that merely contains "lock" ("sblock" of a truncated file)."""
+    found = _LOCKED.search(str(e))
+    return found is not None and int(found[1]) in (errno.EAGAIN, errno.EWOULDBLOCK)
+
+
 def open_h5(path: Path, mode: str) -> h5py.File:
     """h5py.File(path, mode) with a one-line CacheError for a file in use, a folder, or a non-HDF5 file."""
     try:
@@ -137,8 +149,8 @@ def open_h5(path: Path, mode: str) -> h5py.File:
         if path.is_dir():
             raise CacheError(f"{path}: is a folder, not a cache file; give a file path such as {path / 'x.h5'}") \
                 from None
-        if "lock" in text.lower():
-            raise CacheError(f"{path}: another process has it open for writing (an extraction still running, or "
+        if busy(e):
+            raise CacheBusy(f"{path}: another process has it open for writing (an extraction still running, or "
                              "its workers); wait for it or stop it") from None
         if isinstance(e, OSError) and e.strerror and not isinstance(e, FileNotFoundError):
             raise CacheError(f"{path}: cannot open it ({e.strerror})") from None

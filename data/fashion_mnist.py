@@ -127,6 +127,8 @@ def build(out: str | Path, *, train_per_class: int, val_per_class: int, test_per
     settings = {"package": PACKAGE, "train_per_class": train_per_class, "val_per_class": val_per_class,
                 "test_per_class": test_per_class, "seed": seed}
     marker = out / MARKER
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: is a file, not a folder; pass an empty or new --out folder")
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return out
     if out.exists() and any(out.iterdir()) and not marker.is_file():
@@ -138,6 +140,19 @@ def build(out: str | Path, *, train_per_class: int, val_per_class: int, test_per
     (test_pick,) = pick_per_class(arrays["test_labels"], [test_per_class], len(folders), seed)
     jobs = [("train", "train", train_pick), ("val", "train", val_pick), ("test", "test", test_pick)]
     partial = out.with_name(out.name + ".partial")
+    try:
+        _write_tree(partial, jobs, arrays, folders, settings)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(partial, out)
+    except OSError as e:
+        raise DataError(f"{e.filename or out}: cannot write there ({e.strerror or e}); pass a writable --out") \
+            from None
+    return out
+
+
+def _write_tree(partial: Path, jobs: list, arrays: dict[str, np.ndarray], folders: list[str],
+                settings: dict) -> None:
+    """Write the picked images as `partial/<split>/<class folder>/<source><index>.png` and the settings marker."""
     shutil.rmtree(partial, ignore_errors=True)
     with progress(total=sum(len(p) for *_, p in jobs), desc="fashion-mnist png", unit="img") as bar:
         for split, source_set, pick in jobs:
@@ -148,9 +163,6 @@ def build(out: str | Path, *, train_per_class: int, val_per_class: int, test_per
                 _write_png(partial / split / folders[labels[i]] / f"{source_set}{i:05d}.png", images[i])
                 bar.update()
     (partial / MARKER).write_text(json.dumps(settings, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(partial, out)
-    return out
 
 
 def _idx_path(folder: Path, name: str) -> Path:

@@ -20,8 +20,9 @@ import torch
 
 from extract.augment import AugmentedViews
 from data import fewshot
-from data.cache import ABSENT, BAD, OK, SCHEMA_VERSION, CacheError, partial_path, read_attrs, read_status
-from data.cache_writer import CacheWriter, complete_status, reopen_complete
+from data.cache import (ABSENT, BAD, OK, SCHEMA_VERSION, CacheBusy, CacheError, file_identity, identity,
+                        partial_path, read_attrs, read_status)
+from data.cache_writer import CacheWriter, check_writable, complete_status, reopen_complete
 from data.progress import progress as bar_of
 from extract.datasets import DatasetSpec
 from extract.encode import encode_images, encode_texts, make_loader
@@ -54,22 +55,17 @@ def run_extraction(spec: DatasetSpec, loaded: LoadedModel, out: str | Path, *, t
     complete cache of another identity at `out` (else refused with an error). on_batch: called after each stored
     batch (tests use it to simulate an interruption). Returns the cache path.
     """
-    if feature_dtype not in FEATURE_DTYPES:
-        raise ExtractError(f"feature dtype {feature_dtype!r} not supported; use one of {', '.join(FEATURE_DTYPES)}")
     if aug_views < 0 or batch_size < 1 or workers < 0:
         raise ExtractError(f"--aug-views {aug_views}, --batch-size {batch_size}, --workers {workers}: "
                            "use aug-views >= 0, batch-size >= 1, workers >= 0")
-    names = _split_names(spec, splits)
-    conflict = views_conflict(shard_path(out, shard), names, aug_views, overwrite)
+    names, augment, attrs, target, rows = _prepare(spec, loaded, out, splits=splits, pool=pool, aug_views=aug_views,
+                                                   aug_seed=aug_seed, feature_dtype=feature_dtype, shard=shard,
+                                                   command=command)
+    if not overwrite:
+        _usable_out(target)
+    conflict = views_conflict(target, names, aug_views, overwrite)
     if conflict:
         raise ExtractError(conflict)
-    augment = AugmentedViews(loaded.preprocess_cfg, aug_views, aug_seed) if aug_views and "train" in names else None
-    attrs = {**loaded.attrs, "dataset": spec.name, "feature_dtype": feature_dtype,
-             "aug_views": augment.views if augment else 0, "aug_seed": aug_seed if augment else 0,
-             "aug": augment.describe() if augment else "{}", "shard": str(shard) if shard else "",
-             "versions": package_versions(), "command": json.dumps(list(command or []))}
-    target, rows, pool = plan_rows(spec, names, pool, shard, out)
-    attrs["pool"] = json.dumps(pool) if pool else ""
     status = None if overwrite else complete_status(target, attrs, list(spec.classnames), templates, rows)
     if status is not None:
         if not any(np.any(status[n][r["encode"]] == ABSENT) for n, r in rows.items()):
@@ -94,6 +90,56 @@ def run_extraction(spec: DatasetSpec, loaded: LoadedModel, out: str | Path, *, t
         return writer.finalize()
     finally:
         writer.close()  # after finalize a no-op; otherwise the .partial stays for a resume
+
+
+def _prepare(spec: DatasetSpec, loaded: LoadedModel, out: str | Path, *, splits: list[str] | None, pool: dict | None,
+             aug_views: int, aug_seed: int, feature_dtype: str, shard: Shard | None, command: list[str] | None
+             ) -> tuple[list[str], AugmentedViews | None, dict, Path, dict[str, dict]]:
+    """What an extraction writes: (split names, the views' augmentation, the cache attributes, the target file,
+    `plan_rows`' rows)."""
+    if feature_dtype not in FEATURE_DTYPES:
+        raise ExtractError(f"feature dtype {feature_dtype!r} not supported; use one of {', '.join(FEATURE_DTYPES)}")
+    names = _split_names(spec, splits)
+    augment = AugmentedViews(loaded.preprocess_cfg, aug_views, aug_seed) if aug_views and "train" in names else None
+    attrs = {**loaded.attrs, "dataset": spec.name, "feature_dtype": feature_dtype,
+             "aug_views": augment.views if augment else 0, "aug_seed": aug_seed if augment else 0,
+             "aug": augment.describe() if augment else "{}", "shard": str(shard) if shard else "",
+             "versions": package_versions(), "command": json.dumps(list(command or []))}
+    target, rows, pool = plan_rows(spec, names, pool, shard, out)
+    attrs["pool"] = json.dumps(pool) if pool else ""
+    return names, augment, attrs, target, rows
+
+
+def check_target(spec: DatasetSpec, loaded: LoadedModel, out: str | Path, *, templates: list[str],
+                 splits: list[str] | None = None, pool: dict | None = None, aug_views: int = 0, aug_seed: int = 0,
+                 feature_dtype: str = "float32", shard: Shard | None = None, overwrite: bool = False) -> None:
+    """Raise what `run_extraction` would refuse about the file it writes (an unusable or other-identity `out`, an
+    interrupted extraction of other settings in its .partial), reading only: what `--dry-run` checks."""
+    names, _, attrs, target, rows = _prepare(spec, loaded, out, splits=splits, pool=pool, aug_views=aug_views,
+                                             aug_seed=aug_seed, feature_dtype=feature_dtype, shard=shard, command=None)
+    if not overwrite:
+        _usable_out(target)
+    conflict = views_conflict(target, names, aug_views, overwrite)
+    if conflict:
+        raise ExtractError(conflict)
+    if not overwrite:
+        complete_status(target, attrs, list(spec.classnames), templates, rows)
+    check_writable(target, identity(attrs, list(spec.classnames), templates, rows), overwrite=overwrite)
+
+
+def _usable_out(target: Path) -> None:
+    """ExtractError naming --overwrite when `target` exists but cannot be read as a cache (truncated, not HDF5, no
+    cache layout): extracting again into it would meet the same file."""
+    if not target.is_file():
+        return
+    try:
+        file_identity(target)
+    except CacheBusy:
+        raise
+    except CacheError as e:
+        why = str(e).removeprefix(f"{target}: ").split("; ")[0]
+        raise ExtractError(f"{target}: exists and is not a usable cache ({why}); pass --overwrite to replace it, "
+                           "or choose another --out") from None
 
 
 def plan_rows(spec: DatasetSpec, names: list[str], pool: dict | None, shard: Shard | None, out: str | Path

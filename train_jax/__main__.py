@@ -9,6 +9,7 @@ import dataclasses
 import sys
 from typing import Sequence
 
+from data import args as args_types
 from data.cache import CacheError
 from data.errors import DataError
 from train_jax import compile_cache
@@ -16,6 +17,7 @@ from train_jax.config import ALIASES_OUT, DEFAULT_GRID, VIEWS_GRID, Settings, gr
 from train_jax.errors import TrainError
 from train_jax.evaluate import SELECT_MODES
 from train_jax.methods import DEFAULT_METHODS, METHODS, VIEW_METHODS, Method
+from train_jax.protocols import CROSS_DATASET, FEW_SHOT, PROTOCOLS
 from train_jax.run_config import DEFAULT_SEEDS, DEFAULT_SHOTS, RunConfig
 
 UNGIVEN_METHODS = list(DEFAULT_METHODS)  # --methods' default; by identity: not given, so views may add methods
@@ -55,7 +57,13 @@ Outputs in --out: results.json, results.csv, results.md, accuracy_vs_shots.png, 
 shots/<K>shot_test_correct.npz (per-image correctness of the selected runs), compare.csv and compare.json (paired
 differences against --compare-to, also in results.md), gap.md, gap.json,
 gap.png (modality gap before/after the map, train_jax.gap), compile.json (programs compiled by the last
-invocation and seconds spent compiling).
+invocation and seconds spent compiling); with --protocol base-to-new also base_to_new.md/.csv/.json (base, new
+and HM per method), with cross-dataset cross_dataset.md/.csv/.json (source, each target, target average).
+Protocols (train_jax.protocols): few-shot; base-to-new (CoCoOp): train and test on the first ceil(C/2) classes,
+score the same models on the other classes' test images against their prototypes; cross-dataset: score the
+selected models on each --transfer-to cache's classes. Only models scored by prototypes take part (CMM and
+CE-only apply the learned map to the other classes' frozen prototypes; zero-shot is the reference); methods with
+per-class weights show "—".
 Classify new images with a run: python -m train_jax predict --run DIR --cache NEW.h5 --out preds.csv
 """
 
@@ -71,13 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-cache", nargs="+", action="extend", default=[], metavar="H5",
                    help="shift caches (test split) whose classes are a subset of the training classes, e.g. "
                         "ImageNet-V2/-Sketch/-A/-R for an ImageNet cache (the option may be repeated)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                   help="few-shot (default), base-to-new (CoCoOp: train on the base half of the classes, also score "
+                        "the new half) or cross-dataset (implied by --transfer-to); see Protocols below")
+    p.add_argument("--transfer-to", nargs="+", action="extend", default=[], metavar="H5",
+                   help="cross-dataset targets: caches of other datasets extracted with the same model; the "
+                        "selected models are scored on their test split against their own prototypes")
     p.add_argument("--out", required=True, help="output folder (created; rerunning resumes finished shots)")
     p.add_argument("--shots", nargs="+", type=int, default=list(DEFAULT_SHOTS),
                    help="shots per class (default: %(default)s)")
     p.add_argument("--fit-shots", action="store_true",
                    help="skip (with a warning) shots values above the smallest class's train images instead of "
                         "stopping with an error")
-    p.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="sampling seeds (default: %(default)s)")
+    p.add_argument("--seeds", nargs="+", type=args_types.seed, default=list(DEFAULT_SEEDS),
+                   help="sampling seeds (default: %(default)s)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=UNGIVEN_METHODS,
                    help=f"methods to train (default: {' '.join(DEFAULT_METHODS)}, and {' '.join(VIEW_METHODS)} "
                         "when the training cache holds augmented views)")
@@ -93,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", choices=["single", "ensemble"], default=None,
                    help="class prototypes: the dataset's own template (single) or the normalised mean over CLIP's "
                         "7 ImageNet templates (ensemble); default: ensemble for the ImageNet family, else single")
-    p.add_argument("--memory-gb", type=float, default=None,
+    p.add_argument("--memory-gb", type=args_types.gigabytes, default=None,
                    help="memory for the run axis; more runs are cut into chunks (default: half the free memory)")
     p.add_argument("--devices", type=int, default=None,
                    help="use the first N JAX devices to shard the run axis (default: all)")
@@ -112,7 +127,9 @@ def parse_config(args: argparse.Namespace) -> RunConfig:
         seeds=tuple(args.seeds), methods=None if args.methods is UNGIVEN_METHODS else tuple(args.methods),
         grid=parse_grid(args.grid) if args.grid else None,
         select=args.select, compare_to=args.compare_to, prompt=args.prompt, memory_gb=args.memory_gb, devices=args.devices,
-        compile_cache=args.compile_cache, no_compile_cache=args.no_compile_cache)
+        compile_cache=args.compile_cache, no_compile_cache=args.no_compile_cache,
+        protocol=args.protocol or (CROSS_DATASET if args.transfer_to else FEW_SHOT),
+        transfer_caches=tuple(args.transfer_to))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -130,6 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TrainError, CacheError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: finished shot counts are kept in {args.out}/shots; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
     print(f"{result.dataset}: {result.compiled.line()}")
     print(f"results in {result.out}")
     return 0

@@ -3,7 +3,10 @@
 For every shot count: sample the shots of every seed, train every method's runs in vmapped groups (``train_group``:
 runs sharing one compiled program), score each group with the evaluators on validation and test, select on
 validation (per seed, or per method on the mean over seeds), evaluate the selected models on shift sets, and
-record (``records``). ``run_shots`` is one shot count of that.
+record (``records``). ``run_shots`` is one shot count of that. The protocols (``RunConfig.protocol``,
+``train_jax.protocols``) differ only in the task: base-to-new trains and tests on a view of the cache holding its
+base classes and scores the selected models on the new classes too; cross-dataset scores them on other caches'
+classes (``evaluators.on_targets``).
 """
 
 from __future__ import annotations
@@ -25,13 +28,15 @@ import numpy as np
 from data import fewshot
 from data.cache import (BAD, MODEL_ATTRS, OK, UNLABELLED, CacheHead, CacheReader, Listing, Split, cache_identity,
                         file_identity, open_cache, read_cache)
+from data.class_split import base_new_split
+from data.class_subset import class_subset
 from data.registry import in_imagenet_family
 from data.vectors import l2_normalize, l2_normalize_rows_inplace
-from train_jax import compile_cache, evaluate, evaluators, gap, published, records
+from train_jax import compile_cache, evaluate, evaluators, gap, protocol_report, protocols, published, records
 from train_jax.compile_cache import CompileStats
 from train_jax.config import Settings, expand_grid, grid_to_json
 from train_jax.errors import TrainError
-from train_jax.evaluators import EvalSet, Group, Placement
+from train_jax.evaluators import EvalSet, Group, Placement, TargetSet
 from train_jax.layout import Buckets, shot_buckets
 from train_jax.methods import METHODS, Method
 from train_jax.records import ConfigRecord, Learned, RunRecord
@@ -44,8 +49,10 @@ TEST_BLOCK_ROWS = 16384  # test rows read and predicted at a time
 
 @dataclass(frozen=True)
 class Task:
-    """What every shots value of one experiment shares: the training cache (read row by row), the listings of its
-    splits, its prototypes [C,D], shift sets."""
+    """What every shots value of one experiment shares: the training cache (read row by row; for base-to-new a view
+    of its base classes), the listings of its splits, its prototypes [C,D], shift sets, the protocol, the class
+    sets the selected models are scored on besides (``transfer``: base-to-new's new classes, cross-dataset
+    targets) and base-to-new's new class names."""
 
     dataset: str
     cache: CacheReader
@@ -53,6 +60,9 @@ class Task:
     text: np.ndarray
     prompt: str
     shift: tuple[EvalSet, ...] = ()
+    protocol: str = protocols.FEW_SHOT
+    transfer: tuple[TargetSet, ...] = ()
+    new_classes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,9 +113,34 @@ def refuse_unlabelled(path: Path, labels: dict[str, np.ndarray]) -> None:
                              "score on a labelled cache, classify these with `python -m train_jax predict`")
 
 
-def load_task(cache_path: str | Path, eval_paths: Sequence[str | Path] = (), prompt: str | None = None) -> Task:
+def _same_model(cache: CacheHead, other: CacheHead) -> None:
+    """TrainError (one line) unless ``other`` was extracted with the model of the training ``cache``."""
+    for key in MODEL_ATTRS:
+        if other.attrs.get(key) != cache.attrs.get(key):
+            raise TrainError(
+                f"{other.path}: {key}={other.attrs.get(key)!r} differs from the training cache's "
+                f"{cache.attrs.get(key)!r}; extract both with the same model"
+            )
+
+
+def _target_set(name: str, cache: CacheReader, prompt: str) -> TargetSet:
+    """The encoded test rows of ``cache`` (a file or a class view) with its own prototypes of ``prompt``."""
+    test = cache.listing("test") if "test" in cache.split_names() else None
+    if test is None or not np.any(test.status == OK):
+        raise TrainError(f"{cache.path}: the cache has no encoded 'test' rows to score {name!r} on; extract its test "
+                         "split")
+    rows = np.flatnonzero(test.status == OK)
+    refuse_unlabelled(cache.path, {"test": test.labels[rows]})
+    return TargetSet(name, l2_normalize(cache.read("test", rows)[0]), test.labels[rows], prototypes(cache, prompt))
+
+
+def load_task(cache_path: str | Path, eval_paths: Sequence[str | Path] = (), prompt: str | None = None, *,
+              protocol: str = protocols.FEW_SHOT, transfer_paths: Sequence[str | Path] = ()) -> Task:
     """Open the training cache (needs train and test rows; features are read later, only the rows runs use) and
-    read the shift caches (their test split)."""
+    read the shift caches (their test split). ``protocol`` "base-to-new": the task is the cache's base classes
+    (``data.class_split``), its ``transfer`` the new classes' test rows; "cross-dataset": ``transfer`` holds the
+    test rows of the caches ``transfer_paths`` (same model; each scored with its own prototypes, of ``prompt`` or
+    its dataset's default)."""
     cache = open_cache(cache_path)
     listings = {name: cache.listing(name) for name in cache.split_names()}
     for split in ("train", "test"):
@@ -113,23 +148,34 @@ def load_task(cache_path: str | Path, eval_paths: Sequence[str | Path] = (), pro
             raise TrainError(f"{cache.path}: the cache has no {split!r} rows; extract its {split} split")
     refuse_unlabelled(cache.path, {name: listing.labels for name, listing in listings.items()})
     dataset = _dataset_name(cache)
-    prompt = prompt or default_prompt(dataset)
+    asked, prompt = prompt, prompt or default_prompt(dataset)
+    transfer, new_classes = [], ()
+    if protocol == protocols.BASE_TO_NEW:
+        split = base_new_split(listings["train"].labels)
+        if not len(split.new):
+            raise TrainError(f"{cache.path}: base-to-new needs at least 2 classes with train images")
+        new = class_subset(cache, split.new)
+        transfer.append(_target_set(protocols.NEW, new, prompt))
+        cache, new_classes = class_subset(cache, split.base), tuple(new.classnames)
+        listings = {name: cache.listing(name) for name in cache.split_names()}
+    for path in transfer_paths:
+        other = open_cache(path)
+        _same_model(cache, other)
+        transfer.append(_target_set(_dataset_name(other), other, asked or default_prompt(_dataset_name(other))))
+    names = [t.name for t in transfer]
+    if len(set(names)) < len(names):
+        raise TrainError(f"--transfer-to: two target caches hold the same dataset ({names}); give each once")
     text = prototypes(cache, prompt)
     shift = []
     for path in eval_paths:
         other = read_cache(path, splits=["test"], with_aug=False)
-        for key in MODEL_ATTRS:
-            if other.attrs.get(key) != cache.attrs.get(key):
-                raise TrainError(
-                    f"{other.path}: {key}={other.attrs.get(key)!r} differs from the training cache's "
-                    f"{cache.attrs.get(key)!r}; extract both with the same model"
-                )
+        _same_model(cache, other)
         refuse_unlabelled(other.path, {name: split.labels for name, split in other.splits.items()})
         name = _dataset_name(other)
         test = other.splits["test"]
         classes = evaluate.class_map(cache.classnames, other.classnames, str(other.path), dataset, name)
         shift.append(EvalSet(name, l2_normalize(test.features), test.labels, classes))
-    return Task(dataset, cache, listings, text, prompt, tuple(shift))
+    return Task(dataset, cache, listings, text, prompt, tuple(shift), protocol, tuple(transfer), new_classes)
 
 
 @dataclass(frozen=True)
@@ -180,16 +226,18 @@ def _check_draw(task: Task, picks: dict[int, np.ndarray], val_rows: dict[int, np
 
 def _extend_hint(task: Task, split: str, missing: int, shots: int, seeds: Sequence[int], max_shots: int) -> str:
     """The one-line error for rows a run needs that the cache does not encode, with the command adding them: the
-    stored `extract` argv with the pool widened to the cache's and the run's seeds and shots."""
+    stored `extract` argv with the pool widened to the cache's and the run's seeds and shots, written into the
+    cache where it is now (``--out``: a copied or renamed cache grows, not the file it was made as)."""
     pool = json.loads(task.cache.attrs.get("pool") or "{}")
     all_seeds = " ".join(map(str, sorted(set(pool.get("seeds", [])) | set(seeds))))
     max_shots = max(int(pool.get("shots", 0)), max_shots)
     argv = json.loads(task.cache.attrs.get("command") or "[]")
     kept, skip = [], False
     for word in argv:
-        skip = (skip and not word.startswith("--")) or word in ("--pool-seeds", "--pool-shots", "--shard")
-        if not skip:
+        skip = (skip and not word.startswith("--")) or word in ("--pool-seeds", "--pool-shots", "--shard", "--out")
+        if not skip and not word.startswith("--out=") and word != "--overwrite":  # --overwrite would re-encode all
             kept.append(word)
+    kept += ["--out", str(task.cache.path)] if kept else []
     base = shlex.join(kept) if kept else f"python -m extract run <the options that made {task.cache.path}>"
     holds = f"seeds {' '.join(map(str, pool['seeds']))} at <= {pool['shots']} shots" if pool else "other rows"
     return (f"{task.cache.path}: {shots}-shot draws of seeds {' '.join(map(str, seeds))} need {missing} {split} "
@@ -369,7 +417,8 @@ def run_shots(
     tie_break = _select(runs, per_run(lambda g: g.val_acc), per_run(lambda g: g.val_score),
                         per_run(lambda g: g.group.trained.failed), select)
     shift = _evaluate_shift(task, list(tie_break), where, place)
-    return ShotResult(_records(task.dataset, shots, runs, label_keys, where, tie_break, shift, validation),
+    transfer = _evaluate_transfer(task, list(tie_break), where, place)
+    return ShotResult(_records(task.dataset, shots, runs, label_keys, where, tie_break, shift, transfer, validation),
                       _learned(runs, tie_break, where),
                       {f"{runs[i].method}/seed{runs[i].seed}": where[i][0].test_correct[where[i][1]]
                        for i in sorted(tie_break)})
@@ -480,10 +529,12 @@ def _score(task: Task, key: tuple, runs: tuple[int, ...], own: np.ndarray | None
 
 def _records(dataset: str, shots: int, runs: Sequence[_Run], label_keys: Sequence[str],
              where: Mapping[int, tuple[GroupResult, int]], tie_break: Mapping[int, str | None],
-             shift: Mapping[int, dict[str, float]], validation: bool = True) -> list[RunRecord]:
+             shift: Mapping[int, dict[str, float]],
+             transfer: Mapping[int, dict[str, float]] | None = None, validation: bool = True) -> list[RunRecord]:
     """One RunRecord per run, in run order; ``where``: run -> (its group, its index there); ``tie_break``: the
-    selected runs; ``shift``: selected run -> its shift accuracies; without ``validation`` (validation-free) the
-    records have no validation accuracy and their setting label shows the method's fixed fields."""
+    selected runs; ``shift``: selected run -> its shift accuracies; ``transfer``: selected run -> its accuracies
+    on other classes (``_evaluate_transfer``); without ``validation`` (validation-free) the records have no
+    validation accuracy and their setting label shows the method's fixed fields."""
     def finite(x: float) -> float | None:
         return float(x) if math.isfinite(x) else None
 
@@ -504,6 +555,7 @@ def _records(dataset: str, shots: int, runs: Sequence[_Run], label_keys: Sequenc
             final_loss=finite(trained.final_loss[j]), loss_curve=tuple(finite(v) for v in trained.loss_curve[j]),
             loss_parts={name: tuple(finite(v) for v in c) for name, c in parts.items()},
             selected=i in tie_break, tie_break=tie_break.get(i), shift=shift.get(i, {}), note=g.note,
+            transfer=(transfer or {}).get(i, {}),
         ))
     return out
 
@@ -543,20 +595,39 @@ def _select(runs: list[_Run], val_acc: np.ndarray, val_score: np.ndarray, failed
     return chosen
 
 
-def _evaluate_shift(task: Task, selected: Sequence[int], where: Mapping[int, tuple[GroupResult, int]],
-                    place: Placement) -> dict[int, dict[str, float]]:
-    """Selected run -> {shift set name: accuracy}, one evaluator call per group of selected runs."""
-    out: dict[int, dict[str, float]] = {i: {} for i in selected}
-    if not task.shift:
-        return out
+def _selected_groups(selected: Sequence[int], where: Mapping[int, tuple[GroupResult, int]]
+                     ) -> Iterator[tuple[list[int], Group]]:
+    """(the selected runs of one trained group, that group cut to them), for each group holding one."""
     by_group: dict[tuple, list[int]] = {}
     for i in selected:
         by_group.setdefault(where[i][0].key, []).append(i)
     for idx in by_group.values():
         g = where[idx[0]][0]
         picked = np.array([where[i][1] for i in idx])
-        subset = Group(g.group.head, _take(g.group.trained, picked), tuple(g.group.settings[j] for j in picked))
+        yield idx, Group(g.group.head, _take(g.group.trained, picked), tuple(g.group.settings[j] for j in picked))
+
+
+def _evaluate_shift(task: Task, selected: Sequence[int], where: Mapping[int, tuple[GroupResult, int]],
+                    place: Placement) -> dict[int, dict[str, float]]:
+    """Selected run -> {shift set name: accuracy}, one evaluator call per group of selected runs."""
+    out: dict[int, dict[str, float]] = {i: {} for i in selected}
+    if not task.shift:
+        return out
+    for idx, subset in _selected_groups(selected, where):
         for name, accs in evaluators.on_shift(subset, task.shift, task.text, place).items():
+            for i, acc in zip(idx, accs):
+                out[i][name] = float(acc)
+    return out
+
+
+def _evaluate_transfer(task: Task, selected: Sequence[int], where: Mapping[int, tuple[GroupResult, int]],
+                       place: Placement) -> dict[int, dict[str, float]]:
+    """Selected run -> {target name: accuracy} on ``task.transfer`` (empty for heads with per-class weights)."""
+    out: dict[int, dict[str, float]] = {i: {} for i in selected}
+    if not task.transfer:
+        return out
+    for idx, subset in _selected_groups(selected, where):
+        for name, accs in evaluators.on_targets(subset, task.transfer, place).items():
             for i, acc in zip(idx, accs):
                 out[i][name] = float(acc)
     return out
@@ -583,6 +654,30 @@ def fitting_shots(task: Task, shots: Sequence[int], warn: Callable[[str], None])
         raise TrainError(f"{task.dataset}: no --shots value fits: class {task.cache.classnames[small]!r} has only "
                          f"{counts[small]} train images; add images or extract with a larger train split")
     return fit
+
+
+def check_protocol(config: RunConfig) -> None:
+    """TrainError (one line) for a protocol that is unknown or asked with options it does not take."""
+    if config.protocol not in protocols.PROTOCOLS:
+        raise TrainError(f"--protocol {config.protocol!r}: use one of {', '.join(protocols.PROTOCOLS)}")
+    if (config.protocol == protocols.CROSS_DATASET) != bool(config.transfer_caches):
+        raise TrainError("--transfer-to CACHE... and --protocol cross-dataset go together: give the target caches "
+                         "(same model as --cache) with it")
+    if config.protocol == protocols.BASE_TO_NEW and config.eval_caches:
+        raise TrainError("--eval-cache scores all of a dataset's classes; base-to-new trains on half of them: run "
+                         "the shift sets with the few-shot protocol")
+
+
+def _protocol_lines(task: Task, shot_records: Sequence[RunRecord]) -> list[str]:
+    """Progress lines of one shot count's protocol results (new classes, or the targets' average)."""
+    if task.protocol == protocols.BASE_TO_NEW:
+        return [f"{r.dataset} {r.shots}-shot {r.method}: new classes {r.new.mean:.2f} ± {r.new.std:.2f}, HM "
+                f"{r.hm:.2f}" for r in protocols.base_new_rows(shot_records) if r.new is not None]
+    if task.protocol == protocols.CROSS_DATASET:
+        return [f"{r.source} {r.shots}-shot {r.method}: target average {r.average:.2f} over "
+                f"{', '.join(r.targets)}" for r in protocols.transfer_rows(shot_records, [t.name for t in task.transfer])
+                if r.average is not None]
+    return []
 
 
 def _say(text: str) -> None:
@@ -619,7 +714,9 @@ def train_and_evaluate(config: RunConfig, out: str | Path, *, say: Callable[[str
     if config.devices is not None and not 1 <= config.devices <= len(jax.devices()):
         raise TrainError(f"--devices {config.devices}: this machine has {len(jax.devices())} JAX devices")
     devices = jax.devices()[: config.devices] if config.devices else None
-    task = load_task(config.cache, config.eval_caches, config.prompt)
+    check_protocol(config)
+    task = load_task(config.cache, config.eval_caches, config.prompt, protocol=config.protocol,
+                     transfer_paths=config.transfer_caches)
     views = task.cache.has_views("train")  # the defaults add what augmented views allow
     grid, methods = config.grid_for(views), config.methods_for(views)
     if config.fit_shots:
@@ -635,13 +732,19 @@ def train_and_evaluate(config: RunConfig, out: str | Path, *, say: Callable[[str
         methods=tuple(methods), grid=json.loads(grid_to_json(grid)), prompt=task.prompt, select=config.select,
         logit_scale=scale, logit_scale_from="grid" if "logit_scale" in grid else scale_from,
         identity=cache_identity(task.cache.attrs, task.cache.classnames, task.cache.templates),
-        caches={"cache": file_identity(config.cache), "eval_caches": [file_identity(p) for p in config.eval_caches]},
+        caches={"cache": file_identity(config.cache), "eval_caches": [file_identity(p) for p in config.eval_caches],
+                **({"transfer_caches": [file_identity(p) for p in config.transfer_caches]}
+                   if config.transfer_caches else {})},
+        protocol=config.protocol, transfer_caches=tuple(str(Path(p).resolve()) for p in config.transfer_caches),
     )
     records.check_config(out, recorded)
     label_keys = [k for k, vs in grid.items() if len(vs) > 1]
     for k in shots:
         done = records.shot_path(out, k)
-        if done.exists():
+        damaged = done.exists() and records.params_problem(records.params_path(out, k))
+        if damaged:
+            warn(f"{damaged}; training {k} shots again")
+        elif done.exists():
             say(f"{task.dataset} {k}-shot: already in {done}, skipped")
             continue
         result = run_shots(task, k, seeds, methods, settings, label_keys, select=config.select, given=list(grid),
@@ -656,10 +759,17 @@ def train_and_evaluate(config: RunConfig, out: str | Path, *, say: Callable[[str
         for row in records.summarize(result.records, config.select):
             acc = f"{row.test_mean:.2f} ± {row.test_std:.2f}" if row.test_mean is not None else "all runs failed"
             say(f"{task.dataset} {k}-shot {row.method}: {acc}")
+        for line in _protocol_lines(task, result.records):
+            say(line)
     from train_jax import report  # the renderers (matplotlib) load only when there is something to render
 
     every = records.read_shots(out)
     summary = report.write_run_dir(out, task.dataset, recorded.to_json(), every, compare_to=config.compare_to)
+    if task.protocol == protocols.BASE_TO_NEW:
+        protocol_report.write_base_new(out, protocols.base_new_rows(every),
+                                       {"base": task.cache.classnames, "new": list(task.new_classes)})
+    elif task.protocol == protocols.CROSS_DATASET:
+        protocol_report.write_transfer(out, protocols.transfer_rows(every, [t.name for t in task.transfer]))
     for line in published.warnings([row.to_json() for row in summary]):
         warn(line)
     test_features, test_labels = test_rows(task)

@@ -9,7 +9,10 @@ A *head* says how one kind of model is initialised, scored and trained for a sin
 - ``loss(params, consts, feats [B,D], zs_cos [B,C], labels [B], text [C,D], hp) -> scalar`` (mean over B);
 - ``part_names`` (optional, default none) with ``loss_parts(...)`` of ``loss``'s arguments -> [len(part_names)]:
   the named terms of the loss (each a mean over B), and ``combine_parts(parts, hp)`` -> the loss; the runner
-  trains on the combined parts (one forward pass) and records them per epoch.
+  trains on the combined parts (one forward pass) and records them per epoch;
+- ``class_free(params)`` (optional) -> ``(head, params)``: the same model for classes it was not trained on,
+  scored by their prototypes alone (base-to-new's new classes, another dataset's classes); a head without it has
+  per-class weights and takes no part in those protocols.
 
 ``zs_cos = v T^T`` is the zero-shot cosine, computed by the runner once (not per step); ``hp`` maps each of
 ``config.DYNAMIC_FIELDS`` to a scalar. Heads are frozen dataclasses: hashable, so they are static under jit.
@@ -86,3 +89,8 @@ class CMMHead:
 
     def combine_parts(self, parts, hp):
         return combine_cmm_parts(parts, hp["lam"])
+
+    def class_free(self, params: Params) -> tuple["CMMHead", Params]:
+        """The learned map without the learned prototype offsets (dT [C,D] exists only for the training classes):
+        other classes are scored with the map on their frozen prototypes. ``params`` may carry leading run axes."""
+        return CMMHead(False), {k: v for k, v in params.items() if k != "dT"}

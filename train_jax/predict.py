@@ -9,6 +9,7 @@ happens to pick and is usually at least as accurate as the average seed. ``--see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -36,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run", required=True, type=Path, help="output folder of `python -m train_jax`")
     p.add_argument("--cache", required=True, type=Path, help="feature cache of the images to classify")
-    p.add_argument("--out", required=True, type=Path, help="CSV file to write")
+    p.add_argument("--out", required=True, type=Path, help="CSV file to write (an existing file only with "
+                                                           "--overwrite; never an input of this command)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--shots", type=int, default=None, help="use the models trained with K shots per class "
                                                            "(default: the largest K in the run)")
     p.add_argument("--method", default="cmm", help="method whose selected models classify (default: %(default)s)")
@@ -116,6 +119,21 @@ def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return order, np.take_along_axis(probs, order, axis=1)
 
 
+def check_out(out: Path, inputs: Sequence[tuple[str, Path]], overwrite: bool) -> None:
+    """TrainError unless ``out`` may receive the CSV: not a folder, none of ``inputs`` ((what, path) pairs, the
+    same file under any name), and not an existing file unless ``overwrite``; its folder must exist."""
+    if out.is_dir():
+        raise TrainError(f"{out}: is a folder; give --out a CSV file path such as {out / 'predictions.csv'}")
+    for what, path in inputs:
+        if out.exists() and path.exists() and os.path.samefile(out, path):
+            raise TrainError(f"{out}: is {what}, an input of this command; choose another --out")
+    if out.exists() and not overwrite:
+        raise TrainError(f"{out}: exists; pass --overwrite to replace it, or choose another --out")
+    if not out.parent.is_dir():
+        raise TrainError(f"{out}: cannot write the predictions (folder {out.parent} does not exist); create it or "
+                         "choose another --out")
+
+
 def write_csv(path: Path, paths: Sequence[str], labels: Sequence[str], classnames: Sequence[str],
               classes: np.ndarray, probs: np.ndarray) -> None:
     """One row per image: path, label, class_1, prob_1, ... (best first); written to a temporary file, then
@@ -130,8 +148,10 @@ def write_csv(path: Path, paths: Sequence[str], labels: Sequence[str], classname
                 writer.writerow([p, label, *[v for c, q in zip(cs, ps) for v in (classnames[c], f"{q:.6f}")]])
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise TrainError(f"{path}: cannot write the predictions ({e.strerror}); choose another --out") from None
+        with contextlib.suppress(OSError):  # a read-only folder refuses the clean-up too
+            tmp.unlink(missing_ok=True)
+        raise TrainError(f"{path}: cannot write the predictions ({e.strerror or e}); choose another --out") \
+            from None
 
 
 def run(args: argparse.Namespace) -> tuple[Path, float | None, int]:
@@ -140,6 +160,8 @@ def run(args: argparse.Namespace) -> tuple[Path, float | None, int]:
 
     config = load_config(args.run)
     shots, models = load_models(args.run, args.shots, args.method, args.seed)
+    check_out(args.out, [("the --cache", args.cache), ("the run's configuration", args.run / "run_config.json"),
+                         ("the run's saved models", args.run / "params" / f"{shots}shot.npz")], args.overwrite)
     cache = read_cache(args.cache, with_aug=False)
     check_identity(config, cache)
     split = args.split or (next(iter(cache.splits)) if len(cache.splits) == 1 else "test")

@@ -36,11 +36,13 @@ from train_jax.compare import Comparison, Interval
 from train_jax.config import Settings
 from train_jax.errors import TrainError
 from train_jax.evaluate import mean_std
+from train_jax.protocols import FEW_SHOT
 
 # 1: a plain JSON list of record dicts (no version); 2: {"schema_version": 2, "records": [...]} of RunRecord.to_json;
 # 3: as 2, records with ``loss_curve`` (absent in 2: read as no curve); 4: as 3, records with ``loss_parts``
-# (absent in 2 and 3: read as none); 5: as 4, ``val_acc`` None in a validation-free run (--select none).
-SCHEMA_VERSION = 5
+# (absent in 2 and 3: read as none); 5: as 4, records with ``transfer`` (absent before: read as none); 6: as 5,
+# ``val_acc`` None in a validation-free run (--select none).
+SCHEMA_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,8 @@ class RunRecord:
     "ce" and "triplet") -> its mean per epoch as ``loss_curve`` (empty for a head without parts); ``selected``:
     chosen on validation (validation-free: every run that did not fail); ``tie_break``: what decided that choice
     (None, "score", "order"); ``shift``: shift set name -> accuracy (selected runs only); ``note``: its trainer's
-    remark."""
+    remark; ``transfer``: target -> accuracy on classes it was not trained on, with their own prototypes (selected
+    runs of a head with ``class_free`` only; ``protocols``: base-to-new's new classes, cross-dataset targets)."""
 
     dataset: str
     shots: int
@@ -74,12 +77,13 @@ class RunRecord:
     note: str = ""
     loss_curve: tuple[float | None, ...] = ()
     loss_parts: Mapping[str, tuple[float | None, ...]] = dataclasses.field(default_factory=dict)
+    transfer: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict, one key per field (``settings`` as ``Settings.to_dict``)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return {**out, "settings": self.settings.to_dict(), "shift": dict(self.shift), "loss_curve": list(self.loss_curve),
-                "loss_parts": {k: list(v) for k, v in self.loss_parts.items()}}
+                "loss_parts": {k: list(v) for k, v in self.loss_parts.items()}, "transfer": dict(self.transfer)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "RunRecord":
@@ -93,7 +97,8 @@ class RunRecord:
                              f"{sorted(keys - names)}")
         return cls(**{**data, "settings": Settings.from_dict(data["settings"]), "shift": dict(data["shift"]),
                       "loss_curve": tuple(data.get("loss_curve", ())),
-                      "loss_parts": {k: tuple(v) for k, v in dict(data.get("loss_parts", {})).items()}})
+                      "loss_parts": {k: tuple(v) for k, v in dict(data.get("loss_parts", {})).items()},
+                      "transfer": dict(data.get("transfer", {}))})
 
 
 @dataclass(frozen=True)
@@ -111,9 +116,9 @@ def records_to_json(records: Sequence[RunRecord]) -> dict[str, Any]:
 
 
 def records_from_json(data: Any, source: str | Path) -> list[RunRecord]:
-    """Inverse of ``records_to_json``; also reads versions 1 (a plain list), 2 (no loss curves), 3 (no loss parts)
-    and 4 (a validation accuracy in every record). TrainError naming ``source`` for anything else."""
-    if isinstance(data, Mapping) and data.get("schema_version") in (2, 3, 4, SCHEMA_VERSION):
+    """Inverse of ``records_to_json``; also reads versions 1 (a plain list), 2 (no loss curves), 3 (no loss parts),
+    4 (no transfer) and 5 (a validation accuracy in every record). TrainError naming ``source`` for anything else."""
+    if isinstance(data, Mapping) and data.get("schema_version") in (2, 3, 4, 5, SCHEMA_VERSION):
         data = data.get("records")
     if not isinstance(data, list):
         version = data.get("schema_version") if isinstance(data, Mapping) else None
@@ -144,8 +149,10 @@ GAP_JSON, GAP_MD, GAP_PNG = "gap.json", "gap.md", "gap.png"  # GapFile (write_ga
 COMPARE_JSON, COMPARE_CSV = "compare.json", "compare.csv"  # CompareFile (write_compare / read_compare)
 SUMMARY_MD, SUMMARY_JSON = "summary.md", "summary.json"  # the combine mode's folder (train_jax.report.combine)
 SHOTS_DIR, PARAMS_DIR = "shots", "params"  # shot_path, correct_path; params_path
+# .md/.csv/.json of the protocols' tables (train_jax.protocol_report: BaseNewRow / TransferRow, schema there)
+BASE_TO_NEW_STEM, CROSS_DATASET_STEM = "base_to_new", "cross_dataset"
 
-PATH_KEYS = ("cache", "eval_caches")  # recorded for information; folders are matched by cache identity
+PATH_KEYS = ("cache", "eval_caches", "transfer_caches")  # recorded for information; folders are matched by cache identity
 CSV_FIELDS = ("dataset", "shots", "method", "seed", "setting", "val_acc", "val_score", "test_acc", "selected",
               "tie_break", "failed", "select")  # select: the --select mode, "none" for a validation-free run
 
@@ -181,7 +188,10 @@ class ConfigRecord:
     information); seeds, methods: as run; grid: the searched grid as JSON (``config.grid_to_json``); prompt:
     "single" or "ensemble"; select: the --select mode; logit_scale and where it came from ("cache", "default" or
     "grid"); identity: the training cache's ``data.cache.cache_identity``; caches: ``{"cache": identity,
-    "eval_caches": [identity, ...]}`` (``data.cache.file_identity``), what a resumed run must match."""
+    "eval_caches": [identity, ...]}`` (``data.cache.file_identity``), what a resumed run must match; protocol:
+    one of ``protocols.PROTOCOLS``; transfer_caches: the cross-dataset targets' resolved paths (their identities
+    in ``caches["transfer_caches"]``). Written without protocol and transfer_caches when they are the few-shot
+    defaults, as before they existed."""
 
     cache: str
     dataset: str
@@ -195,12 +205,19 @@ class ConfigRecord:
     logit_scale_from: str
     identity: Mapping[str, Any]
     caches: Mapping[str, Any]
+    protocol: str = FEW_SHOT
+    transfer_caches: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-able dict, one key per field in field order."""
+        """A JSON-able dict, one key per field in field order (protocol and transfer_caches only when set)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {**out, "eval_caches": list(self.eval_caches), "seeds": list(self.seeds), "methods": list(self.methods),
-                "grid": dict(self.grid), "identity": dict(self.identity), "caches": dict(self.caches)}
+        out = {**out, "eval_caches": list(self.eval_caches), "seeds": list(self.seeds), "methods": list(self.methods),
+               "grid": dict(self.grid), "identity": dict(self.identity), "caches": dict(self.caches),
+               "transfer_caches": list(self.transfer_caches)}
+        return {k: v for k, v in out.items() if k not in _DEFAULTS or v != _DEFAULTS[k]}
+
+
+_DEFAULTS = {"protocol": FEW_SHOT, "transfer_caches": []}  # left out of run_config.json (folders made before)
 
 
 def check_config(out: Path, config: ConfigRecord) -> None:
@@ -219,13 +236,16 @@ def check_config(out: Path, config: ConfigRecord) -> None:
     pairs = [("cache", was["cache"], now["cache"])] + [
         (f"eval cache {i + 1}", was["eval_caches"][i] if i < len(was["eval_caches"]) else {}, ident)
         for i, ident in enumerate(now["eval_caches"])]
+    old_targets = was.get("transfer_caches", [])
+    pairs += [(f"transfer cache {i + 1}", old_targets[i] if i < len(old_targets) else {}, ident)
+              for i, ident in enumerate(now.get("transfer_caches", []))]
     for role, old_id, new_id in pairs:
         diff = identity_diff(old_id, new_id)
         if diff:
             raise TrainError(f"{path}: this folder holds results of a {role} made with {diff}; mixing them "
                              "would put two feature sets in one table: use another --out")
-    for key in new:
-        if key not in PATH_KEYS and old.get(key) != new[key]:
+    for key in {**_DEFAULTS, **new}:
+        if key not in PATH_KEYS and old.get(key, _DEFAULTS.get(key)) != new.get(key, _DEFAULTS.get(key)):
             raise TrainError(f"{path}: this folder holds results with a different {key} ({old.get(key)!r}); "
                              "use another --out")
 
@@ -276,20 +296,40 @@ def save_params(path: Path, learned: Mapping[str, Learned]) -> None:
 
 
 def load_params(path: str | Path) -> dict[str, Learned]:
-    """Inverse of ``save_params``: ``{"method/seedK": Learned}``; use with ``train_jax.methods.logits``."""
+    """Inverse of ``save_params``: ``{"method/seedK": Learned}``; use with ``train_jax.methods.logits``.
+    TrainError naming the file, and how to train it again, if it cannot be read."""
+    path = Path(path)
+    learned, why = _read_params(path)
+    if why:
+        raise TrainError(f"{why}; rerun the training command with --out {path.parent.parent}: it trains that shot "
+                         "count again")
+    return learned
+
+
+def params_problem(path: Path) -> str:
+    """'' when ``path`` (a run's ``params/<K>shot.npz``) reads back, else why not, naming the file."""
+    return _read_params(path)[1] if path.is_file() else f"{path}: missing"
+
+
+def _read_params(path: Path) -> tuple[dict[str, Learned], str]:
+    """(``{"method/seedK": Learned}``, '') of a ``save_params`` file, or ({}, why not, naming the file)."""
     trees: dict[str, dict[str, Any]] = {}
-    with np.load(path, allow_pickle=False) as data:
-        for key in data.files:
-            method, seed, kind, *rest = key.split("/")
-            item = trees.setdefault(f"{method}/{seed}", {"params": {}, "consts": {}})
-            if kind == "settings":
-                item["settings"] = Settings.from_dict(json.loads(str(data[key])))
-                continue
-            node = item[kind]
-            for part in rest[:-1]:
-                node = node.setdefault(part, {})
-            node[rest[-1]] = data[key]
-    return {run: Learned(t["settings"], t["params"], t["consts"]) for run, t in trees.items()}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            for key in data.files:
+                method, seed, kind, *rest = key.split("/")
+                item = trees.setdefault(f"{method}/{seed}", {"params": {}, "consts": {}})
+                if kind == "settings":
+                    item["settings"] = Settings.from_dict(json.loads(str(data[key])))
+                    continue
+                node = item[kind]
+                for part in rest[:-1]:
+                    node = node.setdefault(part, {})
+                node[rest[-1]] = data[key]
+        return {run: Learned(t["settings"], t["params"], t["consts"]) for run, t in trees.items()}, ""
+    except (OSError, ValueError, KeyError, TypeError, EOFError, TrainError, zipfile.BadZipFile) as e:
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        return {}, f"{path}: the saved models cannot be read ({why})"
 
 
 # --- the summary: one row per (dataset, method, shots), in results.json (versioned by its schema_version) ---

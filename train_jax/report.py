@@ -5,8 +5,9 @@ plots; plus a combine mode over run directories:
 
 writes DIR/summary.md (the average over the benchmark datasets present, one table per shot count with rows =
 methods and columns = datasets, a distribution-shift table, a modality-gap line, the paired differences against
-``--compare-to``), DIR/summary.json, DIR/compare.csv, DIR/compare.json, DIR/accuracy_vs_shots.png and
-DIR/loss_curves.png.
+``--compare-to``, and the base-to-new and cross-dataset sections of run folders of those protocols,
+``protocol_report``), DIR/summary.json, DIR/compare.csv, DIR/compare.json, DIR/accuracy_vs_shots.png and
+DIR/loss_curves.png. Base-to-new folders (trained on half of the classes) appear in their section only.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from data.registry import dataset_names, display_order, find_dataset
-from train_jax import choices, compare_report, published
+from train_jax import choices, compare_report, protocol_report, published
 from train_jax.errors import TrainError
 from train_jax.evaluate import VALIDATION_FREE
+from train_jax.protocols import BASE_TO_NEW
 from train_jax.records import (ACCURACY_PNG, CSV_FIELDS, LOSS_PNG, RESULTS_MD, SUMMARY_JSON, SUMMARY_MD, GapFile,
                                RunRecord, SummaryRow, load_params, method_rank, read_gap, read_results, save_params,
                                write_results)
@@ -353,25 +355,35 @@ def combine(run_dirs: Sequence[str | Path], out: str | Path, compare_to: str = "
     summary.md)."""
     summary: list[dict[str, Any]] = []
     identities: dict[str, Mapping[str, Any] | None] = {}
-    gaps = [g for g in map(read_gap, run_dirs) if g is not None]
+    few_shot = []  # base-to-new folders trained on half of the classes: in the base-to-new section only
     for run_dir in run_dirs:
         results = read_results(run_dir)
-        summary.extend(row.to_json() for row in results.summary)
-        identities[results.dataset or str(run_dir)] = results.config.get("identity")
+        if results.config.get("protocol") != BASE_TO_NEW:
+            few_shot.append(run_dir)
+            summary.extend(row.to_json() for row in results.summary)
+            identities[results.dataset or str(run_dir)] = results.config.get("identity")
+    gaps = [g for g in map(read_gap, few_shot) if g is not None]
+    sections, protocol_json = protocol_report.combined(run_dirs)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     line = gap_line(gaps)
     datasets = display_order(r["dataset"] for r in summary)
     benchmark = {_key(b) for b in BENCHMARK}
-    paired = compare_report.combined_section(run_dirs, out, compare_to, method_rank(r["method"] for r in summary),
-                                             datasets, [d for d in datasets if _key(d) in benchmark],
-                                             average_label(summary))
-    markdown = _under_title(combined_markdown(summary), weights_line(identities))
-    (out / SUMMARY_MD).write_text(markdown + (f"\n{line}" if line else "") + paired)
-    (out / SUMMARY_JSON).write_text(json.dumps({"summary": summary, "average": _average_rows(summary)},
-                                                       indent=1))
-    plot(out / ACCURACY_PNG, summary)
-    plot_curves(out / LOSS_PNG, summary)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        paired = compare_report.combined_section(few_shot, out, compare_to,
+                                                 method_rank(r["method"] for r in summary), datasets,
+                                                 [d for d in datasets if _key(d) in benchmark],
+                                                 average_label(summary)) if few_shot else ""
+        markdown = _under_title(combined_markdown(summary), weights_line(identities)) if summary else "# Results\n"
+        (out / SUMMARY_MD).write_text(markdown + (f"\n{line}" if line else "") + paired + sections)
+        (out / SUMMARY_JSON).write_text(json.dumps({"summary": summary, "average": _average_rows(summary),
+                                                    **protocol_json}, indent=1))
+        if summary:
+            plot(out / ACCURACY_PNG, summary)
+            plot_curves(out / LOSS_PNG, summary)
+    except OSError as e:
+        raise TrainError(f"{e.filename or out}: cannot write there ({e.strerror or e}); choose a writable --out") \
+            from None
     return out
 
 
