@@ -35,6 +35,8 @@ tiny random-weight CLIP. Its numbers check the pipeline; they are not CLIP accur
   --out DIR              output folder (default outputs/): cache/, runs/, results/
   --device D             auto | cpu | cuda (default auto): extraction device and JAX platform
   --train-args "..."     extra arguments for python -m train_jax (e.g. "--grid lr=1e-3,1e-4")
+  --select MODE          seed | mean: settings chosen on validation (default seed); none: validation-free, each
+                         method at its fixed default, no validation rows used (the tables say so)
   --compare-to METHOD    reference of the paired comparisons in the results (default cmm)
   --protocol "P ..."     few-shot (default); base-to-new (CoCoOp: train on each dataset's first half of the
                          classes, test on them and on the other half); cross-dataset (train on --source, score
@@ -51,7 +53,7 @@ EOF
 
 DATASETS="" DATA_ROOT="" FOLDER="" NAME="" MODEL="" PRETRAINED="" MODEL_CONFIG=""
 SHOTS="1 2 4 8 16" SEEDS="1 2 3" AUG_VIEWS=10 OUT="outputs" DEVICE="auto" TRAIN_ARGS="" ENCODE_ALL=0
-PREDICT="" RUN="" PREDICT_ARGS="" COMPARE_TO="cmm" PROTOCOL="few-shot" SOURCE=""
+PREDICT="" RUN="" PREDICT_ARGS="" COMPARE_TO="cmm" PROTOCOL="few-shot" SOURCE="" SELECT="seed"
 PY="${PYTHON:-python}"
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
@@ -60,7 +62,7 @@ while [ $# -gt 0 ]; do
     -h|--help) usage; exit 0 ;;
     --encode-all) ENCODE_ALL=1; shift ;;
     --datasets|--data-root|--folder|--name|--model|--pretrained|--model-config|--shots|--seeds|--aug-views|\
-    --out|--device|--train-args|--predict|--run|--predict-args|--compare-to|--protocol|--source)
+    --out|--device|--train-args|--predict|--run|--predict-args|--compare-to|--protocol|--source|--select)
       [ $# -ge 2 ] || die "$1 needs a value (see --help)"
       case "$1" in
         --datasets) DATASETS="$2" ;; --data-root) DATA_ROOT="$2" ;; --folder) FOLDER="$2" ;; --name) NAME="$2" ;;
@@ -69,12 +71,14 @@ while [ $# -gt 0 ]; do
         --device) DEVICE="$2" ;; --train-args) TRAIN_ARGS="$2" ;; --predict) PREDICT="$2" ;; --run) RUN="$2" ;;
         --predict-args) PREDICT_ARGS="$2" ;; --compare-to) COMPARE_TO="$2" ;; --protocol) PROTOCOL="$2" ;;
         --source) SOURCE="$2" ;;
+        --select) SELECT="$2" ;;
       esac
       shift 2 ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac
 done
 case "$DEVICE" in auto|cpu|cuda) ;; *) die "--device must be auto, cpu or cuda, not '$DEVICE'" ;; esac
+case "$SELECT" in seed|mean|none) ;; *) die "--select must be seed, mean or none, not '$SELECT'" ;; esac
 for p in $PROTOCOL; do
   case "$p" in few-shot|base-to-new|cross-dataset) ;; *) die "--protocol: '$p' is not few-shot, base-to-new or cross-dataset" ;; esac
 done
@@ -213,7 +217,7 @@ train() {  # train DS OUT_DIR ARGS...: python -m train_jax on DS's cache with th
   local ds="$1" dir="$2"; shift 2
   # shellcheck disable=SC2086  # TRAIN_ARGS, SHOTS and SEEDS are word lists on purpose
   "$PY" -m train_jax --cache "$CACHE_DIR/$ds.h5" "$@" "${METHOD_ARGS[@]}" --shots $SHOTS --fit-shots --seeds $SEEDS \
-    --out "$dir" --compare-to "$COMPARE_TO" $TRAIN_ARGS
+    --select "$SELECT" --out "$dir" --compare-to "$COMPARE_TO" $TRAIN_ARGS
   RUN_DIRS+=("$dir")
 }
 

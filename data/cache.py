@@ -232,12 +232,14 @@ class CacheReader(CacheHead):
                    "unlabelled)")
         return Listing(labels, paths, status)
 
-    def read(self, split: str, rows: np.ndarray, *, views: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def read(self, split: str, rows: np.ndarray, *, views: bool = False,
+             out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Features [n, D] float32 (and augmented views [n, A, D] when views=True) of encoded rows [n] of `split`.
 
         With views, both are slices of one array [n, 1 + A, D] (plain view first), so `features.base` holds them
-        stacked without a copy. CacheError naming the split if a row is not encoded (ABSENT) or unreadable, or
-        views are asked but absent.
+        stacked without a copy. `out`: that array to fill instead of a new one, float32 C-contiguous [n', 1 + A
+        (0 without views), D] with n' >= n (rows n.. untouched). CacheError naming the split if a row is not
+        encoded (ABSENT) or unreadable, or views are asked but absent.
         """
         rows = np.asarray(rows, np.int64)
         with open_h5(self.path, "r") as f:
@@ -255,7 +257,10 @@ class CacheReader(CacheHead):
             for spec in (stored("features"), *([stored("aug_features")] if views else [])):
                 _check(spec.fits(g[spec.name].shape, dims), self.path,
                        f"/{spec.at(split)} rows are not {spec.row_text(dims)}")
-            stacked = np.empty((len(rows), 1 + (g["aug_features"].shape[1] if views else 0), dim), np.float32)
+            shape = (len(rows), 1 + (g["aug_features"].shape[1] if views else 0), dim)
+            if out is not None and (out.dtype != np.float32 or len(out) < shape[0] or out.shape[1:] != shape[1:]):
+                raise ValueError(f"out {out.dtype}{list(out.shape)} cannot hold float32 rows of {list(shape)}")
+            stacked = np.empty(shape, np.float32) if out is None else out[: shape[0]]
             _read_slots(g["features"], slot[rows], stacked[:, 0], self.path)
             _check_norms(stacked[:, 0], self.path, f"/splits/{split}/features")
             if views:
@@ -266,6 +271,12 @@ class CacheReader(CacheHead):
         """Whether `split` stores augmented views."""
         with open_h5(self.path, "r") as f:
             return "aug_features" in self._group(f, split)
+
+    def aug_views(self, split: str) -> int:
+        """Augmented views stored per row of `split` (0: none)."""
+        with open_h5(self.path, "r") as f:
+            g = self._group(f, split)
+            return int(g["aug_features"].shape[1]) if "aug_features" in g else 0
 
     def bad(self) -> dict[str, str]:
         """Path -> error of every image skipped as unreadable."""

@@ -35,11 +35,12 @@ class ClassSubset(CacheReader):
         self.file_rows[split] = np.flatnonzero(keep)
         return Listing(labels, full.paths[keep], full.status[keep])
 
-    def read(self, split: str, rows: np.ndarray, *, views: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """``CacheReader.read`` of the subset listing's rows [n] (mapped to the file's rows)."""
+    def read(self, split: str, rows: np.ndarray, *, views: bool = False,
+             out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """``CacheReader.read`` of the subset listing's rows [n] (mapped to the file's rows; ``out`` as there)."""
         if split not in self.file_rows:
             self.listing(split)
-        return self.source.read(split, self.file_rows[split][np.asarray(rows, np.int64)], views=views)
+        return self.source.read(split, self.file_rows[split][np.asarray(rows, np.int64)], views=views, out=out)
 
 
 def class_subset(reader: CacheReader, classes: Sequence[int] | np.ndarray) -> ClassSubset:

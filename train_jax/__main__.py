@@ -16,18 +16,30 @@ from train_jax import compile_cache
 from train_jax.config import ALIASES_OUT, DEFAULT_GRID, VIEWS_GRID, Settings, grid_keys_help, parse_grid
 from train_jax.errors import TrainError
 from train_jax.evaluate import SELECT_MODES
-from train_jax.methods import DEFAULT_METHODS, METHODS, VIEW_METHODS
+from train_jax.methods import DEFAULT_METHODS, METHODS, VIEW_METHODS, Method
 from train_jax.protocols import CROSS_DATASET, FEW_SHOT, PROTOCOLS
 from train_jax.run_config import DEFAULT_SEEDS, DEFAULT_SHOTS, RunConfig
 
 UNGIVEN_METHODS = list(DEFAULT_METHODS)  # --methods' default; by identity: not given, so views may add methods
-_METHODS_HELP = "\n".join(f"  {m.name}: {m.description}" for m in METHODS.values())
+
+
+def _fixed_text(method: Method) -> str:
+    """The fixed default of a method as ``--help`` shows it: its fields, "its recipe" (own trainer), or "-"."""
+    if method.fixed:
+        return Settings(**method.fixed).label(list(method.fixed))
+    return "its recipe" if method.fit is not None else "-"
+
+
+_METHODS_HELP = "\n".join(f"  {m.name}: {m.description} [{_fixed_text(m)}]" for m in METHODS.values())
+
 EPILOG = f"""
 Selection (on the validation split, never on test): the setting with the best validation accuracy; ties go to
   the higher validation score (mean log-probability of the true class on the run's own validation images),
   then to the first setting in --grid order if the scores are exactly equal. Failed runs are never selected.
   --select seed: one setting per (method, seed); --select mean: one setting per method and shot count, on the
   accuracy and score averaged over the seeds (settings that failed for fewer seeds first).
+  --select none: validation-free (CLAP's "realistic" setting): no validation rows are read; each method runs at
+  its fixed default (below; --grid may only fix single values, which override it) and the tables say so.
 Default grid (the paper publishes no settings):
   {' '.join(f"{ALIASES_OUT.get(k, k)}={','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items())}
   and, when the training cache holds augmented views, {' '.join(f"{k}={','.join(f'{v:g}' for v in vs)}"
@@ -38,7 +50,7 @@ Settings (grid keys, aliases in brackets; tip_adapter_f, tip_adapter, gda, clap,
 ignore the grid and run their authors' recipes, cross_modal_lp with its authors' 12-setting grid; README
 "Protocol"):
 {grid_keys_help()}
-Methods:
+Methods (in brackets: the fixed default --select none runs):
 {_METHODS_HELP}
 Outputs in --out: results.json, results.csv, results.md, accuracy_vs_shots.png, params/<K>shot.npz
 (train_jax.records.load_params), shots/<K>shot.json (finished shots, skipped when rerun),
@@ -87,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", nargs="+", action="extend", default=None, metavar="KEY=V1,V2",
                    help="settings grid, e.g. lr=1e-3,1e-4 alpha=1,2 (default: see below; may be repeated)")
     p.add_argument("--select", choices=SELECT_MODES, default=SELECT_MODES[0],
-                   help="choose the setting per seed (seed) or one per method from the mean over seeds (mean); "
-                        "see Selection below (default: %(default)s)")
+                   help="choose the setting per seed (seed) or one per method from the mean over seeds (mean) on "
+                        "validation, or train each method at its fixed default without validation (none); see "
+                        "Selection below (default: %(default)s)")
     p.add_argument("--compare-to", choices=list(METHODS), default="cmm", metavar="METHOD",
                    help="reference method of the paired comparisons in results.md, compare.csv and compare.json "
                         "(default: %(default)s)")

@@ -11,6 +11,8 @@ classes (``evaluators.on_targets``).
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import math
 import shlex
@@ -29,17 +31,17 @@ from data.cache import (BAD, MODEL_ATTRS, OK, UNLABELLED, CacheHead, CacheReader
 from data.class_split import base_new_split
 from data.class_subset import class_subset
 from data.registry import in_imagenet_family
-from data.vectors import l2_normalize
+from data.vectors import l2_normalize, l2_normalize_rows_inplace
 from train_jax import compile_cache, evaluate, evaluators, gap, protocol_report, protocols, published, records
 from train_jax.compile_cache import CompileStats
 from train_jax.config import Settings, expand_grid, grid_to_json
 from train_jax.errors import TrainError
 from train_jax.evaluators import EvalSet, Group, Placement, TargetSet
 from train_jax.layout import Buckets, shot_buckets
-from train_jax.methods import METHODS
+from train_jax.methods import METHODS, Method
 from train_jax.records import ConfigRecord, Learned, RunRecord
 from train_jax.run_config import RunConfig
-from train_jax.runner import Pool, Trained, hparam_arrays, train_runs
+from train_jax.runner import Pool, Trained, hparam_arrays, host_array, train_runs
 from train_jax.trainers import Job
 
 TEST_BLOCK_ROWS = 16384  # test rows read and predicted at a time
@@ -188,27 +190,34 @@ def _val_split(task: Task) -> str:
     return "val" if "val" in task.listings and len(task.listings["val"].labels) else "train"
 
 
-def _draw(task: Task, shots: int, seeds: Sequence[int]) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
-    """The few-shot draw (``data.fewshot``) over every listed row: train rows and validation rows of each seed."""
+def _draw(task: Task, shots: int, seeds: Sequence[int],
+          validation: bool = True) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """The few-shot draw (``data.fewshot``) over every listed row: train rows and validation rows of each seed
+    (none without ``validation``)."""
     train, names = task.listings["train"], task.cache.classnames
     picks = {s: fewshot.sample_shots(train.labels, train.paths, names, shots, s) for s in seeds}
+    if not validation:
+        return picks, {}
     if _val_split(task) == "val":
         val = task.listings["val"]
         return picks, {s: fewshot.sample_val(val.labels, val.paths, names, shots, s) for s in seeds}
     return picks, {s: fewshot.sample_val_from_train(train.labels, train.paths, names, shots, s) for s in seeds}
 
 
-def check_encoded(task: Task, shots: Sequence[int], seeds: Sequence[int]) -> None:
+def check_encoded(task: Task, shots: Sequence[int], seeds: Sequence[int], validation: bool = True) -> None:
     """TrainError (one line with the `extract` command that adds them) if a draw needs rows the cache does not
-    encode (a pooled cache asked for more seeds or shots than it holds)."""
+    encode (a pooled cache asked for more seeds or shots than it holds); validation rows only with
+    ``validation``."""
     for k in sorted(shots, reverse=True):
-        _check_draw(task, *_draw(task, k, seeds), k, seeds, max(shots))
+        _check_draw(task, *_draw(task, k, seeds, validation), k, seeds, max(shots))
 
 
 def _check_draw(task: Task, picks: dict[int, np.ndarray], val_rows: dict[int, np.ndarray], shots: int,
                 seeds: Sequence[int], max_shots: int) -> None:
     """TrainError if a drawn row (train or validation) is listed but not encoded; see ``check_encoded``."""
     for split, rows in (("train", picks), (_val_split(task), val_rows)):
+        if not rows:  # validation-free: no validation rows
+            continue
         status = task.listings[split].status[np.unique(np.concatenate(list(rows.values())))]
         missing = int(np.sum((status != OK) & (status != BAD)))
         if missing:
@@ -236,10 +245,11 @@ def _extend_hint(task: Task, split: str, missing: int, shots: int, seeds: Sequen
             f"--pool-shots {max_shots}` (encodes only the missing rows)")
 
 
-def _sample(task: Task, shots: int, seeds: Sequence[int]) -> tuple[dict[int, np.ndarray], str, dict[int, np.ndarray]]:
-    """Train rows and validation rows of every seed and the validation split's name; drawn images that were
-    unreadable at extraction (skipped) are left out, with a warning."""
-    picks, val_rows = _draw(task, shots, seeds)
+def _sample(task: Task, shots: int, seeds: Sequence[int],
+            validation: bool = True) -> tuple[dict[int, np.ndarray], str, dict[int, np.ndarray]]:
+    """Train rows and validation rows (none without ``validation``) of every seed and the validation split's
+    name; drawn images that were unreadable at extraction (skipped) are left out, with a warning."""
+    picks, val_rows = _draw(task, shots, seeds, validation)
     _check_draw(task, picks, val_rows, shots, seeds, shots)
     val_split = _val_split(task)
     for split, rows in (("train", picks), (val_split, val_rows)):
@@ -252,17 +262,29 @@ def _sample(task: Task, shots: int, seeds: Sequence[int]) -> tuple[dict[int, np.
     return picks, val_split, val_rows
 
 
-def _pool(task: Task, rows: np.ndarray, use_aug: bool) -> Pool:
-    """Features [M,V,D] of the given train rows, read from the cache: the plain view, then the cached augmented
-    views if needed."""
-    if use_aug and not task.cache.has_views("train"):
+def _check_views(task: Task) -> None:
+    """TrainError if the training cache has no augmented views (use_aug=1 needs them)."""
+    if not task.cache.has_views("train"):
         raise TrainError(
             f"{task.cache.path}: use_aug=1 needs augmented views in the cache; extract it with augmented views "
             "or drop use_aug from --grid"
         )
-    stacked = task.cache.read("train", rows, views=use_aug)[0].base  # [M, V, D], one array: no copies
-    stacked /= np.maximum(np.linalg.norm(stacked, axis=-1, keepdims=True), 1e-12)  # as l2_normalize, in place
-    return Pool(stacked, task.listings["train"].labels[rows].astype(np.int32))
+
+
+def _pool(task: Task, rows: np.ndarray, use_aug: bool, size: int = 0) -> Pool:
+    """Features [P,V,D] of the given train rows [M], read from the cache: the plain view, then the cached augmented
+    views if needed; P = max(M, size), rows past M zero (``size``: the programs' padded pool, so the runner needs
+    no padded copy). One host array, normalised in place: a CPU device uses it without a copy
+    (``runner.host_array``)."""
+    if use_aug:
+        _check_views(task)
+    views = 1 + (task.cache.aug_views("train") if use_aug else 0)
+    stacked = host_array((max(len(rows), size), views, task.text.shape[1]))
+    task.cache.read("train", rows, views=use_aug, out=stacked)
+    l2_normalize_rows_inplace(stacked[: len(rows)])  # as l2_normalize, in place: no copy of the views
+    labels = np.zeros(len(stacked), np.int32)
+    labels[: len(rows)] = task.listings["train"].labels[rows]
+    return Pool(stacked, labels)
 
 
 def test_rows(task: Task) -> tuple[np.ndarray, np.ndarray]:
@@ -322,14 +344,15 @@ class _Data:
     """The rows every run of one shots value draws on: the seeds' train rows pooled (``pool_rows`` [M] sorted,
     ``picks``: seed -> its rows), the union of their validation rows ([V,D], [V]; ``members``: seed -> [V] bool,
     its own), the labels [N] of the encoded test rows (their features are read in blocks, ``_test_blocks``), and
-    the pooled rows as a Split for the methods with their own trainer (read on first use, ``_pool_split``)."""
+    the pooled rows as a Split for the methods with their own trainer (read on first use, ``_pool_split``). A
+    validation-free shot count (``--select none``) has no validation rows: val_feats, val_labels, members None."""
 
     pool_rows: np.ndarray
     pool: Pool
     picks: dict[int, np.ndarray]
-    val_feats: np.ndarray
-    val_labels: np.ndarray
-    members: dict[int, np.ndarray]
+    val_feats: np.ndarray | None
+    val_labels: np.ndarray | None
+    members: dict[int, np.ndarray] | None
     test_labels: np.ndarray
     pool_split: Split | None = None
 
@@ -343,6 +366,7 @@ def run_shots(
     label_keys: Sequence[str],
     *,
     select: str = "seed",
+    given: Sequence[str] = (),
     budget: int | None = None,
     devices: Sequence[jax.Device] | None = None,
     max_shots: int | None = None,
@@ -350,9 +374,11 @@ def run_shots(
     """Train and evaluate every (method, seed, setting) run for K = ``shots``.
 
     Args:
-      grid: the user's settings list (each method restricts it, see ``Method.settings``).
-      label_keys: the fields shown as a record's ``setting``.
-      select: one of ``evaluate.SELECT_MODES`` (see ``_select``).
+      grid: the user's settings list (each method restricts it, see ``Method.settings``); validation-free
+        (``select="none"``): one setting, each method's run is its ``Method.fixed_setting`` over it.
+      label_keys: the fields shown as a record's ``setting`` (validation-free: each method's fixed fields).
+      select: one of ``evaluate.SELECT_MODES`` (see ``_select``); "none" reads no validation rows at all.
+      given: validation-free only: the fields the user's grid set, kept over the methods' fixed defaults.
       max_shots: the largest K of the sweep (default ``shots``), whose shapes the programs are compiled for, so
         that every K up to it reuses them.
 
@@ -361,20 +387,30 @@ def run_shots(
     """
     if select not in evaluate.SELECT_MODES:
         raise TrainError(f"select={select!r}: use one of {', '.join(evaluate.SELECT_MODES)}")
-    own = {m: METHODS[m].settings(list(grid), len(task.text)) for m in methods}
+    validation = select != evaluate.VALIDATION_FREE
+    classes = len(task.text)
+
+    def fixed(method: Method) -> list[Settings]:  # validation-free: its one fixed run, if admitted on these classes
+        st = method.fixed_setting(grid[0], given)
+        return [st] if method.admits is None or method.admits(st, classes) else []
+
+    own = {m: METHODS[m].settings(list(grid), classes) if validation else fixed(METHODS[m]) for m in methods}
     for m in (m for m in methods if not own[m]):
-        warnings.warn(f"{task.dataset}: {m} not run: none of its settings runs on {len(task.text)} classes",
-                      stacklevel=2)
+        warnings.warn(f"{task.dataset}: {m} not run: none of its settings runs on {classes} classes", stacklevel=2)
     runs = [_Run(m, s, st) for m in methods for s in seeds for st in own[m]]
-    data = _prepare(task, shots, seeds, any(r.settings.use_aug for r in runs))
     buckets = shot_buckets(max(shots, max_shots or shots), len(task.text), len(seeds),
                            len(task.listings["train"].labels))
     place = Placement(budget, devices)
+    use_aug = any(r.settings.use_aug for r in runs)
+    if use_aug:
+        _check_views(task)
+    # on a CPU device, runs with views train one seed at a time on that seed's own views (``train_group``)
+    data = _prepare(task, shots, seeds, use_aug and not _views_by_seed(place), validation, buckets.pool)
     results = []
     for key, idx in _groups(runs).items():
         group, note = train_group(task, shots, key, [runs[i] for i in idx], data, buckets, place)
-        own = np.stack([data.members[runs[i].seed] for i in idx])
-        results.append(_score(task, key, tuple(idx), own, group, note, data, place))
+        members = None if data.members is None else np.stack([data.members[runs[i].seed] for i in idx])
+        results.append(_score(task, key, tuple(idx), members, group, note, data, place))
     where = {i: (g, j) for g in results for j, i in enumerate(g.runs)}  # run -> its group, its index there
     runs = [_Run(r.method, r.seed, where[i][0].group.settings[where[i][1]]) for i, r in enumerate(runs)]
     per_run = lambda get: np.array([get(where[i][0])[where[i][1]] for i in range(len(runs))])  # noqa: E731
@@ -382,22 +418,27 @@ def run_shots(
                         per_run(lambda g: g.group.trained.failed), select)
     shift = _evaluate_shift(task, list(tie_break), where, place)
     transfer = _evaluate_transfer(task, list(tie_break), where, place)
-    return ShotResult(_records(task.dataset, shots, runs, label_keys, where, tie_break, shift, transfer),
+    return ShotResult(_records(task.dataset, shots, runs, label_keys, where, tie_break, shift, transfer, validation),
                       _learned(runs, tie_break, where),
                       {f"{runs[i].method}/seed{runs[i].seed}": where[i][0].test_correct[where[i][1]]
                        for i in sorted(tie_break)})
 
 
-def _prepare(task: Task, shots: int, seeds: Sequence[int], use_aug: bool) -> _Data:
-    """Sample every seed's shots and validation rows; pool the train rows (with augmented views if ``use_aug``)."""
-    picks, val_split, val_rows = _sample(task, shots, seeds)
+def _prepare(task: Task, shots: int, seeds: Sequence[int], use_aug: bool, validation: bool = True,
+             pool_size: int = 0) -> _Data:
+    """Sample every seed's shots and validation rows (none, and none read, without ``validation``); pool the
+    train rows (with augmented views if ``use_aug``; padded to ``pool_size`` rows, see ``_pool``)."""
+    picks, val_split, val_rows = _sample(task, shots, seeds, validation)
     pool_rows = np.unique(np.concatenate(list(picks.values())))
-    val_union = np.unique(np.concatenate(list(val_rows.values())))
-    val_feats = l2_normalize(task.cache.read(val_split, val_union)[0])
     test = task.listings["test"]
-    return _Data(pool_rows, _pool(task, pool_rows, use_aug), picks, val_feats,
-                 task.listings[val_split].labels[val_union], {s: np.isin(val_union, val_rows[s]) for s in seeds},
+    data = _Data(pool_rows, _pool(task, pool_rows, use_aug, pool_size), picks, None, None, None,
                  test.labels[test.status == OK])
+    if validation:
+        val_union = np.unique(np.concatenate(list(val_rows.values())))
+        data.val_feats = l2_normalize(task.cache.read(val_split, val_union)[0])
+        data.val_labels = task.listings[val_split].labels[val_union]
+        data.members = {s: np.isin(val_union, val_rows[s]) for s in seeds}
+    return data
 
 
 def _groups(runs: Sequence[_Run]) -> dict[tuple, list[int]]:
@@ -419,13 +460,16 @@ def train_group(task: Task, shots: int, key: tuple, group: Sequence[_Run], data:
     seeds_arr = np.array([r.seed for r in group])
     settings = [r.settings for r in group]
     fit = METHODS[group[0].method].fit
+    desc = f"{task.dataset} {shots}-shot {type(head).__name__}"
+    if fit is None and use_aug and data.pool.features.shape[1] == 1:  # the shared pool holds no views
+        return Group(head, _train_views_by_seed(task, key, group, data, buckets, place, desc), tuple(settings)), ""
     if fit is None:
         trained = train_runs(head, hparam_arrays(settings), rows, seeds_arr, data.pool, task.text,
                              batch_size=batch_size, use_aug=use_aug, buckets=buckets, budget=place.budget,
-                             devices=place.devices, desc=f"{task.dataset} {shots}-shot {type(head).__name__}")
+                             devices=place.devices, desc=desc)
         return Group(head, trained, tuple(settings)), ""
     # the method's own trainer; it returns the settings its models are used with
-    own = np.stack([data.members[r.seed] for r in group])
+    own = None if data.members is None else np.stack([data.members[r.seed] for r in group])
     if data.pool_split is None:
         data.pool_split = _pool_split(task, data.pool_rows)
     fitted = fit(Job(head=head, settings=settings, split=data.pool_split, pool_rows=np.arange(len(data.pool_rows)),
@@ -438,11 +482,47 @@ def train_group(task: Task, shots: int, key: tuple, group: Sequence[_Run], data:
     return Group(head, trained, tuple(fitted.settings)), fitted.note
 
 
-def _score(task: Task, key: tuple, runs: tuple[int, ...], own: np.ndarray, group: Group, note: str, data: _Data,
-           place: Placement) -> GroupResult:
-    """A trained group's accuracy and score on each run's own validation rows (own [S,V] bool), and its test
-    accuracy."""
-    val_acc, val_score = evaluators.on_validation(group, data.val_feats, data.val_labels, own, task.text, place)
+def _views_by_seed(place: Placement) -> bool:
+    """Whether runs with views (use_aug) train one seed at a time, each on its own seed's views: on a CPU device,
+    whose memory is the host's (every seed's views together are 2 GB at ImageNet's 16 shots x 11 views, one seed's
+    a third of that) and whose seeds train as separate streams anyway; an accelerator trains all seeds in one
+    program from one pool in its own memory."""
+    return list(place.devices or jax.devices())[0].platform == "cpu"
+
+
+def _train_views_by_seed(task: Task, key: tuple, group: Sequence[_Run], data: _Data, buckets: Buckets,
+                         place: Placement, desc: str) -> Trained:
+    """Train a group's runs with views (use_aug) seed by seed, each seed's runs on a pool of only its own rows'
+    views (read when its turn comes, freed after), padded to one seed's bucket so one program serves every seed.
+    Returns the runs' Trained in ``group`` order."""
+    head, batch_size, _ = key
+    one_seed = Buckets(buckets.rows, min(buckets.pool, buckets.rows))  # one seed's draws: at most rows per run
+    parts, done = [], []
+    for seed in dict.fromkeys(r.seed for r in group):
+        idx = [i for i, r in enumerate(group) if r.seed == seed]
+        seed_rows = np.unique(data.picks[seed])
+        pool = _pool(task, seed_rows, True, one_seed.pool)
+        rows = np.tile(np.searchsorted(seed_rows, data.picks[seed]), (len(idx), 1))
+        trained = train_runs(head, hparam_arrays([group[i].settings for i in idx]), rows, np.full(len(idx), seed),
+                             pool, task.text, batch_size=batch_size, use_aug=True, buckets=one_seed,
+                             budget=place.budget, devices=place.devices, desc=f"{desc} seed {seed}")
+        del pool
+        gc.collect()  # a device array is freed by the collector (jax holds it in a reference cycle): free this
+        # seed's views before the next seed's are read
+        parts.append([getattr(trained, f.name) for f in dataclasses.fields(Trained)])
+        done += idx
+    order = np.argsort(done)
+    return Trained(*jax.tree.map(lambda *x: np.concatenate(x)[order], *parts))
+
+
+def _score(task: Task, key: tuple, runs: tuple[int, ...], own: np.ndarray | None, group: Group, note: str,
+           data: _Data, place: Placement) -> GroupResult:
+    """A trained group's accuracy and score on each run's own validation rows (own [S,V] bool; None: the shot
+    count is validation-free, both NaN), and its test accuracy."""
+    if own is None:
+        val_acc = val_score = np.full(len(runs), np.nan)
+    else:
+        val_acc, val_score = evaluators.on_validation(group, data.val_feats, data.val_labels, own, task.text, place)
     test_acc, test_correct = evaluators.on_test(group, _test_blocks(task), data.test_labels, task.text, place)
     return GroupResult(key, runs, group, note, val_acc, val_score, test_acc, test_correct)
 
@@ -450,10 +530,11 @@ def _score(task: Task, key: tuple, runs: tuple[int, ...], own: np.ndarray, group
 def _records(dataset: str, shots: int, runs: Sequence[_Run], label_keys: Sequence[str],
              where: Mapping[int, tuple[GroupResult, int]], tie_break: Mapping[int, str | None],
              shift: Mapping[int, dict[str, float]],
-             transfer: Mapping[int, dict[str, float]] | None = None) -> list[RunRecord]:
+             transfer: Mapping[int, dict[str, float]] | None = None, validation: bool = True) -> list[RunRecord]:
     """One RunRecord per run, in run order; ``where``: run -> (its group, its index there); ``tie_break``: the
     selected runs; ``shift``: selected run -> its shift accuracies; ``transfer``: selected run -> its accuracies
-    on other classes (``_evaluate_transfer``)."""
+    on other classes (``_evaluate_transfer``); without ``validation`` (validation-free) the records have no
+    validation accuracy and their setting label shows the method's fixed fields."""
     def finite(x: float) -> float | None:
         return float(x) if math.isfinite(x) else None
 
@@ -463,10 +544,12 @@ def _records(dataset: str, shots: int, runs: Sequence[_Run], label_keys: Sequenc
         trained = g.group.trained
         names = getattr(g.group.head, "part_names", ())
         parts = {} if trained.loss_parts is None else dict(zip(names, trained.loss_parts[j].T))
+        method = METHODS[run.method]
         out.append(RunRecord(
             dataset=dataset, shots=shots, method=run.method, seed=run.seed,
-            setting=run.settings.label(METHODS[run.method].label_keys(label_keys)) or "-",
-            settings=run.settings, val_acc=float(g.val_acc[j]), val_score=finite(g.val_score[j]),
+            setting=run.settings.label(method.label_keys(label_keys) if validation else list(method.fixed)) or "-",
+            settings=run.settings, val_acc=float(g.val_acc[j]) if validation else None,
+            val_score=finite(g.val_score[j]),
             test_acc=float(g.test_acc[j]), failed=bool(trained.failed[j]),
             fail_step=int(trained.fail_step[j]) if trained.failed[j] else None,
             final_loss=finite(trained.final_loss[j]), loss_curve=tuple(finite(v) for v in trained.loss_curve[j]),
@@ -493,7 +576,10 @@ def _select(runs: list[_Run], val_acc: np.ndarray, val_score: np.ndarray, failed
             select: str) -> dict[int, str | None]:
     """The selected runs -> what decided each (``evaluate.Choice.tie_break``). ``select="seed"``: the best of each
     (method, seed)'s runs; ``"mean"``: per method, the setting best on the mean over seeds, selected for every
-    seed where it did not fail. All arrays [len(runs)]; the runs of a method are seeds x its settings."""
+    seed where it did not fail; ``"none"`` (validation-free: one run per method and seed): every run that did not
+    fail. All arrays [len(runs)]; the runs of a method are seeds x its settings."""
+    if select == evaluate.VALIDATION_FREE:
+        return {i: None for i in range(len(runs)) if not failed[i]}
     chosen: dict[int, str | None] = {}
     for method in dict.fromkeys(r.method for r in runs):
         by_seed: dict[int, list[int]] = {}
@@ -618,6 +704,11 @@ def train_and_evaluate(config: RunConfig, out: str | Path, *, say: Callable[[str
     compile_cache.enable(compile_cache.cache_dir(config.compile_cache, config.no_compile_cache))
     compiled_before = compile_cache.stats()
     shots, seeds = config.shot_list, config.seed_list
+    validation = config.select != evaluate.VALIDATION_FREE
+    several = [k for k, vs in (config.grid or {}).items() if len(vs) > 1]
+    if not validation and several:
+        raise TrainError(f"--select none trains each method at its fixed default, so --grid may give one value per "
+                         f"setting, not several ({', '.join(several)}); drop the extra values or select on validation")
     if min(shots) < 1:
         raise TrainError(f"--shots must be >= 1, got {list(config.shots)}")
     if config.devices is not None and not 1 <= config.devices <= len(jax.devices()):
@@ -630,7 +721,7 @@ def train_and_evaluate(config: RunConfig, out: str | Path, *, say: Callable[[str
     grid, methods = config.grid_for(views), config.methods_for(views)
     if config.fit_shots:
         shots = fitting_shots(task, shots, warn)
-    check_encoded(task, shots, seeds)  # before anything is written to the run folder
+    check_encoded(task, shots, seeds, validation)  # before anything is written to the run folder
     scale, scale_from = model_logit_scale(task.cache.attrs)
     settings = expand_grid(grid, Settings(logit_scale=scale))
     out = Path(out)
@@ -656,7 +747,7 @@ def train_and_evaluate(config: RunConfig, out: str | Path, *, say: Callable[[str
         elif done.exists():
             say(f"{task.dataset} {k}-shot: already in {done}, skipped")
             continue
-        result = run_shots(task, k, seeds, methods, settings, label_keys, select=config.select,
+        result = run_shots(task, k, seeds, methods, settings, label_keys, select=config.select, given=list(grid),
                            budget=config.budget, devices=devices, max_shots=max(shots))
         records.write_shot(out, k, result.records, result.learned, result.correct)
         for r in result.records:

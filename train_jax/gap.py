@@ -63,14 +63,21 @@ def _map_block(learn_text: bool, params: Mapping, block: jax.Array, text: jax.Ar
 def mapped(settings: Any, params: Mapping, images: np.ndarray, text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A CMM model's mapped images [N,D] and its prototypes [C,D] (learned ones with learn_text); one compiled
     program per (learn_text, C, D) whatever N: the map is row-wise, applied to ``EVAL_BLOCK``-row blocks, the last
-    padded with zero rows that are dropped."""
+    padded with zero rows that are dropped. Each block's output is copied out at once, so only one block's device
+    arrays are alive (ImageNet's test split is 49 blocks)."""
     images = np.asarray(images, np.float32)
     n, dim = images.shape
-    blocks = np.zeros((math.ceil(max(n, 1) / EVAL_BLOCK) * EVAL_BLOCK, dim), np.float32)
-    blocks[:n] = images
     text = np.asarray(text, np.float32)
-    outs = [_map_block(bool(settings.learn_text), params, b, text) for b in blocks.reshape(-1, EVAL_BLOCK, dim)]
-    return np.concatenate([np.asarray(v) for v, _ in outs])[:n], np.asarray(outs[0][1])
+    out = np.empty((n, dim), np.float32)
+    protos = None
+    for start in range(0, max(n, 1), EVAL_BLOCK):
+        block = np.zeros((EVAL_BLOCK, dim), np.float32)
+        block[: min(EVAL_BLOCK, n - start)] = images[start : start + EVAL_BLOCK]
+        v, t = _map_block(bool(settings.learn_text), params, block, text)
+        out[start : start + EVAL_BLOCK] = np.asarray(v)[: min(EVAL_BLOCK, n - start)]
+        protos = np.asarray(t) if protos is None else protos
+        del v, t
+    return out, protos
 
 
 def shot_rows(learned: Mapping[str, Learned], shots: int, images: np.ndarray, labels: np.ndarray,

@@ -40,21 +40,24 @@ from train_jax.protocols import FEW_SHOT
 
 # 1: a plain JSON list of record dicts (no version); 2: {"schema_version": 2, "records": [...]} of RunRecord.to_json;
 # 3: as 2, records with ``loss_curve`` (absent in 2: read as no curve); 4: as 3, records with ``loss_parts``
-# (absent in 2 and 3: read as none); 5: as 4, records with ``transfer`` (absent before: read as none).
-SCHEMA_VERSION = 5
+# (absent in 2 and 3: read as none); 5: as 4, records with ``transfer`` (absent before: read as none); 6: as 5,
+# ``val_acc`` None in a validation-free run (--select none).
+SCHEMA_VERSION = 6
 
 
 @dataclass(frozen=True)
 class RunRecord:
-    """One run's results. ``setting``: the label of the grid fields it varies ("-" if none); accuracies in %;
+    """One run's results. ``setting``: the label of the grid fields it varies ("-" if none; validation-free: its
+    method's fixed fields); accuracies in % (``val_acc`` None: a validation-free run, no validation rows);
     ``val_score``: mean log-probability of the true class on its validation rows (None if not finite);
     ``fail_step``: the step a non-finite loss or update stopped it (None unless ``failed``); ``final_loss``: None if
     not finite; ``loss_curve``: its mean training loss per epoch of the program (None: an epoch past its own or its
-    failure; empty for a method with its own trainer); ``loss_parts``: part name (``Head.part_names``, e.g. CMM's "ce"
-    and "triplet") -> its mean per epoch as ``loss_curve`` (empty for a head without parts); ``selected``: chosen on validation; ``tie_break``: what decided that choice (None, "score",
-    "order"); ``shift``: shift set name -> accuracy (selected runs only); ``note``: its trainer's remark;
-    ``transfer``: target -> accuracy on classes it was not trained on, with their own prototypes (selected runs of
-    a head with ``class_free`` only; ``protocols``: base-to-new's new classes, cross-dataset targets)."""
+    failure; empty for a method with its own trainer); ``loss_parts``: part name (``Head.part_names``, e.g. CMM's
+    "ce" and "triplet") -> its mean per epoch as ``loss_curve`` (empty for a head without parts); ``selected``:
+    chosen on validation (validation-free: every run that did not fail); ``tie_break``: what decided that choice
+    (None, "score", "order"); ``shift``: shift set name -> accuracy (selected runs only); ``note``: its trainer's
+    remark; ``transfer``: target -> accuracy on classes it was not trained on, with their own prototypes (selected
+    runs of a head with ``class_free`` only; ``protocols``: base-to-new's new classes, cross-dataset targets)."""
 
     dataset: str
     shots: int
@@ -62,7 +65,7 @@ class RunRecord:
     seed: int
     setting: str
     settings: Settings
-    val_acc: float
+    val_acc: float | None
     val_score: float | None
     test_acc: float
     failed: bool
@@ -113,9 +116,9 @@ def records_to_json(records: Sequence[RunRecord]) -> dict[str, Any]:
 
 
 def records_from_json(data: Any, source: str | Path) -> list[RunRecord]:
-    """Inverse of ``records_to_json``; also reads versions 1 (a plain list), 2 (no loss curves) and 3 (no loss parts). TrainError naming
-    ``source`` for anything else."""
-    if isinstance(data, Mapping) and data.get("schema_version") in (2, 3, 4, SCHEMA_VERSION):
+    """Inverse of ``records_to_json``; also reads versions 1 (a plain list), 2 (no loss curves), 3 (no loss parts),
+    4 (no transfer) and 5 (a validation accuracy in every record). TrainError naming ``source`` for anything else."""
+    if isinstance(data, Mapping) and data.get("schema_version") in (2, 3, 4, 5, SCHEMA_VERSION):
         data = data.get("records")
     if not isinstance(data, list):
         version = data.get("schema_version") if isinstance(data, Mapping) else None
@@ -151,7 +154,7 @@ BASE_TO_NEW_STEM, CROSS_DATASET_STEM = "base_to_new", "cross_dataset"
 
 PATH_KEYS = ("cache", "eval_caches", "transfer_caches")  # recorded for information; folders are matched by cache identity
 CSV_FIELDS = ("dataset", "shots", "method", "seed", "setting", "val_acc", "val_score", "test_acc", "selected",
-              "tie_break", "failed")
+              "tie_break", "failed", "select")  # select: the --select mode, "none" for a validation-free run
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -336,16 +339,17 @@ STILL_FALLING = 0.05  # a mean loss curve whose last quarter of epochs (at least
 
 @dataclass(frozen=True)
 class SummaryRow:
-    """Test accuracy of the validation-selected setting of one (dataset, method, shots), over seeds.
+    """Test accuracy of the validation-selected setting (validation-free: the fixed default) of one (dataset,
+    method, shots), over seeds.
 
     seeds: the seeds with a selected run; failed_seeds: those whose runs all failed; failed_runs: how many runs
     failed; settings, tie_breaks: per selected seed, its setting label and what decided it (None, "score",
-    "order"); select: the --select mode; notes: the runs' trainer remarks; shift: shift set name -> {"mean",
-    "std"}; test_mean, test_std, val_mean: accuracies (%) (None when every seed failed); loss_mean, loss_std
-    [E]: the selected runs' loss curve (None: no curve, a method with its own trainer); loss_still_falling;
-    loss_parts_mean: part name -> its mean curve [E]; chose: each on/off setting the runs searched -> the seeds
-    whose selected setting has it on (``train_jax.choices``); published: the published accuracy it is compared
-    with (``train_jax.published.for_row``)."""
+    "order"); select: the --select mode ("none": validation-free); notes: the runs' trainer remarks; shift: shift
+    set name -> {"mean", "std"}; test_mean, test_std, val_mean: accuracies (%) (None when every seed failed;
+    val_mean also when validation-free); loss_mean, loss_std [E]: the selected runs' loss curve (None: no curve, a
+    method with its own trainer); loss_still_falling; loss_parts_mean: part name -> its mean curve [E]; chose: each
+    on/off setting the runs searched -> the seeds whose selected setting has it on (``train_jax.choices``);
+    published: the published accuracy it is compared with (``train_jax.published.for_row``)."""
 
     dataset: str
     method: str
@@ -432,7 +436,8 @@ def summarize(records: Sequence[RunRecord], select: str = "seed") -> list[Summar
         }
         if chosen:
             row["test_mean"], row["test_std"] = mean_std([r.test_acc for r in chosen])
-            row["val_mean"], _ = mean_std([r.val_acc for r in chosen])
+            if all(r.val_acc is not None for r in chosen):  # validation-free runs have none
+                row["val_mean"], _ = mean_std([r.val_acc for r in chosen])
             for target in chosen[0].shift:
                 mean, std = mean_std([r.shift[target] for r in chosen])
                 row["shift"][target] = {"mean": mean, "std": std}
@@ -476,7 +481,8 @@ def still_falling(mean: Sequence[float | None]) -> bool:
 
 def write_results(out: Path, dataset: str, config: Mapping[str, Any], records: Sequence[RunRecord]) -> list[SummaryRow]:
     """``results.json`` (``schema_version``, dataset, config, summary rows, ``runs``: the records' JSON) and
-    ``results.csv`` (one row per run: ``CSV_FIELDS``); returns the summary rows, each with its published
+    ``results.csv`` (one row per run: ``CSV_FIELDS``; validation-free runs with empty ``val_acc`` and ``val_score``
+    and ``select`` "none"); returns the summary rows, each with its published
     accuracy where one matches (``published.for_row``, from the config's cache identity and prompt)."""
     identity, prompt = config.get("identity") or {}, config.get("prompt") or ""
     summary = [dataclasses.replace(r, published=published.for_row(r.dataset, r.method, r.shots, r.test_mean,
@@ -490,8 +496,9 @@ def write_results(out: Path, dataset: str, config: Mapping[str, Any], records: S
         writer.writeheader()
         for r in records:
             score = "" if r.val_score is None else f"{r.val_score:.6f}"
-            writer.writerow({**r.to_json(), "val_acc": f"{r.val_acc:.2f}", "val_score": score,
-                             "test_acc": f"{r.test_acc:.2f}", "tie_break": r.tie_break or ""})
+            acc = "" if r.val_acc is None else f"{r.val_acc:.2f}"
+            writer.writerow({**r.to_json(), "val_acc": acc, "val_score": score, "test_acc": f"{r.test_acc:.2f}",
+                             "tie_break": r.tie_break or "", "select": config["select"]})
     return summary
 
 

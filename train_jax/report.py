@@ -24,6 +24,7 @@ import numpy as np
 from data.registry import dataset_names, display_order, find_dataset
 from train_jax import choices, compare_report, protocol_report, published
 from train_jax.errors import TrainError
+from train_jax.evaluate import VALIDATION_FREE
 from train_jax.protocols import BASE_TO_NEW
 from train_jax.records import (ACCURACY_PNG, CSV_FIELDS, LOSS_PNG, RESULTS_MD, SUMMARY_JSON, SUMMARY_MD, GapFile,
                                RunRecord, SummaryRow, load_params, method_rank, read_gap, read_results, save_params,
@@ -35,7 +36,8 @@ __all__ = ["CSV_FIELDS", "load_params", "save_params"]  # re-exported from recor
 BENCHMARK = tuple(dataset_names("benchmark"))
 TIE_MARK = "†"  # results.md / summary.md: a cell whose setting was chosen by the tie-break for some seed
 _SELECTION = {"seed": "setting selected per seed on validation",
-              "mean": "one setting per method selected on the mean validation accuracy over seeds"}
+              "mean": "one setting per method selected on the mean validation accuracy over seeds",
+              VALIDATION_FREE: "VALIDATION-FREE: each method at its fixed default setting, no validation rows used"}
 
 
 def _key(name: str) -> str:
@@ -85,8 +87,28 @@ def _tie_note(summary: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _selection(summary: Sequence[Mapping[str, Any]]) -> str:
+    """How the table's settings were chosen (the --select mode of its rows); mixed modes name the validation-free
+    datasets."""
     modes = {r.get("select", "seed") for r in summary}
-    return _SELECTION[modes.pop()] if len(modes) == 1 else "settings selected on validation"
+    if len(modes) == 1:
+        return _SELECTION[modes.pop()]
+    free = sorted({r["dataset"] for r in summary if r.get("select") == VALIDATION_FREE})
+    if free:
+        return (f"MIXED PROTOCOLS: validation-free (fixed defaults) for {', '.join(free)}; settings selected on "
+                "validation for the other datasets")
+    return "settings selected on validation"
+
+
+def _fixed_note(summary: Sequence[Mapping[str, Any]]) -> str:
+    """The line of a validation-free table naming each method's fixed setting (none shown for a method that has
+    no settings of its own or runs its recipe's)."""
+    rows = [r for r in summary if r.get("select") == VALIDATION_FREE]
+    if not rows:
+        return ""
+    shown = {r["method"]: next((s for s in r.get("settings", ()) if s != "-"), None) for r in rows}
+    parts = [f"{m} at {shown[m]}" if shown[m] else m for m in method_rank(shown)]
+    return ("\nValidation-free (--select none): no validation rows were read; each method ran at its fixed default "
+            "(README \"Validation-free protocol\"): " + "; ".join(parts) + ".\n")
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -130,6 +152,7 @@ def run_markdown(dataset: str, summary: Sequence[Mapping[str, Any]]) -> str:
     table = _table(["Method", *[f"{k}-shot" for k in shots]],
                    ([m, *[_cell(cell.get((m, k))) for k in shots]] for m in methods))
     text = f"# {dataset}: test accuracy (%), {_selection(summary)}\n\n{table}\n" + _tie_note(summary)
+    text += _fixed_note(summary)
     failed = [r for r in summary if r["failed_runs"]]
     if failed:
         text += "\nRuns stopped by a non-finite loss: " + ", ".join(
@@ -296,6 +319,7 @@ def combined_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
         rows = ([m, *[_cell(cell.get((d, m, k))) for d in datasets], *([average.get((m, k), "—")] if has_average
                                                                         else [])] for m in methods)
         text += f"\n## {k}-shot\n\n" + _table(header, rows) + "\n"
+    text += _fixed_note(summary)
     text += _notes(summary)
     text += _falling_note(summary)
     text += choices.markdown(summary) + published.markdown(summary)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from train_jax.config import DEFAULT_GRID, default_grid, grid_from_json, grid_to_json
-from train_jax.evaluate import SELECT_MODES
+from train_jax.evaluate import SELECT_MODES, VALIDATION_FREE
 from train_jax.methods import DEFAULT_METHODS, default_methods
 from train_jax.protocols import FEW_SHOT
 
@@ -27,7 +27,8 @@ class RunConfig:
     (``shot_list`` sorts and dedups); fit_shots: drop, with a warning, the shots a class cannot give (else an
     error); seeds: few-shot draw seeds, as asked; methods: names of ``methods.METHODS``, as asked (None: the
     defaults for the cache, ``methods_for``); grid: setting name -> values (``config.parse_grid``; None: the
-    default grid for the cache, ``grid_for``); select: one of ``SELECT_MODES``;
+    default grid for the cache, ``grid_for``); select: one of ``SELECT_MODES`` ("none": validation-free, each
+    method at its fixed default);
     compare_to: the reference method of the paired comparisons (``train_jax.compare_report``);
     prompt: "single", "ensemble" or None (the dataset's default); memory_gb: memory for the run axis (None: half
     the free memory); devices: the first N JAX devices (None: all); compile_cache, no_compile_cache: JAX's
@@ -75,8 +76,11 @@ class RunConfig:
 
     def grid_for(self, views: bool) -> dict[str, tuple]:
         """The grid searched on a cache with (or without) augmented views: ``grid``, else
-        ``config.default_grid(views)``."""
-        return dict(self.grid) if self.grid else default_grid(views)
+        ``config.default_grid(views)``; validation-free (select "none"): ``grid`` or none (nothing is searched:
+        its single values override the methods' fixed defaults)."""
+        if self.grid:
+            return dict(self.grid)
+        return {} if self.select == VALIDATION_FREE else default_grid(views)
 
     @property
     def settings_grid(self) -> dict[str, tuple]:
