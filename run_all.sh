@@ -35,7 +35,13 @@ tiny random-weight CLIP. Its numbers check the pipeline; they are not CLIP accur
   --out DIR              output folder (default outputs/): cache/, runs/, results/
   --device D             auto | cpu | cuda (default auto): extraction device and JAX platform
   --train-args "..."     extra arguments for python -m train_jax (e.g. "--grid lr=1e-3,1e-4")
+  --select MODE          seed | mean: settings chosen on validation (default seed); none: validation-free, each
+                         method at its fixed default, no validation rows used (the tables say so)
   --compare-to METHOD    reference of the paired comparisons in the results (default cmm)
+  --protocol "P ..."     few-shot (default); base-to-new (CoCoOp: train on each dataset's first half of the
+                         classes, test on them and on the other half); cross-dataset (train on --source, score
+                         its models on every other dataset given); several at once, e.g. "few-shot base-to-new"
+  --source NAME          the cross-dataset source (default: ImageNet if given, else the first dataset)
   --predict DIR          instead of training: classify every image under DIR (any layout) with a trained run's
                          models -> OUT/predict/NAME.csv (path, top-5 classes, probabilities); give the --model
                          and --pretrained the run was trained with (none: the demo's)
@@ -47,7 +53,7 @@ EOF
 
 DATASETS="" DATA_ROOT="" FOLDER="" NAME="" MODEL="" PRETRAINED="" MODEL_CONFIG=""
 SHOTS="1 2 4 8 16" SEEDS="1 2 3" AUG_VIEWS=10 OUT="outputs" DEVICE="auto" TRAIN_ARGS="" ENCODE_ALL=0
-PREDICT="" RUN="" PREDICT_ARGS="" COMPARE_TO="cmm"
+PREDICT="" RUN="" PREDICT_ARGS="" COMPARE_TO="cmm" PROTOCOL="few-shot" SOURCE="" SELECT="seed"
 PY="${PYTHON:-python}"
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
@@ -56,20 +62,29 @@ while [ $# -gt 0 ]; do
     -h|--help) usage; exit 0 ;;
     --encode-all) ENCODE_ALL=1; shift ;;
     --datasets|--data-root|--folder|--name|--model|--pretrained|--model-config|--shots|--seeds|--aug-views|\
-    --out|--device|--train-args|--predict|--run|--predict-args|--compare-to)
+    --out|--device|--train-args|--predict|--run|--predict-args|--compare-to|--protocol|--source|--select)
       [ $# -ge 2 ] || die "$1 needs a value (see --help)"
       case "$1" in
         --datasets) DATASETS="$2" ;; --data-root) DATA_ROOT="$2" ;; --folder) FOLDER="$2" ;; --name) NAME="$2" ;;
         --model) MODEL="$2" ;; --pretrained) PRETRAINED="$2" ;; --model-config) MODEL_CONFIG="$2" ;;
         --shots) SHOTS="$2" ;; --seeds) SEEDS="$2" ;; --aug-views) AUG_VIEWS="$2" ;; --out) OUT="$2" ;;
         --device) DEVICE="$2" ;; --train-args) TRAIN_ARGS="$2" ;; --predict) PREDICT="$2" ;; --run) RUN="$2" ;;
-        --predict-args) PREDICT_ARGS="$2" ;; --compare-to) COMPARE_TO="$2" ;;
+        --predict-args) PREDICT_ARGS="$2" ;; --compare-to) COMPARE_TO="$2" ;; --protocol) PROTOCOL="$2" ;;
+        --source) SOURCE="$2" ;;
+        --select) SELECT="$2" ;;
       esac
       shift 2 ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac
 done
 case "$DEVICE" in auto|cpu|cuda) ;; *) die "--device must be auto, cpu or cuda, not '$DEVICE'" ;; esac
+case "$SELECT" in seed|mean|none) ;; *) die "--select must be seed, mean or none, not '$SELECT'" ;; esac
+for p in $PROTOCOL; do
+  case "$p" in few-shot|base-to-new|cross-dataset) ;; *) die "--protocol: '$p' is not few-shot, base-to-new or cross-dataset" ;; esac
+done
+[ -n "${PROTOCOL// /}" ] || die "--protocol needs at least one of few-shot, base-to-new, cross-dataset"
+has_protocol() { case " $PROTOCOL " in *" $1 "*) return 0 ;; esac; return 1; }
+[ -z "$SOURCE" ] || has_protocol cross-dataset || die "--source goes with --protocol cross-dataset"
 [ -z "$DATASETS" ] || [ -z "$FOLDER" ] || die "give --datasets or --folder, not both"
 [ -z "$PREDICT" ] || [ -z "$DATASETS$FOLDER" ] || die "--predict classifies with a trained run: drop --datasets/--folder"
 [ -n "$PREDICT" ] || [ -z "$RUN$PREDICT_ARGS" ] || die "--run and --predict-args go with --predict DIR"
@@ -87,6 +102,18 @@ RESOLVED=()
 if [ -z "$FOLDER" ]; then
   LINES="$("$PY" -m data resolve "$DATASETS")" || exit 2
   mapfile -t RESOLVED <<<"$LINES"
+fi
+TARGET_ARGS=()  # cross-dataset: --transfer-to every dataset trained on but the source
+if has_protocol cross-dataset; then
+  [ -z "$FOLDER" ] || die "--protocol cross-dataset needs --datasets with a source and other datasets, not --folder"
+  NAMES=()
+  for line in "${RESOLVED[@]}"; do read -r ds parent <<<"$line"; [ -n "$parent" ] || NAMES+=("$ds"); done
+  if [ -z "$SOURCE" ]; then
+    SOURCE="${NAMES[0]}"
+    case " ${NAMES[*]} " in *" ImageNet "*) SOURCE=ImageNet ;; esac
+  fi
+  case " ${NAMES[*]} " in *" $SOURCE "*) ;; *) die "--source $SOURCE is not among the datasets (${NAMES[*]})" ;; esac
+  [ "${#NAMES[@]}" -ge 2 ] || die "--protocol cross-dataset needs a source and at least one other dataset in --datasets"
 fi
 [ -n "$MODEL_CONFIG" ] || MODEL="${MODEL:-RN50-quickgelu}"
 [ -z "$MODEL_CONFIG" ] || [ -f "$MODEL_CONFIG" ] || die "--model-config $MODEL_CONFIG is not a file"
@@ -145,26 +172,20 @@ if [ -n "$PREDICT" ]; then  # a folder of new images -> unlabelled cache with th
     "${MODEL_ARGS[@]}" --out "$CACHE_DIR/unlabelled-$NAME.h5"
   # shellcheck disable=SC2086  # PREDICT_ARGS is a word list on purpose
   "$PY" -m train_jax predict --run "$RUN" --cache "$CACHE_DIR/unlabelled-$NAME.h5" --out "$OUT/predict/$NAME.csv" \
-    $PREDICT_ARGS
+    --overwrite $PREDICT_ARGS  # the CSV is this script's own output: a rerun replaces it
   exit 0
 fi
 
-views_held() {  # views_held CACHE: the augmented views per train image a cache holds ("" without a train split)
-  "$PY" -c 'import sys; from data.cache import open_cache; c = open_cache(sys.argv[1])
-print(int(c.attrs.get("aug_views") or 0) if "train" in c.split_names() else "")' "$1" 2>/dev/null || true
-}
-
-extract() {  # extract NAME SOURCE_ARGS...: skip a cache that already holds every image this run needs
+extract() {  # extract NAME SOURCE_ARGS...: skip a cache that already holds every image (and view) this run needs
   local name="$1"; shift
   local cache="$CACHE_DIR/$name.h5"
-  local held; held="$([ ! -f "$cache" ] || views_held "$cache")"
-  [ -z "$held" ] || [ "$held" = "$AUG_VIEWS" ] || die "$cache holds $held augmented views per train image, not \
-$AUG_VIEWS: pass --aug-views $held to use it, or another --out to extract anew"
   local todo=1  # no cache yet, or a plan that fails: run the extraction (it says why)
-  if [ -f "$cache" ]; then
+  if [ -f "$cache" ]; then  # the plan's to_encode, or "refused: WHY" (e.g. the cache holds other --aug-views)
     todo="$("$PY" -m extract run "$@" "${MODEL_ARGS[@]}" "${POOL_ARGS[@]}" --out "$cache" --dry-run --json |
-      "$PY" -c 'import json, sys; print(json.load(sys.stdin)["to_encode"])')" || todo=1
+      "$PY" -c 'import json, sys; p = json.load(sys.stdin)
+print("refused: " + p["refused"] if p["refused"] else p["to_encode"])')" || todo=1
   fi
+  case "$todo" in refused:*) die "${todo#refused: } (run_all.sh: or another --out)" ;; esac
   if [ "$todo" = 0 ]; then
     echo "== $name: features cached in $cache"
   else
@@ -192,6 +213,14 @@ if [ "$DEMO" = 0 ]; then
 print(*d(int(sys.argv[1]) > 0, real_run=True))' "$AUG_VIEWS")"
   METHOD_ARGS=(--methods "${REAL_METHODS[@]}")  # a --methods in --train-args comes later and wins
 fi
+train() {  # train DS OUT_DIR ARGS...: python -m train_jax on DS's cache with the common options
+  local ds="$1" dir="$2"; shift 2
+  # shellcheck disable=SC2086  # TRAIN_ARGS, SHOTS and SEEDS are word lists on purpose
+  "$PY" -m train_jax --cache "$CACHE_DIR/$ds.h5" "$@" "${METHOD_ARGS[@]}" --shots $SHOTS --fit-shots --seeds $SEEDS \
+    --select "$SELECT" --out "$dir" --compare-to "$COMPARE_TO" $TRAIN_ARGS
+  RUN_DIRS+=("$dir")
+}
+
 RUN_DIRS=()
 for ds in "${TRAIN_SETS[@]}"; do
   EVAL_ARGS=()
@@ -199,12 +228,25 @@ for ds in "${TRAIN_SETS[@]}"; do
     read -r s parent <<<"$line"
     [ "$parent" != "$ds" ] || EVAL_ARGS+=(--eval-cache "$CACHE_DIR/$s.h5")
   done
-  echo "== $ds: training and evaluating (shots: $SHOTS; seeds: $SEEDS)"
-  # shellcheck disable=SC2086  # TRAIN_ARGS, SHOTS and SEEDS are word lists on purpose
-  "$PY" -m train_jax --cache "$CACHE_DIR/$ds.h5" "${EVAL_ARGS[@]}" "${METHOD_ARGS[@]}" --shots $SHOTS --fit-shots \
-    --seeds $SEEDS --out "$OUT/runs/$ds" --compare-to "$COMPARE_TO" $TRAIN_ARGS
-  RUN_DIRS+=("$OUT/runs/$ds")
+  [ "$ds" = "$SOURCE" ] || ! has_protocol cross-dataset || TARGET_ARGS+=(--transfer-to "$CACHE_DIR/$ds.h5")
+  if has_protocol few-shot; then
+    echo "== $ds: training and evaluating (shots: $SHOTS; seeds: $SEEDS)"
+    train "$ds" "$OUT/runs/$ds" "${EVAL_ARGS[@]}"
+  fi
+  if has_protocol base-to-new; then
+    echo "== $ds: base-to-new, trained on the first half of the classes (shots: $SHOTS; seeds: $SEEDS)"
+    train "$ds" "$OUT/runs/base-to-new/$ds" --protocol base-to-new
+  fi
 done
+if has_protocol cross-dataset; then
+  echo "== $SOURCE: cross-dataset source, its models scored on $(( ${#TARGET_ARGS[@]} / 2 )) other datasets (shots: $SHOTS; seeds: $SEEDS)"
+  EVAL_ARGS=()
+  for line in "${RESOLVED[@]}"; do
+    read -r s parent <<<"$line"
+    [ "$parent" != "$SOURCE" ] || EVAL_ARGS+=(--eval-cache "$CACHE_DIR/$s.h5")
+  done
+  train "$SOURCE" "$OUT/runs/cross-dataset/$SOURCE" "${EVAL_ARGS[@]}" "${TARGET_ARGS[@]}"
+fi
 
 "$PY" -m train_jax.report "${RUN_DIRS[@]}" --out "$OUT/results" --compare-to "$COMPARE_TO"
 echo

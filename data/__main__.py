@@ -5,6 +5,7 @@ import argparse
 import sys
 from collections import Counter
 
+from data.args import seed
 from data.errors import DataError
 from data.registry import dataset_names, get_dataset, load_benchmark, resolve_names
 
@@ -91,7 +92,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--val-per-class", type=int, default=4, help="validation images per class, disjoint from train "
                    "(default 4)")
     s.add_argument("--test-per-class", type=int, default=50, help="test images per class (default 50)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the per-class subsampling (default 0)")
+    s.add_argument("--seed", type=seed, default=0, help="seed of the per-class subsampling (default 0)")
     s.add_argument("--cache", help="where the Debian package is unpacked (default ~/.cache/cmm/fashion-mnist)")
     s.add_argument("--idx-dir", help="use these 4 Fashion-MNIST IDX files instead of fetching the Debian package")
     s.set_defaults(func=_fashion_mnist)

@@ -6,8 +6,10 @@ numpy + h5py only.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -16,16 +18,16 @@ import h5py
 import numpy as np
 
 from data.cache_schema import (ABSENT, BAD, DEFAULT_ATTRS, FORMAT, IDENTITY_ATTRS, LOCK_WAIT_S, MODEL_ATTRS, OK,
-                               PENDING, SCHEMA, SCHEMA_VERSION, SPLITS, STORED, UNLABELLED, CacheError, Stored,
-                               attr_value, cache_identity, decode_strings, identity, identity_diff, lock_path,
+                               PENDING, SCHEMA, SCHEMA_VERSION, SPLITS, STORED, UNLABELLED, CacheBusy, CacheError,
+                               Stored, attr_value, cache_identity, decode_strings, identity, identity_diff, lock_path,
                                partial_path, required, stored)
 from data.registry import ensemble_templates
 from data.vectors import l2_normalize
 
 __all__ = [  # the reader API, the schema names and l2_normalize (re-exported: one import for a reading stage)
     "ABSENT", "BAD", "DEFAULT_ATTRS", "FORMAT", "IDENTITY_ATTRS", "LOCK_WAIT_S", "MODEL_ATTRS", "OK", "PENDING",
-    "READ_BLOCK_BYTES", "SCHEMA", "SCHEMA_VERSION", "SPLITS", "STORED", "UNLABELLED", "CacheError", "CacheHead",
-    "CacheReader", "FeatureCache", "Listing", "Split", "Stored", "cache_identity", "file_identity", "identity",
+    "READ_BLOCK_BYTES", "SCHEMA", "SCHEMA_VERSION", "SPLITS", "STORED", "UNLABELLED", "CacheBusy", "CacheError",
+    "CacheHead", "CacheReader", "FeatureCache", "Listing", "Split", "Stored", "cache_identity", "file_identity", "identity",
     "identity_diff", "inspect", "l2_normalize", "lock_path", "open_cache", "partial_path", "read_attrs",
     "read_cache", "read_status", "verify", "writer_active",
 ]
@@ -132,6 +134,16 @@ def writer_active(path: str | os.PathLike) -> bool:
         os.close(fd)
 
 
+_LOCKED = re.compile(r"unable to lock file, errno = (\d+)")  # HDF5's message when another process holds the file
+
+
+def busy(e: BaseException) -> bool:
+    """Whether h5py's error is HDF5 refusing the file because another process holds its lock (errno EAGAIN /
+    EWOULDBLOCK), not some other message that merely contains "lock" ("sblock" of a truncated file)."""
+    found = _LOCKED.search(str(e))
+    return found is not None and int(found[1]) in (errno.EAGAIN, errno.EWOULDBLOCK)
+
+
 def open_h5(path: Path, mode: str) -> h5py.File:
     """h5py.File(path, mode) with a one-line CacheError for a file in use, a folder, or a non-HDF5 file."""
     try:
@@ -141,8 +153,8 @@ def open_h5(path: Path, mode: str) -> h5py.File:
         if path.is_dir():
             raise CacheError(f"{path}: is a folder, not a cache file; give a file path such as {path / 'x.h5'}") \
                 from None
-        if "lock" in text.lower():
-            raise CacheError(f"{path}: another process has it open for writing (an extraction still running, or "
+        if busy(e):
+            raise CacheBusy(f"{path}: another process has it open for writing (an extraction still running, or "
                              "its workers); wait for it or stop it") from None
         if isinstance(e, OSError) and e.strerror and not isinstance(e, FileNotFoundError):
             raise CacheError(f"{path}: cannot open it ({e.strerror})") from None
@@ -224,12 +236,14 @@ class CacheReader(CacheHead):
                    "unlabelled)")
         return Listing(labels, paths, status)
 
-    def read(self, split: str, rows: np.ndarray, *, views: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def read(self, split: str, rows: np.ndarray, *, views: bool = False,
+             out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Features [n, D] float32 (and augmented views [n, A, D] when views=True) of encoded rows [n] of `split`.
 
         With views, both are slices of one array [n, 1 + A, D] (plain view first), so `features.base` holds them
-        stacked without a copy. CacheError naming the split if a row is not encoded (ABSENT) or unreadable, or
-        views are asked but absent.
+        stacked without a copy. `out`: that array to fill instead of a new one, float32 C-contiguous [n', 1 + A
+        (0 without views), D] with n' >= n (rows n.. untouched). CacheError naming the split if a row is not
+        encoded (ABSENT) or unreadable, or views are asked but absent.
         """
         rows = np.asarray(rows, np.int64)
         with open_h5(self.path, "r") as f:
@@ -247,7 +261,10 @@ class CacheReader(CacheHead):
             for spec in (stored("features"), *([stored("aug_features")] if views else [])):
                 _check(spec.fits(g[spec.name].shape, dims), self.path,
                        f"/{spec.at(split)} rows are not {spec.row_text(dims)}")
-            stacked = np.empty((len(rows), 1 + (g["aug_features"].shape[1] if views else 0), dim), np.float32)
+            shape = (len(rows), 1 + (g["aug_features"].shape[1] if views else 0), dim)
+            if out is not None and (out.dtype != np.float32 or len(out) < shape[0] or out.shape[1:] != shape[1:]):
+                raise ValueError(f"out {out.dtype}{list(out.shape)} cannot hold float32 rows of {list(shape)}")
+            stacked = np.empty(shape, np.float32) if out is None else out[: shape[0]]
             _read_slots(g["features"], slot[rows], stacked[:, 0], self.path)
             _check_norms(stacked[:, 0], self.path, f"/splits/{split}/features")
             if views:
@@ -275,6 +292,12 @@ class CacheReader(CacheHead):
         """Whether `split` stores augmented views."""
         with open_h5(self.path, "r") as f:
             return "aug_features" in self._group(f, split)
+
+    def aug_views(self, split: str) -> int:
+        """Augmented views stored per row of `split` (0: none)."""
+        with open_h5(self.path, "r") as f:
+            g = self._group(f, split)
+            return int(g["aug_features"].shape[1]) if "aug_features" in g else 0
 
     def bad(self) -> dict[str, str]:
         """Path -> error of every image skipped as unreadable."""
@@ -389,6 +412,8 @@ def read_status(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def h5_identity(f: h5py.File, path: Path) -> dict[str, Any]:
+    """``identity`` of the open cache file ``f`` (``path``: its name in errors), from its attributes, class and
+    template lists and each split's listing."""
     splits = {name: {"paths": decode_strings(read_checked(g["paths"], path)), "labels": read_checked(g["labels"], path)}
               for name, g in f["splits"].items()}
     return identity({k: attr_value(v) for k, v in f.attrs.items()}, decode_strings(read_checked(f["classnames"], path)),

@@ -42,6 +42,10 @@ class CacheError(Exception):
     """A cache file that cannot be read or written as asked; the message names the file and the fix."""
 
 
+class CacheBusy(CacheError):
+    """A cache file another process holds open for writing (HDF5's file lock)."""
+
+
 @dataclass(frozen=True)
 class Stored:
     """One HDF5 dataset of the schema.

@@ -19,10 +19,11 @@ from typing import Any, Iterable, Iterator, Mapping
 import h5py
 import numpy as np
 
-from data.cache import H5_ERRORS, file_identity, h5_identity, open_h5, read_attrs, read_checked, writer_active
+from data.cache import (H5_ERRORS, busy, file_identity, h5_identity, open_h5, read_attrs, read_checked,
+                        writer_active)
 from data.cache_schema import (ABSENT, BAD, DEFAULT_ATTRS, FORMAT, LOCK_WAIT_S, OK, PENDING, SCHEMA_VERSION,
-                               SCHEMA, CacheError, Stored, attr_value, decode_strings, identity, identity_attrs,
-                               identity_diff, lock_path, partial_path, required, schema_groups)
+                               SCHEMA, CacheBusy, CacheError, Stored, attr_value, decode_strings, identity,
+                               identity_attrs, identity_diff, lock_path, partial_path, required, schema_groups)
 
 _STR = h5py.string_dtype("utf-8")
 
@@ -124,6 +125,28 @@ def listing_diff(path: Path, old_paths: Iterable[Any], old_labels: np.ndarray, p
     return f"the images of {path} are listed in another order or with other labels"
 
 
+def _in_the_way(tmp: Path, diff: str) -> str:
+    return (f"{tmp}: an interrupted extraction with {diff} is in the way; rerun it with its settings, or delete the "
+            ".partial file")
+
+
+def check_writable(path: str | os.PathLike, new: Mapping[str, Any], *, overwrite: bool = False) -> None:
+    """Raise, reading only, what `CacheWriter.open(path)` of identity `new` would refuse: a complete cache of another
+    identity (unless overwrite) or an interrupted extraction of another identity in `X.h5.partial` (one that cannot
+    be read is no error: the writer moves it aside)."""
+    path = Path(path)
+    if not overwrite:
+        _guard_existing(path, new)
+    tmp = partial_path(path)
+    if tmp.is_file():
+        try:
+            diff = identity_diff(file_identity(tmp), new)
+        except CacheError:
+            return
+        if diff:
+            raise CacheError(_in_the_way(tmp, diff))
+
+
 def _guard_existing(path: Path, new: Mapping[str, Any]) -> None:
     """Refuse to replace a complete cache whose identity (model, settings, classes, image listing) differs."""
     if path.is_dir():
@@ -152,6 +175,9 @@ def _lock(path: Path, wait: float) -> int:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
+            if lock.is_dir():
+                raise CacheError(f"{lock}: is a folder where the writer's lock file of {path} goes; move it away "
+                                 "(a lock holds no data) and rerun") from None
             raise CacheError(f"{lock.parent}: cannot write there ({e.strerror}); choose a writable --out") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -359,8 +385,8 @@ class CacheWriter:
         try:
             f = h5py.File(tmp, "r+")
         except H5_ERRORS as e:
-            if "lock" in str(e).lower():
-                raise CacheError(f"{tmp}: another process has it open; wait for it or stop it") from None
+            if busy(e):
+                raise CacheBusy(f"{tmp}: another process has it open; wait for it or stop it") from None
             _move_aside(tmp, f"not a readable HDF5 file: {str(e).splitlines()[0][:200]}")
             return None
         try:
@@ -378,8 +404,7 @@ class CacheWriter:
             return None
         if diff:
             f.close()
-            raise CacheError(f"{tmp}: an interrupted extraction with {diff} is in the way; rerun it with its "
-                             "settings, or delete the .partial file")
+            raise CacheError(_in_the_way(tmp, diff))
         return f
 
     @contextlib.contextmanager

@@ -58,7 +58,8 @@ def decode_idx(raw: bytes, source: str = "<bytes>") -> np.ndarray:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file, gzip-compressed (`.gz`) or not."""
+    """An IDX file, gzip-compressed (`.gz`) or not, as an array of its dtype and shape (images [N,28,28] uint8,
+    labels [N] uint8); DataError naming the file if it cannot be read or parsed."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError) as exc:
@@ -99,7 +100,8 @@ def _run(cmd: list[str], cwd: str) -> None:
 def pick_per_class(labels: np.ndarray, counts: list[int], num_classes: int, seed: int) -> list[np.ndarray]:
     """Disjoint per-class picks: for each class a seeded permutation of its indices is cut into `counts` pieces.
 
-    Returns one sorted index array per count. Raises DataError if a class has fewer than sum(counts) images.
+    labels [N] in [0, num_classes). Returns one sorted index array per count, the i-th of length
+    counts[i] * num_classes. Raises DataError if a class has fewer than sum(counts) images.
     """
     rng = np.random.default_rng(seed)
     picks: list[list[np.ndarray]] = [[] for _ in counts]
@@ -125,6 +127,8 @@ def build(out: str | Path, *, train_per_class: int, val_per_class: int, test_per
     settings = {"package": PACKAGE, "train_per_class": train_per_class, "val_per_class": val_per_class,
                 "test_per_class": test_per_class, "seed": seed}
     marker = out / MARKER
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: is a file, not a folder; pass an empty or new --out folder")
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return out
     if out.exists() and any(out.iterdir()) and not marker.is_file():
@@ -136,6 +140,19 @@ def build(out: str | Path, *, train_per_class: int, val_per_class: int, test_per
     (test_pick,) = pick_per_class(arrays["test_labels"], [test_per_class], len(folders), seed)
     jobs = [("train", "train", train_pick), ("val", "train", val_pick), ("test", "test", test_pick)]
     partial = out.with_name(out.name + ".partial")
+    try:
+        _write_tree(partial, jobs, arrays, folders, settings)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(partial, out)
+    except OSError as e:
+        raise DataError(f"{e.filename or out}: cannot write there ({e.strerror or e}); pass a writable --out") \
+            from None
+    return out
+
+
+def _write_tree(partial: Path, jobs: list, arrays: dict[str, np.ndarray], folders: list[str],
+                settings: dict) -> None:
+    """Write the picked images as `partial/<split>/<class folder>/<source><index>.png` and the settings marker."""
     shutil.rmtree(partial, ignore_errors=True)
     with progress(total=sum(len(p) for *_, p in jobs), desc="fashion-mnist png", unit="img") as bar:
         for split, source_set, pick in jobs:
@@ -146,9 +163,6 @@ def build(out: str | Path, *, train_per_class: int, val_per_class: int, test_per
                 _write_png(partial / split / folders[labels[i]] / f"{source_set}{i:05d}.png", images[i])
                 bar.update()
     (partial / MARKER).write_text(json.dumps(settings, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(partial, out)
-    return out
 
 
 def _idx_path(folder: Path, name: str) -> Path:

@@ -4,7 +4,8 @@
 the weights, by pretrained tag or by the weights file's sha256), ``sources`` (key -> citation and URL) and the
 ``few_shot`` rows (dataset, model key, method, prompt choice, accuracy, source). ``model_key(attrs)`` names the
 published model of a cache's root attributes; ``Published.lookup`` finds the row a measured result is compared
-with. Other protocols (base-to-new, cross-dataset) are further top-level sections that their own readers check.
+with. Other protocols (base-to-new, cross-dataset) are further top-level sections that their own readers check
+(``data.published_protocols``).
 """
 
 from __future__ import annotations

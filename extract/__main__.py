@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
+from data import args as args_types
 from data.cache import CacheError, inspect, read_attrs, read_cache, verify
 
 EXAMPLES = """examples:
@@ -67,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--split-name", default="test", help="--unlabelled: name of the split the images go to")
     src.add_argument("--split-ratio", default="0.5,0.2,0.3", help="--folder without train/ val/ test/: "
                                                                   "train,val,test fractions of each class")
-    src.add_argument("--split-seed", type=int, default=1, help="--folder without train/ val/ test/: seed of the "
-                                                               "per-class split")
+    src.add_argument("--split-seed", type=args_types.seed, default=1,
+                     help="--folder without train/ val/ test/: seed of the per-class split")
     src.add_argument("--name", help="dataset name stored in the cache (default: folder name, split-file name "
                                     "or benchmark name)")
     src.add_argument("--splits", help="comma-separated splits to extract (default: all the dataset has)")
@@ -92,15 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--sha256", default="", help="expected sha256 of the --pretrained weights file")
     model.add_argument("--hub-cache", help="download folder for pretrained tags (default: the Hugging Face cache)")
     feats = run.add_argument_group("features")
-    feats.add_argument("--aug-views", type=int, default=0, help="augmented views per train image "
+    feats.add_argument("--aug-views", type=args_types.count, default=0, help="augmented views per train image "
                                                                 "(RandomResizedCrop scale 0.5-1 + flip; Tip-Adapter "
                                                                 "uses 10)")
-    feats.add_argument("--aug-seed", type=int, default=0, help="seed of the augmented views")
+    feats.add_argument("--aug-seed", type=args_types.seed, default=0, help="seed of the augmented views")
     feats.add_argument("--pool-shots", type=int, help="encode only the train images that few-shot draws at up to "
                                                       "this many shots (and their validation, when there is no val "
                                                       "split) can use; default: the whole train split")
-    feats.add_argument("--pool-seeds", type=int, nargs="+", help="with --pool-shots: the seeds whose draws are "
-                                                                 "encoded (default: 1 2 3)")
+    feats.add_argument("--pool-seeds", type=args_types.seed, nargs="+",
+                       help="with --pool-shots: the seeds whose draws are encoded (default: 1 2 3)")
     feats.add_argument("--float16", action="store_true", help="store image features as float16 (half the size)")
     feats.add_argument("--skip-bad", action="store_true", help="skip unreadable images and list them in the cache's "
                                                                "/bad (default: stop at the first one)")
@@ -108,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     exe.add_argument("--out", type=Path, required=True, help="cache file to write, e.g. cache/dtd-vitb32.h5")
     exe.add_argument("--overwrite", action="store_true", help="replace an existing --out cache made with another "
                                                               "model, setting or image listing (default: refuse)")
-    exe.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    exe.add_argument("--workers", type=int, default=min(8, _cpus()), help="DataLoader worker processes "
+    exe.add_argument("--batch-size", type=args_types.positive_int, default=64, help="images per forward pass")
+    exe.add_argument("--workers", type=_workers, default=min(8, _cpus()), help="DataLoader worker processes "
                                                                           "(0 = load in the main process)")
     exe.add_argument("--device", default="auto", help="'auto' (CUDA with fp16 autocast when present, else CPU), "
                                                       "'cpu', 'cuda' or 'cuda:N'")
@@ -117,11 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "OUT-stem.shard-i-of-N.h5, for N processes or GPUs; 'auto' reads torchrun's "
                                      "RANK/WORLD_SIZE. Join the shards with `merge`")
     exe.add_argument("--no-progress", action="store_true", help="no progress bar")
-    exe.add_argument("--dry-run", action="store_true", help="print, per split, how many images would be encoded, "
-                                                            "and stop (loads no model)")
+    exe.add_argument("--dry-run", action="store_true", help="check what a run checks, print per split how many "
+                                                            "images would be encoded, and stop (encodes nothing; "
+                                                            "loads the model only to check an existing --out)")
     exe.add_argument("--json", action="store_true", help="with --dry-run: print the plan as one JSON object "
                                                          "(target, pool, splits: listed / to_encode / in_file / "
-                                                         "forwards, to_encode: the total)")
+                                                         "forwards, to_encode: the total, views: asked / in_file, "
+                                                         "refused: why the run would stop, or null)")
     merge = commands.add_parser("merge", help="join shard caches into one cache",
                                 description="Check that the shards come from one extraction (same model and "
                                             "settings, every row exactly once) and write them as one cache.")
@@ -166,10 +170,11 @@ def _run(args: argparse.Namespace) -> Path | None:
     """The `run` command: check every input, load the model, extract (None for --dry-run, which only plans)."""
     from extract import datasets
     from extract.errors import ExtractError
-    from extract.models import load_model, resolve_device
+    from data.cache import partial_path
+    from extract.models import resolve_device
     from extract.prompts import cache_templates, check_template, read_templates_file
-    from extract.run import plan, plan_text, run_extraction
-    from extract.shards import parse_shard
+    from extract.run import check_target, plan, plan_text, run_extraction
+    from extract.shards import parse_shard, shard_path
 
     given = [n for n, v in (("--folder", args.folder), ("--split-json", args.split_json),
                             ("--dataset", args.dataset)) if v is not None]
@@ -210,20 +215,40 @@ def _run(args: argparse.Namespace) -> Path | None:
     pool = _pool(args.pool_seeds, args.pool_shots)
     if args.json and not args.dry_run:
         raise ExtractError("--json goes with --dry-run (it prints the plan as JSON)")
-    if args.dry_run:
-        planned = plan(spec, args.out, splits=splits, pool=pool, aug_views=args.aug_views, shard=shard)
+    device = resolve_device(args.device)
+    feature_dtype = "float16" if args.float16 else "float32"
+    if args.dry_run:  # a run's checks, reading only: a refusal is one error line (with --json: the plan's "refused")
+        planned = plan(spec, args.out, splits=splits, pool=pool, aug_views=args.aug_views, shard=shard,
+                       overwrite=args.overwrite)
+        target = shard_path(args.out, shard)
+        if not planned["refused"] and (target.exists() or partial_path(target).exists()):
+            loaded = _load(args, device)  # only when an existing file must match the model
+            try:
+                check_target(spec, loaded, args.out, templates=templates, splits=splits, pool=pool,
+                             aug_views=args.aug_views, aug_seed=args.aug_seed, feature_dtype=feature_dtype,
+                             shard=shard, overwrite=args.overwrite)
+            except (ExtractError, CacheError) as e:
+                planned["refused"] = str(e)
+        if planned["refused"] and not args.json:
+            raise ExtractError(planned["refused"])
         print(json.dumps(planned) if args.json else plan_text(planned))
         return None
-    device = resolve_device(args.device)
-    if not args.model and args.model_config is None:
-        raise ExtractError("--model is required (or --model-config FILE.json for a custom architecture)")
-    loaded = load_model(args.model, args.pretrained, model_config=args.model_config, device=device,
-                        sha256=args.sha256, cache_dir=args.hub_cache)
+    loaded = _load(args, device)
     return run_extraction(spec, loaded, args.out, templates=templates, splits=splits, pool=pool,
                           aug_views=args.aug_views, aug_seed=args.aug_seed, batch_size=args.batch_size,
-                          workers=args.workers, feature_dtype="float16" if args.float16 else "float32",
-                          skip_bad=args.skip_bad, shard=shard, device=device, progress=not args.no_progress,
-                          command=args.argv, overwrite=args.overwrite)
+                          workers=args.workers, feature_dtype=feature_dtype, skip_bad=args.skip_bad, shard=shard,
+                          device=device, progress=not args.no_progress, command=args.argv, overwrite=args.overwrite)
+
+
+def _load(args: argparse.Namespace, device: str):
+    """The --model with its --pretrained weights (extract.models.LoadedModel)."""
+    from extract.errors import ExtractError
+    from extract.models import load_model
+
+    if not args.model and args.model_config is None:
+        raise ExtractError("--model is required (or --model-config FILE.json for a custom architecture)")
+    return load_model(args.model, args.pretrained, model_config=args.model_config, device=device,
+                      sha256=args.sha256, cache_dir=args.hub_cache)
 
 
 def _pool(seeds: list[int] | None, shots: int | None) -> dict | None:
@@ -247,7 +272,17 @@ def _ratio(text: str) -> tuple[float, float, float]:
     except ValueError:
         raise ExtractError(f"--split-ratio {text!r}: expected three fractions train,val,test, e.g. 0.5,0.2,0.3") \
             from None
+    if not all(math.isfinite(x) for x in (train, val, test)):
+        raise ExtractError(f"--split-ratio {text!r}: expected three finite fractions train,val,test, e.g. 0.5,0.2,0.3")
     return train, val, test
+
+
+def _workers(text: str) -> int:
+    """--workers: 0 to max(8, 2 x the CPUs) DataLoader processes (more only compete for the same cores)."""
+    value, most = args_types.count(text), max(8, 2 * _cpus())
+    if value > most:
+        raise argparse.ArgumentTypeError(f"{value}: use at most {most} worker processes (2 per CPU here)")
+    return value
 
 
 def _cpus() -> int:

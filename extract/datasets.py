@@ -16,7 +16,7 @@ from data.cache import UNLABELLED, CacheError, read_cache
 from data.errors import DataError
 from data.registry import prompt_classname
 from data.splits import IMAGE_SUFFIXES, SPLIT_NAMES, read_split_json, scan_class_folders
-from extract.errors import ExtractError
+from extract.errors import ExtractError, unreadable
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 Rows = list[tuple[str, int]]
@@ -129,8 +129,9 @@ def from_unlabelled(root: str | Path, *, classes_from: str | Path | None = None,
         path = Path(classnames_file)
         try:
             classnames = tuple(ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip())
-        except OSError as e:
-            raise ExtractError(f"{path}: cannot read the class-name file ({e.strerror}); check --classnames") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ExtractError(f"{path}: cannot read the class-name file ({unreadable(e)}); check --classnames") \
+                from None
         if not classnames:
             raise ExtractError(f"{path}: no class names; write one class name per line")
         templates = (template,)
@@ -151,8 +152,9 @@ def read_classnames(path: str | Path, folders: list[str]) -> tuple[dict[str, int
     path = Path(path)
     try:
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    except OSError as e:
-        raise ExtractError(f"{path}: cannot read the class-name file ({e.strerror}); check --classnames") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExtractError(f"{path}: cannot read the class-name file ({unreadable(e)}); check --classnames") \
+            from None
     known = set(folders)
     if all("\t" in ln for ln in lines):
         pairs = [tuple(part.strip() for part in ln.split("\t", 1)) for ln in lines]

@@ -5,7 +5,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from data.registry import ensemble_templates
-from extract.errors import ExtractError
+from extract.errors import ExtractError, unreadable
 
 
 def check_template(template: str, source: str) -> str:
@@ -25,8 +25,9 @@ def read_templates_file(path: str | Path) -> list[str]:
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise ExtractError(f"{path}: cannot read the templates file ({e.strerror}); check --templates-file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExtractError(f"{path}: cannot read the templates file ({unreadable(e)}); check --templates-file") \
+            from None
     templates = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
     if not templates:
         raise ExtractError(f"{path}: no templates in the file; write one template such as 'a photo of a {{}}.' a line")

@@ -20,8 +20,9 @@ import torch
 
 from extract.augment import AugmentedViews
 from data import fewshot
-from data.cache import ABSENT, BAD, OK, SCHEMA_VERSION, CacheError, partial_path, read_attrs, read_status
-from data.cache_writer import CacheWriter, complete_status, reopen_complete
+from data.cache import (ABSENT, BAD, OK, SCHEMA_VERSION, CacheBusy, CacheError, file_identity, identity,
+                        partial_path, read_attrs, read_status)
+from data.cache_writer import CacheWriter, check_writable, complete_status, reopen_complete
 from data.progress import progress as bar_of
 from extract.datasets import DatasetSpec
 from extract.encode import encode_images, encode_texts, make_loader
@@ -54,19 +55,17 @@ def run_extraction(spec: DatasetSpec, loaded: LoadedModel, out: str | Path, *, t
     complete cache of another identity at `out` (else refused with an error). on_batch: called after each stored
     batch (tests use it to simulate an interruption). Returns the cache path.
     """
-    if feature_dtype not in FEATURE_DTYPES:
-        raise ExtractError(f"feature dtype {feature_dtype!r} not supported; use one of {', '.join(FEATURE_DTYPES)}")
     if aug_views < 0 or batch_size < 1 or workers < 0:
         raise ExtractError(f"--aug-views {aug_views}, --batch-size {batch_size}, --workers {workers}: "
                            "use aug-views >= 0, batch-size >= 1, workers >= 0")
-    names = _split_names(spec, splits)
-    augment = AugmentedViews(loaded.preprocess_cfg, aug_views, aug_seed) if aug_views and "train" in names else None
-    attrs = {**loaded.attrs, "dataset": spec.name, "feature_dtype": feature_dtype,
-             "aug_views": augment.views if augment else 0, "aug_seed": aug_seed if augment else 0,
-             "aug": augment.describe() if augment else "{}", "shard": str(shard) if shard else "",
-             "versions": package_versions(), "command": json.dumps(list(command or []))}
-    target, rows, pool = plan_rows(spec, names, pool, shard, out)
-    attrs["pool"] = json.dumps(pool) if pool else ""
+    names, augment, attrs, target, rows = _prepare(spec, loaded, out, splits=splits, pool=pool, aug_views=aug_views,
+                                                   aug_seed=aug_seed, feature_dtype=feature_dtype, shard=shard,
+                                                   command=command)
+    if not overwrite:
+        _usable_out(target)
+    conflict = views_conflict(target, names, aug_views, overwrite)
+    if conflict:
+        raise ExtractError(conflict)
     status = None if overwrite else complete_status(target, attrs, list(spec.classnames), templates, rows)
     if status is not None:
         if not any(np.any(status[n][r["encode"]] == ABSENT) for n, r in rows.items()):
@@ -93,6 +92,56 @@ def run_extraction(spec: DatasetSpec, loaded: LoadedModel, out: str | Path, *, t
         writer.close()  # after finalize a no-op; otherwise the .partial stays for a resume
 
 
+def _prepare(spec: DatasetSpec, loaded: LoadedModel, out: str | Path, *, splits: list[str] | None, pool: dict | None,
+             aug_views: int, aug_seed: int, feature_dtype: str, shard: Shard | None, command: list[str] | None
+             ) -> tuple[list[str], AugmentedViews | None, dict, Path, dict[str, dict]]:
+    """What an extraction writes: (split names, the views' augmentation, the cache attributes, the target file,
+    `plan_rows`' rows)."""
+    if feature_dtype not in FEATURE_DTYPES:
+        raise ExtractError(f"feature dtype {feature_dtype!r} not supported; use one of {', '.join(FEATURE_DTYPES)}")
+    names = _split_names(spec, splits)
+    augment = AugmentedViews(loaded.preprocess_cfg, aug_views, aug_seed) if aug_views and "train" in names else None
+    attrs = {**loaded.attrs, "dataset": spec.name, "feature_dtype": feature_dtype,
+             "aug_views": augment.views if augment else 0, "aug_seed": aug_seed if augment else 0,
+             "aug": augment.describe() if augment else "{}", "shard": str(shard) if shard else "",
+             "versions": package_versions(), "command": json.dumps(list(command or []))}
+    target, rows, pool = plan_rows(spec, names, pool, shard, out)
+    attrs["pool"] = json.dumps(pool) if pool else ""
+    return names, augment, attrs, target, rows
+
+
+def check_target(spec: DatasetSpec, loaded: LoadedModel, out: str | Path, *, templates: list[str],
+                 splits: list[str] | None = None, pool: dict | None = None, aug_views: int = 0, aug_seed: int = 0,
+                 feature_dtype: str = "float32", shard: Shard | None = None, overwrite: bool = False) -> None:
+    """Raise what `run_extraction` would refuse about the file it writes (an unusable or other-identity `out`, an
+    interrupted extraction of other settings in its .partial), reading only: what `--dry-run` checks."""
+    names, _, attrs, target, rows = _prepare(spec, loaded, out, splits=splits, pool=pool, aug_views=aug_views,
+                                             aug_seed=aug_seed, feature_dtype=feature_dtype, shard=shard, command=None)
+    if not overwrite:
+        _usable_out(target)
+    conflict = views_conflict(target, names, aug_views, overwrite)
+    if conflict:
+        raise ExtractError(conflict)
+    if not overwrite:
+        complete_status(target, attrs, list(spec.classnames), templates, rows)
+    check_writable(target, identity(attrs, list(spec.classnames), templates, rows), overwrite=overwrite)
+
+
+def _usable_out(target: Path) -> None:
+    """ExtractError naming --overwrite when `target` exists but cannot be read as a cache (truncated, not HDF5, no
+    cache layout): extracting again into it would meet the same file."""
+    if not target.is_file():
+        return
+    try:
+        file_identity(target)
+    except CacheBusy:
+        raise
+    except CacheError as e:
+        why = str(e).removeprefix(f"{target}: ").split("; ")[0]
+        raise ExtractError(f"{target}: exists and is not a usable cache ({why}); pass --overwrite to replace it, "
+                           "or choose another --out") from None
+
+
 def plan_rows(spec: DatasetSpec, names: list[str], pool: dict | None, shard: Shard | None, out: str | Path
               ) -> tuple[Path, dict[str, dict], dict | None]:
     """The file to write, each split's listing and rows to encode, and the pool (joined with the one the file
@@ -113,13 +162,22 @@ def plan_rows(spec: DatasetSpec, names: list[str], pool: dict | None, shard: Sha
 
 
 def plan(spec: DatasetSpec, out: str | Path, *, splits: list[str] | None = None, pool: dict | None = None,
-         aug_views: int = 0, shard: Shard | None = None) -> dict:
-    """What a run would do, as data: {"target": path, "pool": {"seeds", "shots"} or None (the whole train split),
-    "splits": {name: {"listed", "to_encode", "in_file", "forwards"}}, "to_encode": total} (counts of images;
-    to_encode: those ``out`` does not hold yet; forwards: image forwards, augmented views included)."""
+         aug_views: int = 0, shard: Shard | None = None, overwrite: bool = False) -> dict:
+    """What ``run_extraction`` with these arguments would do, as data (nothing is loaded or written).
+
+    Returns: {"target": path, "pool": {"seeds", "shots"} or None (the whole train split), "splits": {name:
+    {"listed", "to_encode", "in_file", "forwards"}}, "to_encode": total, "views": {"asked": augmented views per
+    train image, "in_file": those the cache at ``target`` holds (None: no cache there)}, "refused": the one-line
+    reason the run would stop (``views_conflict``) or None}. Counts are of images; in_file: encoded rows held with
+    the asked views (rows held with other views count as to_encode); forwards: image forwards, views included."""
     names = _split_names(spec, splits)
     target, rows, pool = plan_rows(spec, names, pool, shard, out)
-    have = read_status(partial_path(target)) or read_status(target)
+    asked = aug_views if "train" in names else 0
+    have: dict[str, np.ndarray] = {}
+    for path, usable in ((partial_path(target), True), (target, not overwrite)):
+        if usable and _views_held(path) == asked:
+            have = read_status(path)
+            break
     per_split = {}
     for name, r in rows.items():
         encode = r["encode"]
@@ -129,24 +187,58 @@ def plan(spec: DatasetSpec, out: str | Path, *, splits: list[str] | None = None,
         per_split[name] = {"listed": len(r["labels"]), "to_encode": len(encode),
                            "in_file": len(r["encode"]) - len(encode), "forwards": len(encode) * (1 + views)}
     return {"target": str(target), "pool": pool, "splits": per_split,
-            "to_encode": sum(s["to_encode"] for s in per_split.values())}
+            "to_encode": sum(s["to_encode"] for s in per_split.values()),
+            "views": {"asked": asked, "in_file": _views_held(target)},
+            "refused": views_conflict(target, names, aug_views, overwrite)}
+
+
+def views_conflict(target: Path, names: list[str], aug_views: int, overwrite: bool) -> str | None:
+    """Why a run asking ``aug_views`` augmented views per train image (splits ``names``) cannot write ``target``,
+    in one line, or None. A cache holds a fixed number of views per encoded row, so views cannot be added to
+    rows already encoded: a complete cache with another number is replaced only with ``overwrite``, and an
+    interrupted one (``X.h5.partial``) must be resumed with its own number or deleted."""
+    asked = aug_views if "train" in names else 0
+    partial = partial_path(target)
+    held = _views_held(partial)
+    if held is not None and held != asked:
+        return (f"{partial}: an interrupted extraction with {held} augmented views per train image is in the way "
+                f"(--aug-views {asked} asked); rerun it with --aug-views {held}, or delete the .partial file")
+    held = _views_held(target)
+    if held is not None and held != asked and not overwrite:
+        return (f"{target}: holds {held} augmented views per train image, not {asked} (views cannot be added to "
+                f"encoded rows); pass --aug-views {held} to use it, or --overwrite to encode it anew")
+    return None
+
+
+def _views_held(path: Path) -> int | None:
+    """The augmented views per train image of the cache or .partial file at ``path`` (None: no file of this
+    schema there)."""
+    try:
+        attrs = read_attrs(path) if path.is_file() else {}
+    except CacheError:
+        attrs = {}
+    return int(attrs.get("aug_views") or 0) if attrs.get("schema_version") == SCHEMA_VERSION else None
 
 
 def describe_plan(spec: DatasetSpec, out: str | Path, *, splits: list[str] | None = None, pool: dict | None = None,
-                  aug_views: int = 0, shard: Shard | None = None) -> str:
+                  aug_views: int = 0, shard: Shard | None = None, overwrite: bool = False) -> str:
     """Per split: images listed, images this run would encode (those `out` does not hold yet) and forwards
     (``plan_text`` of ``plan``)."""
-    return plan_text(plan(spec, out, splits=splits, pool=pool, aug_views=aug_views, shard=shard))
+    return plan_text(plan(spec, out, splits=splits, pool=pool, aug_views=aug_views, shard=shard,
+                          overwrite=overwrite))
 
 
 def plan_text(planned: dict) -> str:
-    """``plan``'s result in words: per split, images listed, to encode, already in the file, and forwards."""
+    """``plan``'s result in words: per split, images listed, to encode, already in the file, and forwards; then
+    why the run would stop, if it would."""
     pool = planned["pool"]
     what = f"seeds {' '.join(map(str, pool['seeds']))} at <= {pool['shots']} shots" if pool else "the whole split"
     lines = [f"{planned['target']}: train rows encoded: {what}"]
     for name, n in planned["splits"].items():
         lines.append(f"  {name}: {n['listed']} listed, {n['to_encode']} to encode ({n['in_file']} already in the "
                      f"file), {n['forwards']} image forwards")
+    if planned.get("refused"):
+        lines.append(f"  the run would stop: {planned['refused']}")
     return "\n".join(lines)
 
 

@@ -2,9 +2,9 @@
 
 Every shard cache lists all rows of every split; shard i encodes the contiguous slice [m*i//N, m*(i+1)//N) of the
 m rows the extraction encodes (a pooled extraction's train rows, or whole splits). `merge_shards` checks that the
-shards were made the same way, list the same images and encode no row twice, then writes one cache equal to an
-unsharded extraction.
-"""
+shards were made the same way, list the same images and encode no row twice, then writes one cache with the rows,
+listing and attributes of an unsharded extraction (features copied byte for byte from the shards; they equal an
+unsharded run's up to the rounding of other batches, README "Cache schema")."""
 from __future__ import annotations
 
 import os

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import bench_cache_io, bench_extract, bench_pooled
+from bench import bench_batch_rounding, bench_cache_io, bench_extract, bench_pooled
 from data.cache import read_cache
 from extract.models import BUNDLED_CONFIGS
 
@@ -53,3 +53,9 @@ def test_bench_pooled_counts_and_rss_run(tmp_path: Path, capsys: pytest.CaptureF
 def test_bad_options_exit_2(main, argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main([*argv, "--dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_bench_batch_rounding_runs(capsys: pytest.CaptureFixture) -> None:
+    assert bench_batch_rounding.main(["--models", "cmm-tiny-vit", "--images", "5"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("batch rounding on cpu: features differ by at most ") and float(last.split()[-5]) < 1e-6

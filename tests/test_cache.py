@@ -291,9 +291,22 @@ def test_lock_is_held_by_forked_children_until_they_exit(tmp_path: Path) -> None
     os.waitpid(child, 0)
 
 
+def _truncate(path: Path, keep: int = 3000) -> None:
+    """Cut a file to its first `keep` bytes (a copy or a disk that lost its tail): HDF5 then says "truncated file:
+    eof = ..., sblock->base_addr = ..."."""
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+
+
+def _truncated_partial(p: Path) -> None:
+    _half_written(p.with_name(p.name.removesuffix(".partial")), make_content())
+    _truncate(p)
+
+
 @pytest.mark.parametrize("make_partial", [
     lambda p: p.write_bytes(b"\x89HDF\r\n garbage from a killed run"),
     lambda p: h5py.File(p, "w").close(),  # killed before any attribute was written
+    _truncated_partial,
 ])
 def test_unresumable_partial_is_moved_aside(tmp_path: Path, capsys: pytest.CaptureFixture, make_partial) -> None:
     content, path = make_content(), tmp_path / "c.h5"
@@ -304,6 +317,16 @@ def test_unresumable_partial_is_moved_aside(tmp_path: Path, capsys: pytest.Captu
     assert len(aside) == 1 and digest(aside[0]) == before
     assert "cannot be resumed" in capsys.readouterr().err
     assert read_attrs(partial_path(path))["format"] == "cmm-feature-cache"
+
+
+def test_truncated_cache_is_reported_as_damaged_not_as_busy(tmp_path: Path) -> None:
+    content, path = make_content(), tmp_path / "c.h5"
+    write_cache(path, **content)
+    _truncate(path)
+    for read in (read_cache, read_attrs, file_identity, verify):
+        with pytest.raises(CacheError) as info:
+            read(path)
+        assert "truncated file" in str(info.value) and "another process" not in str(info.value), read
 
 
 def test_write_error_is_one_line_and_the_partial_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,9 +12,10 @@ from extract import datasets
 from data.cache import ABSENT, OK, CacheError, open_cache, partial_path, read_attrs, read_cache
 from data.fewshot import FewClassWarning, pool_rows
 from extract.errors import ExtractError
-from extract.run import describe_plan, run_extraction
+from extract.run import describe_plan, plan, run_extraction
 from extract.shards import Shard, merge_shards, parse_shard, shard_path, shard_rows
-from helpers_extract import digest, make_class_folder, plain_image_features, plain_text_features, templates, tiny_model
+from helpers_extract import (BATCH_ATOL, digest, make_class_folder, plain_image_features, plain_text_features,
+                             templates, tiny_model)
 
 
 @pytest.fixture()
@@ -53,9 +54,9 @@ def test_views_do_not_depend_on_batching_and_follow_the_seed(spec: datasets.Data
     a = read_cache(extract(spec, tmp_path / "a.h5", batch_size=4, splits=["train"]))
     b = read_cache(extract(spec, tmp_path / "b.h5", batch_size=3, splits=["train"]))
     c = read_cache(extract(spec, tmp_path / "c.h5", batch_size=4, splits=["train"], aug_seed=1))
-    np.testing.assert_allclose(a.splits["train"].aug_features, b.splits["train"].aug_features, atol=1e-6)
+    np.testing.assert_allclose(a.splits["train"].aug_features, b.splits["train"].aug_features, atol=BATCH_ATOL)
     assert not np.allclose(a.splits["train"].aug_features, c.splits["train"].aug_features, atol=1e-3)
-    np.testing.assert_allclose(a.splits["train"].features, c.splits["train"].features, atol=1e-6)
+    np.testing.assert_allclose(a.splits["train"].features, c.splits["train"].features, atol=BATCH_ATOL)
 
 
 def test_float16_storage(spec: datasets.DatasetSpec, tmp_path: Path) -> None:
@@ -114,8 +115,16 @@ def test_two_shards_merged_equal_unsharded(spec: datasets.DatasetSpec, tmp_path:
     for name, split in full.splits.items():
         got = merged.splits[name]
         assert got.paths.tolist() == split.paths.tolist() and np.array_equal(got.labels, split.labels)
-        np.testing.assert_allclose(got.features, split.features, atol=1e-6)
-    np.testing.assert_allclose(merged.splits["train"].aug_features, full.splits["train"].aug_features, atol=1e-6)
+        np.testing.assert_allclose(got.features, split.features, atol=BATCH_ATOL)
+    np.testing.assert_allclose(merged.splits["train"].aug_features, full.splits["train"].aug_features, atol=BATCH_ATOL)
+    merged_reader = open_cache(out)
+    for path in paths:  # the shards' rows are copied, not re-encoded: their bytes
+        shard = open_cache(path)
+        for name in shard.split_names():
+            rows = np.flatnonzero(shard.listing(name).status == OK)
+            for got, kept in zip(merged_reader.read(name, rows, views=name == "train"),
+                                 shard.read(name, rows, views=name == "train")):
+                assert (got is None and kept is None) or got.tobytes() == kept.tobytes(), name
 
 
 def test_merge_refuses_shards_that_do_not_fit(spec: datasets.DatasetSpec, tmp_path: Path) -> None:
@@ -198,8 +207,8 @@ def test_pooled_extraction_encodes_the_draws_only_and_grows_without_touching_enc
     assert len(reader.listing("train").labels) == len(labels)  # every row is listed
     feats, aug = reader.read("train", first, views=True)
     full_feats, full_aug = full.read("train", first, views=True)
-    np.testing.assert_allclose(feats, full_feats, atol=1e-6)
-    np.testing.assert_allclose(aug, full_aug, atol=1e-6)  # views seeded by the row id: same as a whole extraction
+    np.testing.assert_allclose(feats, full_feats, atol=BATCH_ATOL)
+    np.testing.assert_allclose(aug, full_aug, atol=BATCH_ATOL)  # views seeded by the row id: same as a whole extraction
     with h5py.File(out, "r") as f:
         assert f["splits/train/aug_features"].shape[0] == len(first)  # views only for the encoded rows
     for name in ("val", "test"):
@@ -215,7 +224,10 @@ def test_pooled_extraction_encodes_the_draws_only_and_grows_without_touching_enc
     assert np.flatnonzero(reader.listing("train").status == OK).tolist() == grown.tolist()
     assert sorted(done) == sorted(set(grown.tolist()) - set(first.tolist()))  # only the missing rows
     again = reader.read("train", first, views=True)
-    assert again[0].tobytes() == feats.tobytes() and again[1].tobytes() == aug.tobytes()
+    assert again[0].tobytes() == feats.tobytes() and again[1].tobytes() == aug.tobytes()  # rows written stay
+    added = np.setdiff1d(grown, first)  # encoded in other batches than the whole extraction's: equal up to rounding
+    for got, direct in zip(reader.read("train", added, views=True), full.read("train", added, views=True)):
+        np.testing.assert_allclose(got, direct, atol=BATCH_ATOL)
     before = digest(out)
     extract(spec, out, pool={"seeds": [1, 2], "shots": 1}, on_batch=lambda split, rows: done.append(-1))
     assert digest(out) == before and -1 not in done  # a smaller pool is already there
@@ -233,8 +245,8 @@ def test_sharded_pooled_extraction_merged_equals_unsharded(spec: datasets.Datase
     for name, split in ref.splits.items():
         got = merged.splits[name]
         assert got.paths.tolist() == split.paths.tolist() and np.array_equal(got.labels, split.labels)
-        np.testing.assert_allclose(got.features, split.features, atol=1e-6)
-    np.testing.assert_allclose(merged.splits["train"].aug_features, ref.splits["train"].aug_features, atol=1e-6)
+        np.testing.assert_allclose(got.features, split.features, atol=BATCH_ATOL)
+    np.testing.assert_allclose(merged.splits["train"].aug_features, ref.splits["train"].aug_features, atol=BATCH_ATOL)
     assert np.array_equal(open_cache(out).listing("train").status,
                           open_cache(tmp_path / "ref.h5").listing("train").status)
 
@@ -250,3 +262,46 @@ def test_plan_counts_what_would_be_encoded(spec: datasets.DatasetSpec, tmp_path:
     assert f"{pooled} already in the file" in text and f"test: {len(spec.splits['test'])} listed, 0 to encode" in text
     with pytest.warns(FewClassWarning, match="fewer than 9 train images"):
         describe_plan(spec, tmp_path / "q.h5", pool={"seeds": [1], "shots": 9})  # a class gives all it has
+
+
+def test_plan_counts_rows_held_without_the_asked_views_and_the_run_stops(spec: datasets.DatasetSpec,
+                                                                         tmp_path: Path) -> None:
+    """A cache holds a fixed number of views per row: one made without views, asked for 2, has every row still to
+    encode; the run stops with one line naming --overwrite (the cache untouched), and --overwrite re-encodes it."""
+    pool = {"seeds": [1], "shots": 1}
+    out = extract(spec, tmp_path / "c.h5", pool=pool, aug_views=0)
+    before = digest(out)
+    same = plan(spec, out, pool=pool, aug_views=0)
+    assert same["to_encode"] == 0 and same["refused"] is None and same["views"] == {"asked": 0, "in_file": 0}
+    asked = plan(spec, out, pool=pool, aug_views=2)
+    rows = {name: s["in_file"] for name, s in same["splits"].items()}
+    assert asked["views"] == {"asked": 2, "in_file": 0} and asked["to_encode"] == sum(rows.values())
+    assert {name: s["in_file"] for name, s in asked["splits"].items()} == dict.fromkeys(rows, 0)
+    assert asked["splits"]["train"]["forwards"] == 3 * rows["train"]  # each row: the image and its 2 views
+    assert "--aug-views 0 to use it, or --overwrite" in asked["refused"] and "\n" not in asked["refused"]
+    assert f"the run would stop: {asked['refused']}" in describe_plan(spec, out, pool=pool, aug_views=2)
+    with pytest.raises(ExtractError, match="holds 0 augmented views per train image, not 2") as e:
+        extract(spec, out, pool=pool, aug_views=2)
+    assert "--overwrite" in str(e.value) and digest(out) == before and not partial_path(out).exists()
+    forced = plan(spec, out, pool=pool, aug_views=2, overwrite=True)
+    assert forced["refused"] is None and forced["to_encode"] == asked["to_encode"]
+    extract(spec, out, pool=pool, aug_views=2, overwrite=True)
+    assert read_cache(out).splits["train"].aug_features.shape[1] == 2
+    assert plan(spec, out, pool=pool, aug_views=2)["to_encode"] == 0
+
+
+def test_an_interrupted_extraction_with_other_views_is_named(spec: datasets.DatasetSpec, tmp_path: Path) -> None:
+    out = tmp_path / "c.h5"
+
+    def interrupt(split: str, rows: np.ndarray) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(spec, out, aug_views=0, on_batch=interrupt)
+    refused = plan(spec, out, aug_views=2, overwrite=True)["refused"]
+    assert refused.startswith(f"{partial_path(out)}: an interrupted extraction with 0 augmented views")
+    assert "rerun it with --aug-views 0, or delete the .partial file" in refused
+    with pytest.raises(ExtractError, match="interrupted extraction with 0 augmented views"):
+        extract(spec, out, aug_views=2)
+    resumed = plan(spec, out, aug_views=0)
+    assert resumed["refused"] is None and 0 < resumed["to_encode"] < sum(len(r) for r in spec.splits.values())

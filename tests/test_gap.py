@@ -5,7 +5,7 @@ import pytest
 
 from train_jax import gap
 from train_jax.config import Settings
-from train_jax.records import Learned
+from train_jax.records import GapFile, Learned
 from train_jax.report import gap_line
 
 C, D = 4, 8
@@ -57,17 +57,17 @@ def test_a_map_that_removes_the_offset_closes_the_gap():
     learned = {"cmm/seed3": Learned(Settings(), params, {}), "zeroshot/seed3": Learned(Settings(epochs=0), params, {}),
                "linear_probe/seed3": Learned(Settings(), {}, {})}
     rows = gap.shot_rows(learned, 4, images, labels, text)
-    assert [(r["method"], r["shots"], r["seeds"]) for r in rows] == [("cmm", 4, [3])]  # only trained maps
-    after = rows[0]["mean"]
+    assert [(r.method, r.shots, r.seeds) for r in rows] == [("cmm", 4, (3,))]  # only trained maps
+    after = rows[0].mean
     assert after["gap"] == pytest.approx(0.0, abs=1e-6)
     assert after["cos_own"] == pytest.approx(1.0, abs=1e-6) and after["margin"] == pytest.approx(1.0, abs=1e-6)
-    assert rows[0]["std"]["gap"] == 0.0
+    assert rows[0].std["gap"] == 0.0
     before = gap.stats(images, labels, text)
     md = gap.markdown("Toy", before, rows)
     assert "| CLIP (before) |" in md and "| cmm 4-shot (after) | 0.000 ± 0.000 |" in md
-    line = gap_line([{"dataset": "Toy", "before": before, "after": rows}])
+    line = gap_line([GapFile("Toy", before, tuple(rows))])
     assert f"{before['gap']:.3f} → 0.000" in line and "cmm 4-shot" in line
-    assert gap_line([{"dataset": "Toy", "before": before, "after": []}]) == ""
+    assert gap_line([GapFile("Toy", before, ())]) == ""
 
 
 def test_mean_over_seeds():
@@ -77,9 +77,9 @@ def test_mean_over_seeds():
     learned = {f"cmm/seed{s}": Learned(Settings(), p, {}) for s, p in ((1, full), (2, none))}
     (row,) = gap.shot_rows(learned, 1, images, labels, text)
     before = gap.stats(images, labels, text)
-    assert row["seeds"] == [1, 2]
-    assert row["per_seed"][1]["gap"] == pytest.approx(before["gap"], abs=1e-6)  # the identity map changes nothing
-    assert row["mean"]["gap"] == pytest.approx(before["gap"] / 2, abs=1e-6)
+    assert row.seeds == (1, 2)
+    assert row.per_seed[1]["gap"] == pytest.approx(before["gap"], abs=1e-6)  # the identity map changes nothing
+    assert row.mean["gap"] == pytest.approx(before["gap"] / 2, abs=1e-6)
 
 
 def test_pca_keeps_a_plane_and_is_deterministic():

@@ -97,7 +97,8 @@ def test_run_all_refuses_a_cache_with_other_views(tmp_path: Path) -> None:
               "--seeds", "1", "--out", str(tmp_path / "out"), "--train-args", "--methods zeroshot --grid epochs=1"]
     assert _run_all(*common, "--aug-views", "0").returncode == 0
     again = _run_all(*common)
-    assert again.returncode == 2 and "holds 0 augmented views per train image, not 10: pass --aug-views 0" in again.stderr
+    assert again.returncode == 2 and "holds 0 augmented views per train image, not 10" in again.stderr
+    assert "pass --aug-views 0 to use it" in again.stderr and len(again.stderr.strip().splitlines()) == 1
     assert _run_all(*common, "--aug-views", "0").returncode == 0  # as extracted: reused
 
 
@@ -139,3 +140,19 @@ def test_stages_import_only_data_not_each_other() -> None:
     assert "data.cache" in trained and not any(m == "extract" or m.startswith("extract.") for m in trained)
     extracted = _imported("import extract.__main__, extract.run, extract.shards")
     assert "data.cache" in extracted and not any(m == "train_jax" or m.startswith("train_jax.") for m in extracted)
+
+
+def test_run_all_validation_free(tmp_path: Path) -> None:
+    bad = _run_all("--select", "best")
+    assert bad.returncode == 2 and "--select must be seed, mean or none, not 'best'" in bad.stderr
+    folder = _make_folder(tmp_path / "colours")
+    out = tmp_path / "out"
+    run = _run_all("--folder", str(folder), "--model", "cmm-tiny-vit", "--pretrained", "random", "--shots", "1",
+                   "--seeds", "1", "--out", str(out), "--select", "none",
+                   "--train-args", "--methods zeroshot linear_probe cmm --grid epochs=2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = (out / "results" / "summary.md").read_text()
+    assert "VALIDATION-FREE" in summary.splitlines()[0] and "no validation rows were read" in summary
+    rows = json.loads((out / "results" / "summary.json").read_text())["summary"]
+    assert {r["select"] for r in rows} == {"none"} and {r["method"] for r in rows} == {"zeroshot", "linear_probe",
+                                                                                      "cmm"}

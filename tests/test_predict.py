@@ -50,8 +50,8 @@ def test_csv_equals_the_selected_models_argmax(run, tmp_path, capsys):
         item = learned[f"{method}/seed{seed}"]
         expected = np.asarray(predict(method, item.settings, item.params, item.consts, test.features, text,
                                       test.norms))
-        assert _predict(out, cache, tmp_path / "one.csv", "--method", method, "--seed", str(seed)) == 0
-        rows = _rows(tmp_path / "one.csv")
+        assert _predict(out, cache, tmp_path / f"{method}.csv", "--method", method, "--seed", str(seed)) == 0
+        rows = _rows(tmp_path / f"{method}.csv")
         assert [r["path"] for r in rows] == list(test.paths)
         assert [r["class_1"] for r in rows] == [names[i] for i in expected]
         assert [r["label"] for r in rows] == [names[i] for i in test.labels]
@@ -116,6 +116,34 @@ def test_bad_runs_are_one_line_errors_and_leave_no_csv(run, tmp_path, capsys):
     assert _predict(out, cache, tmp_path / "missing" / "p.csv") == 2
     _one_line_error(capsys, "cannot write")
     assert not target.exists() and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_out_replaces_a_file_only_when_asked_and_never_an_input(run, tmp_path, capsys):
+    _, cache, out = run
+    mine = Path(shutil.copy(cache, tmp_path / "mine.h5"))
+    kept = {p: p.read_bytes() for p in (mine, out / "results.json", out / "run_config.json",
+                                        out / "params" / "2shot.npz")}
+    old = tmp_path / "old.csv"
+    old.write_text("keep me\n")
+    kept[old] = old.read_bytes()
+    for target, extra, needles in (
+            (old, (), ("exists", "--overwrite")),
+            (out / "results.json", (), ("exists", "--overwrite")),
+            (mine, ("--overwrite",), ("--cache",)),  # its own input, even when asked
+            (out / "run_config.json", ("--overwrite",), ("input",)),
+            (out / "params" / "2shot.npz", ("--overwrite",), ("input",)),
+            (tmp_path, (), ("is a folder",))):
+        assert _predict(out, mine, target, *extra) == 2, target
+        _one_line_error(capsys, str(target), *needles)
+    assert {p: p.read_bytes() for p in kept} == kept
+    assert _predict(out, mine, old, "--overwrite") == 0
+    assert _rows(old)[0]["path"] == read_cache(cache).splits["test"].paths[0]
+
+
+def test_out_in_a_read_only_folder_is_one_line(run, read_only_dir, capsys):
+    _, cache, out = run
+    assert _predict(out, cache, read_only_dir / "p.csv") == 2
+    _one_line_error(capsys, str(read_only_dir / "p.csv"), "cannot write")
 
 
 def _unlabelled(path: Path, world: GapWorld, like: Path) -> Path:

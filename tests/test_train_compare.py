@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from helpers_train import GapWorld, write_gap_cache
-from train_jax import report
+from train_jax import records, report
 from train_jax.__main__ import main
 from train_jax.compare import ShotInputs, compare_shot
 from train_jax.errors import TrainError
@@ -173,3 +173,16 @@ def test_per_image_files_round_trip_and_bad_ones_are_one_line_errors(tmp_path):
         with pytest.raises(TrainError) as e:
             read_correct(tmp_path / f"{name}.npz")
         assert f"{name}.npz" in str(e.value) and "\n" not in str(e.value) and "delete it" in str(e.value)
+
+
+def test_every_file_of_the_run_folder_is_named_by_records(run):
+    """records declares every file a run writes: the folder holds only those names (and the per-shot files)."""
+    out, _ = run
+    named = {records.RUN_CONFIG, records.RESULTS_JSON, records.RESULTS_CSV, records.RESULTS_MD, records.ACCURACY_PNG,
+             records.LOSS_PNG, records.COMPILE_JSON, records.GAP_JSON, records.GAP_MD, records.GAP_PNG,
+             records.COMPARE_JSON, records.COMPARE_CSV}
+    shots = {1, 2}
+    named |= {str(p.relative_to(out)) for k in shots for p in (records.shot_path(out, k), records.params_path(out, k),
+                                                                records.correct_path(out / records.SHOTS_DIR, k))}
+    found = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert found <= named and records.GAP_JSON in found and records.COMPARE_CSV in found

@@ -27,6 +27,7 @@ def test_parse_grid_and_expand():
     (["lr=1", "lr=2"], "given twice"),
     (["lr=-1"], "lr=-1.0 is out of range"),
     (["use_aug=maybe"], "use_aug"),
+    (["epochs=1e400"], "epochs='1e400'"),  # found by tests/test_cli_property.py: int(inf) overflowed
 ])
 def test_bad_grid_is_a_clear_error(spec, fragment):
     with pytest.raises(TrainError, match=None) as err:

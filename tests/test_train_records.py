@@ -53,6 +53,15 @@ def test_schema_3_reads_without_loss_parts(tmp_path):
     assert _records()[0].loss_parts  # the round trip above keeps them
 
 
+def test_schema_4_reads_without_transfer(tmp_path):
+    records = [dataclasses.replace(_records()[0], transfer={"new": 40.0, "ToyTarget": 12.5}), _records()[1]]
+    assert records_from_json(json.loads(json.dumps(records_to_json(records))), "x.json") == records
+    path = tmp_path / "2shot.json"
+    old = [{k: v for k, v in r.to_json().items() if k != "transfer"} for r in records]
+    path.write_text(json.dumps({"schema_version": 4, "records": old}))
+    assert read_records(path) == [dataclasses.replace(r, transfer={}) for r in records]
+
+
 @pytest.mark.parametrize("data, says", [
     ({"schema_version": 99, "records": []}, "found 99"),
     ([{"dataset": "Toy"}], "missing keys"),

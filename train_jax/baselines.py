@@ -128,7 +128,9 @@ def search(params, consts, feats: np.ndarray, labels: np.ndarray, text: np.ndarr
 def fit(job: Job) -> Fitted:
     """Tip-Adapter-F's trainer (``methods.Method.fit``): the runner trains the keys with the recipe's settings
     (alpha and epochs of ``job.dataset``), drawing one cached view per image and epoch; then each run's (beta,
-    alpha) are searched on its own validation rows. Without cached views, the plain features stand in (noted)."""
+    alpha) are searched on its own validation rows; a validation-free job (``Job.validation_free``) keeps the
+    recipe's init beta (1) and alpha, the values upstream trains with before its search. Without cached views,
+    the plain features stand in (noted)."""
     rec = recipe(job.dataset)
     aug = job.split.aug_features
     views = aug[job.pool_rows] if aug is not None else job.split.features[job.pool_rows][:, None]
@@ -139,7 +141,7 @@ def fit(job: Job) -> Fitted:
     trained = train_runs(job.head, hp, job.rows, job.seeds, pool, job.text, batch_size=settings[0].batch_size,
                          use_aug=aug is not None, budget=job.budget, devices=job.devices,
                          desc=f"{job.dataset} Tip-Adapter-F")
-    for i, st in enumerate(settings):
+    for i, st in enumerate([] if job.validation_free else settings):
         own = job.members[i]
         params, consts = jax.tree.map(lambda x: x[i], (trained.params, trained.consts))
         beta, alpha = search(params, consts, job.val_feats[own], job.val_labels[own], job.text, rec.scale,

@@ -41,6 +41,7 @@ class Interval:
 
     @property
     def excludes_zero(self) -> bool:
+        """Whether 0 lies outside [low, high]."""
         return bool(self.low > 0 or self.high < 0)
 
 

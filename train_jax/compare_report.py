@@ -1,5 +1,6 @@
 """The paired-comparison tables (``train_jax.compare``) of a run folder and of a combined summary: Markdown
-sections for results.md / summary.md, and ``compare.csv`` / ``compare.json`` beside them.
+sections for results.md / summary.md; ``compare.csv`` / ``compare.json`` beside them are written by
+``train_jax.records.write_compare``.
 
 Inputs are the selected runs' records (their test accuracy per seed) and, where the run folder has them, the
 per-image correctness files ``shots/<K>shot_test_correct.npz`` (``train_jax.records.read_correct``).
@@ -7,21 +8,14 @@ per-image correctness files ``shots/<K>shot_test_correct.npz`` (``train_jax.reco
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from train_jax.compare import LEVEL, POWER, SETTLE_CAP, Comparison, Interval, ShotInputs, compare_average, compare_shot
-from train_jax.errors import TrainError
-from train_jax.records import RunRecord, correct_path, read_correct
+from train_jax.records import SHOTS_DIR, CompareFile, RunRecord, correct_path, read_correct, read_runs, write_compare
 
-SCHEMA_VERSION = 1  # of compare.json
 SEED_MARK = "*"  # the interval over seeds excludes 0
 IMAGE_MARK = "°"  # the interval over test images excludes 0
-CSV_FIELDS = ("dataset", "shots", "method", "reference", "n_seeds", "seeds", "mean", "sd", "seeds_low",
-              "seeds_high", "seeds_excludes_0", "images_low", "images_high", "images_excludes_0", "n_test",
-              "seeds_to_settle", "settle", "note")
 SETTLE_BUCKETS = (5, 10, 20, SETTLE_CAP)  # the summary counts open comparisons by the seeds that would settle them
 
 
@@ -121,51 +115,6 @@ def settle_line(rows: Sequence[Comparison]) -> str:
             "compare.csv).\n")
 
 
-def _interval_json(interval: Interval | None) -> dict[str, Any] | None:
-    return None if interval is None else {"low": interval.low, "high": interval.high,
-                                          "excludes_zero": interval.excludes_zero}
-
-
-def comparison_json(c: Comparison) -> dict[str, Any]:
-    """A JSON-able dict of one comparison."""
-    return {"dataset": c.dataset, "shots": c.shots, "method": c.method, "reference": c.reference,
-            "seeds": list(c.seeds), "diffs": list(c.diffs), "mean": c.mean, "sd": c.sd,
-            "over_seeds": _interval_json(c.over_seeds), "over_images": _interval_json(c.over_images),
-            "n_test": c.n_test, "seeds_to_settle": c.seeds_to_settle, "settle": c.settle, "note": c.note,
-            **({"datasets": list(c.datasets)} if c.datasets else {})}
-
-
-def _csv_row(c: Comparison) -> dict[str, Any]:
-    num = lambda x: "" if x is None else f"{x:.4f}"  # noqa: E731
-    seeds, images = c.over_seeds, c.over_images
-    return {"dataset": c.dataset, "shots": c.shots, "method": c.method, "reference": c.reference,
-            "n_seeds": len(c.seeds), "seeds": " ".join(map(str, c.seeds)), "mean": num(c.mean), "sd": num(c.sd),
-            "seeds_low": num(seeds and seeds.low), "seeds_high": num(seeds and seeds.high),
-            "seeds_excludes_0": "" if seeds is None else int(seeds.excludes_zero),
-            "images_low": num(images and images.low), "images_high": num(images and images.high),
-            "images_excludes_0": "" if images is None else int(images.excludes_zero),
-            "n_test": "" if c.n_test is None else c.n_test,
-            "seeds_to_settle": "" if c.seeds_to_settle is None else c.seeds_to_settle, "settle": c.settle,
-            "note": c.note}
-
-
-def write_files(out: Path, reference: str, rows: Sequence[Comparison], average: Sequence[Comparison] = (),
-                notes: Sequence[str] = ()) -> None:
-    """``out``/compare.json (``schema_version``, reference, level, power, comparisons, average, notes) and
-    ``out``/compare.csv (``CSV_FIELDS``, the average's rows last)."""
-    payload = {"schema_version": SCHEMA_VERSION, "reference": reference, "level": LEVEL, "power": POWER,
-               "comparisons": [comparison_json(c) for c in rows],
-               "average": [comparison_json(c) for c in average], "notes": list(notes)}
-    try:
-        (out / "compare.json").write_text(json.dumps(payload, indent=1))
-        with open(out / "compare.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            writer.writeheader()
-            writer.writerows(_csv_row(c) for c in [*rows, *average])
-    except OSError as e:
-        raise TrainError(f"{e.filename or out}: cannot write it ({e.strerror}); choose a writable --out") from None
-
-
 def _missing(reference: str, inputs: Mapping[tuple[str, int], ShotInputs]) -> str:
     """The note when the reference has no selected run anywhere ("" otherwise)."""
     methods = sorted({m for i in inputs.values() for m in i.accuracy})
@@ -178,30 +127,15 @@ def _missing(reference: str, inputs: Mapping[tuple[str, int], ShotInputs]) -> st
 def run_section(out: Path, records: Sequence[RunRecord], reference: str, methods: Sequence[str]) -> str:
     """Write ``out``/compare.csv and compare.json of one run folder (per-image files from ``out``/shots) and return
     its Markdown section for results.md; ``methods``: the display order."""
-    inputs = shot_inputs(records, out / "shots")
+    inputs = shot_inputs(records, out / SHOTS_DIR)
     rows = [c for (dataset, shots), one in sorted(inputs.items(), key=lambda kv: kv[0][1])
             for c in compare_shot(dataset, shots, one, reference, methods)]
     missing = _missing(reference, inputs)
-    write_files(out, reference, rows, notes=[missing] if missing else [])
+    write_compare(out, CompareFile(reference, tuple(rows), notes=(missing,) if missing else ()))
     head = f"\n## Paired differences vs {reference} (percentage points)\n\n"
     if not rows:
         return head + (missing or "No other method to compare.") + "\n"
     return head + legend(reference) + "\n\n" + long_table(rows) + "\n" + _notes(rows)
-
-
-def _run_dir_records(run_dir: Path) -> list[RunRecord] | None:
-    """The records in a run folder's results.json (None when it has no ``runs``)."""
-    path = run_dir / "results.json"
-    try:
-        runs = json.loads(path.read_text()).get("runs")
-    except (OSError, ValueError, AttributeError) as e:
-        raise TrainError(f"{path}: cannot read results ({e}); run `python -m train_jax ... --out {run_dir}` first")
-    if not isinstance(runs, list):
-        return None
-    try:
-        return [RunRecord.from_json(r) for r in runs]
-    except (TrainError, TypeError, ValueError) as e:
-        raise TrainError(f"{path}: {e}; rerun `python -m train_jax ... --out {run_dir}`") from None
 
 
 def combined_section(run_dirs: Sequence[str | Path], out: Path, reference: str, methods: Sequence[str],
@@ -213,11 +147,11 @@ def combined_section(run_dirs: Sequence[str | Path], out: Path, reference: str, 
     inputs: dict[tuple[str, int], ShotInputs] = {}
     skipped = []
     for run_dir in map(Path, run_dirs):
-        records = _run_dir_records(run_dir)
+        records = read_runs(run_dir)
         if records is None:
             skipped.append(str(run_dir))
             continue
-        inputs.update(shot_inputs(records, run_dir / "shots"))
+        inputs.update(shot_inputs(records, run_dir / SHOTS_DIR))
     notes = [f"{d}: results.json has no per-run records; not compared" for d in skipped]
     rows = [c for (dataset, shots), one in sorted(inputs.items(), key=lambda kv: kv[0][1])
             for c in compare_shot(dataset, shots, one, reference, methods)]
@@ -227,7 +161,7 @@ def combined_section(run_dirs: Sequence[str | Path], out: Path, reference: str, 
                                         methods)]
     missing = _missing(reference, inputs)
     notes += [missing] if missing else []
-    write_files(out, reference, rows, average, notes)
+    write_compare(out, CompareFile(reference, tuple(rows), tuple(average), tuple(notes)))
     text = f"\n## Paired differences vs {reference} (percentage points)\n\n"
     if not rows:
         return text + "".join(f"{n}.\n" for n in notes) if notes else text + "No other method to compare.\n"

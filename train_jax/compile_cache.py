@@ -8,6 +8,8 @@ however small or quick to compile, so a rerun (or another dataset of the same sh
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +33,31 @@ def cache_dir(option: str | None = None, disabled: bool = False) -> Path | None:
 
 def enable(path: Path | None) -> None:
     """Point JAX's persistent compilation cache at ``path`` (None: leave it off), with no minimum compile time or
-    entry size. Call before the process compiles anything: JAX decides once whether a process uses the cache."""
+    entry size. Call before the process compiles anything: JAX decides once whether a process uses the cache.
+    A folder that cannot be written leaves it off with one notice on stderr (JAX would warn once per program)."""
     import jax
 
     if path is None:
         return
+    problem = _unwritable(path)
+    if problem:
+        print(f"notice: the compilation cache {path} cannot be written ({problem}); compiling without it "
+              f"(--compile-cache DIR moves it, --no-compile-cache or {ENV}={OFF} turns it off)", file=sys.stderr)
+        return
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def _unwritable(path: Path) -> str:
+    """'' if a file can be created in folder ``path`` (made if missing), else why not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return ""
 
 
 @dataclass(frozen=True)
@@ -62,10 +81,12 @@ class CompileStats:
         return self.programs - self.cache_hits
 
     def to_dict(self) -> dict[str, float | int]:
+        """compile.json's JSON: programs, compiled, cache_hits, compile_s and trace_s (seconds, 3 decimals)."""
         return {"programs": self.programs, "compiled": self.compiled, "cache_hits": self.cache_hits,
                 "compile_s": round(self.compile_s, 3), "trace_s": round(self.trace_s, 3)}
 
     def line(self) -> str:
+        """The counts in one printed line."""
         return (f"compiled {self.compiled} programs ({self.cache_hits} more from the compilation cache) in "
                 f"{self.compile_s:.1f} s, traced in {self.trace_s:.1f} s")
 

@@ -137,7 +137,7 @@ def _parse_value(name: str, value: Any) -> Any:
                 raise ValueError(value)
             return int(as_float)
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int setting of "1e400" (inf)
         raise TrainError(f"setting {name}={value!r} is not a valid {kind}") from None
 
 

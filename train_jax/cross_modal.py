@@ -34,6 +34,9 @@ from train_jax.losses import cross_entropy, l2_normalize
 from train_jax.trainers import Fitted, Job
 
 GRID = {"lr": (1e-3, 1e-4), "weight_decay": (0.0, 0.01, 1e-4), "batch_size": (8, 32)}  # their loop order
+# Validation-free (--select none): upstream has no default outside its search; the first value of each of its lists
+# (HYPER_DICT["linear"]); batch 8 is also the one size get_valid_batch_sizes admits on every dataset of >= 5 classes
+FIXED = {"lr": 1e-3, "weight_decay": 0.0, "batch_size": 8}
 ITERS, WARMUP_ITERS, WARMUP_MIN_LR, EVAL_EVERY = 12800, 50, 1e-5, 100
 TEXT_RATIO = 0.5  # CROSS_MODAL_BATCH_RATIO: half of each batch is text
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.AdamW's defaults, which upstream keeps

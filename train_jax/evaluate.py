@@ -34,8 +34,10 @@ def subset_mean(values: np.ndarray, members: np.ndarray) -> np.ndarray:
         return np.sum(np.where(members, np.asarray(values, np.float64), 0.0), axis=-1) / np.sum(members, axis=-1)
 
 
-# --select: one setting per (method, seed), or one per method from the mean over the seeds (experiment._select).
-SELECT_MODES = ("seed", "mean")
+# --select: one setting per (method, seed), or one per method from the mean over the seeds (experiment._select), or
+# none: validation-free, each method at its fixed default (``methods.Method.fixed``), no validation rows read.
+SELECT_MODES = ("seed", "mean", "none")
+VALIDATION_FREE = "none"
 # Mean accuracies equal up to this many percentage points tie: the same hits split differently over the seeds
 # (0 + 83.33 against 16.67 + 66.67) may differ in the last bit; real differences are >= 100 / rows / seeds.
 ACC_TOLERANCE = 1e-6

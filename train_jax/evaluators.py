@@ -1,11 +1,13 @@
 """Evaluators: small units that score one trained group of runs (S runs of one head) on a set of features.
 
 Each takes the group (``Group``: head, trained models [S], settings [S]) and returns arrays over its runs, in the
-manner of big_vision's evaluators; ``experiment`` applies them to validation, test and shift sets.
+manner of big_vision's evaluators; ``experiment`` applies them to validation, test and shift sets, and to the
+class sets of the generalisation protocols (``on_targets``: base-to-new's new classes, cross-dataset targets).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -51,6 +53,38 @@ class EvalSet:
     labels: np.ndarray
     classes: np.ndarray
     norms: np.ndarray
+
+
+@dataclass(frozen=True)
+class TargetSet:
+    """Test images of classes other than the training ones, scored against their own prototypes: features [N,D],
+    labels [N] (indices into text), text [Ct,D] (base-to-new's new classes, or a cross-dataset target)."""
+
+    name: str
+    features: np.ndarray
+    labels: np.ndarray
+    text: np.ndarray
+
+
+def class_free(group: Group) -> Group | None:
+    """The group's models for other classes (``Head.class_free``), None when its head has per-class weights."""
+    free = getattr(group.head, "class_free", None)
+    if free is None:
+        return None
+    head, params = free(group.trained.params)
+    return Group(head, dataclasses.replace(group.trained, params=params), group.settings)
+
+
+def on_targets(group: Group, targets: Sequence[TargetSet], place: Placement) -> dict[str, np.ndarray]:
+    """Target name -> accuracy (%) [S] of the group's models on each target's classes with its own prototypes;
+    empty for a head with per-class weights (it cannot score classes it was not trained on)."""
+    free = class_free(group) if targets else None
+    if free is None:
+        return {}
+    hp = free.hp
+    return {t.name: evaluate.accuracy(predict_runs(free.head, free.trained, hp, t.features, t.text,
+                                                   budget=place.budget, devices=place.devices, desc=t.name), t.labels)
+            for t in targets}
 
 
 def on_validation(group: Group, feats: np.ndarray, norms: np.ndarray, labels: np.ndarray, members: np.ndarray,

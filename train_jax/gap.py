@@ -3,14 +3,13 @@
 Before = CLIP image features against the prompt prototypes; after = the mapped features v' against the prototypes
 the model uses (learned ones with ``learn_text``). Per test split: the gap ‖mean image − mean prototype‖ (Liang et
 al. 2022, "Mind the Gap"), the mean cosine of an image to its own class prototype and to the closest other one,
-their difference (the margin the triplet loss pushes), and nearest-prototype accuracy. ``write_run`` writes
-gap.json, gap.md and gap.png of a run folder from its saved params.
+their difference (the margin the triplet loss pushes), and nearest-prototype accuracy. ``write_run`` computes them
+from a run folder's saved params and writes gap.json and gap.md (``train_jax.records.write_gap``) and gap.png.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -20,7 +19,7 @@ import numpy as np
 
 from train_jax.methods import METHODS, CMMHead
 from train_jax.model import CrossModalMapper
-from train_jax.records import Learned, load_params
+from train_jax.records import GAP_PNG, GapFile, GapRow, Learned, load_params, saved_params, write_gap
 from train_jax.runner import EVAL_BLOCK
 
 STATS = ("gap", "cos_own", "cos_other", "margin", "nearest_acc")
@@ -64,41 +63,51 @@ def _map_block(learn_text: bool, params: Mapping, block: jax.Array, text: jax.Ar
 def mapped(settings: Any, params: Mapping, images: np.ndarray, text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A CMM model's mapped images [N,D] and its prototypes [C,D] (learned ones with learn_text); one compiled
     program per (learn_text, C, D) whatever N: the map is row-wise, applied to ``EVAL_BLOCK``-row blocks, the last
-    padded with zero rows that are dropped."""
+    padded with zero rows that are dropped. Each block's output is copied out at once, so only one block's device
+    arrays are alive (ImageNet's test split is 49 blocks)."""
     images = np.asarray(images, np.float32)
     n, dim = images.shape
-    blocks = np.zeros((math.ceil(max(n, 1) / EVAL_BLOCK) * EVAL_BLOCK, dim), np.float32)
-    blocks[:n] = images
     text = np.asarray(text, np.float32)
-    outs = [_map_block(bool(settings.learn_text), params, b, text) for b in blocks.reshape(-1, EVAL_BLOCK, dim)]
-    return np.concatenate([np.asarray(v) for v, _ in outs])[:n], np.asarray(outs[0][1])
+    out = np.empty((n, dim), np.float32)
+    protos = None
+    for start in range(0, max(n, 1), EVAL_BLOCK):
+        block = np.zeros((EVAL_BLOCK, dim), np.float32)
+        block[: min(EVAL_BLOCK, n - start)] = images[start : start + EVAL_BLOCK]
+        v, t = _map_block(bool(settings.learn_text), params, block, text)
+        out[start : start + EVAL_BLOCK] = np.asarray(v)[: min(EVAL_BLOCK, n - start)]
+        protos = np.asarray(t) if protos is None else protos
+        del v, t
+    return out, protos
 
 
 def shot_rows(learned: Mapping[str, Learned], shots: int, images: np.ndarray, labels: np.ndarray,
-              text: np.ndarray) -> list[dict[str, Any]]:
-    """Per method with a map: the after-``STATS`` of each seed's selected model and their mean over seeds.
-    learned: ``"method/seedK" -> Learned`` (``records.load_params``)."""
+              text: np.ndarray) -> list[GapRow]:
+    """Per method with a map, the after-``STATS`` of each seed's selected model and their mean and std over seeds.
+
+    Args: learned: ``"method/seedK" -> Learned`` (``records.load_params``); shots: their shot count; images [N,D],
+    labels [N]: the test split; text [C,D]: the run's prompt prototypes.
+    Returns: one ``GapRow`` per method with a map, in run-name order."""
     by_method: dict[str, list[tuple[int, dict[str, float]]]] = {}
     for run, item in sorted(learned.items()):
         method, seed = run.split("/")
         if has_map(method, item.settings):
             v, t = mapped(item.settings, item.params, images, text)
             by_method.setdefault(method, []).append((int(seed.removeprefix("seed")), stats(v, labels, t)))
-    return [{"method": m, "shots": shots, "seeds": [s for s, _ in rs], "per_seed": [st for _, st in rs],
-             "mean": {k: float(np.mean([st[k] for _, st in rs])) for k in STATS},
-             "std": {k: float(np.std([st[k] for _, st in rs])) for k in STATS}}
+    return [GapRow(m, shots, tuple(s for s, _ in rs), tuple(st for _, st in rs),
+                   {k: float(np.mean([st[k] for _, st in rs])) for k in STATS},
+                   {k: float(np.std([st[k] for _, st in rs])) for k in STATS})
             for m, rs in by_method.items()]
 
 
-def markdown(dataset: str, before: Mapping[str, float], after: Sequence[Mapping[str, Any]]) -> str:
+def markdown(dataset: str, before: Mapping[str, float], after: Sequence[GapRow]) -> str:
     """gap.md: the CLIP row (before), then one row per (method, shots) after the map, mean ± std over seeds."""
     head = ("| Features vs prototypes | ‖mean image − mean prototype‖ | cos to own | cos to closest other | margin | "
             "nearest-prototype acc (%) |\n|---|---|---|---|---|---|\n")
     fmt = {"gap": "{:.3f}", "cos_own": "{:.3f}", "cos_other": "{:.3f}", "margin": "{:.3f}", "nearest_acc": "{:.2f}"}
     rows = ["| CLIP (before) | " + " | ".join(fmt[k].format(before[k]) for k in STATS) + " |"]
     for r in after:
-        cells = [f"{fmt[k].format(r['mean'][k])} ± {fmt[k].format(r['std'][k])}" for k in STATS]
-        rows.append(f"| {r['method']} {r['shots']}-shot (after) | " + " | ".join(cells) + " |")
+        cells = [f"{fmt[k].format(r.mean[k])} ± {fmt[k].format(r.std[k])}" for k in STATS]
+        rows.append(f"| {r.method} {r.shots}-shot (after) | " + " | ".join(cells) + " |")
     return (f"# {dataset}: modality gap on the test split (Liang et al. 2022), before and after the learned map\n\n"
             + head + "\n".join(rows) + "\n\nmargin = cos to own − cos to closest other prototype (what the triplet "
             "loss pushes); after = mapped image features v' vs the model's prototypes; mean ± std over seeds.\n")
@@ -144,26 +153,28 @@ def plot(path: Path, images: np.ndarray, labels: np.ndarray, text: np.ndarray, m
 
 
 def write_run(out: Path, dataset: str, images: np.ndarray, labels: np.ndarray, text: np.ndarray,
-              classnames: Sequence[str]) -> list[dict[str, Any]]:
-    """gap.json, gap.md and gap.png of a run folder from every params/<K>shot.npz in it. images [N,D] and
-    labels [N]: the test split; text [C,D]: the run's prototypes. The figure: cmm (else the first method with a
-    map) at the largest shot count, its first seed. Returns the after rows."""
+              classnames: Sequence[str]) -> list[GapRow]:
+    """Write gap.json and gap.md (``records.write_gap``) and gap.png of a run folder from every params/<K>shot.npz
+    in it.
+
+    Args: out: the run folder; dataset: its name; images [N,D], labels [N]: the test split; text [C,D]: the run's
+    prototypes; classnames [C]: for the figure's legend. The figure: cmm (else the first method with a map) at
+    the largest shot count, its first seed.
+    Returns: the after rows, by shot count."""
     before = stats(images, labels, text)
-    after: list[dict[str, Any]] = []
+    after: list[GapRow] = []
     figure = None
-    for path in sorted((out / "params").glob("*shot.npz"), key=lambda p: int(p.name.removesuffix("shot.npz"))):
-        shots = int(path.name.removesuffix("shot.npz"))
+    for shots, path in saved_params(out):
         learned = load_params(path)
         rows = shot_rows(learned, shots, images, labels, text)
         after.extend(rows)
         if rows:
-            row = next((r for r in rows if r["method"] == "cmm"), rows[0])
-            figure = (learned[f"{row['method']}/seed{row['seeds'][0]}"], row)
-    (out / "gap.json").write_text(json.dumps({"dataset": dataset, "before": before, "after": after}, indent=1))
-    (out / "gap.md").write_text(markdown(dataset, before, after))
+            row = next((r for r in rows if r.method == "cmm"), rows[0])
+            figure = (learned[f"{row.method}/seed{row.seeds[0]}"], row)
+    write_gap(out, GapFile(dataset, before, tuple(after)), markdown(dataset, before, after))
     if figure is not None:
         item, row = figure
         v, t = mapped(item.settings, item.params, images, text)
-        plot(out / "gap.png", images, labels, text, v, t, classnames,
-             f"{dataset}: {row['method']} {row['shots']}-shot, seed {row['seeds'][0]}")
+        plot(out / GAP_PNG, images, labels, text, v, t, classnames,
+             f"{dataset}: {row.method} {row.shots}-shot, seed {row.seeds[0]}")
     return after

@@ -9,7 +9,10 @@ A *head* says how one kind of model is initialised, scored and trained for a sin
 - ``loss(params, consts, feats [B,D], zs_cos [B,C], labels [B], text [C,D], hp) -> scalar`` (mean over B);
 - ``part_names`` (optional, default none) with ``loss_parts(...)`` of ``loss``'s arguments -> [len(part_names)]:
   the named terms of the loss (each a mean over B), and ``combine_parts(parts, hp)`` -> the loss; the runner
-  trains on the combined parts (one forward pass) and records them per epoch.
+  trains on the combined parts (one forward pass) and records them per epoch;
+- ``class_free(params)`` (optional) -> ``(head, params)``: the same model for classes it was not trained on,
+  scored by their prototypes alone (base-to-new's new classes, another dataset's classes); a head without it has
+  per-class weights and takes no part in those protocols.
 
 A head reads L2-normalised image features, unless it sets ``raw_features = True`` (the linear probe, on raw
 features as CoOp's): then every caller passes ``head_inputs(head, feats, norms)``, the features times their norms
@@ -35,11 +38,15 @@ Params = Any
 class Head(Protocol):
     """What a head provides (see the module docstring); ``part_names``/``loss_parts``/``combine_parts`` optional."""
 
-    def init(self, feats: jax.Array, labels: jax.Array, text: jax.Array) -> tuple[Params, Params]: ...
+    def init(self, feats: jax.Array, labels: jax.Array, text: jax.Array) -> tuple[Params, Params]:
+        """feats [N,D], labels [N], text [C,D] -> (trainable params, per-run constants)."""
+        ...
 
     def logits(
         self, params: Params, consts: Params, feats: jax.Array, zs_cos: jax.Array, text: jax.Array, hp: Mapping
-    ) -> jax.Array: ...
+    ) -> jax.Array:
+        """feats [B,D], zs_cos [B,C], text [C,D], hp: ``config.DYNAMIC_FIELDS`` -> scalar -> logits [B,C]."""
+        ...
 
     def loss(
         self,
@@ -50,7 +57,9 @@ class Head(Protocol):
         labels: jax.Array,
         text: jax.Array,
         hp: Mapping,
-    ) -> jax.Array: ...
+    ) -> jax.Array:
+        """As ``logits`` with labels [B] -> the training loss, a scalar (mean over B)."""
+        ...
 
 
 def head_inputs(head: Head, feats, norms):
@@ -94,3 +103,8 @@ class CMMHead:
 
     def combine_parts(self, parts, hp):
         return combine_cmm_parts(parts, hp["lam"])
+
+    def class_free(self, params: Params) -> tuple["CMMHead", Params]:
+        """The learned map without the learned prototype offsets (dT [C,D] exists only for the training classes):
+        other classes are scored with the map on their frozen prototypes. ``params`` may carry leading run axes."""
+        return CMMHead(False), {k: v for k, v in params.items() if k != "dT"}

@@ -146,6 +146,7 @@ class Buckets:
 
 
 def shot_buckets(max_shots: int, classes: int, seeds: int, train_rows: int) -> Buckets:
-    """Buckets serving every shot count up to ``max_shots``: rows per run max_shots * classes; pool rows: the
-    most the seeds' draws can cover, min(train_rows, seeds * max_shots * classes)."""
-    return Buckets(max_shots * classes, min(train_rows, seeds * max_shots * classes))
+    """Buckets serving every shot count up to ``max_shots``: rows per run min(max_shots * classes, train_rows) (a
+    draw never takes more rows than the split has); pool rows: the most the seeds' draws can cover,
+    min(train_rows, seeds * max_shots * classes)."""
+    return Buckets(min(max_shots * classes, train_rows), min(train_rows, seeds * max_shots * classes))

@@ -4,6 +4,7 @@ checkpoint, and vmapped programs run over chunks of runs that fit the memory bud
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Sequence
 
@@ -49,7 +50,11 @@ VAL_PER_CLASS = 4  # the most validation rows a class gives a seed (min(K, 4), d
 def padded_validation(job: Job) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The validation rows padded with zero rows (members False) to the power of two (at least 8) that holds the
     seeds' rows at the sweep's largest shot count (``job.buckets.rows`` / classes), so that programs compiled for
-    one shot count serve the others: feats [V,D] float32, labels [V] int32, members [S,V] bool."""
+    one shot count serve the others: feats [V,D] float32, labels [V] int32, members [S,V] bool. A validation-free
+    job (``Job.validation_free``) gets only padding (no member rows: its trainers keep their last iterate)."""
+    if job.validation_free:
+        job = dataclasses.replace(job, val_feats=np.zeros((0, job.text.shape[1]), np.float32),
+                                  val_labels=np.zeros(0, np.int32), members=np.zeros((len(job.settings), 0), bool))
     n, classes = len(job.val_labels), job.text.shape[0]
     most = len(set(np.asarray(job.seeds).tolist())) * min(VAL_PER_CLASS, job.buckets.rows // classes) * classes
     size = max(8, 1 << max(0, max(n, most) - 1).bit_length())

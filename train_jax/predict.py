@@ -9,6 +9,7 @@ happens to pick and is usually at least as accurate as the average seed. ``--see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -21,7 +22,7 @@ import numpy as np
 from data.cache import CacheError, FeatureCache, cache_identity, l2_normalize, read_cache
 from data.errors import DataError
 from train_jax.errors import TrainError
-from train_jax.records import Learned
+from train_jax.records import PARAMS_DIR, RUN_CONFIG, Learned, load_params, params_path, saved_params
 
 TOP_K = 5
 
@@ -36,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run", required=True, type=Path, help="output folder of `python -m train_jax`")
     p.add_argument("--cache", required=True, type=Path, help="feature cache of the images to classify")
-    p.add_argument("--out", required=True, type=Path, help="CSV file to write")
+    p.add_argument("--out", required=True, type=Path, help="CSV file to write (an existing file only with "
+                                                           "--overwrite; never an input of this command)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--shots", type=int, default=None, help="use the models trained with K shots per class "
                                                            "(default: the largest K in the run)")
     p.add_argument("--method", default="cmm", help="method whose selected models classify (default: %(default)s)")
@@ -49,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(run: Path) -> dict[str, Any]:
     """The run's run_config.json (it records the training cache's identity)."""
-    path = run / "run_config.json"
+    path = run / RUN_CONFIG
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -62,17 +65,15 @@ def load_config(run: Path) -> dict[str, Any]:
 
 def load_models(run: Path, shots: int | None, method: str, seed: int | None) -> tuple[int, dict[int, Learned]]:
     """(K, {seed: Learned}) of ``method``'s selected models in RUN/params/<K>shot.npz."""
-    from train_jax.report import load_params
-
-    trained = sorted(int(p.name.removesuffix("shot.npz")) for p in (run / "params").glob("*shot.npz"))
+    trained = [k for k, _ in saved_params(run)]
     if not trained:
-        raise TrainError(f"{run / 'params'}: no saved models; train with `python -m train_jax --cache TRAIN.h5 "
+        raise TrainError(f"{run / PARAMS_DIR}: no saved models; train with `python -m train_jax --cache TRAIN.h5 "
                          f"--out {run}`")
     shots = trained[-1] if shots is None else shots
     if shots not in trained:
         raise TrainError(f"{run}: no {shots}-shot models (trained: {', '.join(map(str, trained))}); pass one of "
                          f"those to --shots or train with --shots {shots}")
-    learned = load_params(run / "params" / f"{shots}shot.npz")
+    learned = load_params(params_path(run, shots))
     models = {int(k.split("/seed")[1]): v for k, v in learned.items() if k.split("/")[0] == method}
     if not models:
         methods = sorted({k.split("/")[0] for k in learned})
@@ -120,6 +121,21 @@ def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return order, np.take_along_axis(probs, order, axis=1)
 
 
+def check_out(out: Path, inputs: Sequence[tuple[str, Path]], overwrite: bool) -> None:
+    """TrainError unless ``out`` may receive the CSV: not a folder, none of ``inputs`` ((what, path) pairs, the
+    same file under any name), and not an existing file unless ``overwrite``; its folder must exist."""
+    if out.is_dir():
+        raise TrainError(f"{out}: is a folder; give --out a CSV file path such as {out / 'predictions.csv'}")
+    for what, path in inputs:
+        if out.exists() and path.exists() and os.path.samefile(out, path):
+            raise TrainError(f"{out}: is {what}, an input of this command; choose another --out")
+    if out.exists() and not overwrite:
+        raise TrainError(f"{out}: exists; pass --overwrite to replace it, or choose another --out")
+    if not out.parent.is_dir():
+        raise TrainError(f"{out}: cannot write the predictions (folder {out.parent} does not exist); create it or "
+                         "choose another --out")
+
+
 def write_csv(path: Path, paths: Sequence[str], labels: Sequence[str], classnames: Sequence[str],
               classes: np.ndarray, probs: np.ndarray) -> None:
     """One row per image: path, label, class_1, prob_1, ... (best first); written to a temporary file, then
@@ -134,8 +150,10 @@ def write_csv(path: Path, paths: Sequence[str], labels: Sequence[str], classname
                 writer.writerow([p, label, *[v for c, q in zip(cs, ps) for v in (classnames[c], f"{q:.6f}")]])
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise TrainError(f"{path}: cannot write the predictions ({e.strerror}); choose another --out") from None
+        with contextlib.suppress(OSError):  # a read-only folder refuses the clean-up too
+            tmp.unlink(missing_ok=True)
+        raise TrainError(f"{path}: cannot write the predictions ({e.strerror or e}); choose another --out") \
+            from None
 
 
 def run(args: argparse.Namespace) -> tuple[Path, float | None, int]:
@@ -144,6 +162,8 @@ def run(args: argparse.Namespace) -> tuple[Path, float | None, int]:
 
     config = load_config(args.run)
     shots, models = load_models(args.run, args.shots, args.method, args.seed)
+    check_out(args.out, [("the --cache", args.cache), ("the run's configuration", args.run / "run_config.json"),
+                         ("the run's saved models", args.run / "params" / f"{shots}shot.npz")], args.overwrite)
     cache = read_cache(args.cache, with_aug=False)
     check_identity(config, cache)
     split = args.split or (next(iter(cache.splits)) if len(cache.splits) == 1 else "test")

@@ -5,8 +5,9 @@ plots; plus a combine mode over run directories:
 
 writes DIR/summary.md (the average over the benchmark datasets present, one table per shot count with rows =
 methods and columns = datasets, a distribution-shift table, a modality-gap line, the paired differences against
-``--compare-to``), DIR/summary.json, DIR/compare.csv, DIR/compare.json, DIR/accuracy_vs_shots.png and
-DIR/loss_curves.png.
+``--compare-to``, and the base-to-new and cross-dataset sections of run folders of those protocols,
+``protocol_report``), DIR/summary.json, DIR/compare.csv, DIR/compare.json, DIR/accuracy_vs_shots.png and
+DIR/loss_curves.png. Base-to-new folders (trained on half of the classes) appear in their section only.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from data.registry import dataset_names, display_order, find_dataset
-from train_jax import choices, compare_report, published
+from train_jax import choices, compare_report, protocol_report, published
 from train_jax.errors import TrainError
-from train_jax.records import (CSV_FIELDS, RunRecord, SummaryRow, load_params, method_rank, read_results,
-                               save_params, write_results)
+from train_jax.evaluate import VALIDATION_FREE
+from train_jax.protocols import BASE_TO_NEW
+from train_jax.records import (ACCURACY_PNG, CSV_FIELDS, LOSS_PNG, RESULTS_MD, SUMMARY_JSON, SUMMARY_MD, GapFile,
+                               RunRecord, SummaryRow, load_params, method_rank, read_gap, read_results, save_params,
+                               write_results)
 from train_jax.records import summarize as summary_rows
 
 __all__ = ["CSV_FIELDS", "load_params", "save_params"]  # re-exported from records, where they live
@@ -32,7 +36,8 @@ __all__ = ["CSV_FIELDS", "load_params", "save_params"]  # re-exported from recor
 BENCHMARK = tuple(dataset_names("benchmark"))
 TIE_MARK = "†"  # results.md / summary.md: a cell whose setting was chosen by the tie-break for some seed
 _SELECTION = {"seed": "setting selected per seed on validation",
-              "mean": "one setting per method selected on the mean validation accuracy over seeds"}
+              "mean": "one setting per method selected on the mean validation accuracy over seeds",
+              VALIDATION_FREE: "VALIDATION-FREE: each method at its fixed default setting, no validation rows used"}
 
 
 def _key(name: str) -> str:
@@ -82,8 +87,28 @@ def _tie_note(summary: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _selection(summary: Sequence[Mapping[str, Any]]) -> str:
+    """How the table's settings were chosen (the --select mode of its rows); mixed modes name the validation-free
+    datasets."""
     modes = {r.get("select", "seed") for r in summary}
-    return _SELECTION[modes.pop()] if len(modes) == 1 else "settings selected on validation"
+    if len(modes) == 1:
+        return _SELECTION[modes.pop()]
+    free = sorted({r["dataset"] for r in summary if r.get("select") == VALIDATION_FREE})
+    if free:
+        return (f"MIXED PROTOCOLS: validation-free (fixed defaults) for {', '.join(free)}; settings selected on "
+                "validation for the other datasets")
+    return "settings selected on validation"
+
+
+def _fixed_note(summary: Sequence[Mapping[str, Any]]) -> str:
+    """The line of a validation-free table naming each method's fixed setting (none shown for a method that has
+    no settings of its own or runs its recipe's)."""
+    rows = [r for r in summary if r.get("select") == VALIDATION_FREE]
+    if not rows:
+        return ""
+    shown = {r["method"]: next((s for s in r.get("settings", ()) if s != "-"), None) for r in rows}
+    parts = [f"{m} at {shown[m]}" if shown[m] else m for m in method_rank(shown)]
+    return ("\nValidation-free (--select none): no validation rows were read; each method ran at its fixed default "
+            "(README \"Validation-free protocol\"): " + "; ".join(parts) + ".\n")
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -127,6 +152,7 @@ def run_markdown(dataset: str, summary: Sequence[Mapping[str, Any]]) -> str:
     table = _table(["Method", *[f"{k}-shot" for k in shots]],
                    ([m, *[_cell(cell.get((m, k))) for k in shots]] for m in methods))
     text = f"# {dataset}: test accuracy (%), {_selection(summary)}\n\n{table}\n" + _tie_note(summary)
+    text += _fixed_note(summary)
     failed = [r for r in summary if r["failed_runs"]]
     if failed:
         text += "\nRuns stopped by a non-finite loss: " + ", ".join(
@@ -239,10 +265,10 @@ def write_run_dir(out: Path, dataset: str, config: Mapping[str, Any], records: S
     summary = [row.to_json() for row in rows]
     paired = compare_report.run_section(out, records, compare_to, method_rank(r.method for r in records))
     random = weights_line({dataset: config.get("identity")})
-    (out / "results.md").write_text(_under_title(run_markdown(dataset, summary), random) + scale_line(config)
-                                    + paired)
-    plot(out / "accuracy_vs_shots.png", summary, dataset)
-    plot_curves(out / "loss_curves.png", summary, dataset)
+    (out / RESULTS_MD).write_text(_under_title(run_markdown(dataset, summary), random) + scale_line(config)
+                                          + paired)
+    plot(out / ACCURACY_PNG, summary, dataset)
+    plot_curves(out / LOSS_PNG, summary, dataset)
     return rows
 
 
@@ -293,6 +319,7 @@ def combined_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
         rows = ([m, *[_cell(cell.get((d, m, k))) for d in datasets], *([average.get((m, k), "—")] if has_average
                                                                         else [])] for m in methods)
         text += f"\n## {k}-shot\n\n" + _table(header, rows) + "\n"
+    text += _fixed_note(summary)
     text += _notes(summary)
     text += _falling_note(summary)
     text += choices.markdown(summary) + published.markdown(summary)
@@ -300,22 +327,23 @@ def combined_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
     return text + (f"\n## Distribution shift\n\n{shift}\n" if shift else "") + _tie_note(summary)
 
 
-def gap_line(gaps: Sequence[Mapping[str, Any]]) -> str:
-    """One Markdown line from the runs' gap.json: per dataset, cmm (else the first method with a map) at its
-    largest shot count; before -> after, averaged over the datasets. Empty when no run has a map."""
+def gap_line(gaps: Sequence[GapFile]) -> str:
+    """One Markdown line from the runs' gap.json (``read_gap``): per dataset, cmm (else the first method
+    with a map) at its largest shot count; before -> after, averaged over the datasets. Empty when no run has a
+    map."""
     pairs = []
     for g in gaps:
-        if g["after"]:
-            top = max(r["shots"] for r in g["after"])
-            rows = [r for r in g["after"] if r["shots"] == top]
-            pairs.append((g["before"], next((r for r in rows if r["method"] == "cmm"), rows[0])))
+        if g.after:
+            top = max(r.shots for r in g.after)
+            rows = [r for r in g.after if r.shots == top]
+            pairs.append((g.before, next((r for r in rows if r.method == "cmm"), rows[0])))
     if not pairs:
         return ""
     def change(key: str, fmt: str) -> str:
-        before, after = (np.mean([b[key] for b, _ in pairs]), np.mean([a["mean"][key] for _, a in pairs]))
+        before, after = (np.mean([b[key] for b, _ in pairs]), np.mean([a.mean[key] for _, a in pairs]))
         return f"{before:{fmt}} → {after:{fmt}}"
 
-    methods = ", ".join(sorted({f"{a['method']} {a['shots']}-shot" for _, a in pairs}))
+    methods = ", ".join(sorted({f"{a.method} {a.shots}-shot" for _, a in pairs}))
     return (f"Modality gap on test ({methods}; mean over {len(pairs)} dataset(s); per run: gap.md): "
             f"‖mean image − mean prototype‖ {change('gap', '.3f')}, margin {change('margin', '.3f')}, "
             f"nearest-prototype accuracy (%) {change('nearest_acc', '.2f')}\n")
@@ -327,24 +355,35 @@ def combine(run_dirs: Sequence[str | Path], out: str | Path, compare_to: str = "
     summary.md)."""
     summary: list[dict[str, Any]] = []
     identities: dict[str, Mapping[str, Any] | None] = {}
-    gaps = [json.loads(p.read_text()) for p in (Path(d) / "gap.json" for d in run_dirs) if p.is_file()]
+    few_shot = []  # base-to-new folders trained on half of the classes: in the base-to-new section only
     for run_dir in run_dirs:
         results = read_results(run_dir)
-        summary.extend(row.to_json() for row in results.summary)
-        identities[results.dataset or str(run_dir)] = results.config.get("identity")
+        if results.config.get("protocol") != BASE_TO_NEW:
+            few_shot.append(run_dir)
+            summary.extend(row.to_json() for row in results.summary)
+            identities[results.dataset or str(run_dir)] = results.config.get("identity")
+    gaps = [g for g in map(read_gap, few_shot) if g is not None]
+    sections, protocol_json = protocol_report.combined(run_dirs)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     line = gap_line(gaps)
     datasets = display_order(r["dataset"] for r in summary)
     benchmark = {_key(b) for b in BENCHMARK}
-    paired = compare_report.combined_section(run_dirs, out, compare_to, method_rank(r["method"] for r in summary),
-                                             datasets, [d for d in datasets if _key(d) in benchmark],
-                                             average_label(summary))
-    markdown = _under_title(combined_markdown(summary), weights_line(identities))
-    (out / "summary.md").write_text(markdown + (f"\n{line}" if line else "") + paired)
-    (out / "summary.json").write_text(json.dumps({"summary": summary, "average": _average_rows(summary)}, indent=1))
-    plot(out / "accuracy_vs_shots.png", summary)
-    plot_curves(out / "loss_curves.png", summary)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        paired = compare_report.combined_section(few_shot, out, compare_to,
+                                                 method_rank(r["method"] for r in summary), datasets,
+                                                 [d for d in datasets if _key(d) in benchmark],
+                                                 average_label(summary)) if few_shot else ""
+        markdown = _under_title(combined_markdown(summary), weights_line(identities)) if summary else "# Results\n"
+        (out / SUMMARY_MD).write_text(markdown + (f"\n{line}" if line else "") + paired + sections)
+        (out / SUMMARY_JSON).write_text(json.dumps({"summary": summary, "average": _average_rows(summary),
+                                                    **protocol_json}, indent=1))
+        if summary:
+            plot(out / ACCURACY_PNG, summary)
+            plot_curves(out / LOSS_PNG, summary)
+    except OSError as e:
+        raise TrainError(f"{e.filename or out}: cannot write there ({e.strerror or e}); choose a writable --out") \
+            from None
     return out
 
 

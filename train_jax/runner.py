@@ -36,12 +36,25 @@ from train_jax.step import train_run
 
 Tree = Any
 EVAL_BLOCK = 256  # rows per scoring call: validation sets are small (<= 4 per class), padding costs compute
+HOST_ALIGN = 64  # bytes: a host array this aligned is used in place by a CPU device (jax.device_put copies no data)
+
+
+def host_array(shape: Sequence[int], dtype: Any = np.float32) -> np.ndarray:
+    """A zero-filled C-contiguous array aligned to ``HOST_ALIGN`` bytes: ``jax.device_put`` on a CPU device shares
+    its memory instead of copying it (a pool of views of ImageNet's shots is 2 GB). Zero pages are only mapped
+    when written, so unused padding costs no memory."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(size + HOST_ALIGN, np.uint8)
+    start = -raw.ctypes.data % HOST_ALIGN
+    return raw[start : start + size].view(dtype).reshape(shape)
 
 
 @dataclass(frozen=True)
 class Pool:
     """Training features shared by all runs: features [M,V,D] float32 (view 0 = the plain image, views 1.. =
-    cached augmentations), labels [M] int32."""
+    cached augmentations), labels [M] int32. Rows past the real ones may pad it (zeros no run's rows index):
+    a pool of ``Buckets.pool`` rows made with ``host_array`` reaches a CPU device without a copy."""
 
     features: np.ndarray
     labels: np.ndarray
@@ -230,7 +243,8 @@ def train_runs(
 
     pad = max(0, buckets.pool - len(pool.labels))
     pool_x = pool.features if use_aug else pool.features[:, :1]
-    pool_x = np.concatenate([pool_x, np.zeros((pad,) + pool_x.shape[1:], np.float32)])
+    if pad:  # a pool padded by its maker is used as it is (no copy of the views; see ``host_array``)
+        pool_x = np.concatenate([pool_x, np.zeros((pad,) + pool_x.shape[1:], np.float32)])
     pool_y = np.concatenate([pool.labels, np.zeros(pad, pool.labels.dtype)]).astype(np.int32)
     n_d, pool_x, pool_y, text_d = placement.replicate((np.int32(n), pool_x, pool_y, text))
     stream_args = (streams.rows, streams.seeds, {f: np.asarray(v)[streams.index] for f, v in hp.items()})

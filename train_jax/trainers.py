@@ -20,9 +20,10 @@ class Job:
     settings [S]; split: the training cache's train split (features [M0,D], aug_features [M0,A,D] or None);
     pool_rows [M]: the split rows any run uses; rows [S,N]: each run's training rows as indices into pool_rows;
     seeds [S]; text [C,D] prototypes; dataset: the cache's dataset name; val_feats [Nv,D] L2-normalised,
-    val_labels [Nv], members [S,Nv] bool: each run's own validation rows (the only data a trainer may tune on);
-    budget, devices, buckets: as ``runner.train_runs`` takes them (a trainer whose shapes allow it pads to
-    ``buckets`` so that one compiled program serves every shot count)."""
+    val_labels [Nv], members [S,Nv] bool: each run's own validation rows (the only data a trainer may tune on;
+    all three None when the experiment is validation-free, ``--select none``: the trainer then tunes nothing and
+    keeps its recipe's fixed values); budget, devices, buckets: as ``runner.train_runs`` takes them (a trainer
+    whose shapes allow it pads to ``buckets`` so that one compiled program serves every shot count)."""
 
     head: Any
     settings: list[Settings]
@@ -32,12 +33,17 @@ class Job:
     seeds: np.ndarray
     text: np.ndarray
     dataset: str
-    val_feats: np.ndarray
-    val_labels: np.ndarray
-    members: np.ndarray
+    val_feats: np.ndarray | None
+    val_labels: np.ndarray | None
+    members: np.ndarray | None
     budget: int | None = None
     devices: Sequence[Any] | None = None
     buckets: Buckets = Buckets()
+
+    @property
+    def validation_free(self) -> bool:
+        """Whether this job has no validation rows (``--select none``)."""
+        return self.val_feats is None
 
 
 @dataclass(frozen=True)

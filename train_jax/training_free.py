@@ -12,6 +12,9 @@ hyperparameter search on the run's own few-shot validation rows (``Job.members``
   ``100 v T^T + alpha (v W^T + b)``, alpha the first best of the authors' 7 values on validation.
 
 Without cached views both use each shot's plain (centre-crop) feature instead, and their runs' notes say so.
+Validation-free (``--select none``) neither searches: Tip-Adapter takes upstream's init beta 1 and the dataset's
+init alpha (``configs/<dataset>.yaml``, what its ``main.py`` evaluates before the search), GDA alpha 0.1
+(``GDA_NO_HIT_ALPHA``, the ``best_alpha`` its code starts from and keeps without a better validation accuracy).
 """
 
 from __future__ import annotations
@@ -77,13 +80,17 @@ def _cache_models(head, feats: jax.Array, labels: jax.Array, text: jax.Array):
 def tip_adapter_fit(job: Job) -> Fitted:
     """Training-free Tip-Adapter (``methods.Method.fit``): each run's cache model from its shots
     (``baselines.TipAdapterHead.init`` on each shot's mean view), then its (beta, alpha) searched on its own
-    validation rows over the dataset's grid (``baselines.recipe``), runs in chunks that fit the memory budget.
+    validation rows over the dataset's grid (``baselines.recipe``), runs in chunks that fit the memory budget;
+    validation-free (``Job.validation_free``): upstream's init beta 1 and the dataset's init alpha, no search.
     The keys are the shots themselves, so the models' shapes follow the shot count (no buckets)."""
     views, labels, plain = _shot_views(job)
     params, consts = jax.device_get(_cache_models(job.head, views.mean(axis=1)[job.rows], labels[job.rows],
                                                   job.text))
     rec = baselines.recipe(job.dataset)
     runs, n = job.rows.shape
+    if job.validation_free:  # upstream's init beta and alpha, which it evaluates before its search
+        return _fitted(params, consts, [dataclasses.replace(s, **FORCED, beta=1.0, alpha=float(rec.init_alpha))
+                                        for s in job.settings], _tip_note(job, plain))
     own = int(job.members.sum(axis=1).max(initial=0))
     dim, classes = job.text.shape[1], job.text.shape[0]
     per_run = 4 * (3 * own * n + own * (dim + 2 * classes) + n * (dim + classes))
@@ -94,8 +101,11 @@ def tip_adapter_fit(job: Job) -> Fitted:
                                                         job.text, rec.scale, FORCED["logit_scale"])
     settings = [dataclasses.replace(s, **FORCED, beta=float(b), alpha=float(a))
                 for s, b, a in zip(job.settings, betas, alphas)]
-    note = NO_VIEWS.format(method="tip_adapter", dataset=job.dataset, what="its cache keys are") if plain else ""
-    return _fitted(params, consts, settings, note)
+    return _fitted(params, consts, settings, _tip_note(job, plain))
+
+
+def _tip_note(job: Job, plain: str) -> str:
+    return NO_VIEWS.format(method="tip_adapter", dataset=job.dataset, what="its cache keys are") if plain else ""
 
 
 # ---- GDA --------------------------------------------------------------------------------------------------------
@@ -174,7 +184,8 @@ def gda_search(params, feats: np.ndarray, labels: np.ndarray, members: np.ndarra
 def gda_fit(job: Job) -> Fitted:
     """GDA (``methods.Method.fit``): each run's classifier from every view of its shots, in chunks of runs that
     fit the memory budget, rows per run and the pool padded to ``job.buckets`` (one program for every shot
-    count); then its alpha chosen on its own validation rows (``gda_search``)."""
+    count); then its alpha chosen on its own validation rows (``gda_search``), or, validation-free
+    (``Job.validation_free``), the settings' alpha (the method's fixed default)."""
     views, labels, plain = _shot_views(job)
     pad = max(0, job.buckets.pool - len(labels))  # zero rows no run's own rows index
     views = np.concatenate([views, np.zeros((pad,) + views.shape[1:], np.float32)])
@@ -186,7 +197,10 @@ def gda_fit(job: Job) -> Fitted:
     outs = [_gda_runs(views, labels, rows[idx], np.int32(n), classes=classes)
             for idx in equal_chunks(runs, per_run, _budget(job))]
     params = jax.tree.map(lambda *x: np.concatenate(x)[:runs], *jax.device_get(outs))
-    alphas = gda_search(params, job.val_feats, job.val_labels, job.members, job.text, FORCED["logit_scale"])
-    settings = [dataclasses.replace(s, **FORCED, alpha=float(a)) for s, a in zip(job.settings, alphas)]
+    if job.validation_free:  # the settings' alpha: the method's fixed default (GDA_NO_HIT_ALPHA)
+        settings = [dataclasses.replace(s, **FORCED) for s in job.settings]
+    else:
+        alphas = gda_search(params, job.val_feats, job.val_labels, job.members, job.text, FORCED["logit_scale"])
+        settings = [dataclasses.replace(s, **FORCED, alpha=float(a)) for s, a in zip(job.settings, alphas)]
     what = "its class means and covariance are estimated from"
     return _fitted(params, {}, settings, NO_VIEWS.format(method="gda", dataset=job.dataset, what=what) if plain else "")
