@@ -17,8 +17,9 @@ iterations only).
 
 Each path's features are centred on its rows' mean before solving: exact, since the intercept is free
 (``x W^T + b = (x - m) W^T + (b + W m)``, the penalty does not change), and far better conditioned (image features
-share a large common component: a 16-shot path on the offline demo's raw features takes ~5x fewer iterations); the stopping rule
-is tested on the gradient in the uncentred parameters, as scikit-learn's, and b is returned uncentred.
+share a large common component: a 16-shot path on the offline demo's raw features takes ~5x fewer iterations);
+the stopping rule is tested on the gradient in the uncentred parameters, as scikit-learn's, and b is returned
+uncentred.
 
 Rows: a path's training rows are its first ``n`` of N (the rest pad, so that one compiled program serves every
 row count up to N); the objective runs over blocks of ``block`` rows and only over the ``ceil(n / block)`` blocks
