@@ -40,7 +40,7 @@ def encode_in(model: torch.nn.Module, images: torch.Tensor, batches: list[np.nda
     """L2-normalised features [N, D] of images [N, 3, H, W], encoded batch by batch as `batches` cuts them."""
     out = np.zeros((len(images), 0), np.float32)
     for rows in batches:
-        feats, _ = encode_images(model, images[torch.as_tensor(rows.copy())], torch.zeros(len(rows), 0), device)
+        feats = encode_images(model, images[torch.as_tensor(rows.copy())], torch.zeros(len(rows), 0), device).features
         if out.shape[1] == 0:
             out = np.zeros((len(images), feats.shape[1]), np.float32)
         out[rows] = feats

@@ -39,12 +39,16 @@ H5_ERRORS = (OSError, ValueError, RuntimeError)  # what h5py raises when the fil
 
 @dataclass(frozen=True)
 class Split:
-    """One split of a cache: features [N, D] float32, labels [N] int64, paths [N] str, aug_features [N, A, D]."""
+    """One split of a cache: features [N, D] float32, labels [N] int64, paths [N] str, aug_features [N, A, D];
+    norms [N] and aug_norms [N, A]: each feature's norm before L2-normalisation (raw = norm * unit feature; None:
+    not given, norm 1)."""
 
     features: np.ndarray
     labels: np.ndarray
     paths: np.ndarray
     aug_features: np.ndarray | None = None
+    norms: np.ndarray | None = None
+    aug_norms: np.ndarray | None = None
 
     @property
     def labelled(self) -> bool:
@@ -267,6 +271,23 @@ class CacheReader(CacheHead):
                 _read_slots(g["aug_features"], slot[rows], stacked[:, 1:], self.path)
         return stacked[:, 0], stacked[:, 1:] if views else None
 
+    def norms(self, split: str, rows: np.ndarray, *, views: bool = False) -> np.ndarray:
+        """Norms before L2-normalisation [n] of the features of encoded rows [n] of `split` (views=True: [n, 1 + A],
+        the plain view first, as ``read`` stacks them)."""
+        rows = np.asarray(rows, np.int64)
+        with open_h5(self.path, "r") as f:
+            g = self._group(f, split)
+            status, slot = read_checked(g["status"], self.path), read_checked(g["slot"], self.path)
+            _check(bool(np.all(status[rows] == OK)), self.path, f"norms asked of {split} rows that are not encoded")
+            for spec in (stored("norms"), *([stored("aug_norms")] if views else [])):
+                _check(spec.name in g and g[spec.name].shape[0] == g["features"].shape[0], self.path,
+                       f"/{spec.at(split)} missing or not one per feature row")
+            out = np.empty((len(rows), 1 + (g["aug_norms"].shape[1] if views else 0)), np.float32)
+            _read_slots(g["norms"], slot[rows], out[:, 0], self.path)
+            if views:
+                _read_slots(g["aug_norms"], slot[rows], out[:, 1:], self.path)
+        return out if views else out[:, 0]
+
     def has_views(self, split: str) -> bool:
         """Whether `split` stores augmented views."""
         with open_h5(self.path, "r") as f:
@@ -355,8 +376,11 @@ def read_cache(path: str | os.PathLike, *, splits: Iterable[str] | None = None, 
     for name in reader.split_names() if splits is None else list(splits):
         listing = reader.listing(name)
         rows = np.flatnonzero(listing.status == OK)
-        features, aug = reader.read(name, rows, views=with_aug and reader.has_views(name))
-        out[name] = Split(features, listing.labels[rows], np.asarray(decode_strings(listing.paths[rows]), dtype=object), aug)
+        views = with_aug and reader.has_views(name)
+        features, aug = reader.read(name, rows, views=views)
+        norms = reader.norms(name, rows, views=views)
+        out[name] = Split(features, listing.labels[rows], np.asarray(decode_strings(listing.paths[rows]), dtype=object),
+                          aug, norms[:, 0] if views else norms, norms[:, 1:] if views else None)
     return FeatureCache(reader.path, reader.attrs, reader.classnames, reader.templates, reader.text_features, out,
                         list(reader.bad()))
 

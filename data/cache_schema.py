@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 
 FORMAT = "cmm-feature-cache"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: norms, aug_norms (each encoded feature's norm before L2-normalisation)
 SPLITS = ("train", "val", "test")
 # Row status: PENDING = to encode, OK = encoded, BAD = unreadable image (skipped), ABSENT = listed, not encoded
 # (outside a pooled extraction's rows).
@@ -114,6 +114,9 @@ SCHEMA: tuple[Stored, ...] = (
     Stored("splits/{split}/features", "features", "M", ("D",), growable=True, checksummed=True, since=2,
            chunk_rows=1024),
     Stored("splits/{split}/aug_features", "features", "M", ("A", "D"), growable=True, checksummed=True, since=2,
+           chunk_rows=256, views_only=True, required=False),
+    Stored("splits/{split}/norms", "float32", "M", (), growable=True, checksummed=True, since=3, chunk_rows=1024),
+    Stored("splits/{split}/aug_norms", "float32", "M", ("A",), growable=True, checksummed=True, since=3,
            chunk_rows=256, views_only=True, required=False),
     Stored("bad/paths", "str", "B", (), growable=True, checksummed=False, since=1, required=False),
     Stored("bad/errors", "str", "B", (), growable=True, checksummed=False, since=1, required=False),

@@ -72,7 +72,7 @@ def _layout_bytes(classnames: list[str], templates: list[str], splits: Mapping[s
         n = len(rows["labels"])
         encoded = n if rows.get("encode") is None else len(rows["encode"])
         views = 1 + (aug_views if name == "train" else 0)
-        total += encoded * views * embed_dim * item + n * (8 + 8 + 1 + 32)
+        total += encoded * views * (embed_dim * item + 4) + n * (8 + 8 + 1 + 32)
         total += sum(len(str(p).encode("utf-8", "surrogateescape")) for p in rows["paths"])
     return total
 
@@ -229,8 +229,9 @@ def write_cache(path: str | os.PathLike, *, attrs: Mapping[str, Any], classnames
                 bad: Mapping[str, list[str]] | None = None, overwrite: bool = False) -> Path:
     """Write a whole cache at once, atomically (overwrite=True: an existing cache of another identity too).
 
-    splits[name] = dict(features [N, D], labels [N], paths [N], optional aug_features [N, A, D]): every row
-    encoded; bad = dict(paths=[...], errors=[...]) for images that were skipped.
+    splits[name] = dict(features [N, D], labels [N], paths [N], optional aug_features [N, A, D], optional norms
+    [N] and aug_norms [N, A] (default 1: the features are their own raw features)): every row encoded;
+    bad = dict(paths=[...], errors=[...]) for images that were skipped.
     """
     text_features = np.asarray(text_features, dtype=np.float32)
     embed_dim = int(text_features.shape[-1])
@@ -244,7 +245,8 @@ def write_cache(path: str | os.PathLike, *, attrs: Mapping[str, Any], classnames
         writer.write_text(text_features)
         for name, rows in splits.items():
             n = len(rows["labels"])
-            writer.write_rows(name, np.arange(n), rows["features"], rows.get("aug_features"))
+            writer.write_rows(name, np.arange(n), rows["features"], rows.get("aug_features"), rows.get("norms"),
+                              rows.get("aug_norms"))
         if bad and len(bad.get("paths", [])):
             writer.record_bad(list(bad["paths"]), list(bad["errors"]))
         return writer.finalize()
@@ -338,9 +340,9 @@ class CacheWriter:
         slot[new] = np.arange(start, start + len(new))
         status[new] = PENDING
         with self._writing():
-            for key in ("features", "aug_features"):
-                if key in g:
-                    g[key].resize(start + len(new), axis=0)
+            for spec in SCHEMA:
+                if spec.per_split and spec.growable and spec.name in g:
+                    g[spec.name].resize(start + len(new), axis=0)
             self._f.flush()
             g["slot"][...] = slot
             g["status"][...] = status
@@ -422,9 +424,10 @@ class CacheWriter:
         """Local row ids [M] of `split` that are not extracted yet."""
         return np.flatnonzero(read_checked(self._f[f"splits/{split}/status"], partial_path(self.path)) == PENDING)
 
-    def write_rows(self, split: str, rows: np.ndarray, features: np.ndarray,
-                   aug_features: np.ndarray | None = None) -> None:
-        """Store features [n, D] (and aug_features [n, A, D]) of requested rows [n], then mark them done.
+    def write_rows(self, split: str, rows: np.ndarray, features: np.ndarray, aug_features: np.ndarray | None = None,
+                   norms: np.ndarray | None = None, aug_norms: np.ndarray | None = None) -> None:
+        """Store features [n, D] (and aug_features [n, A, D]) of requested rows [n], and their norms before
+        L2-normalisation [n] (and [n, A]; default 1), then mark them done.
 
         The features are flushed before the status says done, so a kill never leaves a done row without them."""
         g = self._f[f"splits/{split}"]
@@ -441,8 +444,11 @@ class CacheWriter:
         where = slice(int(slots[0]), int(slots[-1]) + 1) if slots[-1] - slots[0] + 1 == len(slots) else slots.tolist()
         with self._writing():
             g["features"][where] = np.asarray(features)[order].astype(g["features"].dtype)
+            g["norms"][where] = np.ones(len(rows), np.float32) if norms is None else np.asarray(norms, np.float32)[order]
             if aug_features is not None:
                 g["aug_features"][where] = np.asarray(aug_features)[order].astype(g["aug_features"].dtype)
+                g["aug_norms"][where] = (np.ones((len(rows), g["aug_norms"].shape[1]), np.float32)
+                                         if aug_norms is None else np.asarray(aug_norms, np.float32)[order])
             self._f.flush()
             g["status"][rows] = np.full(len(rows), OK, dtype=np.int8)
             self._f.flush()

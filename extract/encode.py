@@ -1,4 +1,5 @@
-"""Run a frozen open_clip model: L2-normalised image features of batches and text features of prompts.
+"""Run a frozen open_clip model: L2-normalised image features of batches (and their norms before normalisation)
+and text features of prompts.
 
 On CUDA the forward passes run under fp16 autocast; features always come back as float32 numpy arrays.
 """
@@ -12,6 +13,7 @@ import signal
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -46,16 +48,26 @@ def make_loader(rows: ImageRows, batch_size: int, workers: int, device: torch.de
                                        worker_init_fn=functools.partial(_die_with, os.getpid()) if workers else None)
 
 
+class Encoded(NamedTuple):
+    """A batch's L2-normalised features [B, D] and views [B, A, D] (None if A == 0), and the norms of the model's
+    outputs before normalisation, [B] and [B, A] (None if A == 0): raw feature = norm * feature."""
+
+    features: np.ndarray
+    aug: np.ndarray | None
+    norms: np.ndarray
+    aug_norms: np.ndarray | None
+
+
 @torch.inference_mode()
-def encode_images(model: torch.nn.Module, images: torch.Tensor, aug: torch.Tensor,
-                  device: torch.device) -> tuple[np.ndarray, np.ndarray | None]:
-    """Images [B, 3, H, W] and views [B, A, 3, H, W] -> features [B, D] and [B, A, D] (None if A == 0)."""
+def encode_images(model: torch.nn.Module, images: torch.Tensor, aug: torch.Tensor, device: torch.device) -> Encoded:
+    """Images [B, 3, H, W] and views [B, A, 3, H, W] -> their features and norms (``Encoded``)."""
     b, a = aug.shape[:2]
     x = torch.cat([images, aug.flatten(0, 1)]) if a else images
     with autocast(device):
-        z = model.encode_image(x.to(device, non_blocking=True))
-    z = F.normalize(z.float(), dim=-1).cpu().numpy()
-    return z[:b], (z[b:].reshape(b, a, -1) if a else None)
+        z = model.encode_image(x.to(device, non_blocking=True)).float()
+    norms = torch.linalg.vector_norm(z, dim=-1).cpu().numpy()
+    z = F.normalize(z, dim=-1).cpu().numpy()
+    return Encoded(z[:b], z[b:].reshape(b, a, -1) if a else None, norms[:b], norms[b:].reshape(b, a) if a else None)
 
 
 @torch.inference_mode()

@@ -291,8 +291,8 @@ def _extract_split(spec: DatasetSpec, loaded: LoadedModel, writer: CacheWriter, 
         ok = ~bad
         if ok.any():  # mask only when needed: a masked copy costs a batch-sized memcpy and loses the pinned memory
             images, views = (batch["image"], batch["aug"]) if ok.all() else (batch["image"][ok], batch["aug"][ok])
-            features, aug = encode_images(loaded.model, images, views, device)
-            writer.write_rows(name, local[ok], features, aug)
+            enc = encode_images(loaded.model, images, views, device)
+            writer.write_rows(name, local[ok], enc.features, enc.aug, enc.norms, enc.aug_norms)
         if bad.any():
             writer.mark_bad(name, local[bad], [e for e in batch["error"] if e])
         bar.update(len(local))

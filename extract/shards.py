@@ -153,7 +153,9 @@ def _copy_rows(head: dict[str, Any], writer: CacheWriter, bar: Any) -> None:
         for start in range(0, len(ok), MERGE_CHUNK):
             rows = ok[start : start + MERGE_CHUNK]
             features, aug = cache.read(name, rows, views=views)
-            writer.write_rows(name, rows, features, aug)
+            norms = cache.norms(name, rows, views=views)
+            writer.write_rows(name, rows, features, aug, norms[:, 0] if views else norms,
+                              norms[:, 1:] if views else None)
             bar.update(len(rows))
         bad = np.flatnonzero(listing.status == BAD)
         if len(bad):

@@ -374,7 +374,7 @@ def _flip_byte(path: Path, dataset: str) -> None:
 @pytest.mark.parametrize("dataset", ["/splits/train/status", "/splits/test/features", "/text_features"])
 def test_corrupted_bytes_are_reported_with_the_dataset(tmp_path: Path, dataset: str) -> None:
     path = write_cache(tmp_path / "c.h5", **make_content())
-    assert verify(path) == 10  # text, 5 train and 4 test datasets
+    assert verify(path) == 13  # text, 7 train and 5 test datasets (norms and aug_norms included)
     _flip_byte(path, dataset)
     with pytest.raises(CacheError, match=f"{dataset} is corrupted") as err:
         read_cache(path)

@@ -62,7 +62,7 @@ def test_written_file_holds_exactly_the_schema(tmp_path: Path) -> None:
 def test_a_cache_without_views_has_no_views_dataset(tmp_path: Path) -> None:
     with h5py.File(_write(tmp_path / "c.h5", aug_views=0), "r") as f:
         assert "aug_features" not in f["splits/train"]
-    assert {s.name for s in required(per_split=True)} == {"labels", "paths", "status", "slot", "features"}
+    assert {s.name for s in required(per_split=True)} == {"labels", "paths", "status", "slot", "features", "norms"}
 
 
 def test_readme_table_names_every_dataset() -> None:

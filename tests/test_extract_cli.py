@@ -155,7 +155,8 @@ def test_info_and_merge_on_files_without_bad_and_info_names_corruption(tmp_path:
     capsys.readouterr()
     assert main(["info", str(shards[0])]) == 0
     out = capsys.readouterr().out
-    assert "bad images: 0" in out and "checksums: 13 datasets verified" in out and "valid: yes" in out
+    # text, and per split (3) labels, status, slot, features and norms
+    assert "bad images: 0" in out and "checksums: 16 datasets verified" in out and "valid: yes" in out
     assert main(["merge", str(tmp_path / "m.h5"), *map(str, shards), "--no-progress"]) == 0
     with h5py.File(tmp_path / "m.h5", "r") as f:
         offset = f["splits/train/status"].id.get_chunk_info(0).byte_offset

@@ -48,7 +48,8 @@ def test_csv_equals_the_selected_models_argmax(run, tmp_path, capsys):
     learned = report.load_params(out / "params" / "2shot.npz")
     for method, seed in (("cmm", 2), ("linear_probe", 1)):
         item = learned[f"{method}/seed{seed}"]
-        expected = np.asarray(predict(method, item.settings, item.params, item.consts, test.features, text))
+        expected = np.asarray(predict(method, item.settings, item.params, item.consts, test.features, text,
+                                      test.norms))
         assert _predict(out, cache, tmp_path / f"{method}.csv", "--method", method, "--seed", str(seed)) == 0
         rows = _rows(tmp_path / f"{method}.csv")
         assert [r["path"] for r in rows] == list(test.paths)

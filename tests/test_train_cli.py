@@ -91,7 +91,8 @@ def test_params_reload_and_reproduce_accuracy(run):
     for name in ("cmm/seed2", "linear_probe/seed1"):
         item = learned[name]
         method, seed = name.split("/seed")
-        preds = np.asarray(predict(method, item.settings, item.params, item.consts, test.features, text))
+        preds = np.asarray(predict(method, item.settings, item.params, item.consts, test.features, text,
+                                   test.norms))
         record = next(r for r in _results(out)["runs"] if r["method"] == method and r["seed"] == int(seed)
                       and r["shots"] == 2 and r["selected"])
         assert record["settings"] == item.settings.to_dict()

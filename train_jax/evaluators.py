@@ -15,7 +15,7 @@ import numpy as np
 
 from train_jax import evaluate
 from train_jax.config import Settings
-from train_jax.heads import Head
+from train_jax.heads import Head, head_inputs
 from train_jax.runner import Trained, hparam_arrays, predict_runs, score_runs
 
 
@@ -45,12 +45,14 @@ class Group:
 
 @dataclass(frozen=True)
 class EvalSet:
-    """A shift test set: features [N,D], labels [N] (its own class ids), classes [Ce] (their training ids)."""
+    """A shift test set: features [N,D], labels [N] (its own class ids), classes [Ce] (their training ids), norms
+    [N] (the features' norms before normalisation)."""
 
     name: str
     features: np.ndarray
     labels: np.ndarray
     classes: np.ndarray
+    norms: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -85,29 +87,30 @@ def on_targets(group: Group, targets: Sequence[TargetSet], place: Placement) -> 
             for t in targets}
 
 
-def on_validation(group: Group, feats: np.ndarray, labels: np.ndarray, members: np.ndarray, text: np.ndarray,
-               place: Placement) -> tuple[np.ndarray, np.ndarray]:
+def on_validation(group: Group, feats: np.ndarray, norms: np.ndarray, labels: np.ndarray, members: np.ndarray,
+                  text: np.ndarray, place: Placement) -> tuple[np.ndarray, np.ndarray]:
     """Accuracy (%) and score on each run's own validation rows.
 
     Args:
-      feats: [V,D] the union of the runs' validation rows; labels: [V]; members: [S,V] bool, each run's own rows.
-      text: [C,D] prototypes.
+      feats: [V,D] the union of the runs' validation rows (L2-normalised); norms: [V] their norms before
+      normalisation; labels: [V]; members: [S,V] bool, each run's own rows. text: [C,D] prototypes.
 
     Returns:
       (accuracy [S], mean log-probability of the true class [S]).
     """
-    pred, logp = score_runs(group.head, group.trained, group.hp, feats, labels, text, budget=place.budget,
-                            devices=place.devices, desc="val")
+    pred, logp = score_runs(group.head, group.trained, group.hp, head_inputs(group.head, feats, norms), labels, text,
+                            budget=place.budget, devices=place.devices, desc="val")
     return evaluate.subset_accuracy(pred, labels, members), evaluate.subset_mean(logp, members)
 
 
-def on_test(group: Group, blocks: Iterable[np.ndarray], labels: np.ndarray, text: np.ndarray,
+def on_test(group: Group, blocks: Iterable[tuple[np.ndarray, np.ndarray]], labels: np.ndarray, text: np.ndarray,
             place: Placement) -> tuple[np.ndarray, np.ndarray]:
-    """Accuracy (%) [S] and per-image correctness [S,N] bool on a test set given as blocks of features [n,D] (in
-    row order) with labels [N]."""
+    """Accuracy (%) [S] and per-image correctness [S,N] bool on a test set given as blocks of (features [n,D],
+    their norms before normalisation [n]) (in row order) with labels [N]."""
     hp = group.hp
-    pred = np.concatenate([predict_runs(group.head, group.trained, hp, feats, text, budget=place.budget,
-                                        devices=place.devices, desc="test") for feats in blocks], axis=-1)
+    pred = np.concatenate([predict_runs(group.head, group.trained, hp, head_inputs(group.head, feats, norms), text,
+                                        budget=place.budget, devices=place.devices, desc="test")
+                           for feats, norms in blocks], axis=-1)
     return evaluate.accuracy(pred, labels), pred == labels
 
 
@@ -116,7 +119,7 @@ def on_shift(group: Group, shift: Sequence[EvalSet], text: np.ndarray, place: Pl
     hp = group.hp
     out = {}
     for ev in shift:
-        preds = predict_runs(group.head, group.trained, hp, ev.features, text, ev.classes, budget=place.budget,
-                             devices=place.devices, desc=ev.name)
+        preds = predict_runs(group.head, group.trained, hp, head_inputs(group.head, ev.features, ev.norms), text,
+                             ev.classes, budget=place.budget, devices=place.devices, desc=ev.name)
         out[ev.name] = evaluate.accuracy(preds, ev.labels)
     return out

@@ -174,7 +174,7 @@ def load_task(cache_path: str | Path, eval_paths: Sequence[str | Path] = (), pro
         name = _dataset_name(other)
         test = other.splits["test"]
         classes = evaluate.class_map(cache.classnames, other.classnames, str(other.path), dataset, name)
-        shift.append(EvalSet(name, l2_normalize(test.features), test.labels, classes))
+        shift.append(EvalSet(name, l2_normalize(test.features), test.labels, classes, test.norms))
     return Task(dataset, cache, listings, text, prompt, tuple(shift), protocol, tuple(transfer), new_classes)
 
 
@@ -296,16 +296,21 @@ def test_rows(task: Task) -> tuple[np.ndarray, np.ndarray]:
 def _pool_split(task: Task, rows: np.ndarray) -> Split:
     """Train rows [M] read as a Split (features [M,D], aug_features [M,A,D] when the cache has views), for the
     methods with their own trainer (``Job.split``; its ``pool_rows`` are then 0..M-1)."""
-    features, aug = task.cache.read("train", rows, views=task.cache.has_views("train"))
+    views = task.cache.has_views("train")
+    features, aug = task.cache.read("train", rows, views=views)
+    norms = task.cache.norms("train", rows, views=views)
     listing = task.listings["train"]
-    return Split(features, listing.labels[rows], listing.paths[rows], aug)
+    return Split(features, listing.labels[rows], listing.paths[rows], aug, norms[:, 0] if views else norms,
+                 norms[:, 1:] if views else None)
 
 
-def _test_blocks(task: Task) -> Iterator[np.ndarray]:
-    """Features [n,D] of the encoded test rows, TEST_BLOCK_ROWS at a time (in row order)."""
+def _test_blocks(task: Task) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Features [n,D] of the encoded test rows and their norms before normalisation [n], TEST_BLOCK_ROWS at a time
+    (in row order)."""
     rows = np.flatnonzero(task.listings["test"].status == OK)
     for start in range(0, len(rows), TEST_BLOCK_ROWS):
-        yield l2_normalize(task.cache.read("test", rows[start : start + TEST_BLOCK_ROWS])[0])
+        block = rows[start : start + TEST_BLOCK_ROWS]
+        yield l2_normalize(task.cache.read("test", block)[0]), task.cache.norms("test", block)
 
 
 @dataclass(frozen=True)
@@ -345,7 +350,8 @@ class _Data:
     ``picks``: seed -> its rows), the union of their validation rows ([V,D], [V]; ``members``: seed -> [V] bool,
     its own), the labels [N] of the encoded test rows (their features are read in blocks, ``_test_blocks``), and
     the pooled rows as a Split for the methods with their own trainer (read on first use, ``_pool_split``). A
-    validation-free shot count (``--select none``) has no validation rows: val_feats, val_labels, members None."""
+    validation-free shot count (``--select none``) has no validation rows: val_feats, val_labels, members None;
+    ``val_norms`` [V]: the validation features' norms before normalisation (None likewise)."""
 
     pool_rows: np.ndarray
     pool: Pool
@@ -354,6 +360,7 @@ class _Data:
     val_labels: np.ndarray | None
     members: dict[int, np.ndarray] | None
     test_labels: np.ndarray
+    val_norms: np.ndarray | None
     pool_split: Split | None = None
 
 
@@ -432,12 +439,13 @@ def _prepare(task: Task, shots: int, seeds: Sequence[int], use_aug: bool, valida
     pool_rows = np.unique(np.concatenate(list(picks.values())))
     test = task.listings["test"]
     data = _Data(pool_rows, _pool(task, pool_rows, use_aug, pool_size), picks, None, None, None,
-                 test.labels[test.status == OK])
+                 test.labels[test.status == OK], None)
     if validation:
         val_union = np.unique(np.concatenate(list(val_rows.values())))
         data.val_feats = l2_normalize(task.cache.read(val_split, val_union)[0])
         data.val_labels = task.listings[val_split].labels[val_union]
         data.members = {s: np.isin(val_union, val_rows[s]) for s in seeds}
+        data.val_norms = task.cache.norms(val_split, val_union)
     return data
 
 
@@ -522,7 +530,8 @@ def _score(task: Task, key: tuple, runs: tuple[int, ...], own: np.ndarray | None
     if own is None:
         val_acc = val_score = np.full(len(runs), np.nan)
     else:
-        val_acc, val_score = evaluators.on_validation(group, data.val_feats, data.val_labels, own, task.text, place)
+        val_acc, val_score = evaluators.on_validation(group, data.val_feats, data.val_norms, data.val_labels, own,
+                                                      task.text, place)
     test_acc, test_correct = evaluators.on_test(group, _test_blocks(task), data.test_labels, task.text, place)
     return GroupResult(key, runs, group, note, val_acc, val_score, test_acc, test_correct)
 

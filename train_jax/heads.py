@@ -14,6 +14,10 @@ A *head* says how one kind of model is initialised, scored and trained for a sin
   scored by their prototypes alone (base-to-new's new classes, another dataset's classes); a head without it has
   per-class weights and takes no part in those protocols.
 
+A head reads L2-normalised image features, unless it sets ``raw_features = True`` (the linear probe, on raw
+features as CoOp's): then every caller passes ``head_inputs(head, feats, norms)``, the features times their norms
+before normalisation (the cache's ``norms``).
+
 ``zs_cos = v T^T`` is the zero-shot cosine, computed by the runner once (not per step); ``hp`` maps each of
 ``config.DYNAMIC_FIELDS`` to a scalar. Heads are frozen dataclasses: hashable, so they are static under jit.
 """
@@ -56,6 +60,16 @@ class Head(Protocol):
     ) -> jax.Array:
         """As ``logits`` with labels [B] -> the training loss, a scalar (mean over B)."""
         ...
+
+
+def head_inputs(head: Head, feats, norms):
+    """The image features a head reads: for a head with ``raw_features``, norms [N] * feats [N,D] (the raw
+    features), else the L2-normalised feats [N,D] themselves. ValueError if a raw-feature head gets no norms."""
+    if not getattr(head, "raw_features", False):
+        return feats
+    if norms is None:
+        raise ValueError(f"{type(head).__name__} reads raw features: pass the features' norms")
+    return feats * norms[:, None]
 
 
 @dataclass(frozen=True)

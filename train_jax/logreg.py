@@ -1,6 +1,7 @@
 """CoOp's "Linear probe CLIP": L2-regularised multinomial logistic regression on the image features, as
 scikit-learn's ``LogisticRegression(solver="lbfgs", penalty="l2", C=C, max_iter=1000)`` that CoOp's ``lpclip``
-fits, solved full-batch with optax's L-BFGS and vmapped over runs (seeds x C values).
+fits, solved full-batch by L-BFGS along each seed's path of C values (``train_jax.lbfgs_path``: ascending C, warm
+starts, vmapped over seeds).
 
 The objective (scikit-learn's scaling; its minimiser is that of ``C * sum(CE) + ||W||^2 / 2``) is
 ``mean_i CE(x_i W^T + b, y_i) + ||W||^2 / (2 C N)``: the intercept b is not penalised.
@@ -8,23 +9,19 @@ The objective (scikit-learn's scaling; its minimiser is that of ``C * sum(CE) + 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import optax.tree_utils as otu
 
 from data.cache import l2_normalize
 from train_jax.layout import equal_chunks
+from train_jax.lbfgs_path import MAX_ITER, MEMORY, TOL, block_rows, solve_paths
 from train_jax.losses import cross_entropy
 from train_jax.runner import memory_budget
 from train_jax.trainers import Fitted, Job
-
-MAX_ITER = 1000  # scikit-learn's max_iter as CoOp sets it
-TOL = 1e-4  # scikit-learn's tol: stop when every gradient entry is at most this
 
 
 def objective(params, feats: jax.Array, labels: jax.Array, c: jax.Array, valid: jax.Array | None = None) -> jax.Array:
@@ -40,8 +37,11 @@ def objective(params, feats: jax.Array, labels: jax.Array, c: jax.Array, valid: 
 
 @dataclass(frozen=True)
 class LinearProbeHead:
-    """The probe's linear classifier ``v W^T + b`` (W [C,D], b [C], zero-initialised); its loss is ``objective``
-    on the batch with ``hp["c"]`` (the runner can train it too, as the layout tests do)."""
+    """The probe's linear classifier ``x W^T + b`` (W [C,D], b [C], zero-initialised) on raw features x (norm *
+    unit feature, as CoOp's lpclip: ``raw_features``; ``heads.head_inputs``); its loss is ``objective`` on the
+    batch with ``hp["c"]`` (the runner can train it too, as the layout tests do)."""
+
+    raw_features = True
 
     def init(self, feats, labels, text):
         classes, dim = text.shape
@@ -54,67 +54,62 @@ class LinearProbeHead:
         return objective(params, feats, labels, hp["c"])
 
 
-def solve(feats: jax.Array, labels: jax.Array, c: jax.Array, n: jax.Array, classes: int, max_iter: int = MAX_ITER,
-          tol: float = TOL) -> tuple[dict, jax.Array, jax.Array]:
-    """Minimise ``objective`` on the first n rows from zeros with L-BFGS (zoom line search: strong Wolfe
-    conditions, as scipy's L-BFGS-B behind scikit-learn) until every gradient entry is <= ``tol`` or ``max_iter``
-    iterations. feats [N,D], labels [N], c scalar, n scalar <= N (rows past it pad) -> (params, final loss,
-    iterations)."""
-    params = {"W": jnp.zeros((classes, feats.shape[1]), jnp.float32), "b": jnp.zeros((classes,), jnp.float32)}
-    fun = functools.partial(objective, feats=feats, labels=labels, c=c, valid=jnp.arange(len(labels)) < n)
-    solver = optax.lbfgs()
-    value_and_grad = optax.value_and_grad_from_state(fun)
-
-    def step(carry):
-        params, state = carry
-        value, grad = value_and_grad(params, state=state)
-        updates, state = solver.update(grad, state, params, value=value, grad=grad, value_fn=fun)
-        return optax.apply_updates(params, updates), state
-
-    def going(carry):
-        _, state = carry
-        count, grad = otu.tree_get(state, "count"), otu.tree_get(state, "grad")
-        largest = otu.tree_max(jax.tree.map(jnp.abs, grad))
-        return (count == 0) | ((count < max_iter) & (largest > tol) & jnp.isfinite(largest))
-
-    params, state = jax.lax.while_loop(going, step, (params, solver.init(params)))
-    return params, otu.tree_get(state, "value"), otu.tree_get(state, "count")
-
-
-@functools.partial(jax.jit, static_argnames=("classes", "max_iter", "tol"))
 def solve_runs(feats: jax.Array, labels: jax.Array, rows: jax.Array, c: jax.Array, n: jax.Array | None = None, *,
                classes: int, max_iter: int = MAX_ITER, tol: float = TOL) -> tuple[dict, jax.Array, jax.Array]:
-    """``solve`` for S runs at once: pool feats [M,D], labels [M], each run's rows [S,N] of which the first n
-    (default N; a traced scalar, so one program serves every n) are its own, and c [S] -> (params with leading
-    axis S, final loss [S], iterations [S])."""
-    n = rows.shape[1] if n is None else n
-    one = lambda r, cc: solve(feats[r], labels[r], cc, n, classes, max_iter, tol)  # noqa: E731
-    return jax.vmap(one)(rows, c)
+    """S independent solves from zero: pool feats [M,D], labels [M], each run's rows [S,N] of which the first n
+    (default N) are its own, and c [S] -> (params {"W": [S,C,D], "b": [S,C]}, final loss [S], iterations [S])."""
+    n = np.shape(rows)[1] if n is None else n
+    params, loss, iters = solve_paths(feats, labels, rows, jnp.asarray(c, jnp.float32)[:, None], n, classes=classes,
+                                      max_iter=max_iter, tol=tol)
+    return jax.tree.map(lambda x: x[:, 0], params), loss[:, 0], iters[:, 0]
 
 
-def run_bytes(n: int, dim: int, classes: int, memory: int = 10) -> int:
-    """Rough peak bytes of one solve: its rows' features, params, gradient, the L-BFGS memory (2 x ``memory``
-    copies of the params) and line-search copies, and a few logits-sized temporaries."""
-    return 4 * (n * dim + (2 * memory + 8) * classes * (dim + 1) + 4 * n * classes)
+def run_bytes(n: int, dim: int, classes: int, length: int = 1) -> int:
+    """Rough peak bytes of one path of ``length`` C values on n rows: its rows' features, the L-BFGS pairs
+    (2 x ``MEMORY`` copies of the params), a few more params-sized arrays, the result at every C, and one block's
+    logits-sized temporaries."""
+    params = classes * (dim + 1)
+    return 4 * (n * (dim + 1) + (2 * MEMORY + 10 + length) * params + 4 * block_rows(n, dim, classes) * classes)
+
+
+def _paths(seeds: np.ndarray, rows: np.ndarray, cs: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Runs (seeds [S], rows [S,N], C values [S]) as paths: one per seed and row set (a seed's draw: so that the
+    path count, a compiled shape, stays the seed count even where two seeds draw the same rows), its distinct C
+    values ascending (padded with its largest, a repeat that costs nothing) -> (path rows [P,N], path C values
+    [P,L], each run's path [S] and place on it [S])."""
+    keys, path_of = np.unique(np.column_stack([seeds, rows]), axis=0, return_inverse=True)
+    path_of = path_of.reshape(-1)
+    values = [np.unique(cs[path_of == p]) for p in range(len(keys))]
+    length = max(len(v) for v in values)
+    path_cs = np.stack([np.pad(v, (0, length - len(v)), mode="edge") for v in values]).astype(np.float32)
+    place = np.array([np.searchsorted(values[p], c) for p, c in zip(path_of, cs)])
+    return keys[:, 1:], path_cs, path_of, place
 
 
 def fit(job: Job) -> Fitted:
-    """The linear probe's trainer (``methods.Method.fit``): one L-BFGS solve per run on its training images'
-    plain (centre-crop) features, in equal chunks of runs that fit the memory budget; rows per run and the pool
-    are padded to ``job.buckets`` (padded rows masked out of the objective), so one compiled program serves every
-    shot count. C is chosen among the settings on validation like any other setting."""
+    """The linear probe's trainer (``methods.Method.fit``): L-BFGS on the training images' plain (centre-crop) raw
+    features (norm * unit feature, as CoOp's lpclip), one path of C values per seed (its runs' C values ascending,
+    each solve warm-started from the previous), in equal chunks of paths that fit the memory budget; rows per run
+    and the pool are padded to ``job.buckets`` (padded rows skipped by the objective), so one compiled program
+    serves every shot count. C is chosen among the settings on validation like any other setting."""
     feats = l2_normalize(job.split.features[job.pool_rows])
+    if job.split.norms is not None:  # raw features (a Split made without norms: unit ones)
+        feats *= job.split.norms[job.pool_rows][:, None]
     labels = job.split.labels[job.pool_rows].astype(np.int32)
     pad = max(0, job.buckets.pool - len(labels))  # zero rows no run's own rows index
     feats = np.concatenate([feats, np.zeros((pad, feats.shape[1]), np.float32)])
     labels = np.concatenate([labels, np.zeros(pad, np.int32)])
     c = np.array([s.c for s in job.settings], np.float32)
-    runs, (n, classes) = len(c), (job.rows.shape[1], job.text.shape[0])
-    rows = np.pad(job.rows, ((0, 0), (0, max(0, job.buckets.rows - n))))  # padded rows: past n, masked out
+    n, classes = job.rows.shape[1], job.text.shape[0]
+    path_rows, path_cs, path_of, place = _paths(np.asarray(job.seeds), job.rows, c)
+    path_rows = np.pad(path_rows, ((0, 0), (0, max(0, job.buckets.rows - n))))  # padded rows: past n, skipped
+    paths, length = path_cs.shape
     budget = job.budget if job.budget is not None else memory_budget(list(job.devices or jax.devices()))
-    outs = [solve_runs(feats, labels, rows[idx], c[idx], np.int32(n), classes=classes)
-            for idx in equal_chunks(runs, run_bytes(rows.shape[1], feats.shape[1], classes), budget)]
-    params, loss, _ = jax.tree.map(lambda *x: np.concatenate(x)[:runs], *jax.device_get(outs))
+    outs = [solve_paths(feats, labels, path_rows[idx], path_cs[idx], np.int32(n), classes=classes)
+            for idx in equal_chunks(paths, run_bytes(path_rows.shape[1], feats.shape[1], classes, length), budget)]
+    params, loss, _ = jax.tree.map(lambda *x: np.concatenate(x)[:paths], *jax.device_get(outs))
+    params, loss = jax.tree.map(lambda x: x[path_of, place], params), loss[path_of, place]
     failed = ~np.isfinite(loss) | ~np.all(np.isfinite(params["W"]), axis=(1, 2))
     return Fitted(params, {}, failed, np.where(failed, 0, -1).astype(np.int32), np.asarray(loss, np.float32),
                   list(job.settings))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from train_jax import baselines, clap, cross_modal, logreg, lpp, training_free
 from train_jax.config import DYNAMIC_FIELDS, Settings, expand_grid
-from train_jax.heads import CMMHead, Head, Params
+from train_jax.heads import CMMHead, Head, Params, head_inputs
 from train_jax.trainers import Fitted, Job
 
 __all__ = ["CMMHead", "DEFAULT_METHODS", "Head", "METHODS", "Method", "Params", "logits", "predict", "restrict"]
@@ -164,14 +164,15 @@ def default_methods(views: bool, real_run: bool = False) -> list[str]:
     return [m for m in METHODS if m in chosen]
 
 
-def logits(method: str, settings: Settings, params: Params, consts: Params, feats, text) -> jax.Array:
-    """Class logits of one learned model. feats [N,D] L2-normalised, text [C,D] prototypes -> [N,C] float32."""
+def logits(method: str, settings: Settings, params: Params, consts: Params, feats, text, norms=None) -> jax.Array:
+    """Class logits of one learned model. feats [N,D] L2-normalised, text [C,D] prototypes, norms [N]: the
+    features' norms before normalisation (needed by the heads that read raw features) -> [N,C] float32."""
     hp = {k: jnp.asarray(getattr(settings, k), jnp.float32) for k in DYNAMIC_FIELDS}
     feats, text = jnp.asarray(feats, jnp.float32), jnp.asarray(text, jnp.float32)
     head = METHODS[method].head(settings)
-    return head.logits(params, consts, feats, feats @ text.T, text, hp)
+    return head.logits(params, consts, head_inputs(head, feats, norms), feats @ text.T, text, hp)
 
 
-def predict(method: str, settings: Settings, params: Params, consts: Params, feats, text) -> jax.Array:
-    """Class predictions of one learned model. feats [N,D] L2-normalised, text [C,D] prototypes -> [N] int."""
-    return jnp.argmax(logits(method, settings, params, consts, feats, text), axis=-1)
+def predict(method: str, settings: Settings, params: Params, consts: Params, feats, text, norms=None) -> jax.Array:
+    """Class predictions of one learned model; arguments as ``logits`` -> [N] int."""
+    return jnp.argmax(logits(method, settings, params, consts, feats, text, norms), axis=-1)

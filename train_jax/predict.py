@@ -102,11 +102,13 @@ def check_identity(config: Mapping[str, Any], cache: FeatureCache) -> None:
                          f"images with the model and weights that made {config['cache']}")
 
 
-def mean_logits(method: str, models: Mapping[int, Learned], feats: np.ndarray, text: np.ndarray) -> np.ndarray:
-    """Mean over the models of their logits. feats [N,D], text [C,D] -> [N,C] float32."""
+def mean_logits(method: str, models: Mapping[int, Learned], feats: np.ndarray, text: np.ndarray,
+                norms: np.ndarray) -> np.ndarray:
+    """Mean over the models of their logits. feats [N,D] L2-normalised, text [C,D], norms [N] (the features'
+    norms before normalisation) -> [N,C] float32."""
     from train_jax.methods import logits
 
-    return np.mean([np.asarray(logits(method, m.settings, m.params, m.consts, feats, text))
+    return np.mean([np.asarray(logits(method, m.settings, m.params, m.consts, feats, text, norms))
                     for m in models.values()], axis=0)
 
 
@@ -170,7 +172,8 @@ def run(args: argparse.Namespace) -> tuple[Path, float | None, int]:
     rows = cache.splits[split]
     if len(rows.labels) == 0:
         raise TrainError(f"{cache.path}: split {split!r} holds no image; extract a folder that has images")
-    logits = mean_logits(args.method, models, l2_normalize(rows.features), prototypes(cache, config["prompt"]))
+    logits = mean_logits(args.method, models, l2_normalize(rows.features), prototypes(cache, config["prompt"]),
+                         rows.norms)
     classes, probs = top_k(logits, min(TOP_K, len(cache.classnames)))
     labels = [cache.classnames[y] for y in rows.labels] if rows.labelled else [""] * len(rows.labels)
     write_csv(args.out, rows.paths, labels, cache.classnames, classes, probs)
