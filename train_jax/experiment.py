@@ -423,8 +423,12 @@ def run_shots(
     per_run = lambda get: np.array([get(where[i][0])[where[i][1]] for i in range(len(runs))])  # noqa: E731
     tie_break = _select(runs, per_run(lambda g: g.val_acc), per_run(lambda g: g.val_score),
                         per_run(lambda g: g.group.trained.failed), select)
-    shift = _evaluate_shift(task, list(tie_break), where, place)
-    transfer = _evaluate_transfer(task, list(tie_break), where, place)
+    chosen = list(tie_break)  # shift sets: the training classes; transfer targets: other classes (empty for
+    # heads with per-class weights)
+    shift = _evaluate_selected(chosen, where, task.shift and (
+        lambda g: evaluators.on_shift(g, task.shift, task.text, place)) or None)
+    transfer = _evaluate_selected(chosen, where, task.transfer and (
+        lambda g: evaluators.on_targets(g, task.transfer, place)) or None)
     return ShotResult(_records(task.dataset, shots, runs, label_keys, where, tie_break, shift, transfer, validation),
                       _learned(runs, tie_break, where),
                       {f"{runs[i].method}/seed{runs[i].seed}": where[i][0].test_correct[where[i][1]]
@@ -542,7 +546,7 @@ def _records(dataset: str, shots: int, runs: Sequence[_Run], label_keys: Sequenc
              transfer: Mapping[int, dict[str, float]] | None = None, validation: bool = True) -> list[RunRecord]:
     """One RunRecord per run, in run order; ``where``: run -> (its group, its index there); ``tie_break``: the
     selected runs; ``shift``: selected run -> its shift accuracies; ``transfer``: selected run -> its accuracies
-    on other classes (``_evaluate_transfer``); without ``validation`` (validation-free) the records have no
+    on other classes (``evaluators.on_targets``); without ``validation`` (validation-free) the records have no
     validation accuracy and their setting label shows the method's fixed fields."""
     def finite(x: float) -> float | None:
         return float(x) if math.isfinite(x) else None
@@ -616,25 +620,21 @@ def _selected_groups(selected: Sequence[int], where: Mapping[int, tuple[GroupRes
         yield idx, Group(g.group.head, _take(g.group.trained, picked), tuple(g.group.settings[j] for j in picked))
 
 
-def _evaluate_shift(task: Task, selected: Sequence[int], where: Mapping[int, tuple[GroupResult, int]],
-                    place: Placement) -> dict[int, dict[str, float]]:
-    """Selected run -> {shift set name: accuracy}, one evaluator call per group of selected runs."""
+Evaluator = Callable[[Group], Mapping[str, Sequence[float]]]  # a group -> {set name: accuracies [S]}
+
+
+def _evaluate_selected(selected: Sequence[int], where: Mapping[int, tuple[GroupResult, int]],
+                       evaluate: Evaluator | None) -> dict[int, dict[str, float]]:
+    """Selected run -> {set name: accuracy}, one ``evaluate(group) -> {set name: accuracies [S]}`` call per group
+    of selected runs (None: no sets, every run gets {})."""
     out: dict[int, dict[str, float]] = {i: {} for i in selected}
-    if not task.shift:
+    if evaluate is None:
         return out
     for idx, subset in _selected_groups(selected, where):
-        for name, accs in evaluators.on_shift(subset, task.shift, task.text, place).items():
+        for name, accs in evaluate(subset).items():
             for i, acc in zip(idx, accs):
                 out[i][name] = float(acc)
     return out
-
-
-def _evaluate_transfer(task: Task, selected: Sequence[int], where: Mapping[int, tuple[GroupResult, int]],
-                       place: Placement) -> dict[int, dict[str, float]]:
-    """Selected run -> {target name: accuracy} on ``task.transfer`` (empty for heads with per-class weights)."""
-    out: dict[int, dict[str, float]] = {i: {} for i in selected}
-    if not task.transfer:
-        return out
     for idx, subset in _selected_groups(selected, where):
         for name, accs in evaluators.on_targets(subset, task.transfer, place).items():
             for i, acc in zip(idx, accs):
